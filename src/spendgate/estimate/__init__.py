@@ -1,0 +1,118 @@
+"""A request's worst case before it is sent: tokens in, the output bound, and their price."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Literal
+
+from spendgate.errors import BadRequest, UnpricedModel
+from spendgate.estimate import anthropic, openai
+from spendgate.estimate.shape import TokenShape
+from spendgate.money import fmt_usd
+from spendgate.pricing.cost import worst_case_nanos
+from spendgate.pricing.table import PriceTable, Resolution
+
+log = logging.getLogger("spendgate.estimate")
+
+Unpriced = Literal["dearest", "block"]
+
+#: The priced routes: (provider, path) -> body parser.
+ROUTES: dict[tuple[str, str], Callable[..., TokenShape]] = {
+    ("openai", "/v1/chat/completions"): openai.chat,
+    ("openai", "/v1/responses"): openai.responses,
+    ("openai", "/v1/completions"): openai.completions,
+    ("openai", "/v1/embeddings"): openai.embeddings,
+    ("anthropic", "/v1/messages"): anthropic.messages,
+}
+#: Routes that cost nothing and are passed through unpriced.
+FREE_ROUTES = frozenset({("anthropic", "/v1/messages/count_tokens"), ("openai", "/v1/models")})
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The priced worst case of one request."""
+
+    provider: str
+    route: str
+    shape: TokenShape
+    price: Resolution
+    #: output tokens bounded for all choices (``bound × n``)
+    output_tokens: int
+    output_bound_from: str
+    cost_nanos: int
+
+    @property
+    def model(self) -> str:
+        return self.shape.model
+
+    @property
+    def input_tokens(self) -> int:
+        return self.shape.input_tokens
+
+    @property
+    def tokens(self) -> int:
+        return self.shape.input_tokens + self.output_tokens
+
+    def describe(self) -> str:
+        p = self.price
+        how = {"exact": "listed price", "match": "listed alias", "dated": "base model of a dated id",
+               "imported": "imported price", "dearest": "UNPRICED, charged as the dearest model"}[p.how]
+        return (f"{self.model}: {self.input_tokens} input + {self.output_tokens} output tokens "
+                f"({self.output_bound_from}) at {p.price.provider}/{p.price.model} ({how}) "
+                f"= {fmt_usd(self.cost_nanos)} worst case")
+
+
+class Estimator:
+    """Prices request bodies; shared by the engine, the proxy and the SDK."""
+
+    def __init__(self, prices: PriceTable, unpriced: Unpriced = "dearest",
+                 anthropic_factor: float = anthropic.DEFAULT_FACTOR) -> None:
+        self.prices = prices
+        self.unpriced = unpriced
+        self._parsers: dict[tuple[str, str], Callable[[Mapping[str, Any]], TokenShape]] = dict(ROUTES)
+        self._parsers[("anthropic", "/v1/messages")] = partial(anthropic.messages, factor=anthropic_factor)
+        self._warned: set[str] = set()
+
+    def shape(self, provider: str, route: str, body: Any) -> TokenShape:
+        parser = self._parsers.get((provider, route))
+        if parser is None:
+            raise BadRequest(f"{provider} route {route} cannot be priced")
+        if not isinstance(body, Mapping):
+            raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+        return parser(body)
+
+    def resolve(self, model: str, provider: str) -> Resolution:
+        found = self.prices.resolve(model, provider)
+        if found is not None:
+            return found
+        if self.unpriced == "block":
+            raise UnpricedModel(f"no price is known for model {model!r} and the policy says "
+                                f"unpriced = \"block\"; import prices with `spendgate prices update`")
+        dear = self.prices.dearest(provider)
+        warning = (f"no price is known for {model!r}: priced as the dearest {dear.provider} model, "
+                   f"{dear.model} (${dear.input.top}/${dear.output.top} per Mtok in/out)")
+        if model not in self._warned:
+            self._warned.add(model)
+            log.warning(warning)
+        return Resolution(model, dear, "dearest", warning)
+
+    def price(self, provider: str, route: str, shape: TokenShape) -> Estimate:
+        res = self.resolve(shape.model, provider)
+        requested = shape.requested_output
+        if requested is None and shape.api_default_output is not None:
+            bound, why = shape.api_default_output, "API default"
+        else:
+            bound, why = res.price.output_bound(shape.input_tokens, requested)
+        out = bound * max(shape.choices, 1)
+        cost = worst_case_nanos(res.price, shape.input_tokens, out, shape.cache_write)
+        return Estimate(provider, route, shape, res, out, why, cost)
+
+    def estimate(self, provider: str, route: str, body: Any) -> Estimate:
+        return self.price(provider, route, self.shape(provider, route, body))
+
+    def with_output(self, est: Estimate, max_output: int) -> Estimate:
+        """``est`` re-priced with its per-choice output bound set to ``max_output`` (a clamp)."""
+        return self.price(est.provider, est.route, replace(est.shape, requested_output=max_output))

@@ -1,0 +1,220 @@
+"""Input tokens of OpenAI requests, counted with tiktoken.
+
+Chat messages follow the counting OpenAI documents in its cookbook ("How to count tokens with
+tiktoken"): 3 tokens per message, the role and content encoded, 1 more for a ``name``, and 3 to
+prime the reply; function tools by the cookbook's formula. Images whose size is unknown are
+counted at the most an image can cost. Unknown item and tool types are counted as the tokens of
+their JSON, an upper bound on their rendering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from spendgate.errors import BadRequest
+from spendgate.estimate.shape import TokenShape, dumps, optional_int, require_list, require_model
+from spendgate.estimate.tokens import TokenCounter, counter, encoding_for_model
+
+PER_MESSAGE = 3
+PER_NAME = 1
+REPLY_PRIMING = 3
+# Cookbook function-tool formula constants (gpt-4o family; gpt-4/3.5 use 10 for FUNC_INIT).
+FUNC_INIT_O200K, FUNC_INIT_CL100K = 7, 10
+PROP_INIT, PROP_KEY, ENUM_INIT, ENUM_ITEM, FUNC_END = 3, 3, -3, 3, 12
+# An image of unknown size at "high"/"auto" detail: the largest tiling (768x2048 -> 8 tiles).
+IMAGE_LOW = 85
+IMAGE_WORST = 85 + 170 * 8
+IMAGE_WORST_4O_MINI = 2833 + 5667 * 8  # gpt-4o-mini bills images at ~33x the tokens
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+def _image_tokens(model: str, part: Mapping[str, Any]) -> int:
+    spec = part.get("image_url")
+    detail = spec.get("detail") if isinstance(spec, Mapping) else part.get("detail")
+    if "gpt-4o-mini" in model:
+        return 2833 if detail == "low" else IMAGE_WORST_4O_MINI
+    return IMAGE_LOW if detail == "low" else IMAGE_WORST
+
+
+def _content_tokens(tc: TokenCounter, model: str, content: Any) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return tc.count(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if isinstance(part, str):
+                total += tc.count(part)
+            elif not isinstance(part, Mapping):
+                raise BadRequest(f"a content part must be an object, got {type(part).__name__}")
+            elif isinstance(part.get("text"), str):
+                total += tc.count(part["text"])
+            elif part.get("type") in ("image_url", "input_image"):
+                total += _image_tokens(model, part)
+            else:
+                total += tc.count(dumps(part))
+        return total
+    return tc.count(dumps(content))
+
+
+def _function_tools(tc: TokenCounter, tools: list[Any], func_init: int) -> int:
+    total = 0
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(fn, Mapping) or tool.get("type", "function") != "function":
+            total += tc.count(dumps(tool))
+            continue
+        total += func_init
+        desc = str(fn.get("description") or "").removesuffix(".")
+        total += tc.count(f"{fn.get('name', '')}:{desc}")
+        params = fn.get("parameters") if isinstance(fn.get("parameters"), Mapping) else {}
+        props = params.get("properties") if isinstance(params.get("properties"), Mapping) else {}
+        if props:
+            total += PROP_INIT
+            for key, prop in props.items():
+                prop = prop if isinstance(prop, Mapping) else {}
+                total += PROP_KEY
+                if isinstance(prop.get("enum"), list):
+                    total += ENUM_INIT
+                    for item in prop["enum"]:
+                        total += ENUM_ITEM + tc.count(str(item))
+                pdesc = str(prop.get("description") or "").removesuffix(".")
+                total += tc.count(f"{key}:{prop.get('type', '')}:{pdesc}")
+                nested = {k: v for k, v in prop.items() if k in ("properties", "items", "anyOf", "oneOf")}
+                if nested:  # beyond the cookbook's flat formula: count nested schemas as JSON
+                    total += tc.count(dumps(nested))
+    return total + FUNC_END if tools else 0
+
+
+def _messages_tokens(tc: TokenCounter, model: str, messages: list[Any]) -> int:
+    total = REPLY_PRIMING
+    for msg in messages:
+        if not isinstance(msg, Mapping):
+            raise BadRequest(f"each message must be an object, got {type(msg).__name__}")
+        total += PER_MESSAGE + tc.count(str(msg.get("role", "")))
+        total += _content_tokens(tc, model, msg.get("content"))
+        if isinstance(msg.get("name"), str):
+            total += tc.count(msg["name"]) + PER_NAME
+        for key in ("tool_calls", "function_call", "audio"):
+            if msg.get(key):
+                total += tc.count(dumps(msg[key]))
+        if isinstance(msg.get("tool_call_id"), str):
+            total += tc.count(msg["tool_call_id"])
+    return total
+
+
+def chat(body: Mapping[str, Any]) -> TokenShape:
+    model = require_model(body)
+    enc = encoding_for_model(model)
+    tc = counter(enc)
+    n_in = _messages_tokens(tc, model, require_list(body, "messages"))
+    if body.get("tools") is not None:
+        func_init = FUNC_INIT_O200K if enc == "o200k_base" else FUNC_INIT_CL100K
+        n_in += _function_tools(tc, require_list(body, "tools"), func_init)
+    if body.get("functions") is not None:
+        legacy = [{"type": "function", "function": f} for f in require_list(body, "functions")]
+        n_in += _function_tools(tc, legacy, FUNC_INIT_CL100K)
+    if isinstance(body.get("response_format"), Mapping):
+        n_in += tc.count(dumps(body["response_format"]))
+    return TokenShape(
+        model=model,
+        input_tokens=n_in,
+        requested_output=optional_int(body, "max_completion_tokens", "max_tokens"),
+        choices=optional_int(body, "n") or 1,
+        stream=bool(body.get("stream")),
+    )
+
+
+def _response_items_tokens(tc: TokenCounter, model: str, items: Any) -> int:
+    if isinstance(items, str):
+        return tc.count(items) + PER_MESSAGE + REPLY_PRIMING
+    if not isinstance(items, list):
+        raise BadRequest(f"`input` must be a string or a list, got {type(items).__name__}")
+    total = REPLY_PRIMING
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise BadRequest(f"each `input` item must be an object, got {type(item).__name__}")
+        kind = item.get("type", "message")
+        if kind == "message" or "role" in item:
+            total += PER_MESSAGE + tc.count(str(item.get("role", "")))
+            total += _content_tokens(tc, model, item.get("content"))
+        elif kind == "function_call":
+            total += PER_MESSAGE + tc.count(f"{item.get('name', '')}{item.get('arguments', '')}")
+        elif kind == "function_call_output":
+            out = item.get("output")
+            total += PER_MESSAGE + (tc.count(out) if isinstance(out, str) else tc.count(dumps(out)))
+        elif kind == "reasoning":
+            total += sum(tc.count(str(s.get("text", ""))) for s in item.get("summary") or ()
+                         if isinstance(s, Mapping))
+        else:
+            total += tc.count(dumps(item))
+    return total
+
+
+def responses(body: Mapping[str, Any]) -> TokenShape:
+    model = require_model(body)
+    tc = counter(encoding_for_model(model))
+    n_in = _response_items_tokens(tc, model, body.get("input", ""))
+    if isinstance(body.get("instructions"), str):
+        n_in += PER_MESSAGE + tc.count(body["instructions"])
+    for tool in body.get("tools") or ():
+        if isinstance(tool, Mapping) and tool.get("type") == "function":
+            desc = str(tool.get("description") or "")
+            n_in += FUNC_INIT_O200K + tc.count(f"{tool.get('name', '')}:{desc}")
+            n_in += tc.count(dumps(tool.get("parameters") or {}))
+        else:
+            n_in += tc.count(dumps(tool))
+    if isinstance(body.get("text"), Mapping) and body["text"].get("format"):
+        n_in += tc.count(dumps(body["text"]["format"]))
+    return TokenShape(
+        model=model,
+        input_tokens=n_in,
+        requested_output=optional_int(body, "max_output_tokens"),
+        stream=bool(body.get("stream")),
+    )
+
+
+def _prompt_tokens(tc: TokenCounter, prompt: Any, field: str) -> int:
+    if isinstance(prompt, str):
+        return tc.count(prompt)
+    if isinstance(prompt, list):
+        if all(isinstance(x, int) for x in prompt):
+            return len(prompt)
+        total = 0
+        for x in prompt:
+            if isinstance(x, str):
+                total += tc.count(x)
+            elif isinstance(x, list) and all(isinstance(t, int) for t in x):
+                total += len(x)
+            else:
+                raise BadRequest(f"`{field}` items must be strings or token arrays")
+        return total
+    raise BadRequest(f"`{field}` must be a string, a list of strings or token arrays")
+
+
+def completions(body: Mapping[str, Any]) -> TokenShape:
+    model = require_model(body)
+    tc = counter(encoding_for_model(model))
+    n_in = _prompt_tokens(tc, body.get("prompt", ""), "prompt")
+    if isinstance(body.get("suffix"), str):
+        n_in += tc.count(body["suffix"])
+    choices = max(optional_int(body, "n") or 1, optional_int(body, "best_of") or 1)
+    return TokenShape(
+        model=model,
+        input_tokens=n_in,
+        requested_output=optional_int(body, "max_tokens"),
+        api_default_output=COMPLETIONS_DEFAULT_MAX_TOKENS,
+        choices=choices,
+        stream=bool(body.get("stream")),
+    )
+
+
+def embeddings(body: Mapping[str, Any]) -> TokenShape:
+    model = require_model(body)
+    tc = counter(encoding_for_model(model))
+    if "input" not in body:
+        raise BadRequest("`input` is missing; an embeddings request must carry its input")
+    return TokenShape(model=model, input_tokens=_prompt_tokens(tc, body["input"], "input"),
+                      requested_output=0)

