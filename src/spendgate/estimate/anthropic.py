@@ -41,7 +41,9 @@ def _block_tokens(tc: TokenCounter, block: Any) -> tuple[int, int]:
     if kind == "image":
         return 0, IMAGE_WORST
     if kind == "document":
-        src = block.get("source") if isinstance(block.get("source"), Mapping) else {}
+        src = block.get("source")
+        if not isinstance(src, Mapping):
+            return tc.count(dumps(block)), 0
         if src.get("type") == "base64" and isinstance(src.get("data"), str):
             return 0, math.ceil(len(src["data"]) * 3 / 4 / PDF_BYTES_PER_TOKEN)
         return tc.count(dumps(src)), 0

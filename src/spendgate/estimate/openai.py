@@ -69,8 +69,10 @@ def _function_tools(tc: TokenCounter, tools: list[Any], func_init: int) -> int:
         total += func_init
         desc = str(fn.get("description") or "").removesuffix(".")
         total += tc.count(f"{fn.get('name', '')}:{desc}")
-        params = fn.get("parameters") if isinstance(fn.get("parameters"), Mapping) else {}
-        props = params.get("properties") if isinstance(params.get("properties"), Mapping) else {}
+        params = fn.get("parameters")
+        props = params.get("properties") if isinstance(params, Mapping) else None
+        if not isinstance(props, Mapping):
+            props = {}
         if props:
             total += PROP_INIT
             for key, prop in props.items():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import gzip
 import threading
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import tiktoken
@@ -54,7 +54,7 @@ def _load_ranks(name: str) -> dict[bytes, int]:
     return ranks
 
 
-@lru_cache(maxsize=None)
+@cache
 def encoding(name: str) -> tiktoken.Encoding:
     """The tiktoken encoding ``name`` (``o200k_base`` or ``cl100k_base``), loaded offline."""
     if name not in _PATTERNS:
@@ -106,7 +106,7 @@ class TokenCounter:
         return n
 
 
-@lru_cache(maxsize=None)
+@cache
 def counter(encoding_name: str) -> TokenCounter:
     """The process-wide counter for an encoding (shared so its cache is shared)."""
     return TokenCounter(encoding_name)

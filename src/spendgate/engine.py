@@ -1,0 +1,469 @@
+"""The decision: may this request be sent, and what is held against which budgets.
+
+``Engine.decide`` prices the request's worst case, finds every rule it falls under, and asks the
+ledger to hold that amount on every bucket at once. When a bucket would overflow, the tripped
+rules' actions are weighed — immutable rules first, then the most restrictive outcome (block >
+hold > clamp/downgrade > alert) — and a remedy (a cheaper model, a smaller ``max_tokens``) is
+re-estimated and re-checked from the start. ``Engine.capture`` then charges what the provider
+billed and releases the rest of the hold.
+
+The engine knows nothing of HTTP; the proxy and the SDK turn a :class:`Decision` into a response.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+from spendgate.estimate import FREE_ROUTES, Estimate, Estimator
+from spendgate.ledger import Bucket, BucketState, Event, Ledger, Line
+from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
+from spendgate.policy.model import SEVERITY, Policy, Rule
+from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_nanos
+from spendgate.pricing.table import PriceTable
+from spendgate.request import Request
+from spendgate.usage import parse_usage
+
+MAX_REMEDIES = 8
+#: Which body field bounds the output, per route (set by a clamp).
+OUTPUT_FIELD = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/responses": ("max_output_tokens",),
+    "/v1/completions": ("max_tokens",),
+    "/v1/messages": ("max_tokens",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A person's explicit yes to a held request: once, or with ``max_usd`` of headroom."""
+
+    max_usd: Decimal | None = None
+    by: str = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """One rule a request would break, with the numbers that show it."""
+
+    rule: Rule
+    unit: str
+    limit: int
+    used: int  # spent + held before this request
+    amount: int  # what this request would add
+    bucket: Bucket | None = None
+    scope: str = "request"
+    resets_at: float | None = None
+
+    @property
+    def headroom(self) -> int:
+        return max(self.limit - self.used, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The engine's answer for one request."""
+
+    id: str
+    action: str  # allow | block | hold | downgrade | clamp | alert
+    allowed: bool
+    estimate: Estimate | None
+    body: Mapping[str, Any]
+    edits: Mapping[str, Any] = field(default_factory=dict)
+    hold_id: str | None = None
+    trip: Trip | None = None
+    tightest: BucketState | None = None
+    alerts: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    message: str = ""
+    original: Estimate | None = None
+    #: reporting dimensions (identity, route, tier) logged with the charge
+    dims: Mapping[str, str] = field(default_factory=dict)
+    #: the clock the decision was made on (simulated in replays)
+    at: float = 0.0
+
+    @property
+    def retryable(self) -> bool:
+        return self.trip is not None and self.trip.resets_at is not None
+
+    @property
+    def remaining_nanos(self) -> int | None:
+        if self.trip is not None:
+            return self.trip.headroom
+        return self.tightest.remaining if self.tightest is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``spendgate`` object of a refusal body and of ``BudgetExceeded``."""
+        t = self.trip
+        est = self.estimate
+        money = t is None or t.unit == "usd"
+
+        def usd(n: int | None) -> str | None:
+            return str(nanos_to_usd(n)) if n is not None and money else None
+
+        out: dict[str, Any] = {
+            "decision_id": self.id,
+            "action": self.action,
+            "rule": t.rule.name if t else None,
+            "scope": t.scope if t else None,
+            "window": t.rule.window.text if t else None,
+            "limit_usd": usd(t.limit) if t else None,
+            "spent_usd": usd(t.used) if t else None,
+            "held_usd": None,
+            "estimate_usd": str(nanos_to_usd(est.cost_nanos)) if est else None,
+            "remaining_usd": usd(self.remaining_nanos),
+            "resets_at": t.resets_at if t else None,
+            "retryable": self.retryable,
+            "recovery": self._recovery(),
+            "model": est.model if est else None,
+            "priced_as": f"{est.price.price.provider}/{est.price.price.model} ({est.price.how})" if est else None,
+            "notes": list(self.notes),
+        }
+        if t is not None and t.unit == "tokens":
+            out.update(limit_tokens=t.limit, used_tokens=t.used, estimate_tokens=t.amount)
+        if t is not None and t.bucket is not None and self.tightest is not None:
+            out["spent_usd"] = usd(self.tightest.spent)
+            out["held_usd"] = usd(self.tightest.held)
+        return out
+
+    def _recovery(self) -> str:
+        if self.allowed:
+            return ""
+        t = self.trip
+        if t is None:
+            return "fix the request"
+        if t.rule.immutable:
+            return "this limit is immutable: lower max_tokens or use a cheaper model"
+        if self.action == "hold":
+            return "approve this request (spendgate approve ID, optionally --max USD) or wait for the window"
+        if t.resets_at is not None:
+            return "wait for the window to reset, or raise the budget"
+        return "lower max_tokens, use a cheaper model, or raise the budget"
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What :meth:`Engine.capture` charged."""
+
+    cost_nanos: int
+    usage: Usage | None
+    estimated: bool
+    captured: bool  # False when the hold had already expired (and was charged its worst case)
+
+
+class Engine:
+    """Policy + prices + ledger. Thread-safe; one per process is enough."""
+
+    def __init__(self, policy: Policy, ledger: Ledger, prices: PriceTable | None = None,
+                 estimator: Estimator | None = None) -> None:
+        self.policy = policy
+        self.ledger = ledger
+        prices = prices or PriceTable.bundled()
+        if estimator is None:
+            kwargs: dict[str, Any] = {}
+            if policy.anthropic_token_factor is not None:
+                kwargs["anthropic_factor"] = policy.anthropic_token_factor
+            estimator = Estimator(prices, policy.unpriced, **kwargs)
+        self.estimator = estimator
+        # immutable rules are weighed first (SPEC §3)
+        self._rules = sorted(policy.rules, key=lambda r: not r.immutable)
+
+    # -- deciding -----------------------------------------------------------------------------
+
+    def decide(self, request: Request, *, now: float | None = None,
+               approval: Approval | None = None) -> Decision:
+        now = time.time() if now is None else now
+        did = secrets.token_hex(8)
+        if (request.provider, request.route) in FREE_ROUTES:
+            return Decision(did, "allow", True, None, request.body, message="free route")
+        est = self.estimator.estimate(request.provider, request.route, request.body)
+        original = est
+        body: dict[str, Any] = dict(request.body)
+        edits: dict[str, Any] = {}
+        notes = [est.price.warning] if est.price.warning else []
+        bypass: set[str] = set()  # rule names an approval lets through once
+        dims = request.identity.dims()
+        dims["route"] = request.route
+        for _ in range(MAX_REMEDIES):
+            tier = self.policy.tiers.tier_of(est.model)
+            rules = [r for r in self._rules
+                     if r.match.matches(est.model, request.provider, tier, request.identity.tags)]
+            request_trips, alerts = self._request_trips(rules, est, bypass)
+            lines, owners = self._lines(rules, request, est, tier, now, bypass)
+            trips = [t for t in request_trips if t.rule.action != "alert"]
+            hold_id = None
+            states: tuple[BucketState, ...] = ()
+            dims["tier"] = tier
+            if not trips:
+                auth = self.ledger.authorize(lines, now=now, ttl=self.policy.hold_ttl_s,
+                                             event=self._event(did, request.provider, est, dims, now))
+                states = auth.states
+                if auth.ok:
+                    hold_id = auth.hold_id
+                else:
+                    trips = [self._bucket_trip(owners[k], auth.state(k), lines, k, now) for k in auth.refused]
+            if hold_id is not None:
+                alerts += self._alerts(rules, lines, owners, states)
+                action = "alert" if alerts else ("downgrade" if "model" in edits else
+                                                 "clamp" if edits else "allow")
+                return Decision(did, action, True, est, body, edits, hold_id, None,
+                                _tightest(states), tuple(alerts), tuple(notes),
+                                self._allow_message(est, alerts), original, dims, now)
+            trip = self._worst(trips)
+            # an immutable hold could never be approved: it is a block
+            act = "block" if trip.rule.immutable and trip.rule.action == "hold" else trip.rule.action
+            if act == "hold" and approval is not None and self._approve(approval, trip, now, bypass):
+                notes.append(f"{trip.rule.name} approved by {approval.by}" + (
+                    f" with ${approval.max_usd} headroom" if approval.max_usd is not None else " once"))
+                approval = None  # one approval answers one hold
+                continue
+            if act == "downgrade":
+                cheaper = self._downgrade_target(trip.rule, est)
+                if cheaper is not None:
+                    body["model"] = cheaper
+                    edits["model"] = cheaper
+                    est = self.estimator.estimate(request.provider, request.route, body)
+                    continue
+                notes.append(f"{trip.rule.name}: no cheaper model for {est.model}; refused")
+                act = "block"
+            if act == "clamp":
+                fitted = self._clamp(trip, est)
+                if fitted is not None:
+                    field_name = self._output_field(request.route, body)
+                    body[field_name] = fitted
+                    edits[field_name] = fitted
+                    est = self.estimator.with_output(est, fitted)
+                    continue
+                notes.append(f"{trip.rule.name}: fewer than {trip.rule.min_output} output tokens fit; refused")
+                act = "block"
+            return self._refusal(did, act, est, body, trip, states, notes, original, dims, now)
+        raise RuntimeError("policy remedies did not converge")  # pragma: no cover - bounded chains
+
+    def _request_trips(self, rules: Sequence[Rule], est: Estimate,
+                       bypass: set[str]) -> tuple[list[Trip], list[str]]:
+        trips, alerts = [], []
+        for r in rules:
+            if r.window.kind != "request" or r.name in bypass:
+                continue
+            found = []
+            if r.usd is not None and est.cost_nanos > usd_to_nanos(r.usd):
+                found.append(Trip(r, "usd", usd_to_nanos(r.usd), 0, est.cost_nanos))
+            if r.tokens is not None and est.tokens > r.tokens:
+                found.append(Trip(r, "tokens", r.tokens, 0, est.tokens))
+            if found and r.action == "alert":
+                alerts.append(r.name)
+            trips.extend(found)
+        return trips, alerts
+
+    def _lines(self, rules: Sequence[Rule], request: Request, est: Estimate, tier: str, now: float,
+               bypass: set[str]) -> tuple[list[Line], dict[str, tuple[Rule, str, float | None]]]:
+        """One ledger line per (rule, unit) of every windowed rule, with who owns each bucket."""
+        lines: list[Line] = []
+        owners: dict[str, tuple[Rule, str, float | None]] = {}
+        for r in rules:
+            w = r.window
+            if w.kind == "request":
+                continue
+            value = {"model": est.model, "provider": request.provider, "tier": tier}.get(r.per) \
+                or request.identity.value(r.per)
+            scope = f"{r.per}={value}"
+            key, resets, window_s = f"{r.name}|{scope}", None, None
+            if w.kind == "calendar":
+                label, resets = w.period_of(now, r.tz)
+                key = f"{key}|{label}"
+            elif w.kind == "rolling":
+                window_s = w.seconds
+            enforce = r.action != "alert" and r.name not in bypass
+            for unit, limit, amount in (("usd", r.usd, est.cost_nanos), ("tokens", r.tokens, est.tokens)):
+                if limit is None:
+                    continue
+                lim = usd_to_nanos(limit) if unit == "usd" else int(limit)
+                k = key if unit == "usd" else f"{key}#tokens"
+                lines.append(Line(Bucket(k, lim if enforce else None, window_s, unit), amount))  # type: ignore[arg-type]
+                owners[k] = (r, scope, resets)
+        return lines, owners
+
+    def _bucket_trip(self, owner: tuple[Rule, str, float | None], state: BucketState,
+                     lines: Sequence[Line], key: str, now: float) -> Trip:
+        rule, scope, resets = owner
+        line = next(ln for ln in lines if ln.bucket.key == key)
+        limit = (state.limit or 0) + state.granted
+        return Trip(rule, line.bucket.unit, limit, state.used, line.amount, line.bucket, scope,
+                    resets if resets is not None else state.frees_at)
+
+    @staticmethod
+    def _worst(trips: Sequence[Trip]) -> Trip:
+        return max(trips, key=lambda t: (t.rule.immutable, SEVERITY[t.rule.action]))
+
+    def _approve(self, approval: Approval, trip: Trip, now: float, bypass: set[str]) -> bool:
+        """Apply a person's yes to a hold: once, or as ``max_usd`` of headroom on the bucket
+        (so the next requests are not held again). False when the approval does not cover it."""
+        if approval.max_usd is None or trip.unit != "usd":
+            bypass.add(trip.rule.name)
+            return True
+        cap = usd_to_nanos(approval.max_usd)
+        if trip.bucket is None:  # a per-call rule: the call itself must fit the approved max
+            if trip.amount > cap:
+                return False
+            bypass.add(trip.rule.name)
+            return True
+        w = trip.rule.window
+        until = (now + w.seconds if w.kind == "rolling"
+                 else trip.resets_at if trip.resets_at is not None else math.inf)
+        self.ledger.grant(trip.bucket, cap, now=now, until=until)
+        return True
+
+    def _downgrade_target(self, rule: Rule, est: Estimate) -> str | None:
+        names = [est.model, est.model.lower(), est.price.price.model]
+        for n in names:
+            if n in rule.downgrade:
+                return rule.downgrade[n]
+        return None
+
+    def _clamp(self, trip: Trip, est: Estimate) -> int | None:
+        """The largest per-choice output bound that fits ``trip``'s headroom, if ≥ min_output."""
+        choices = max(est.shape.choices, 1)
+        if trip.unit == "tokens":
+            fit = (trip.headroom - est.input_tokens) // choices
+        else:
+            price = est.price.price
+            input_cost = worst_case_nanos(price, est.input_tokens, 0, est.shape.cache_write)
+            per_token = output_rate(price, est.input_tokens) * Decimal(1000)  # nanos per token
+            if per_token <= 0:
+                return None
+            fit = math.floor(Decimal(trip.headroom - input_cost) / per_token) // choices
+        current = est.output_tokens // choices
+        if fit < trip.rule.min_output or fit >= current:
+            return None
+        return int(fit)
+
+    @staticmethod
+    def _output_field(route: str, body: Mapping[str, Any]) -> str:
+        fields = OUTPUT_FIELD.get(route, ("max_tokens",))
+        return next((f for f in fields if f in body), fields[0])
+
+    def _alerts(self, rules: Sequence[Rule], lines: Sequence[Line],
+                owners: Mapping[str, tuple[Rule, str, float | None]],
+                states: Sequence[BucketState]) -> list[str]:
+        """Alert-mode rules that this request takes past their limit, and ``alert_at`` crossings."""
+        out = []
+        for line, st in zip(lines, states, strict=True):
+            rule = owners[line.bucket.key][0]
+            limit = line.bucket.limit if line.bucket.limit is not None else (
+                usd_to_nanos(rule.usd) if line.bucket.unit == "usd" and rule.usd is not None
+                else rule.tokens)
+            if not limit:
+                continue
+            before, after = st.used - line.amount, st.used
+            if rule.action == "alert" and after > limit:
+                out.append(f"{rule.name}: {line.bucket.key} over its limit")
+            for frac in rule.alert_at:
+                mark = limit * frac
+                if before < mark <= after:
+                    out.append(f"{rule.name}: {line.bucket.key} reached {frac:.0%}")
+        return out
+
+    @staticmethod
+    def _event(did: str, provider: str, est: Estimate, dims: Mapping[str, str], now: float) -> Event:
+        """The spend-log row kept with a hold, so an expired hold is logged with its origin."""
+        return Event(now, "capture", did, est.model, provider, est.cost_nanos,
+                     est.input_tokens, est.output_tokens, est.price.estimated_price, dict(dims))
+
+    def _allow_message(self, est: Estimate, alerts: Sequence[str]) -> str:
+        msg = est.describe()
+        return msg + ("; alerts: " + "; ".join(alerts) if alerts else "")
+
+    def _refusal(self, did: str, act: str, est: Estimate, body: Mapping[str, Any], trip: Trip,
+                 states: Sequence[BucketState], notes: list[str], original: Estimate,
+                 dims: Mapping[str, str], now: float) -> Decision:
+        tight = next((s for s in states if trip.bucket is not None and s.key == trip.bucket.key), None)
+        d = Decision(did, act, False, est, body, {}, None, trip, tight, (), tuple(notes), "", original,
+                     dims, now)
+        return replace(d, message=refusal_message(d))
+
+    # -- settling -----------------------------------------------------------------------------
+
+    def capture(self, decision: Decision, usage: Usage | Mapping[str, Any] | None, *,
+                now: float | None = None) -> Charge:
+        """Charge what the provider billed; with no readable usage, charge the worst case."""
+        now = time.time() if now is None else now
+        est = decision.estimate
+        if decision.hold_id is None or est is None:
+            return Charge(0, None, False, False)
+        parsed = usage if isinstance(usage, Usage) else parse_usage(usage)
+        if parsed is None:
+            return self._settle(decision, est.cost_nanos, est.tokens, None, now)
+        cost = usage_nanos(est.price.price, parsed)
+        return self._settle(decision, cost, parsed.total_tokens, parsed, now,
+                            estimated=est.price.estimated_price)
+
+    def charge_unknown(self, decision: Decision, output_seen: int | None = None, *,
+                       now: float | None = None) -> Charge:
+        """The outcome is unknown (timeout after send, disconnect): charge the input plus the
+        output seen so far, or the whole worst case when nothing was seen; flagged estimated."""
+        now = time.time() if now is None else now
+        est = decision.estimate
+        if decision.hold_id is None or est is None:
+            return Charge(0, None, True, False)
+        if output_seen is None:
+            return self._settle(decision, est.cost_nanos, est.tokens, None, now)
+        cost = worst_case_nanos(est.price.price, est.input_tokens, output_seen, est.shape.cache_write)
+        return self._settle(decision, cost, est.input_tokens + output_seen, None, now)
+
+    def release(self, decision: Decision, *, now: float | None = None) -> bool:
+        """The request was never sent: drop its hold without charge."""
+        if decision.hold_id is None:
+            return False
+        return self.ledger.release(decision.hold_id, now=time.time() if now is None else now)
+
+    def _settle(self, decision: Decision, cost: int, tokens: int, usage: Usage | None, now: float,
+                estimated: bool = True) -> Charge:
+        est = decision.estimate
+        assert est is not None and decision.hold_id is not None
+        event = Event(now, "capture" if usage is not None else "unknown", decision.id, est.model,
+                      est.provider, cost,
+                      usage.total_input if usage else est.input_tokens,
+                      usage.output if usage else tokens - est.input_tokens,
+                      estimated or usage is None, dict(decision.dims))
+        captured = self.ledger.capture(decision.hold_id, {"usd": cost, "tokens": tokens}, now=now,
+                                       event=event)
+        return Charge(cost, usage, estimated or usage is None, captured)
+
+
+def _tightest(states: Sequence[BucketState]) -> BucketState | None:
+    money = [s for s in states if s.unit == "usd" and s.remaining is not None]
+    return min(money, key=lambda s: s.remaining or 0) if money else None
+
+
+def refusal_message(d: Decision) -> str:
+    """Written for the person and for the agent reading it: what tripped, how much, what to do."""
+    t = d.trip
+    est = d.estimate
+    assert t is not None and est is not None
+    if t.unit == "usd":
+        amount = (f"this request's worst case is {fmt_usd(t.amount)}; {fmt_usd(t.used)} of the "
+                  f"{fmt_usd(t.limit)} budget is already spent or held")
+        if t.bucket is None:
+            amount = f"this request's worst case is {fmt_usd(t.amount)}, over the {fmt_usd(t.limit)} per-call limit"
+    else:
+        amount = f"this request could use {t.amount:,} tokens; {t.used:,} of {t.limit:,} are used"
+    verb = {"hold": "is held for approval", "block": "was refused"}.get(d.action, "was refused")
+    where = f" ({t.scope}, window {t.rule.window.text})" if t.bucket is not None else ""
+    parts = [f"spendgate: this {est.model} request {verb} by budget \"{t.rule.name}\"{where}: {amount}."]
+    if d.action == "hold":
+        parts.append(f"To approve it, run `spendgate approve {d.id}` (add --max 5 to allow $5 more "
+                     "without asking again), or answer yes in your next message.")
+    elif t.rule.immutable:
+        parts.append("This limit is immutable; no approval can lift it. Lower max_tokens or pick a "
+                     "cheaper model.")
+    if t.resets_at is not None:
+        wait = max(0, math.ceil(t.resets_at - d.at))
+        parts.append(f"Room frees up in about {wait // 60} min {wait % 60} s.")
+    parts.append("Do not retry this request unchanged.")
+    parts.extend(d.notes)
+    return " ".join(parts)

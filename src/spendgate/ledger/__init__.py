@@ -1,0 +1,51 @@
+"""The ledger of holds and charges, one interface over backends chosen by URL.
+
+``open("memory://")``, ``open("sqlite:///~/.spendgate/spendgate.db")``; a backend registers the
+URL schemes it serves in :data:`BACKENDS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from spendgate.errors import StoreError
+from spendgate.ledger.base import (
+    Authorization,
+    Bucket,
+    BucketState,
+    Event,
+    ExpiredHold,
+    Ledger,
+    Line,
+)
+
+DEFAULT_URL = "sqlite:///~/.spendgate/spendgate.db"
+
+
+def _memory(url: str) -> Ledger:
+    from spendgate.ledger.memory import MemoryLedger
+
+    return MemoryLedger(url)
+
+
+def _sqlite(url: str) -> Ledger:
+    from spendgate.ledger.sqlite import SQLiteLedger
+
+    return SQLiteLedger(url)
+
+
+BACKENDS: dict[str, Callable[[str], Ledger]] = {"memory": _memory, "sqlite": _sqlite}
+
+
+def open(url: str = DEFAULT_URL) -> Ledger:
+    """The ledger for ``url``; an unknown scheme is an error that lists the known ones."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    factory = BACKENDS.get(scheme)
+    if factory is None:
+        known = ", ".join(f"{s}://" for s in sorted(BACKENDS))
+        raise StoreError(f"unknown store URL {url!r}; expected one of {known}")
+    return factory(url)
+
+
+__all__ = ["BACKENDS", "DEFAULT_URL", "Authorization", "Bucket", "BucketState", "Event",
+           "ExpiredHold", "Ledger", "Line", "open"]

@@ -1,0 +1,308 @@
+"""The ledger: authorize (hold), capture, release and expire, atomically over many buckets.
+
+A *bucket* is one budget counted for one scope in one window ("team ml, this month"). For every
+bucket, at every instant, ``captured + held <= limit + granted``: :meth:`Ledger.authorize` checks
+every bucket a request falls under and places its hold on all of them, or on none, inside one
+transaction of the backend.
+
+Backends implement a handful of primitives inside :meth:`Ledger._transaction`; the rules
+(what counts, when a hold is refused, what an expired hold costs) live here once. A backend that
+can do better in one round trip (Redis, with Lua) overrides the public methods instead and runs
+the same contract tests.
+
+Amounts are integers: nano-dollars for ``usd`` buckets, tokens for ``tokens`` buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Unit = Literal["usd", "tokens"]
+#: Rolling windows are counted in this many slots; a charge counts while any part of its slot is
+#: inside the window, so a rolling window over-counts by under one slot and never under-counts.
+SLOTS_PER_WINDOW = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One counter a budget rule keeps.
+
+    ``limit`` None means counted but never refused (alert / shadow rules). ``window_s`` set means
+    a rolling window of that many seconds; None means the key itself is the period (a calendar
+    period's key carries its label, ``total`` never changes).
+    """
+
+    key: str
+    limit: int | None
+    window_s: int | None = None
+    unit: Unit = "usd"
+
+    @property
+    def slot_s(self) -> int:
+        return max(1, (self.window_s or 0) // SLOTS_PER_WINDOW)
+
+    def slot_of(self, now: float) -> int:
+        return int(now // self.slot_s) if self.window_s else 0
+
+    def first_live_slot(self, now: float) -> int:
+        """The oldest slot any part of which lies inside the rolling window ending at ``now``."""
+        if not self.window_s:
+            return 0
+        return int((now - self.window_s) // self.slot_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One bucket's share of a hold."""
+
+    bucket: Bucket
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    key: str
+    unit: Unit
+    limit: int | None
+    spent: int
+    held: int
+    granted: int = 0
+    #: when the oldest counted spend leaves a rolling window (epoch seconds), else None
+    frees_at: float | None = None
+
+    @property
+    def used(self) -> int:
+        return self.spent + self.held
+
+    @property
+    def remaining(self) -> int | None:
+        if self.limit is None:
+            return None
+        return self.limit + self.granted - self.spent - self.held
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """The ledger's answer: a hold on every bucket, or a refusal naming the buckets that overflow."""
+
+    ok: bool
+    hold_id: str | None
+    states: tuple[BucketState, ...]
+    refused: tuple[str, ...] = ()
+
+    def state(self, key: str) -> BucketState:
+        return next(s for s in self.states if s.key == key)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A row of the spend log: what was charged, to whom, and how sure we are of the amount."""
+
+    ts: float
+    kind: str  # capture | expired | unknown
+    decision_id: str
+    model: str
+    provider: str
+    cost: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: bool = False
+    dims: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> Event:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredHold:
+    hold_id: str
+    charged: dict[str, int]
+    event: Event | None
+
+
+@dataclass(slots=True)
+class _Hold:
+    hold_id: str
+    expires_at: float
+    lines: list[Line]
+    event: Event | None
+
+
+def new_hold_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Ledger(ABC):
+    """The store interface; pick a backend with :func:`spendgate.ledger.open`."""
+
+    url: str = ""
+
+    # -- the public contract ------------------------------------------------------------------
+
+    def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,
+                  event: Event | None = None, hold_id: str | None = None) -> Authorization:
+        """Hold every line's amount on its bucket, or refuse with the overflowing buckets.
+
+        Stale holds are expired first, so a crashed caller cannot pin a budget past its TTL.
+        ``event`` is kept with the hold so an expiry can be logged with its origin.
+        """
+        hid = hold_id or new_hold_id()
+        with self._transaction():
+            self._expire_locked(now)
+            states = [self._state(line.bucket, now) for line in lines]
+            refused = tuple(
+                s.key for s, line in zip(states, lines, strict=True)
+                if s.limit is not None and line.amount > 0
+                and s.spent + s.held + line.amount > s.limit + s.granted
+            )
+            if refused:
+                return Authorization(False, None, tuple(states), refused)
+            for line in lines:
+                self._touch(line.bucket, now)
+            self._put_hold(_Hold(hid, now + ttl, list(lines), event))
+            after = tuple(
+                BucketState(s.key, s.unit, s.limit, s.spent, s.held + line.amount, s.granted, s.frees_at)
+                for s, line in zip(states, lines, strict=True)
+            )
+        return Authorization(True, hid, after)
+
+    def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
+                event: Event | None = None) -> bool:
+        """Replace a hold by the actual amounts (by unit); False if the hold is gone (expired).
+
+        ``event``, when given, is logged atomically with the charge.
+        """
+        with self._transaction():
+            hold = self._pop_hold(hold_id)
+            if hold is None:
+                return False
+            for line in hold.lines:
+                self._charge(line.bucket, actual.get(line.bucket.unit, line.amount), now)
+            if event is not None:
+                self._add_event(event)
+        return True
+
+    def release(self, hold_id: str, *, now: float) -> bool:
+        """Drop a hold without charging (the request was never sent)."""
+        with self._transaction():
+            return self._pop_hold(hold_id) is not None
+
+    def expire(self, now: float) -> list[ExpiredHold]:
+        """Charge every hold past its TTL at its worst case and flag it for reconciliation."""
+        with self._transaction():
+            return self._expire_locked(now)
+
+    def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
+        """Raise ``bucket``'s limit by ``amount`` until ``until`` (an approval's headroom)."""
+        with self._transaction():
+            self._touch(bucket, now)
+            self._add_grant(bucket.key, amount, until)
+
+    def states(self, buckets: Sequence[Bucket], *, now: float) -> list[BucketState]:
+        with self._transaction():
+            return [self._state(b, now) for b in buckets]
+
+    def record(self, event: Event) -> None:
+        with self._transaction():
+            self._add_event(event)
+
+    @abstractmethod
+    def events(self, since: float, until: float | None = None) -> list[Event]:
+        """Spend events with ``since <= ts < until``, oldest first."""
+
+    @abstractmethod
+    def known_buckets(self) -> list[Bucket]:
+        """Every bucket a hold or grant has touched, for ``spendgate status``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the backend's resources."""
+
+    # -- primitives a backend provides (called inside _transaction) ---------------------------
+
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[None]:
+        """Serialize the enclosed primitives against every other writer of this store."""
+
+    @abstractmethod
+    def _spent(self, bucket: Bucket, now: float) -> tuple[int, float | None]:
+        """Charged amount inside the bucket's window, and when its oldest counted slot leaves."""
+
+    @abstractmethod
+    def _held(self, key: str) -> int: ...
+
+    @abstractmethod
+    def _granted(self, key: str, now: float) -> int: ...
+
+    @abstractmethod
+    def _put_hold(self, hold: _Hold) -> None: ...
+
+    @abstractmethod
+    def _pop_hold(self, hold_id: str) -> _Hold | None: ...
+
+    @abstractmethod
+    def _stale_holds(self, now: float) -> Iterator[str]: ...
+
+    @abstractmethod
+    def _charge(self, bucket: Bucket, amount: int, now: float) -> None: ...
+
+    @abstractmethod
+    def _add_grant(self, key: str, amount: int, until: float) -> None: ...
+
+    @abstractmethod
+    def _add_event(self, event: Event) -> None: ...
+
+    @abstractmethod
+    def _touch(self, bucket: Bucket, now: float) -> None:
+        """Remember that ``bucket`` exists (for status listings)."""
+
+    # -- shared logic -------------------------------------------------------------------------
+
+    def _state(self, bucket: Bucket, now: float) -> BucketState:
+        spent, frees_at = self._spent(bucket, now)
+        return BucketState(bucket.key, bucket.unit, bucket.limit, spent, self._held(bucket.key),
+                           self._granted(bucket.key, now), frees_at)
+
+    def _expire_locked(self, now: float) -> list[ExpiredHold]:
+        out = []
+        for hid in list(self._stale_holds(now)):
+            hold = self._pop_hold(hid)
+            if hold is None:
+                continue
+            charged: dict[str, int] = {}
+            for line in hold.lines:
+                self._charge(line.bucket, line.amount, now)
+                charged[line.bucket.unit] = max(charged.get(line.bucket.unit, 0), line.amount)
+            ev = None
+            if hold.event is not None:
+                e = hold.event
+                ev = Event(now, "expired", e.decision_id, e.model, e.provider,
+                           charged.get("usd", e.cost), e.input_tokens, e.output_tokens, True, e.dims)
+                self._add_event(ev)
+            out.append(ExpiredHold(hid, charged, ev))
+        return out
+
+
+def serialize_hold(hold: _Hold) -> tuple[str, str | None]:
+    """(lines JSON, event JSON) for backends that store holds as text."""
+    lines = json.dumps([[ln.bucket.key, ln.bucket.limit, ln.bucket.window_s, ln.bucket.unit, ln.amount]
+                        for ln in hold.lines], separators=(",", ":"))
+    return lines, hold.event.to_json() if hold.event else None
+
+
+def deserialize_hold(hold_id: str, expires_at: float, lines: str, event: str | None) -> _Hold:
+    parsed = [Line(Bucket(k, lim, win, unit), amt) for k, lim, win, unit, amt in json.loads(lines)]
+    return _Hold(hold_id, expires_at, parsed, Event.from_json(event) if event else None)
+
+
+def dims_json(dims: Mapping[str, Any]) -> str:
+    return json.dumps(dict(dims), separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,104 @@
+"""``memory://``: the ledger in this process's memory, for tests, the SDK and replays."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+from spendgate.ledger.base import Bucket, Event, Ledger, _Hold
+
+
+class MemoryLedger(Ledger):
+    """Thread-safe in one process; shared by nothing else."""
+
+    schemes = ("memory",)
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._lock = threading.RLock()
+        self._slots: dict[str, dict[int, int]] = defaultdict(dict)
+        self._holds: dict[str, _Hold] = {}
+        self._held_by: dict[str, int] = defaultdict(int)
+        self._grants: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self._events: list[Event] = []
+        self._buckets: dict[str, Bucket] = {}
+
+    def _transaction(self) -> AbstractContextManager[None]:
+        return _Locked(self._lock)
+
+    def _spent(self, bucket: Bucket, now: float) -> tuple[int, float | None]:
+        slots = self._slots.get(bucket.key)
+        if not slots:
+            return 0, None
+        if not bucket.window_s:
+            return sum(slots.values()), None
+        first = bucket.first_live_slot(now)
+        for old in [s for s in slots if s < first]:
+            del slots[old]
+        if not slots:
+            return 0, None
+        oldest = min(slots)
+        return sum(slots.values()), (oldest + 1) * bucket.slot_s + bucket.window_s
+
+    def _held(self, key: str) -> int:
+        return self._held_by.get(key, 0)
+
+    def _granted(self, key: str, now: float) -> int:
+        grants = self._grants.get(key)
+        if not grants:
+            return 0
+        live = [(a, u) for a, u in grants if u > now]
+        self._grants[key] = live
+        return sum(a for a, _ in live)
+
+    def _put_hold(self, hold: _Hold) -> None:
+        self._holds[hold.hold_id] = hold
+        for line in hold.lines:
+            self._held_by[line.bucket.key] += line.amount
+
+    def _pop_hold(self, hold_id: str) -> _Hold | None:
+        hold = self._holds.pop(hold_id, None)
+        if hold is not None:
+            for line in hold.lines:
+                self._held_by[line.bucket.key] -= line.amount
+        return hold
+
+    def _stale_holds(self, now: float) -> Iterator[str]:
+        return (h.hold_id for h in self._holds.values() if h.expires_at <= now)
+
+    def _charge(self, bucket: Bucket, amount: int, now: float) -> None:
+        slots = self._slots[bucket.key]
+        slot = bucket.slot_of(now)
+        slots[slot] = slots.get(slot, 0) + amount
+
+    def _add_grant(self, key: str, amount: int, until: float) -> None:
+        self._grants[key].append((amount, until))
+
+    def _add_event(self, event: Event) -> None:
+        self._events.append(event)
+
+    def _touch(self, bucket: Bucket, now: float) -> None:
+        self._buckets[bucket.key] = bucket
+
+    def events(self, since: float, until: float | None = None) -> list[Event]:
+        with self._lock:
+            return [e for e in self._events if e.ts >= since and (until is None or e.ts < until)]
+
+    def known_buckets(self) -> list[Bucket]:
+        with self._lock:
+            return list(self._buckets.values())
+
+
+class _Locked(AbstractContextManager[None]):
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()

@@ -1,0 +1,117 @@
+"""The policy as data: rules, windows, scopes, tiers. Parsing lives in :mod:`.parse`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+Action = Literal["block", "hold", "downgrade", "clamp", "alert"]
+ACTIONS: tuple[Action, ...] = ("block", "hold", "downgrade", "clamp", "alert")
+#: How restrictive each outcome is; the most restrictive of all tripped rules wins.
+SEVERITY: dict[str, int] = {"block": 4, "hold": 3, "clamp": 2, "downgrade": 2, "alert": 1, "allow": 0}
+SCOPES = ("global", "key", "user", "team", "session", "agent", "feature", "model", "provider", "tier")
+CALENDAR = ("day", "week", "month")
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """``request`` (one call), ``rolling`` (seconds), a ``calendar`` period, or ``total``."""
+
+    kind: Literal["request", "rolling", "calendar", "total"]
+    seconds: int = 0
+    period: str = ""  # day | week | month
+    text: str = ""
+
+    def period_of(self, now: float, tz: ZoneInfo) -> tuple[str, float]:
+        """The calendar period containing ``now``: its label and when the next one starts."""
+        local = dt.datetime.fromtimestamp(now, tz)
+        day = local.date()
+        if self.period == "day":
+            start, nxt = day, day + dt.timedelta(days=1)
+            label = day.isoformat()
+        elif self.period == "week":
+            start = day - dt.timedelta(days=day.weekday())
+            nxt = start + dt.timedelta(days=7)
+            iso = day.isocalendar()
+            label = f"{iso.year}-W{iso.week:02d}"
+        else:
+            start = day.replace(day=1)
+            nxt = (start + dt.timedelta(days=32)).replace(day=1)
+            label = f"{day.year}-{day.month:02d}"
+        del start
+        reset = dt.datetime.combine(nxt, dt.time(), tz).timestamp()
+        return label, reset
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """Which requests a rule applies to; every given field must match (fields are OR-lists)."""
+
+    models: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+    tiers: tuple[str, ...] = ()
+    tags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def matches(self, model: str, provider: str, tier: str, tags: Mapping[str, str]) -> bool:
+        if self.models and not any(fnmatch.fnmatchcase(model.lower(), g.lower()) for g in self.models):
+            return False
+        if self.providers and provider not in self.providers:
+            return False
+        if self.tiers and tier not in self.tiers:
+            return False
+        return all(tags.get(k) in vals for k, vals in self.tags.items())
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    window: Window
+    usd: Decimal | None = None
+    tokens: int | None = None
+    per: str = "global"
+    match: Match = field(default_factory=Match)
+    action: Action = "block"
+    alert_at: tuple[Decimal, ...] = ()
+    immutable: bool = False
+    #: downgrade: model -> cheaper model (a chain is stored as consecutive pairs)
+    downgrade: Mapping[str, str] = field(default_factory=dict)
+    min_output: int = 1
+    timezone: str = "UTC"
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class Tiers:
+    """Model tiers from globs; a model no glob matches falls into ``strict``."""
+
+    globs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    strict: str = "unknown"
+
+    def tier_of(self, model: str) -> str:
+        m = model.lower().rsplit("/", 1)[-1]
+        for tier, globs in self.globs.items():
+            if any(fnmatch.fnmatchcase(m, g.lower()) for g in globs):
+                return tier
+        return self.strict
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    rules: tuple[Rule, ...]
+    store: str | None = None
+    unpriced: Literal["dearest", "block"] = "dearest"
+    on_store_error: Literal["block", "allow"] = "block"
+    upstream: Mapping[str, str] = field(default_factory=dict)
+    tiers: Tiers = field(default_factory=Tiers)
+    timezone: str = "UTC"
+    hold_ttl_s: int = 600
+    anthropic_token_factor: float | None = None
+    source: str = "built-in defaults"

@@ -1,0 +1,255 @@
+"""Reading ``spendgate.toml`` strictly.
+
+Every key is known or refused, every value parses or is refused, and each error names the key
+path (``budget[2] "team-month".usd``) and the value. A budget of ``"$10"`` must never become a
+disabled budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from spendgate.errors import ConfigError
+from spendgate.policy.model import ACTIONS, CALENDAR, SCOPES, Action, Match, Policy, Rule, Tiers, Window
+
+TOP_KEYS = {"store", "unpriced", "on_store_error", "upstream", "tiers", "budget", "timezone", "hold_ttl",
+            "anthropic_token_factor"}
+BUDGET_KEYS = {"name", "usd", "tokens", "window", "timezone", "per", "match", "action", "downgrade",
+               "alert_at", "immutable", "min_output"}
+MATCH_KEYS = {"model", "provider", "tier", "tags"}
+UPSTREAM_KEYS = {"openai", "anthropic"}
+_DURATION = re.compile(r"^(\d+)(s|m|h|d|w)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _fail(where: str, msg: str) -> ConfigError:
+    return ConfigError(f"{where}: {msg}")
+
+
+def _unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        prefix = f"{where}." if where else ""
+        raise _fail(f"{prefix}{extra[0]}", f"unknown key; expected one of {', '.join(sorted(allowed))}")
+
+
+def parse_usd(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _fail(where, f"expected a number of dollars, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(where, f"expected a finite number of dollars, got {value!r}")
+    try:
+        d = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise _fail(where, f"expected a number of dollars such as 10 or 0.50, got {value!r}") from None
+    if not d.is_finite() or d < 0:
+        raise _fail(where, f"expected a non-negative number of dollars, got {value!r}")
+    return d
+
+
+def parse_int(value: Any, where: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(where, f"expected a whole number ≥ {minimum}, got {value!r}")
+    return value
+
+
+def parse_duration(value: Any, where: str) -> int:
+    m = _DURATION.match(value) if isinstance(value, str) else None
+    if not m or int(m.group(1)) == 0:
+        raise _fail(where, f"expected a duration such as 30s, 15m, 1h or 7d, got {value!r}")
+    return int(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def parse_window(value: Any, where: str) -> Window:
+    if value == "request":
+        return Window("request", text=value)
+    if value == "total":
+        return Window("total", text=value)
+    if value in CALENDAR:
+        return Window("calendar", period=value, text=value)
+    try:
+        return Window("rolling", seconds=parse_duration(value, where), text=value)
+    except ConfigError:
+        raise _fail(where, "expected request, total, day, week, month or a duration such as "
+                           f"30s, 15m, 1h, 24h, 7d; got {value!r}") from None
+
+
+def _timezone(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(where, f"expected a time zone name such as Europe/Berlin, got {value!r}")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _fail(where, f"unknown time zone {value!r}") from None
+    return value
+
+
+def _strs(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise _fail(where, f"expected a string or a non-empty list of strings, got {value!r}")
+
+
+def _choice(value: Any, where: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise _fail(where, f"expected one of {', '.join(options)}; got {value!r}")
+    return cast(str, value)
+
+
+def _match(raw: Any, where: str) -> Match:
+    if not isinstance(raw, Mapping):
+        raise _fail(where, f"expected a table such as {{ tier = \"frontier\" }}, got {raw!r}")
+    _unknown(raw, MATCH_KEYS, where)
+    tags: dict[str, tuple[str, ...]] = {}
+    if "tags" in raw:
+        if not isinstance(raw["tags"], Mapping):
+            raise _fail(f"{where}.tags", f"expected a table of tag = value(s), got {raw['tags']!r}")
+        tags = {k: _strs(v, f"{where}.tags.{k}") for k, v in raw["tags"].items()}
+    return Match(
+        models=_strs(raw["model"], f"{where}.model") if "model" in raw else (),
+        providers=_strs(raw["provider"], f"{where}.provider") if "provider" in raw else (),
+        tiers=_strs(raw["tier"], f"{where}.tier") if "tier" in raw else (),
+        tags=tags,
+    )
+
+
+def _downgrade(raw: Any, where: str) -> dict[str, str]:
+    if isinstance(raw, Mapping) and raw and all(isinstance(v, str) for v in raw.values()):
+        return dict(raw)
+    if isinstance(raw, list) and len(raw) >= 2 and all(isinstance(v, str) for v in raw):
+        return {a: b for a, b in itertools.pairwise(raw)}
+    raise _fail(where, "expected a map { \"from\" = \"to\" } or a chain [\"dearest\", \"…\", \"cheapest\"]; "
+                       f"got {raw!r}")
+
+
+def _rule(raw: Any, index: int, default_tz: str) -> Rule:
+    where = f"budget[{index}]"
+    if not isinstance(raw, Mapping):
+        raise _fail(where, "expected a [[budget]] table")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise _fail(f"{where}.name", f"every budget needs a name, got {name!r}")
+    where = f'budget[{index}] "{name}"'
+    _unknown(raw, BUDGET_KEYS, where)
+    if "usd" not in raw and "tokens" not in raw:
+        raise _fail(where, "a budget needs `usd` and/or `tokens`")
+    if "window" not in raw:
+        raise _fail(f"{where}.window", "missing; expected request, total, day, week, month or a duration")
+    action = cast(Action, _choice(raw.get("action", "block"), f"{where}.action", ACTIONS))
+    per = raw.get("per", "global")
+    if not isinstance(per, str) or not (per in SCOPES or (per.startswith("tag:") and len(per) > 4)):
+        raise _fail(f"{where}.per", f"expected one of {', '.join(SCOPES)} or tag:<name>; got {per!r}")
+    window = parse_window(raw["window"], f"{where}.window")
+    if window.kind == "request" and per != "global":
+        raise _fail(f"{where}.per", "a window = \"request\" budget is per call; `per` does not apply")
+    downgrade = _downgrade(raw["downgrade"], f"{where}.downgrade") if "downgrade" in raw else {}
+    if action == "downgrade" and not downgrade:
+        raise _fail(f"{where}.downgrade", "action = \"downgrade\" needs a downgrade map or chain")
+    if "downgrade" in raw and action != "downgrade":
+        raise _fail(f"{where}.downgrade", f"only used with action = \"downgrade\", not {action!r}")
+    if "min_output" in raw and action != "clamp":
+        raise _fail(f"{where}.min_output", f"only used with action = \"clamp\", not {action!r}")
+    alert_at: tuple[Decimal, ...] = ()
+    if "alert_at" in raw:
+        vals = raw["alert_at"]
+        if not isinstance(vals, list) or not vals:
+            raise _fail(f"{where}.alert_at", f"expected a list of fractions such as [0.5, 0.8, 1.0], got {vals!r}")
+        alert_at = tuple(sorted(parse_usd(v, f"{where}.alert_at[{i}]") for i, v in enumerate(vals)))
+        if any(a <= 0 for a in alert_at):
+            raise _fail(f"{where}.alert_at", f"fractions must be above 0, got {vals!r}")
+    immutable = raw.get("immutable", False)
+    if not isinstance(immutable, bool):
+        raise _fail(f"{where}.immutable", f"expected true or false, got {immutable!r}")
+    return Rule(
+        name=name,
+        window=window,
+        usd=parse_usd(raw["usd"], f"{where}.usd") if "usd" in raw else None,
+        tokens=parse_int(raw["tokens"], f"{where}.tokens") if "tokens" in raw else None,
+        per=per,
+        match=_match(raw["match"], f"{where}.match") if "match" in raw else Match(),
+        action=action,
+        alert_at=alert_at,
+        immutable=immutable,
+        downgrade=downgrade,
+        min_output=parse_int(raw["min_output"], f"{where}.min_output", 1) if "min_output" in raw else 1,
+        timezone=_timezone(raw["timezone"], f"{where}.timezone") if "timezone" in raw else default_tz,
+    )
+
+
+def _tiers(raw: Any) -> Tiers:
+    if not isinstance(raw, Mapping):
+        raise _fail("tiers", f"expected a table of tier = [model globs], got {raw!r}")
+    globs = {k: _strs(v, f"tiers.{k}") for k, v in raw.items() if k != "strict"}
+    if not globs:
+        raise _fail("tiers", "declares no tier")
+    strict = raw.get("strict", list(globs)[-1])
+    if strict not in globs:
+        raise _fail("tiers.strict", f"names no declared tier ({', '.join(globs)}); got {strict!r}")
+    return Tiers(globs, strict)
+
+
+def parse(doc: Mapping[str, Any], source: str = "<policy>") -> Policy:
+    """A policy from a parsed TOML document."""
+    _unknown(doc, TOP_KEYS, "")
+    tz = _timezone(doc["timezone"], "timezone") if "timezone" in doc else "UTC"
+    budgets = doc.get("budget", [])
+    if not isinstance(budgets, list):
+        raise _fail("budget", "expected [[budget]] tables")
+    rules = tuple(_rule(b, i, tz) for i, b in enumerate(budgets))
+    names = [r.name for r in rules]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise _fail(f'budget "{dupes[0]}"', "two budgets share this name; names identify buckets")
+    upstream = doc.get("upstream", {})
+    if not isinstance(upstream, Mapping):
+        raise _fail("upstream", f"expected a table, got {upstream!r}")
+    _unknown(upstream, UPSTREAM_KEYS, "upstream")
+    for k, v in upstream.items():
+        if not isinstance(v, str) or not v.startswith(("http://", "https://")):
+            raise _fail(f"upstream.{k}", f"expected an http(s) URL, got {v!r}")
+    store = doc.get("store")
+    if store is not None and (not isinstance(store, str) or "://" not in store):
+        raise _fail("store", f"expected a store URL such as sqlite:///spend.db, got {store!r}")
+    factor = doc.get("anthropic_token_factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 1):
+        raise _fail("anthropic_token_factor", f"expected a number ≥ 1 (an upward bias), got {factor!r}")
+    return Policy(
+        rules=rules,
+        store=store,
+        unpriced=cast(Any, _choice(doc.get("unpriced", "dearest"), "unpriced", ("dearest", "block"))),
+        on_store_error=cast(Any, _choice(doc.get("on_store_error", "block"), "on_store_error",
+                                         ("block", "allow"))),
+        upstream=dict(upstream),
+        tiers=_tiers(doc["tiers"]) if "tiers" in doc else Tiers(),
+        timezone=tz,
+        hold_ttl_s=parse_duration(doc["hold_ttl"], "hold_ttl") if "hold_ttl" in doc else 600,
+        anthropic_token_factor=float(factor) if factor is not None else None,
+        source=source,
+    )
+
+
+def load(path: str | Path) -> Policy:
+    """Read and validate a policy file; every problem is a :class:`ConfigError` naming its key."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the policy file ({exc.strerror})") from exc
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
+    try:
+        return parse(doc, str(p))
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None

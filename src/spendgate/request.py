@@ -1,0 +1,60 @@
+"""What the engine is asked about: a provider request and who sent it. No HTTP here."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+NONE = "(none)"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a request is counted under. ``key`` is a hash of the credential, never the credential."""
+
+    key: str | None = None
+    user: str | None = None
+    team: str | None = None
+    session: str | None = None
+    agent: str | None = None
+    feature: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def value(self, per: str) -> str:
+        """The scope value a ``per`` rule counts this identity under.
+
+        A request without a session is counted under a session derived from its credentials: a
+        missing header must never let an agent skip its session budget.
+        """
+        if per == "session":
+            if self.session:
+                return self.session
+            return f"key:{self.key}" if self.key else NONE
+        if per.startswith("tag:"):
+            return self.tags.get(per[4:]) or NONE
+        direct = getattr(self, per, None) if per in ("key", "user", "team", "agent", "feature") else None
+        return direct or self.tags.get(per) or NONE
+
+    def dims(self) -> dict[str, str]:
+        """Reporting dimensions: every identity field that is set, tags included."""
+        out = {k: v for k, v in (("key", self.key), ("user", self.user), ("team", self.team),
+                                 ("session", self.value("session")), ("agent", self.agent),
+                                 ("feature", self.feature)) if v}
+        for k, v in self.tags.items():
+            out.setdefault(k, v)
+        return out
+
+
+def hash_key(secret: str) -> str:
+    """A stable, non-reversible id for a provider key (the first 16 hex of its SHA-256)."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    provider: str  # openai | anthropic
+    route: str  # e.g. /v1/chat/completions
+    body: Mapping[str, Any]
+    identity: Identity = field(default_factory=Identity)
