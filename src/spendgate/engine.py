@@ -86,6 +86,8 @@ class Decision:
     dims: Mapping[str, str] = field(default_factory=dict)
     #: the clock the decision was made on (simulated in replays)
     at: float = 0.0
+    #: rules whose remedy (downgrade, clamp) or approval shaped this decision, in order
+    applied: tuple[str, ...] = ()
 
     @property
     def retryable(self) -> bool:
@@ -181,7 +183,7 @@ class Engine:
         did = secrets.token_hex(8)
         if (request.provider, request.route) in FREE_ROUTES:
             return Decision(did, "allow", True, None, request.body, message="free route")
-        est = self.estimator.estimate(request.provider, request.route, request.body)
+        est = self._estimate(request, request.body)
         original = est
         body: dict[str, Any] = dict(request.body)
         edits: dict[str, Any] = {}
@@ -189,6 +191,7 @@ class Engine:
         bypass: set[str] = set()  # rule names an approval lets through once
         dims = request.identity.dims()
         dims["route"] = request.route
+        applied: list[str] = []
         for _ in range(MAX_REMEDIES):
             tier = self.policy.tiers.tier_of(est.model)
             rules = [r for r in self._rules
@@ -213,7 +216,7 @@ class Engine:
                                                  "clamp" if edits else "allow")
                 return Decision(did, action, True, est, body, edits, hold_id, None,
                                 _tightest(states), tuple(alerts), tuple(notes),
-                                self._allow_message(est, alerts), original, dims, now)
+                                self._allow_message(est, alerts), original, dims, now, tuple(applied))
             trip = self._worst(trips)
             # an immutable hold could never be approved: it is a block
             act = "block" if trip.rule.immutable and trip.rule.action == "hold" else trip.rule.action
@@ -221,13 +224,15 @@ class Engine:
                 notes.append(f"{trip.rule.name} approved by {approval.by}" + (
                     f" with ${approval.max_usd} headroom" if approval.max_usd is not None else " once"))
                 approval = None  # one approval answers one hold
+                applied.append(trip.rule.name)
                 continue
             if act == "downgrade":
                 cheaper = self._downgrade_target(trip.rule, est)
                 if cheaper is not None:
                     body["model"] = cheaper
                     edits["model"] = cheaper
-                    est = self.estimator.estimate(request.provider, request.route, body)
+                    est = self._estimate(request, body)
+                    applied.append(trip.rule.name)
                     continue
                 notes.append(f"{trip.rule.name}: no cheaper model for {est.model}; refused")
                 act = "block"
@@ -238,11 +243,18 @@ class Engine:
                     body[field_name] = fitted
                     edits[field_name] = fitted
                     est = self.estimator.with_output(est, fitted)
+                    applied.append(trip.rule.name)
                     continue
                 notes.append(f"{trip.rule.name}: fewer than {trip.rule.min_output} output tokens fit; refused")
                 act = "block"
             return self._refusal(did, act, est, body, trip, states, notes, original, dims, now)
         raise RuntimeError("policy remedies did not converge")  # pragma: no cover - bounded chains
+
+    def _estimate(self, request: Request, body: Mapping[str, Any]) -> Estimate:
+        if request.shape is None:
+            return self.estimator.estimate(request.provider, request.route, body)
+        shape = replace(request.shape, model=str(body.get("model", request.shape.model)))
+        return self.estimator.price(request.provider, request.route, shape)
 
     def _request_trips(self, rules: Sequence[Rule], est: Estimate,
                        bypass: set[str]) -> tuple[list[Trip], list[str]]:

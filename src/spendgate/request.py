@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from spendgate.estimate.shape import TokenShape
+
 NONE = "(none)"
 
 
@@ -58,3 +60,5 @@ class Request:
     route: str  # e.g. /v1/chat/completions
     body: Mapping[str, Any]
     identity: Identity = field(default_factory=Identity)
+    #: token counts already known (a replayed trace, an SDK estimate): skips parsing ``body``
+    shape: TokenShape | None = None

@@ -1,0 +1,1 @@
+"""The ``spendgate`` command line."""

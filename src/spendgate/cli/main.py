@@ -1,0 +1,339 @@
+"""``spendgate`` — subcommands over the engine. Every command that prints data takes ``--json``.
+
+Settings come from flags first, then the environment (``SPENDGATE_STORE``, ``SPENDGATE_CONFIG``,
+``SPENDGATE_HOME``), then the policy file, then the embedded defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spendgate import ledger
+from spendgate.cli.output import Progress, bar, emit_json, table
+from spendgate.errors import BadRequest, ConfigError, SpendgateError
+from spendgate.money import fmt_usd, nanos_to_usd
+from spendgate.policy import Policy, default_policy, load
+from spendgate.pricing.table import PriceTable
+
+
+def home() -> Path:
+    return Path(os.environ.get("SPENDGATE_HOME", "~/.spendgate")).expanduser()
+
+
+@dataclass
+class Context:
+    """What a command runs against, resolved once from flags, environment and policy."""
+
+    policy: Policy
+    store_url: str
+    prices: PriceTable
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, policy_flag: str = "config") -> Context:
+        path = getattr(args, policy_flag, None) or os.environ.get("SPENDGATE_CONFIG")
+        policy = load(path) if path else default_policy()
+        store = args.store or os.environ.get("SPENDGATE_STORE") or policy.store or ledger.DEFAULT_URL
+        prices = PriceTable.bundled().with_overrides(home() / "prices.json")
+        return cls(policy, store, prices)
+
+
+# -- prices -----------------------------------------------------------------------------------
+
+def cmd_prices_show(args: argparse.Namespace) -> int:
+    ctx = Context.from_args(args)
+    res = ctx.prices.resolve(args.model, args.provider)
+    if res is None:
+        dear = ctx.prices.dearest(args.provider)
+        doc = {"model": args.model, "known": False, "unpriced_policy": ctx.policy.unpriced,
+               "charged_as": f"{dear.provider}/{dear.model}" if ctx.policy.unpriced == "dearest" else None,
+               "rates_usd_per_mtok": dear.rates_json() if ctx.policy.unpriced == "dearest" else None}
+        if args.json:
+            emit_json(doc)
+        else:
+            msg = (f"charged as the dearest known model, {dear.provider}/{dear.model}"
+                   if ctx.policy.unpriced == "dearest" else "refused (unpriced = \"block\")")
+            print(f"{args.model}: no price known; {msg}.")
+        return 1
+    p = res.price
+    doc = {"model": args.model, "known": True, "resolved": f"{p.provider}/{p.model}", "how": res.how,
+           "rates_usd_per_mtok": p.rates_json(), "max_output": p.max_output,
+           "context_window": p.context_window, "source": p.source, "price_since": p.since,
+           "table_built": ctx.prices.built, "warning": ctx.prices.stale_warning()}
+    if args.json:
+        emit_json(doc)
+        return 0
+    print(f"{args.model} -> {p.provider}/{p.model} ({res.how})")
+    rows = []
+    for name, rate in p.rates_json().items():
+        if isinstance(rate, dict):
+            tiers = ", ".join(f"${t[1]} above {int(t[0]):,} tokens" for t in rate["tiers"])
+            rows.append((name, f"${rate['base']}", tiers))
+        else:
+            rows.append((name, f"${rate}", ""))
+    table(("rate", "USD / Mtok", "tiers"), rows)
+    print(f"max output: {p.max_output or 'unknown (bounded by the context window)'}; "
+          f"context window: {p.context_window or 'unknown'}")
+    print(f"source: {p.source}" + (f", price since {p.since}" if p.since else "") +
+          f"; table built {ctx.prices.built}")
+    if doc["warning"]:
+        print(f"warning: {doc['warning']}")
+    return 0
+
+
+def cmd_prices_update(args: argparse.Namespace) -> int:
+    from spendgate.pricing.litellm import import_file
+
+    dest = home() / "prices.json"
+    n, skipped = import_file(Path(args.source), dest)
+    doc = {"imported": n, "skipped": len(skipped), "skipped_examples": skipped[:10], "path": str(dest)}
+    if args.json:
+        emit_json(doc)
+    else:
+        print(f"imported {n} model prices into {dest}; {len(skipped)} entries skipped (no complete price)")
+    return 0
+
+
+# -- estimate ---------------------------------------------------------------------------------
+
+def _infer_route(body: dict[str, Any], prices: PriceTable) -> tuple[str, str]:
+    model = str(body.get("model", ""))
+    res = prices.resolve(model)
+    if "messages" in body and res is not None and res.price.provider == "anthropic":
+        return "anthropic", "/v1/messages"
+    if "messages" in body:
+        return "openai", "/v1/chat/completions"
+    if "prompt" in body:
+        return "openai", "/v1/completions"
+    if "input" in body and "embedding" in model:
+        return "openai", "/v1/embeddings"
+    return "openai", "/v1/responses"
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from spendgate.estimate import ROUTES, Estimator
+
+    ctx = Context.from_args(args)
+    try:
+        body = json.loads(Path(args.file).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{args.file}: cannot read ({exc.strerror})") from exc
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"{args.file}: not JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(body, dict):
+        raise BadRequest(f"{args.file}: expected a JSON object (a request body)")
+    provider, route = _infer_route(body, ctx.prices)
+    if args.route:
+        matches = [k for k in ROUTES if k[1] == args.route and (args.provider in (None, k[0]))]
+        if not matches:
+            raise ConfigError(f"--route {args.route}: not a priced route; known: "
+                              + ", ".join(sorted({r for _, r in ROUTES})))
+        provider, route = matches[0]
+    elif args.provider:
+        provider = args.provider
+        route = "/v1/messages" if provider == "anthropic" else route
+    kwargs = {"anthropic_factor": ctx.policy.anthropic_token_factor} if ctx.policy.anthropic_token_factor else {}
+    est = Estimator(ctx.prices, ctx.policy.unpriced, **kwargs).estimate(provider, route, body)
+    doc = {"provider": provider, "route": route, "model": est.model,
+           "priced_as": f"{est.price.price.provider}/{est.price.price.model}", "how": est.price.how,
+           "input_tokens": est.input_tokens, "input_exact": est.shape.exact,
+           "output_tokens": est.output_tokens, "output_bound": est.output_bound_from,
+           "cache_write": est.shape.cache_write, "worst_case_usd": str(nanos_to_usd(est.cost_nanos)),
+           "warning": est.price.warning}
+    if args.json:
+        emit_json(doc)
+    else:
+        print(est.describe())
+        if est.price.warning:
+            print(f"warning: {est.price.warning}")
+    return 0
+
+
+# -- config -----------------------------------------------------------------------------------
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    policy = load(args.file)
+    doc = {"ok": True, "file": args.file, "budgets": [
+        {"name": r.name, "usd": str(r.usd) if r.usd is not None else None, "tokens": r.tokens,
+         "window": r.window.text, "per": r.per, "action": r.action, "immutable": r.immutable}
+        for r in policy.rules]}
+    if args.json:
+        emit_json(doc)
+    else:
+        print(f"{args.file}: OK, {len(policy.rules)} budget(s)")
+        table(("name", "limit", "window", "per", "action"),
+              [(r.name, " / ".join(x for x in (f"${r.usd}" if r.usd is not None else "",
+                                                f"{r.tokens:,} tokens" if r.tokens is not None else "") if x),
+                r.window.text, r.per, r.action + (" (immutable)" if r.immutable else ""))
+               for r in policy.rules])
+    return 0
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from spendgate.replay import read_trace, replay
+
+    ctx = Context.from_args(args, policy_flag="policy")
+    path = Path(args.trace)
+    total = sum(1 for line in path.open() if line.strip()) if path.exists() else 0
+    result = replay(read_trace(path, ctx.prices), ctx.policy, ctx.prices, approve=args.approve,
+                    persist=args.persist, progress=Progress(total, "replaying") if total > 1000 else None)
+    if args.chart:
+        from spendgate.chart import write_chart
+
+        write_chart(result, Path(args.chart))
+    if args.json:
+        emit_json(result.as_dict())
+        return 0
+    doc = result.as_dict()
+    print(f"{result.requests} requests: {result.forwarded} forwarded, {result.refused} refused "
+          f"under {ctx.policy.source}")
+    table(("", "USD"), [("total (no guard)", fmt_usd(result.total_nanos)),
+                        ("forwarded", fmt_usd(result.forwarded_nanos)),
+                        ("refused", fmt_usd(result.refused_nanos)),
+                        ("reduction", f"{result.reduction:.1%}")])
+    if doc["rules"]:
+        print()
+        table(("rule", "action", "fired"), [(r["rule"], r["action"], r["count"]) for r in doc["rules"]])
+        first = result.firings[0]
+        print(f"\nfirst firing: {first.as_dict()['timestamp']} {first.rule} ({first.action}) "
+              f"session {first.session}: {first.detail}")
+    return 0
+
+
+# -- status and report ------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from spendgate.report import status
+
+    ctx = Context.from_args(args)
+    store = ledger.open(ctx.store_url)
+    try:
+        rows = status(store)
+    finally:
+        store.close()
+    docs = []
+    for b, st in rows:
+        limit = (st.limit or 0) + st.granted if st.limit is not None else None
+        money = b.unit == "usd"
+
+        def fmt(n: int, money: bool = money) -> str:
+            return fmt_usd(n) if money else f"{n:,} tok"
+
+        docs.append({"bucket": b.key, "unit": b.unit,
+                     "spent": str(nanos_to_usd(st.spent)) if money else st.spent,
+                     "held": str(nanos_to_usd(st.held)) if money else st.held,
+                     "limit": (str(nanos_to_usd(limit)) if money else limit) if limit is not None else None,
+                     "granted": str(nanos_to_usd(st.granted)) if money else st.granted,
+                     "_row": (b.key, fmt(st.spent), fmt(st.held), fmt(limit) if limit is not None else "-",
+                              bar(st.used / limit) if limit else "")})
+    if args.json:
+        emit_json({"store": ctx.store_url, "buckets": [{k: v for k, v in d.items() if k != "_row"}
+                                                       for d in docs]})
+    elif not docs:
+        print(f"no budgets have been used yet in {ctx.store_url}")
+    else:
+        table(("bucket", "spent", "held", "limit", "use"), [d["_row"] for d in docs])
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from spendgate.report import report
+
+    ctx = Context.from_args(args)
+    by = [f.strip() for f in args.by.split(",") if f.strip()]
+    if not by:
+        raise ConfigError("--by: name at least one field, such as user,model")
+    store = ledger.open(ctx.store_url)
+    try:
+        rows = report(store, by, args.since)
+    finally:
+        store.close()
+    if args.json:
+        emit_json({"since": args.since, "by": by, "rows": [r.as_dict(by) for r in rows],
+                   "total_usd": str(nanos_to_usd(sum(r.cost for r in rows)))})
+        return 0
+    if not rows:
+        print(f"no spend in the last {args.since}")
+        return 0
+    table((*by, "requests", "spent", "in tok", "out tok", "estimated"),
+          [(*r.group, r.requests, fmt_usd(r.cost), f"{r.input_tokens:,}", f"{r.output_tokens:,}",
+            r.estimated or "") for r in rows])
+    print(f"total {fmt_usd(sum(r.cost for r in rows))} since {time.strftime('%Y-%m-%d %H:%M', time.localtime())}"
+          f" minus {args.since}")
+    return 0
+
+
+# -- wiring -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", help="store URL (memory://, sqlite:///path); env SPENDGATE_STORE")
+    common.add_argument("--config", help="policy file (spendgate.toml); env SPENDGATE_CONFIG")
+    common.add_argument("--json", action="store_true", help="print one JSON document")
+    p = argparse.ArgumentParser(prog="spendgate", description="A pre-send spend guard for LLM API calls.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prices = sub.add_parser("prices", help="show or import model prices")
+    psub = prices.add_subparsers(dest="prices_command", required=True, metavar="ACTION")
+    show = psub.add_parser("show", parents=[common], help="a model's rates and where they came from")
+    show.add_argument("model")
+    show.add_argument("--provider", help="search this provider first (openai, anthropic, google, …)")
+    show.set_defaults(func=cmd_prices_show)
+    upd = psub.add_parser("update", parents=[common], help="import a LiteLLM-format price JSON")
+    upd.add_argument("--from", dest="source", required=True, metavar="FILE")
+    upd.set_defaults(func=cmd_prices_update)
+
+    est = sub.add_parser("estimate", parents=[common], help="price a request body's worst case")
+    est.add_argument("file", metavar="FILE.json")
+    est.add_argument("--provider", choices=("openai", "anthropic"))
+    est.add_argument("--route", help="e.g. /v1/chat/completions (inferred from the body when absent)")
+    est.set_defaults(func=cmd_estimate)
+
+    cfg = sub.add_parser("config", help="validate a policy file")
+    csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    chk = csub.add_parser("check", parents=[common], help="validate without starting anything")
+    chk.add_argument("file")
+    chk.set_defaults(func=cmd_config_check)
+
+    rep = sub.add_parser("replay", parents=[common], help="what a policy would have saved on a trace")
+    rep.add_argument("trace")
+    rep.add_argument("--policy", help="policy file to judge the trace by (default: the built-in one)")
+    rep.add_argument("--approve", action="store_true", help="answer every hold yes (once)")
+    rep.add_argument("--persist", action="store_true",
+                     help="a refused session keeps sending (default: a 'no' ends the session)")
+    rep.add_argument("--chart", metavar="OUT.html", help="write cumulative spend with and without the guard")
+    rep.set_defaults(func=cmd_replay)
+
+    st = sub.add_parser("status", parents=[common], help="every budget: spent, held, limit")
+    st.set_defaults(func=cmd_status)
+    rp = sub.add_parser("report", parents=[common], help="spend grouped by fields")
+    rp.add_argument("--by", default="model", help="comma-separated: user, team, session, model, feature, …")
+    rp.add_argument("--since", default="24h", help="a duration such as 1h, 24h, 7d")
+    rp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"spendgate: error: {exc}", file=sys.stderr)
+        return 2
+    except SpendgateError as exc:
+        print(f"spendgate: error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

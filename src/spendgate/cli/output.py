@@ -1,0 +1,49 @@
+"""Printing for the CLI: aligned tables, budget bars, one JSON document, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any, TextIO
+
+
+def emit_json(doc: Any, out: TextIO = sys.stdout) -> None:
+    json.dump(doc, out, indent=2, default=lambda o: str(o) if isinstance(o, Decimal) else repr(o))
+    out.write("\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO = sys.stdout) -> None:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, r in enumerate(cells):
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+        if n == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    f = max(0.0, min(fraction, 1.0))
+    full = round(f * width)
+    return "[" + "#" * full + "." * (width - full) + "]" + ("!" if fraction > 1 else "")
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only for a person (a TTY) and at most 10×/s."""
+
+    def __init__(self, total: int, label: str, out: TextIO = sys.stderr) -> None:
+        self.total, self.label, self.out = total, label, out
+        self.enabled = out.isatty() and total > 0
+        self._last = 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.1 and done < self.total):
+            return
+        self._last = now
+        self.out.write(f"\r{self.label} {bar(done / self.total, 30)} {done}/{self.total}")
+        if done >= self.total:
+            self.out.write("\n")
+        self.out.flush()

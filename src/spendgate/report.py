@@ -1,0 +1,56 @@
+"""Where the money went: spend events grouped by any dimension, and budget states for status."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from spendgate.ledger import Bucket, BucketState, Ledger
+from spendgate.money import nanos_to_usd
+from spendgate.policy.parse import parse_duration
+
+#: Fields of an event that are not in its ``dims``.
+EVENT_FIELDS = ("model", "provider", "kind")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    group: tuple[str, ...]
+    requests: int
+    cost: int
+    input_tokens: int
+    output_tokens: int
+    estimated: int
+
+    def as_dict(self, by: Sequence[str]) -> dict[str, Any]:
+        d: dict[str, Any] = dict(zip(by, self.group, strict=True))
+        d.update(requests=self.requests, usd=str(nanos_to_usd(self.cost)), input_tokens=self.input_tokens,
+                 output_tokens=self.output_tokens, estimated=self.estimated)
+        return d
+
+
+def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: float | None = None) -> list[Row]:
+    """Spend since ``since`` (a duration such as 7d, or epoch seconds) grouped by ``by``, dearest first."""
+    now = time.time() if now is None else now
+    start = now - parse_duration(since, "--since") if isinstance(since, str) else since
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for e in store.events(start):
+        key = tuple(str(getattr(e, f)) if f in EVENT_FIELDS else e.dims.get(f, "(none)") for f in by)
+        g = groups.setdefault(key, [0, 0, 0, 0, 0])
+        g[0] += 1
+        g[1] += e.cost
+        g[2] += e.input_tokens
+        g[3] += e.output_tokens
+        g[4] += int(e.estimated)
+    rows = [Row(k, *v) for k, v in groups.items()]
+    return sorted(rows, key=lambda r: (-r.cost, r.group))
+
+
+def status(store: Ledger, now: float | None = None) -> list[tuple[Bucket, BucketState]]:
+    """Every known bucket with its current state; spent calendar periods of the past are kept
+    in the store but shown only while they are current (their key carries the period)."""
+    now = time.time() if now is None else now
+    buckets = store.known_buckets()
+    return list(zip(buckets, store.states(buckets, now=now), strict=True))
