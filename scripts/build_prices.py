@@ -122,7 +122,8 @@ def _max_output(litellm: dict[str, Any], provider: str, ids: list[str]) -> int |
             if isinstance(entry, dict) and isinstance(entry.get("max_output_tokens"), int):
                 return int(entry["max_output_tokens"])
     # LiteLLM often lists only the dated snapshot (claude-opus-4-1-20250805): take the largest.
-    dated = re.compile(r"^(?:[\w-]+/)?(?:%s)-\d{8}$" % "|".join(re.escape(i) for i in ids))
+    alternatives = "|".join(re.escape(i) for i in ids)
+    dated = re.compile(rf"^(?:[\w-]+/)?(?:{alternatives})-\d{{8}}$")
     found = [int(v["max_output_tokens"]) for k, v in litellm.items()
              if dated.match(k) and isinstance(v, dict) and isinstance(v.get("max_output_tokens"), int)]
     return max(found) if found else None

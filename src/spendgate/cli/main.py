@@ -220,7 +220,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = status(store)
     finally:
         store.close()
-    docs = []
+    docs: list[dict[str, Any]] = []
+    rows_out: list[tuple[str, ...]] = []
     for b, st in rows:
         limit = (st.limit or 0) + st.granted if st.limit is not None else None
         money = b.unit == "usd"
@@ -228,20 +229,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         def fmt(n: int, money: bool = money) -> str:
             return fmt_usd(n) if money else f"{n:,} tok"
 
+        rows_out.append((b.key, fmt(st.spent), fmt(st.held), fmt(limit) if limit is not None else "-",
+                         bar(st.used / limit) if limit else ""))
         docs.append({"bucket": b.key, "unit": b.unit,
                      "spent": str(nanos_to_usd(st.spent)) if money else st.spent,
                      "held": str(nanos_to_usd(st.held)) if money else st.held,
                      "limit": (str(nanos_to_usd(limit)) if money else limit) if limit is not None else None,
-                     "granted": str(nanos_to_usd(st.granted)) if money else st.granted,
-                     "_row": (b.key, fmt(st.spent), fmt(st.held), fmt(limit) if limit is not None else "-",
-                              bar(st.used / limit) if limit else "")})
+                     "granted": str(nanos_to_usd(st.granted)) if money else st.granted})
     if args.json:
-        emit_json({"store": ctx.store_url, "buckets": [{k: v for k, v in d.items() if k != "_row"}
-                                                       for d in docs]})
+        emit_json({"store": ctx.store_url, "buckets": docs})
     elif not docs:
         print(f"no budgets have been used yet in {ctx.store_url}")
     else:
-        table(("bucket", "spent", "held", "limit", "use"), [d["_row"] for d in docs])
+        table(("bucket", "spent", "held", "limit", "use"), rows_out)
     return 0
 
 

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spendgate import ledger as ledger_mod
+from spendgate.ledger import Ledger
+
+BACKENDS = ["memory", "sqlite"]
+
+
+def store_url(kind: str, tmp_path: Path) -> str:
+    if kind == "memory":
+        return "memory://"
+    return f"sqlite:///{tmp_path / 'spend.db'}"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One ledger contract, run against every backend."""
+    return store_url(request.param, tmp_path)
+
+
+@pytest.fixture
+def store(backend_url: str) -> Iterator[Ledger]:
+    led = ledger_mod.open(backend_url)
+    yield led
+    led.close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never read or write the developer's real ~/.spendgate."""
+    monkeypatch.setenv("SPENDGATE_HOME", str(tmp_path / "home"))
+    for var in ("SPENDGATE_STORE", "SPENDGATE_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+
+
+class NetworkBlocked(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a socket fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise NetworkBlocked(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
