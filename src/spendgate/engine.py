@@ -189,6 +189,7 @@ class Engine:
         edits: dict[str, Any] = {}
         notes = [est.price.warning] if est.price.warning else []
         bypass: set[str] = set()  # rule names an approval lets through once
+        granted: set[str] = set()  # buckets an approval gave headroom to
         dims = request.identity.dims()
         dims["route"] = request.route
         applied: list[str] = []
@@ -220,10 +221,9 @@ class Engine:
             trip = self._worst(trips)
             # an immutable hold could never be approved: it is a block
             act = "block" if trip.rule.immutable and trip.rule.action == "hold" else trip.rule.action
-            if act == "hold" and approval is not None and self._approve(approval, trip, now, bypass):
+            if act == "hold" and approval is not None and self._approve(approval, trip, now, bypass, granted):
                 notes.append(f"{trip.rule.name} approved by {approval.by}" + (
                     f" with ${approval.max_usd} headroom" if approval.max_usd is not None else " once"))
-                approval = None  # one approval answers one hold
                 applied.append(trip.rule.name)
                 continue
             if act == "downgrade":
@@ -312,7 +312,7 @@ class Engine:
     def _worst(trips: Sequence[Trip]) -> Trip:
         return max(trips, key=lambda t: (t.rule.immutable, SEVERITY[t.rule.action]))
 
-    def _approve(self, approval: Approval, trip: Trip, now: float, bypass: set[str]) -> bool:
+    def _approve(self, approval: Approval, trip: Trip, now: float, bypass: set[str], granted: set[str]) -> bool:
         """Apply a person's yes to a hold: once, or as ``max_usd`` of headroom on the bucket
         (so the next requests are not held again). False when the approval does not cover it."""
         if approval.max_usd is None or trip.unit != "usd":
@@ -324,6 +324,9 @@ class Engine:
                 return False
             bypass.add(trip.rule.name)
             return True
+        if trip.bucket.key in granted:
+            return False  # headroom already granted for this request and still not enough
+        granted.add(trip.bucket.key)
         w = trip.rule.window
         until = (now + w.seconds if w.kind == "rolling"
                  else trip.resets_at if trip.resets_at is not None else math.inf)
