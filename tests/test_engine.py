@@ -102,6 +102,7 @@ def test_approval_with_max_grants_headroom_so_the_session_is_not_asked_again(mak
     usage = Usage(input=600, output=15_000)
     cost = usd_to_nanos(Decimal("0.378"))
     n, held, now = run_until_refused(e, opus(), usage)
+    assert held.action == "hold"
     d = e.decide(opus(), now=now, approval=Approval(max_usd=Decimal(5), by="alice"))
     assert d.allowed
     e.capture(d, usage, now=now)

@@ -174,6 +174,7 @@ class Engine:
         self.estimator = estimator
         # immutable rules are weighed first (SPEC §3)
         self._rules = sorted(policy.rules, key=lambda r: not r.immutable)
+        self._usd_limit = {r.name: usd_to_nanos(r.usd) for r in policy.rules if r.usd is not None}
 
     # -- deciding -----------------------------------------------------------------------------
 
@@ -263,8 +264,8 @@ class Engine:
             if r.window.kind != "request" or r.name in bypass:
                 continue
             found = []
-            if r.usd is not None and est.cost_nanos > usd_to_nanos(r.usd):
-                found.append(Trip(r, "usd", usd_to_nanos(r.usd), 0, est.cost_nanos))
+            if r.usd is not None and est.cost_nanos > self._usd_limit[r.name]:
+                found.append(Trip(r, "usd", self._usd_limit[r.name], 0, est.cost_nanos))
             if r.tokens is not None and est.tokens > r.tokens:
                 found.append(Trip(r, "tokens", r.tokens, 0, est.tokens))
             if found and r.action == "alert":
@@ -291,10 +292,11 @@ class Engine:
             elif w.kind == "rolling":
                 window_s = w.seconds
             enforce = r.action != "alert" and r.name not in bypass
-            for unit, limit, amount in (("usd", r.usd, est.cost_nanos), ("tokens", r.tokens, est.tokens)):
+            for unit, limit, amount in (("usd", self._usd_limit.get(r.name), est.cost_nanos),
+                                        ("tokens", r.tokens, est.tokens)):
                 if limit is None:
                     continue
-                lim = usd_to_nanos(limit) if unit == "usd" else int(limit)
+                lim = int(limit)
                 k = key if unit == "usd" else f"{key}#tokens"
                 lines.append(Line(Bucket(k, lim if enforce else None, window_s, unit), amount))  # type: ignore[arg-type]
                 owners[k] = (r, scope, resets)

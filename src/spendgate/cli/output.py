@@ -10,12 +10,14 @@ from decimal import Decimal
 from typing import Any, TextIO
 
 
-def emit_json(doc: Any, out: TextIO = sys.stdout) -> None:
+def emit_json(doc: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     json.dump(doc, out, indent=2, default=lambda o: str(o) if isinstance(o, Decimal) else repr(o))
     out.write("\n")
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO = sys.stdout) -> None:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, r in enumerate(cells):
@@ -33,9 +35,10 @@ def bar(fraction: float, width: int = 20) -> str:
 class Progress:
     """A one-line progress bar on stderr, drawn only for a person (a TTY) and at most 10×/s."""
 
-    def __init__(self, total: int, label: str, out: TextIO = sys.stderr) -> None:
-        self.total, self.label, self.out = total, label, out
-        self.enabled = out.isatty() and total > 0
+    def __init__(self, total: int, label: str, out: TextIO | None = None) -> None:
+        self.total, self.label = total, label
+        self.out: TextIO = out or sys.stderr
+        self.enabled = self.out.isatty() and total > 0
         self._last = 0.0
 
     def __call__(self, done: int) -> None:
