@@ -19,7 +19,7 @@ from spendgate.estimate.shape import TokenShape, dumps, optional_int, require_li
 from spendgate.estimate.tokens import TokenCounter, counter
 
 #: Claude tokens per o200k token, biased upward (README: "Anthropic input estimates").
-DEFAULT_FACTOR = 1.35
+DEFAULT_FACTOR = 1.7
 PER_MESSAGE = 4
 #: The system prompt Anthropic adds when tools are present (its documented maximum for Claude 4).
 TOOL_SYSTEM_PROMPT = 346
