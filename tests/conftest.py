@@ -43,14 +43,16 @@ class NetworkBlocked(AssertionError):
     pass
 
 
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a socket fails the test."""
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise NetworkBlocked(f"network access attempted: {args!r}")
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise NetworkBlocked(f"network access attempted: {args!r}")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+@pytest.fixture(scope="module")
+def no_network() -> Iterator[None]:
+    """Any attempt to open a socket fails the test (module-wide, so property tests are covered)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _refuse)
+        mp.setattr(socket.socket, "connect_ex", _refuse)
+        mp.setattr(socket, "create_connection", _refuse)
+        mp.setattr(socket, "getaddrinfo", _refuse)
+        yield

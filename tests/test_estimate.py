@@ -14,6 +14,9 @@ from spendgate.estimate import Estimator, anthropic, openai
 from spendgate.estimate.tokens import TokenCounter, encoding
 from spendgate.pricing import PriceTable
 
+# every test of counting runs with sockets blocked
+pytestmark = pytest.mark.usefixtures("no_network")
+
 EST = Estimator(PriceTable.bundled())
 
 # The OpenAI cookbook's examples ("How to count tokens with tiktoken"), with the prompt_tokens the
@@ -43,7 +46,6 @@ WEATHER_MESSAGES = [
 ]
 
 
-@pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize(("model", "body", "true_count"), [
     ("gpt-4o", {"messages": COOKBOOK_MESSAGES}, 124),
     ("gpt-4o-mini", {"messages": COOKBOOK_MESSAGES}, 124),
@@ -56,7 +58,6 @@ def test_openai_chat_input_within_one_percent_of_the_api_count(model: str, body:
     assert abs(shape.input_tokens - true_count) <= true_count * 0.01
 
 
-@pytest.mark.usefixtures("no_network")
 def test_encodings_load_offline_and_count_special_tokens_as_text() -> None:
     enc = encoding("o200k_base")
     assert enc.encode_ordinary("hello world") == [24912, 2375]
@@ -200,3 +201,31 @@ def test_random_conversations_count_the_same_as_a_direct_encoding() -> None:
                 for _ in range(rng.randint(1, 6))]
         direct = 3 + sum(3 + len(enc.encode_ordinary(m["role"])) + len(enc.encode_ordinary(m["content"])) for m in msgs)
         assert openai.chat({"model": "gpt-4o", "messages": msgs}).input_tokens == direct
+
+
+def test_a_fresh_process_counts_with_the_network_blocked_and_no_tiktoken_cache(tmp_path: object) -> None:
+    """Nothing cached in-process, no TIKTOKEN cache on disk: the vocabularies come from the wheel."""
+    import subprocess
+    import sys
+
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise SystemExit('network access attempted')\n"
+        "socket.socket.connect = refuse; socket.create_connection = refuse; socket.getaddrinfo = refuse\n"
+        "from spendgate.estimate.tokens import encoding\n"
+        "assert encoding('o200k_base').encode_ordinary('hello world') == [24912, 2375]\n"
+        "assert encoding('cl100k_base').encode_ordinary('hello world') == [15339, 1917]\n"
+        "print('ok')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "TIKTOKEN_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_sockets_really_are_blocked_in_this_module() -> None:
+    import socket
+
+    from tests.conftest import NetworkBlocked
+
+    with pytest.raises(NetworkBlocked):
+        socket.create_connection(("127.0.0.1", 9))

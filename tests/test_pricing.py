@@ -15,6 +15,9 @@ from spendgate.pricing import PriceTable
 from spendgate.pricing.cost import Usage, usage_nanos, worst_case_nanos
 from spendgate.pricing.litellm import import_file
 
+# every test of counting and pricing runs with sockets blocked
+pytestmark = pytest.mark.usefixtures("no_network")
+
 TABLE = PriceTable.bundled()
 
 
