@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -10,6 +12,7 @@ from spendgate import ledger as ledger_mod
 from spendgate.ledger import Ledger
 
 BACKENDS = ["memory", "sqlite"]
+T = TypeVar("T")
 
 
 def store_url(kind: str, tmp_path: Path) -> str:
@@ -37,6 +40,26 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPENDGATE_HOME", str(tmp_path / "home"))
     for var in ("SPENDGATE_STORE", "SPENDGATE_CONFIG"):
         monkeypatch.delenv(var, raising=False)
+
+
+def race(n: int, fn: Callable[[], T]) -> list[T]:
+    """Run ``fn`` on ``n`` threads released at the same instant; their results, in no order."""
+    start = threading.Barrier(n)
+    results: list[T] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        start.wait()
+        r = fn()
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 class NetworkBlocked(AssertionError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -15,6 +14,7 @@ from spendgate.money import usd_to_nanos
 from spendgate.policy import default_policy, parse
 from spendgate.pricing.cost import Usage
 from spendgate.request import Identity, Request
+from tests.conftest import race
 
 T0 = 1_800_000_000.0
 CHAT = "/v1/chat/completions"
@@ -269,17 +269,5 @@ def test_64_threads_through_the_engine_admit_exactly_n(make: Any, n_fit: int) ->
     e.release(worst, now=T0)
     cost = worst.estimate.cost_nanos
     e2 = make({"budget": [{"name": "g2", "usd": str(Decimal(cost * n_fit + cost // 2) / 10**9), "window": "day"}]})
-    barrier = threading.Barrier(64)
-    allowed = []
-
-    def go() -> None:
-        barrier.wait()
-        if e2.decide(chat(max_tokens=1000), now=T0).allowed:
-            allowed.append(1)
-
-    threads = [threading.Thread(target=go) for _ in range(64)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(allowed) == n_fit
+    results = race(64, lambda: e2.decide(chat(max_tokens=1000), now=T0).allowed)
+    assert results.count(True) == n_fit

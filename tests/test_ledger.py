@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 from hypothesis import settings
@@ -13,6 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from spendgate import ledger
 from spendgate.errors import StoreError
 from spendgate.ledger import Bucket, Event, Ledger, Line
+from tests.conftest import race
 
 T0 = 1_800_000_000.0
 
@@ -157,23 +157,8 @@ def test_sqlite_store_that_cannot_be_opened_says_where(tmp_path: object) -> None
 def test_64_threads_admit_exactly_the_holds_that_fit(store: Ledger, n_fit: int) -> None:
     worst = 7_000_000  # $0.007 each
     bucket = Bucket("global", worst * n_fit + worst // 2)
-    start = threading.Barrier(64)
-    admitted: list[str] = []
-    lock = threading.Lock()
-
-    def worker() -> None:
-        start.wait()
-        auth = store.authorize([Line(bucket, worst)], now=T0, ttl=60)
-        if auth.ok:
-            with lock:
-                admitted.append(auth.hold_id or "")
-
-    threads = [threading.Thread(target=worker) for _ in range(64)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(admitted) == n_fit
+    results = race(64, lambda: store.authorize([Line(bucket, worst)], now=T0, ttl=60).ok)
+    assert results.count(True) == n_fit
     [s] = store.states([bucket], now=T0)
     assert s.held == worst * n_fit and s.spent == 0
 

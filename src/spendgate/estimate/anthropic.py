@@ -55,13 +55,9 @@ def _block_tokens(tc: TokenCounter, block: Any) -> tuple[int, int]:
         return tc.count(f"{block.get('name', '')}{dumps(block.get('input', {}))}"), 0
     if kind == "tool_result":
         content = block.get("content")
-        if isinstance(content, list):
-            scaled = fixed = 0
-            for inner in content:
-                s, f = _block_tokens(tc, inner)
-                scaled, fixed = scaled + s, fixed + f
-            return scaled, fixed
-        return tc.count(content if isinstance(content, str) else dumps(content)), 0
+        if isinstance(content, str | list) or content is None:
+            return _content_tokens(tc, content)
+        return tc.count(dumps(content)), 0
     return tc.count(dumps(block)), 0
 
 
