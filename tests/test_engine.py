@@ -10,6 +10,7 @@ import pytest
 
 from spendgate import ledger
 from spendgate.engine import Approval, Engine
+from spendgate.errors import StoreError
 from spendgate.money import usd_to_nanos
 from spendgate.policy import default_policy, parse
 from spendgate.pricing.cost import Usage
@@ -271,3 +272,20 @@ def test_64_threads_through_the_engine_admit_exactly_n(make: Any, n_fit: int) ->
     e2 = make({"budget": [{"name": "g2", "usd": str(Decimal(cost * n_fit + cost // 2) / 10**9), "window": "day"}]})
     results = race(64, lambda: e2.decide(chat(max_tokens=1000), now=T0).allowed)
     assert results.count(True) == n_fit
+
+
+@pytest.mark.parametrize("mode", ["block", "allow"])
+def test_store_failure_fails_closed_by_default_and_says_which(mode: str) -> None:
+    from spendgate.ledger.memory import MemoryLedger
+
+    class Failing(MemoryLedger):
+        def authorize(self, *a: Any, **k: Any) -> Any:
+            raise StoreError("SQLite store /x.db: disk I/O error")
+
+    e = Engine(parse({"on_store_error": mode, "budget": [{"name": "g", "usd": 1, "window": "day"}]}), Failing())
+    if mode == "block":
+        with pytest.raises(StoreError, match=r'disk I/O error.*on_store_error = "block"'):
+            e.decide(chat(), now=T0)
+    else:
+        d = e.decide(chat(), now=T0)
+        assert d.allowed and d.hold_id is None and "on_store_error" in " ".join(d.notes)

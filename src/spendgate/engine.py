@@ -12,6 +12,7 @@ The engine knows nothing of HTTP; the proxy and the SDK turn a :class:`Decision`
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
+from spendgate.errors import StoreError
 from spendgate.estimate import FREE_ROUTES, Estimate, Estimator
 from spendgate.ledger import Bucket, BucketState, Event, Ledger, Line
 from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
@@ -28,6 +30,8 @@ from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_n
 from spendgate.pricing.table import PriceTable
 from spendgate.request import Request
 from spendgate.usage import parse_usage
+
+log = logging.getLogger("spendgate.engine")
 
 MAX_REMEDIES = 8
 #: Which body field bounds the output, per route (set by a clamp).
@@ -205,8 +209,16 @@ class Engine:
             states: tuple[BucketState, ...] = ()
             dims["tier"] = tier
             if not trips:
-                auth = self.ledger.authorize(lines, now=now, ttl=self.policy.hold_ttl_s,
-                                             event=self._event(did, request.provider, est, dims, now))
+                try:
+                    auth = self.ledger.authorize(lines, now=now, ttl=self.policy.hold_ttl_s,
+                                                 event=self._event(did, request.provider, est, dims, now))
+                except StoreError as exc:
+                    if self.policy.on_store_error == "block":
+                        raise StoreError(f"{exc}; refusing because on_store_error = \"block\"") from exc
+                    log.warning("store unavailable, request allowed unmetered (on_store_error = allow): %s", exc)
+                    notes.append(f"store unavailable ({exc}); allowed unmetered because on_store_error = \"allow\"")
+                    return Decision(did, "allow", True, est, body, edits, None, None, None, (), tuple(notes),
+                                    "store unavailable: allowed unmetered", original, dims, now, tuple(applied))
                 states = auth.states
                 if auth.ok:
                     hold_id = auth.hold_id
