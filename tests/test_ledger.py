@@ -245,3 +245,16 @@ TestLedgerProperties = LedgerMachine.TestCase
 TestLedgerProperties.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestSQLiteLedgerProperties = SQLiteLedgerMachine.TestCase
 TestSQLiteLedgerProperties.settings = settings(max_examples=20, stateful_step_count=30, deadline=None)
+
+
+def test_records_expire_and_are_taken_exactly_once(store: Ledger) -> None:
+    store.put_record("approval", "a1", '{"max": 5}', expires_at=T0 + 10)
+    store.put_record("key", "k1", "alice")
+    assert store.get_record("approval", "a1", now=T0) == '{"max": 5}'
+    assert store.get_record("approval", "a1", now=T0 + 10) is None, "expired"
+    assert sorted(store.records("key", now=T0)) == [("k1", "alice")]
+    store.put_record("approval", "a2", "once")
+    taken = race(16, lambda: store.take_record("approval", "a2", now=T0))
+    assert taken.count("once") == 1, "a one-time approval is consumed by exactly one taker"
+    store.delete_record("key", "k1")
+    assert store.records("key", now=T0) == []

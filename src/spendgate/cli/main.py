@@ -273,6 +273,101 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the proxy and its approvals ----------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from spendgate.proxy.app import build
+
+    ctx = Context.from_args(args)
+    token = args.admin_token or os.environ.get("SPENDGATE_ADMIN_TOKEN")
+    proxy = build(ctx.policy, ctx.store_url, token)
+    ups = ", ".join(f"{k} -> {v}" for k, v in proxy.config.upstreams.items())
+    print(f"spendgate: guarding http://{args.host}:{args.port} (store {ctx.store_url}; policy {ctx.policy.source}; "
+          f"upstreams {ups}; admin API {'on' if token else 'off'})", file=sys.stderr, flush=True)
+    web.run_app(proxy.app(), host=args.host, port=args.port, print=None, access_log=None,
+                handle_signals=True)
+    return 0
+
+
+def _open_store(args: argparse.Namespace) -> ledger.Ledger:
+    return ledger.open(Context.from_args(args).store_url)
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    from spendgate.proxy import approvals
+
+    store = _open_store(args)
+    try:
+        items = approvals.pending(store)
+    finally:
+        store.close()
+    now = time.time()
+    if args.json:
+        emit_json({"pending": [{"id": p.id, "session": p.session, "rule": p.rule, "estimate_usd": p.estimate_usd,
+                                "status": p.status, "expires_in_s": int(p.expires_at - now)} for p in items]})
+    elif not items:
+        print("no held requests")
+    else:
+        table(("id", "session", "rule", "estimate", "status", "expires"),
+              [(p.id, p.session, p.rule, f"${p.estimate_usd}", p.status, f"{int(p.expires_at - now)} s")
+               for p in items])
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from decimal import Decimal, InvalidOperation
+
+    from spendgate.proxy import approvals
+
+    try:
+        max_usd = Decimal(args.max) if args.max is not None else None
+    except InvalidOperation:
+        raise ConfigError(f"--max: expected a number of dollars, got {args.max!r}") from None
+    store = _open_store(args)
+    try:
+        p = approvals.approve(store, args.id, max_usd) if not args.deny else approvals.deny(store, args.id)
+    except (KeyError, ValueError) as exc:
+        raise SpendgateError(str(exc.args[0])) from None
+    finally:
+        store.close()
+    if args.json:
+        emit_json({"id": p.id, "status": p.status, "max_usd": args.max})
+    elif p.status == "denied":
+        print(f"denied {p.id}")
+    elif p.status == "approved":
+        print(f"approved {p.id}: ${max_usd} more for {p.rule}; the session will not be asked again until it is used")
+    else:
+        print(f"approved {p.id} once: its next retry (or a 'yes' reply) goes through")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from spendgate.proxy import identity
+
+    store = _open_store(args)
+    try:
+        if args.keys_command == "create":
+            key = identity.create_virtual_key(store, args.user, args.team)
+            doc: Any = {"key": key, "user": args.user, "team": args.team}
+            text = f"{key}\n(shown once; spendgate stores only its hash)"
+        elif args.keys_command == "list":
+            doc = {"keys": identity.list_virtual_keys(store)}
+            text = "\n".join(f"{k['id']}  user={k['user']}  team={k['team']}" for k in doc["keys"]) or "no keys"
+        else:
+            if not identity.revoke_virtual_key(store, args.id):
+                raise SpendgateError(f"no key with id {args.id!r}; see spendgate keys list")
+            doc, text = {"revoked": args.id}, f"revoked {args.id}"
+    finally:
+        store.close()
+    if args.json:
+        emit_json(doc)
+    else:
+        print(text)
+    return 0
+
+
 # -- wiring -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,6 +415,32 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--by", default="model", help="comma-separated: user, team, session, model, feature, …")
     rp.add_argument("--since", default="24h", help="a duration such as 1h, 24h, 7d")
     rp.set_defaults(func=cmd_report)
+    sv = sub.add_parser("serve", parents=[common], help="run the guarding proxy")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8787)
+    sv.add_argument("--admin-token", help="token for /spendgate/… (env SPENDGATE_ADMIN_TOKEN); off when unset")
+    sv.set_defaults(func=cmd_serve)
+
+    ap = sub.add_parser("approvals", parents=[common], help="requests held for approval")
+    ap.set_defaults(func=cmd_approvals)
+    ok = sub.add_parser("approve", parents=[common], help="approve a held request by id")
+    ok.add_argument("id")
+    ok.add_argument("--max", help="grant this many dollars of headroom to the tripped budget")
+    ok.set_defaults(func=cmd_approve, deny=False)
+    no = sub.add_parser("deny", parents=[common], help="deny a held request by id")
+    no.add_argument("id")
+    no.set_defaults(func=cmd_approve, deny=True, max=None)
+
+    keys = sub.add_parser("keys", help="spendgate virtual keys (sg-…), stored hashed")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = ksub.add_parser("create", parents=[common], help="create a key for a user and team")
+    kc.add_argument("--user")
+    kc.add_argument("--team")
+    kc.set_defaults(func=cmd_keys)
+    ksub.add_parser("list", parents=[common], help="list keys (ids only)").set_defaults(func=cmd_keys)
+    kr = ksub.add_parser("revoke", parents=[common], help="revoke a key by id")
+    kr.add_argument("id")
+    kr.set_defaults(func=cmd_keys)
     return p
 
 

@@ -72,6 +72,7 @@ class Estimator:
                  anthropic_factor: float = anthropic.DEFAULT_FACTOR) -> None:
         self.prices = prices
         self.unpriced = unpriced
+        self.anthropic_factor = anthropic_factor
         self._parsers: dict[tuple[str, str], Callable[[Mapping[str, Any]], TokenShape]] = dict(ROUTES)
         self._parsers[("anthropic", "/v1/messages")] = partial(anthropic.messages, factor=anthropic_factor)
         self._warned: set[str] = set()

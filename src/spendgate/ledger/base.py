@@ -216,6 +216,42 @@ class Ledger(ABC):
         with self._transaction():
             self._add_event(event)
 
+    # -- records shared by every process on the store (approvals, virtual keys) ----------------
+
+    def put_record(self, kind: str, key: str, value: str, *, expires_at: float | None = None) -> None:
+        """Store ``value`` under (kind, key), replacing what was there."""
+        with self._transaction():
+            self._put_record(kind, key, value, expires_at)
+
+    def get_record(self, kind: str, key: str, *, now: float) -> str | None:
+        with self._transaction():
+            return self._get_record(kind, key, now)
+
+    def take_record(self, kind: str, key: str, *, now: float) -> str | None:
+        """Read and delete in one step, so a one-time approval is consumed exactly once."""
+        with self._transaction():
+            value = self._get_record(kind, key, now)
+            if value is not None:
+                self._delete_record(kind, key)
+            return value
+
+    def delete_record(self, kind: str, key: str) -> None:
+        with self._transaction():
+            self._delete_record(kind, key)
+
+    @abstractmethod
+    def records(self, kind: str, *, now: float) -> list[tuple[str, str]]:
+        """Every live (key, value) of ``kind``."""
+
+    @abstractmethod
+    def _put_record(self, kind: str, key: str, value: str, expires_at: float | None) -> None: ...
+
+    @abstractmethod
+    def _get_record(self, kind: str, key: str, now: float) -> str | None: ...
+
+    @abstractmethod
+    def _delete_record(self, kind: str, key: str) -> None: ...
+
     @abstractmethod
     def events(self, since: float, until: float | None = None) -> list[Event]:
         """Spend events with ``since <= ts < until``, oldest first."""

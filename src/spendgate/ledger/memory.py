@@ -24,6 +24,7 @@ class MemoryLedger(Ledger):
         self._grants: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._events: list[Event] = []
         self._buckets: dict[str, Bucket] = {}
+        self._records: dict[tuple[str, str], tuple[str, float | None]] = {}
 
     def _transaction(self) -> AbstractContextManager[None]:
         return _Locked(self._lock)
@@ -81,6 +82,23 @@ class MemoryLedger(Ledger):
 
     def _touch(self, bucket: Bucket, now: float) -> None:
         self._buckets[bucket.key] = bucket
+
+    def _put_record(self, kind: str, key: str, value: str, expires_at: float | None) -> None:
+        self._records[(kind, key)] = (value, expires_at)
+
+    def _get_record(self, kind: str, key: str, now: float) -> str | None:
+        found = self._records.get((kind, key))
+        if found is None or (found[1] is not None and found[1] <= now):
+            return None
+        return found[0]
+
+    def _delete_record(self, kind: str, key: str) -> None:
+        self._records.pop((kind, key), None)
+
+    def records(self, kind: str, *, now: float) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(k, v) for (kd, k), (v, exp) in self._records.items()
+                    if kd == kind and (exp is None or exp > now)]
 
     def events(self, since: float, until: float | None = None) -> list[Event]:
         with self._lock:

@@ -29,6 +29,8 @@ CREATE INDEX IF NOT EXISTS grants_bucket ON grants(bucket);
 CREATE TABLE IF NOT EXISTS buckets(key TEXT PRIMARY KEY, lim INTEGER, window_s INTEGER, unit TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+CREATE TABLE IF NOT EXISTS records(kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, expires_at REAL,
+                                   PRIMARY KEY(kind, key)) WITHOUT ROWID;
 """
 
 
@@ -153,6 +155,24 @@ class SQLiteLedger(Ledger):
         self._db.execute("INSERT OR REPLACE INTO buckets(key, lim, window_s, unit) VALUES (?,?,?,?)",
                          (bucket.key, bucket.limit, bucket.window_s, bucket.unit))
         self._known.add(bucket.key)
+
+    def _put_record(self, kind: str, key: str, value: str, expires_at: float | None) -> None:
+        self._db.execute("INSERT OR REPLACE INTO records(kind, key, value, expires_at) VALUES (?,?,?,?)",
+                         (kind, key, value, expires_at))
+
+    def _get_record(self, kind: str, key: str, now: float) -> str | None:
+        row = self._db.execute("SELECT value FROM records WHERE kind=? AND key=? AND "
+                               "(expires_at IS NULL OR expires_at>?)", (kind, key, now)).fetchone()
+        return row[0] if row else None
+
+    def _delete_record(self, kind: str, key: str) -> None:
+        self._db.execute("DELETE FROM records WHERE kind=? AND key=?", (kind, key))
+
+    def records(self, kind: str, *, now: float) -> list[tuple[str, str]]:
+        with self._txn():
+            self._db.execute("DELETE FROM records WHERE expires_at IS NOT NULL AND expires_at<=?", (now,))
+            rows = self._db.execute("SELECT key, value FROM records WHERE kind=? ORDER BY key", (kind,)).fetchall()
+        return [(k, v) for k, v in rows]
 
     def events(self, since: float, until: float | None = None) -> list[Event]:
         q = "SELECT body FROM events WHERE ts>=?" + (" AND ts<?" if until is not None else "") + " ORDER BY seq"

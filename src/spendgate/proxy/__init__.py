@@ -1,0 +1,1 @@
+"""The HTTP door: an OpenAI- and Anthropic-compatible proxy over the engine."""

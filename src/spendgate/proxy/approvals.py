@@ -1,0 +1,239 @@
+"""Holds waiting for a person, and the ways a person answers them.
+
+A held request is kept in the store (credentials stripped, 10-minute TTL) under its decision id.
+It is answered by id — ``spendgate approve ID [--max USD]``, ``POST /spendgate/approvals/ID`` —
+or in-band in the **latest** user turn only: a bare yes/no, ``yes max=$5``, or a directive prefix
+``[spendgate: allow=once max=$5]`` (TokenPak's ``[TIP: …]`` too), stripped before forwarding.
+Text from older turns never approves anything. Approving with a max grants that much headroom to
+the tripped bucket at once, so the session is not asked again at every request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from spendgate.engine import Decision
+from spendgate.ledger import Bucket, Ledger
+from spendgate.money import usd_to_nanos
+
+HOLD_TTL_S = 600
+REPEAT_WINDOW_S = 30.0
+KIND = "hold"
+ONCE = "approved-once"
+
+_ANSWER = re.compile(r"^\s*(?P<word>yes|y|ok|approve|approved|no|n|deny|denied)"
+                     r"(?:[\s,]+max\s*[=:]?\s*\$?(?P<max>\d+(?:\.\d+)?))?\s*[.!]?\s*$", re.IGNORECASE)
+_DIRECTIVE = re.compile(r"^\s*\[(?:spendgate|TIP)\s*:\s*allow\s*=\s*once(?:\s+max\s*=\s*\$?(?P<max>\d+(?:\.\d+)?))?"
+                        r"\s*\]\s*", re.IGNORECASE)
+
+
+@dataclass
+class Pending:
+    id: str
+    session: str
+    provider: str
+    route: str
+    query: str
+    body_b64: str
+    headers: dict[str, str]
+    created: float
+    expires_at: float
+    rule: str
+    estimate_usd: str
+    message: str
+    bucket: list[Any] | None = None  # [key, limit, window_s, unit]
+    resets_at: float | None = None
+    status: str = "pending"
+
+    @property
+    def body(self) -> bytes:
+        return base64.b64decode(self.body_b64)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> Pending:
+        return cls(**json.loads(raw))
+
+
+def keep(store: Ledger, decision: Decision, session: str, provider: str, route: str, query: str, body: bytes,
+         headers: Mapping[str, str], now: float) -> Pending:
+    """Keep a held request (headers already stripped of credentials) for approval."""
+    t = decision.trip
+    bucket = None
+    if t is not None and t.bucket is not None:
+        b = t.bucket
+        bucket = [b.key, b.limit, b.window_s, b.unit]
+    est = decision.to_dict()["estimate_usd"] or "0"
+    p = Pending(decision.id, session, provider, route, query, base64.b64encode(body).decode(), dict(headers), now,
+                now + HOLD_TTL_S, t.rule.name if t else "", est, decision.message, bucket,
+                t.resets_at if t else None)
+    store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
+    store.put_record("hold-session", session, p.id, expires_at=p.expires_at)
+    return p
+
+
+def pending(store: Ledger, now: float | None = None) -> list[Pending]:
+    now = time.time() if now is None else now
+    return sorted((Pending.from_json(v) for _, v in store.records(KIND, now=now)), key=lambda p: p.created)
+
+
+def find(store: Ledger, hold_id: str, now: float | None = None) -> Pending | None:
+    raw = store.get_record(KIND, hold_id, now=time.time() if now is None else now)
+    return Pending.from_json(raw) if raw else None
+
+
+def latest_for_session(store: Ledger, session: str, now: float) -> Pending | None:
+    hid = store.get_record("hold-session", session, now=now)
+    if hid is None:
+        return None
+    p = find(store, hid, now)
+    return p if p is not None and p.status == "pending" else None
+
+
+def approve(store: Ledger, hold_id: str, max_usd: Decimal | None, now: float | None = None) -> Pending:
+    """Approve a held request: with a max, grant that headroom to its bucket now; without, let
+    the held request through once (its retry, or a "yes" replaying it)."""
+    now = time.time() if now is None else now
+    p = find(store, hold_id, now)
+    if p is None:
+        raise KeyError(f"no pending hold {hold_id!r} (it may have expired after {HOLD_TTL_S // 60} min)")
+    if p.status != "pending":
+        raise ValueError(f"hold {hold_id} was already {p.status}")
+    if max_usd is not None and p.bucket is not None:
+        key, limit, window_s, unit = p.bucket
+        until = now + window_s if window_s else (p.resets_at or now + 366 * 86400)
+        store.grant(Bucket(key, limit, window_s, unit), usd_to_nanos(max_usd), now=now, until=until)
+    p.status = "approved" if max_usd is not None and p.bucket is not None else "approved-once"
+    store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
+    if p.status == ONCE:
+        store.put_record(ONCE, once_key(p.session, p.body), p.id, expires_at=p.expires_at)
+    return p
+
+
+def deny(store: Ledger, hold_id: str, now: float | None = None) -> Pending:
+    now = time.time() if now is None else now
+    p = find(store, hold_id, now)
+    if p is None:
+        raise KeyError(f"no pending hold {hold_id!r}")
+    p.status = "denied"
+    store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
+    return p
+
+
+def once_key(session: str, body: bytes) -> str:
+    return hashlib.sha256(session.encode() + b"\0" + body).hexdigest()
+
+
+# -- in-band answers --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    yes: bool
+    max_usd: Decimal | None
+    directive: bool  # a prefix to strip (the rest of the turn is the real prompt)
+
+
+def _max(raw: str | None) -> Decimal | None:
+    if raw is None:
+        return None
+    try:
+        return Decimal(raw)
+    except InvalidOperation:
+        return None
+
+
+def latest_user_text(provider: str, route: str, body: Mapping[str, Any]) -> tuple[str | None, Any]:
+    """The text of the latest user turn, and a handle to rewrite it (message, part index)."""
+    if route == "/v1/responses":
+        items = body.get("input")
+        if isinstance(items, str):
+            return items, ("input",)
+        msgs = items
+    else:
+        msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return None, None
+    last = msgs[-1]
+    if not isinstance(last, Mapping) or last.get("role") != "user":
+        return None, None
+    content = last.get("content")
+    if isinstance(content, str):
+        return content, (len(msgs) - 1, None)
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            if isinstance(part, Mapping) and part.get("type") in ("text", "input_text") and \
+                    isinstance(part.get("text"), str):
+                return part["text"], (len(msgs) - 1, i)
+    return None, None
+
+
+def read_answer(text: str | None) -> Answer | None:
+    if text is None:
+        return None
+    m = _DIRECTIVE.match(text)
+    if m:
+        return Answer(True, _max(m.group("max")), True)
+    m = _ANSWER.match(text)
+    if m:
+        return Answer(m.group("word").lower() in ("yes", "y", "ok", "approve", "approved"), _max(m.group("max")), False)
+    return None
+
+
+def strip_directive(route: str, body: dict[str, Any], handle: Any) -> dict[str, Any]:
+    """``body`` with the directive prefix removed from the latest user turn (a shallow copy)."""
+    if handle == ("input",):
+        return {**body, "input": _DIRECTIVE.sub("", body["input"], count=1)}
+    key = "input" if route == "/v1/responses" else "messages"
+    msgs = list(body[key])
+    idx, part = handle
+    msg = dict(msgs[idx])
+    if part is None:
+        msg["content"] = _DIRECTIVE.sub("", msg["content"], count=1)
+    else:
+        parts = list(msg["content"])
+        parts[part] = {**parts[part], "text": _DIRECTIVE.sub("", parts[part]["text"], count=1)}
+        msg["content"] = parts
+    msgs[idx] = msg
+    return {**body, key: msgs}
+
+
+def parse_allow_header(value: str) -> Decimal | None:
+    """``X-Spendgate-Allow: max=20`` -> 20; anything else is an error naming the header."""
+    m = re.fullmatch(r"\s*max\s*=\s*\$?(\d+(?:\.\d+)?)\s*", value)
+    if not m:
+        raise ValueError(f"X-Spendgate-Allow: expected max=<dollars>, got {value!r}")
+    return Decimal(m.group(1))
+
+
+class RecentRefusals:
+    """The answer given to a refused body, repeated for 30 s without a new hold: agents retry
+    (Codex 5 times, aider 8), and each retry must be cheap and must not nag again."""
+
+    def __init__(self, window_s: float = REPEAT_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._seen: dict[str, tuple[float, Any]] = {}
+
+    def get(self, session: str, body: bytes, now: float) -> Any:
+        key = once_key(session, body)
+        hit = self._seen.get(key)
+        if hit is None or hit[0] <= now:
+            return None
+        return hit[1]
+
+    def put(self, session: str, body: bytes, answer: Any, now: float) -> None:
+        if len(self._seen) > 10_000:
+            self._seen = {k: v for k, v in self._seen.items() if v[0] > now}
+        self._seen[once_key(session, body)] = (now + self.window_s, answer)
+
+    def forget_session_body(self, session: str, body: bytes) -> None:
+        self._seen.pop(once_key(session, body), None)

@@ -1,0 +1,106 @@
+"""Metering a server-sent-event stream while relaying it event by event.
+
+Usage arrives at the end: OpenAI chat in a last chunk with ``choices: []`` (only when the request
+set ``stream_options.include_usage`` — the proxy adds it and, for a client that did not ask,
+withholds that chunk), the Responses API in ``response.completed``, Anthropic in
+``message_start`` (input) and ``message_delta`` (output, cumulative). Output text seen so far is
+kept so a stream cut short can be charged for what it produced.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_SEP = (b"\r\n\r\n", b"\n\n")
+
+
+class StreamMeter:
+    def __init__(self, provider: str, withhold_usage_chunk: bool = False) -> None:
+        self.provider = provider
+        self.withhold = withhold_usage_chunk
+        self.usage: dict[str, Any] | None = None
+        self.text: list[str] = []
+        self.complete = False  # the final usage arrived
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take upstream bytes; return the complete events to relay now (partial ones wait)."""
+        self._buf += chunk
+        out = []
+        while True:
+            cut = min(((i, len(s)) for s in _SEP if (i := self._buf.find(s)) >= 0), default=None)
+            if cut is None:
+                break
+            end = cut[0] + cut[1]
+            event, self._buf = self._buf[:end], self._buf[end:]
+            if self._observe(event):
+                out.append(event)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        if rest and self._observe(rest):
+            return rest
+        return b""
+
+    def _observe(self, event: bytes) -> bool:
+        """Read one event; False when it must not reach the client."""
+        data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
+        if not data or data == b"[DONE]" or data[:1] != b"{":
+            return True
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        if self.provider == "anthropic":
+            self._anthropic(obj)
+            return True
+        kind = obj.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):
+            self._responses(obj, kind)
+            return True
+        if isinstance(obj.get("usage"), dict):
+            self.usage = obj["usage"]
+            self.complete = True
+            if self.withhold and obj.get("choices") == []:
+                return False
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict):
+                if isinstance(delta.get("content"), str):
+                    self.text.append(delta["content"])
+                for call in delta.get("tool_calls") or ():
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                        self.text.append(fn["arguments"])
+        return True
+
+    def _responses(self, obj: dict[str, Any], kind: str) -> None:
+        if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
+            self.text.append(obj["delta"])
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            resp = obj.get("response")
+            if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
+                self.usage = resp["usage"]
+                self.complete = True
+
+    def _anthropic(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if kind == "message_start":
+            msg = obj.get("message")
+            if isinstance(msg, dict) and isinstance(msg.get("usage"), dict):
+                self.usage = dict(msg["usage"])
+        elif kind == "message_delta" and isinstance(obj.get("usage"), dict):
+            merged = dict(self.usage or {})
+            merged.update({k: v for k, v in obj["usage"].items() if v is not None})
+            self.usage = merged
+            self.complete = True
+        elif kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                for field in ("text", "thinking", "partial_json"):
+                    if isinstance(delta.get(field), str):
+                        self.text.append(delta[field])
