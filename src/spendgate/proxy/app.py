@@ -82,6 +82,8 @@ class Proxy:
         self.store = engine.ledger
         self.config = config
         self.recent = approvals.RecentRefusals()
+        #: bodies this instance held, so only their retries look for an approval given by id
+        self.held_bodies: dict[str, float] = {}
         self.client: aiohttp.ClientSession | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -153,17 +155,17 @@ class Proxy:
         now = time.time()
         session = ident.value("session")
         dry = request.headers.get("x-spendgate-estimate") == "1"
-        if not dry:
-            repeat = self.recent.get(session, raw, now)
-            if repeat is not None:
-                status, payload, headers = repeat
-                return web.Response(status=status, body=payload, content_type="application/json", headers=headers)
         try:
             approval, send, body, early = self._answers(provider, route, raw, body, session, request.headers, now)
         except ValueError as exc:
             return error_response(provider, 400, f"spendgate: {exc}")
         if early is not None:
             return early
+        if approval is None and not dry:
+            repeat = self.recent.get(session, raw, now)
+            if repeat is not None:
+                status, payload, headers = repeat
+                return web.Response(status=status, body=payload, content_type="application/json", headers=headers)
         req = Request(provider, route, body, ident)
         try:
             d = self.engine.decide(req, now=now, approval=approval)
@@ -209,8 +211,10 @@ class Proxy:
         allow = headers.get("x-spendgate-allow")
         if allow is not None:
             return Approval(approvals.parse_allow_header(allow), by="X-Spendgate-Allow"), raw, body, None
-        if self.store.take_record(approvals.ONCE, approvals.once_key(session, raw), now=now) is not None:
-            return Approval(by="spendgate approve"), raw, body, None
+        key = approvals.once_key(session, raw)
+        if self.held_bodies.get(key, 0) > now and \
+                self.store.take_record(approvals.ONCE, key, now=now) is not None:
+            return Approval(by="spendgate approve"), raw, body, None  # approved by id, retried as held
         return None, raw, body, None
 
     def _refuse(self, request: web.Request, provider: str, route: str, body: bytes, d: Decision, session: str,
@@ -220,6 +224,9 @@ class Proxy:
             safe = {k: v for k, v in request.headers.items()
                     if k.lower() not in CREDENTIAL_HEADERS and k.lower() not in HOP_BY_HOP}
             held = approvals.keep(self.store, d, session, provider, route, request.query_string, body, safe, now)
+            if len(self.held_bodies) > 10_000:
+                self.held_bodies = {k: t for k, t in self.held_bodies.items() if t > now}
+            self.held_bodies[approvals.once_key(session, body)] = held.expires_at
             extra["approval"] = {"id": held.id, "expires_at": held.expires_at,
                                  "how": f"spendgate approve {held.id} [--max USD]; POST /spendgate/approvals/"
                                         f"{held.id}; or reply 'yes' (optionally 'yes max=$5')"}

@@ -31,6 +31,9 @@ def error_body(provider: str, status: int, message: str, *, code: str | None = N
                           "code": code}}
     if extra:
         body["spendgate"] = dict(extra)
+        if provider != "anthropic":
+            # the OpenAI SDK exposes only the "error" object as APIStatusError.body: carry it there too
+            body["error"]["spendgate"] = body["spendgate"]
     return body
 
 
