@@ -1,216 +1,34 @@
-"""A mock provider upstream and a real spendgate proxy, both on loopback, on one background loop.
-
-The mock speaks the providers' real shapes (JSON and SSE, with ``usage`` where each provider puts
-it) and records every request it receives, so tests can count what reached the "provider" and
-compare the bytes that arrived.
-"""
+"""A real spendgate proxy over the fake upstream, both on loopback, on one background loop."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import threading
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-from aiohttp import web
-from multidict import CIMultiDict
-
 from spendgate import ledger
+from spendgate.demo.background import BackgroundLoop
+from spendgate.demo.upstream import COMPLETION_TOKENS, PROMPT_TOKENS, FakeUpstream
 from spendgate.engine import Engine
 from spendgate.policy import Policy
 from spendgate.proxy.app import Proxy, ProxyConfig
 
-T = TypeVar("T")
-PROMPT_TOKENS, COMPLETION_TOKENS = 50, 10
-
-
-@dataclass
-class Seen:
-    path: str
-    query: str
-    headers: CIMultiDict[str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class MockUpstream:
-    seen: list[Seen] = field(default_factory=list)
-    prompt_tokens: int = PROMPT_TOKENS
-    completion_tokens: int = COMPLETION_TOKENS
-    gate: asyncio.Event | None = None  # when set, requests wait for it (for concurrency tests)
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/completions", self.chat)
-        app.router.add_post("/v1/responses", self.responses)
-        app.router.add_post("/v1/embeddings", self.embeddings)
-        app.router.add_post("/v1/messages", self.messages)
-        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
-        app.router.add_get("/v1/models", self.models)
-        return app
-
-    async def _record(self, request: web.Request) -> tuple[dict[str, Any], str]:
-        body = await request.read()
-        self.seen.append(Seen(request.path, request.query_string, CIMultiDict(request.headers), body))
-        if self.gate is not None:
-            await self.gate.wait()
-        return (json.loads(body) if body else {}), request.headers.get("x-mock", "")
-
-    async def _sse(self, request: web.Request, events: list[tuple[str | None, Any]], cut: bool = False
-                   ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        for i, (name, data) in enumerate(events):
-            if cut and i == len(events) // 2:
-                request.transport.close()  # type: ignore[union-attr]
-                return resp
-            line = (f"event: {name}\n" if name else "") + "data: " + (
-                data if isinstance(data, str) else json.dumps(data)) + "\n\n"
-            await resp.write(line.encode())
-        await resp.write_eof()
-        return resp
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        body, mock = await self._record(request)
-        if mock == "500":
-            return web.json_response({"error": {"message": "upstream exploded", "type": "server_error"}}, status=500)
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                 "total_tokens": self.prompt_tokens + self.completion_tokens}
-        model = body.get("model", "gpt-4o-mini")
-        if not body.get("stream"):
-            out: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
-                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
-                                                "logprobs": None, "finish_reason": "stop"}]}
-            if mock != "nousage":
-                out["usage"] = usage
-            return web.json_response(out)
-        chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
-        events: list[tuple[str | None, Any]] = [
-            (None, {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": w},
-                                          "finish_reason": None}]}) for w in ("hel", "lo", " there")]
-        events.append((None, {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-        if (body.get("stream_options") or {}).get("include_usage"):
-            events.append((None, {**chunk, "choices": [], "usage": usage}))
-        events.append((None, "[DONE]"))
-        return await self._sse(request, events, cut=mock == "cut")
-
-    async def responses(self, request: web.Request) -> web.StreamResponse:
-        body, mock = await self._record(request)
-        usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                 "output_tokens": self.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                 "total_tokens": self.prompt_tokens + self.completion_tokens}
-        resp = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
-                "model": body.get("model"), "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-                "output": [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
-                            "content": [{"type": "output_text", "text": "hello", "annotations": []}]}],
-                "usage": usage}
-        if not body.get("stream"):
-            return web.json_response(resp)
-        events: list[tuple[str | None, Any]] = [
-            ("response.created", {"type": "response.created", "sequence_number": 0,
-                                  "response": {**resp, "status": "in_progress", "output": [], "usage": None}}),
-            ("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 1,
-                                            "item_id": "msg_1", "output_index": 0, "content_index": 0,
-                                            "delta": "hello", "logprobs": []}),
-            ("response.completed", {"type": "response.completed", "sequence_number": 2, "response": resp}),
-        ]
-        return await self._sse(request, events, cut=mock == "cut")
-
-    async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
-        return web.json_response({"object": "list", "model": "text-embedding-3-small",
-                                  "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
-                                  "usage": {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}})
-
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        body, mock = await self._record(request)
-        if mock == "500":
-            return web.json_response({"type": "error", "error": {"type": "api_error", "message": "boom"}},
-                                     status=500)
-        model = body.get("model", "claude-sonnet-4-5")
-        usage = {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens,
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-        msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": model,
-               "content": [{"type": "text", "text": "hello"}], "stop_reason": "end_turn",
-               "stop_sequence": None, "usage": usage}
-        if not body.get("stream"):
-            return web.json_response(msg)
-        events: list[tuple[str | None, Any]] = [
-            ("message_start", {"type": "message_start",
-                               "message": {**msg, "content": [], "stop_reason": None,
-                                           "usage": {**usage, "output_tokens": 1}}}),
-            ("content_block_start", {"type": "content_block_start", "index": 0,
-                                     "content_block": {"type": "text", "text": ""}}),
-            ("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                     "delta": {"type": "text_delta", "text": "hel"}}),
-            ("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                     "delta": {"type": "text_delta", "text": "lo"}}),
-            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                               "usage": {"output_tokens": self.completion_tokens}}),
-            ("message_stop", {"type": "message_stop"}),
-        ]
-        return await self._sse(request, events, cut=mock == "cut")
-
-    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
-        return web.json_response({"input_tokens": 42})
-
-    async def models(self, request: web.Request) -> web.StreamResponse:
-        await self._record(request)
-        return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model",
-                                                              "created": 1, "owned_by": "openai"}]})
-
-    def reached(self, path: str | None = None) -> int:
-        return sum(1 for s in self.seen if path is None or s.path == path)
+__all__ = ["COMPLETION_TOKENS", "PROMPT_TOKENS", "Servers"]
 
 
 class Servers:
-    """The mock upstream and a proxy over ``policy`` and ``store_url``, on a background loop."""
+    """The fake upstream and a proxy over ``policy`` and ``store_url``."""
 
     def __init__(self, policy: Policy, store_url: str, admin_token: str | None = "admin-secret",
                  max_body_bytes: int = 32 * 1024 * 1024) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.mock = MockUpstream()
+        self.bg = BackgroundLoop()
+        self.mock = FakeUpstream()
         self.store = ledger.open(store_url)
         self.engine = Engine(policy, self.store)
-        self._runners: list[web.AppRunner] = []
-        self.upstream_port = self.run(self._serve(self.mock.app()))
-        config = ProxyConfig(upstreams={"openai": f"http://127.0.0.1:{self.upstream_port}",
-                                        "anthropic": f"http://127.0.0.1:{self.upstream_port}"},
-                             admin_token=admin_token, max_body_bytes=max_body_bytes)
+        self.upstream_port = self.bg.serve(self.mock.app())
+        upstream = f"http://127.0.0.1:{self.upstream_port}"
+        config = ProxyConfig(upstreams={"openai": upstream, "anthropic": upstream}, admin_token=admin_token,
+                             max_body_bytes=max_body_bytes)
         self.proxy = Proxy(self.engine, config)
-        self.port = self.run(self._serve(self.proxy.app()))
+        self.port = self.bg.serve(self.proxy.app())
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
-
-    async def _serve(self, app: web.Application) -> int:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self._runners.append(runner)
-        server = site._server
-        assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-
     def close(self) -> None:
-        async def stop() -> None:
-            for r in reversed(self._runners):
-                await r.cleanup()
-
-        self.run(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        self.bg.close()
         self.store.close()

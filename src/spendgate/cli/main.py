@@ -291,6 +291,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from spendgate.demo.run import run
+
+    result = run()
+    return 0 if result.turns_sent and result.refused else 1
+
+
 def _open_store(args: argparse.Namespace) -> ledger.Ledger:
     return ledger.open(Context.from_args(args).store_url)
 
@@ -420,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8787)
     sv.add_argument("--admin-token", help="token for /spendgate/… (env SPENDGATE_ADMIN_TOKEN); off when unset")
     sv.set_defaults(func=cmd_serve)
+
+    sub.add_parser("demo", help="a runaway agent held by the guard, offline, no API key").set_defaults(func=cmd_demo)
 
     ap = sub.add_parser("approvals", parents=[common], help="requests held for approval")
     ap.set_defaults(func=cmd_approvals)

@@ -1,0 +1,1 @@
+"""``spendgate demo``: a runaway agent, the real proxy, the guard holding it — offline."""
