@@ -38,7 +38,7 @@ class BackgroundLoop:
         self._runners.append(runner)
         server = site._server
         assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
 
     def close(self) -> None:
         async def stop() -> None:

@@ -61,7 +61,8 @@ def run(out: TextIO | None = None, seed: int = 7) -> DemoResult:
         price = engine.estimator.resolve(MODEL, "openai").price
         # the fake provider bills the request's real input, counted exactly, like the real one
         upstream.bill_input = lambda body: engine.estimator.shape("openai", "/v1/chat/completions", body).input_tokens
-        words = ["assert", "failed", "expected", "got", "traceback", "line", "module", "import", "error", "retry", "patch", "diff"]
+        words = ["assert", "failed", "expected", "got", "traceback", "line",
+                 "module", "import", "error", "retry", "patch", "diff"]
         messages: list[dict[str, str]] = [{"role": "system", "content": "You are a coding agent. " * 50}]
         spent = sent = refused = would_cost = 0
         held_message = ""
