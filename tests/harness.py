@@ -16,7 +16,7 @@ class Servers:
     """The fake upstream and a proxy over ``policy`` and ``store_url``."""
 
     def __init__(self, policy: Policy, store_url: str, admin_token: str | None = "admin-secret",
-                 max_body_bytes: int = 32 * 1024 * 1024) -> None:
+                 max_body_bytes: int = 32 * 1024 * 1024, upstream_timeout_s: float = 600.0) -> None:
         self.bg = BackgroundLoop()
         self.mock = FakeUpstream()
         self.store = ledger.open(store_url)
@@ -24,7 +24,7 @@ class Servers:
         self.upstream_port = self.bg.serve(self.mock.app())
         upstream = f"http://127.0.0.1:{self.upstream_port}"
         config = ProxyConfig(upstreams={"openai": upstream, "anthropic": upstream}, admin_token=admin_token,
-                             max_body_bytes=max_body_bytes)
+                             max_body_bytes=max_body_bytes, upstream_timeout_s=upstream_timeout_s)
         self.proxy = Proxy(self.engine, config)
         self.port = self.bg.serve(self.proxy.app())
         self.url = f"http://127.0.0.1:{self.port}"

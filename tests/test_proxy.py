@@ -451,3 +451,16 @@ def test_unreachable_upstream_is_a_502_and_nothing_is_charged(servers_for: Any) 
     assert charged(s) == []
     s.proxy.config.upstreams["openai"] = f"http://127.0.0.1:{s.upstream_port}"
     assert oai(s).chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5).choices
+
+
+def test_upstream_timeout_after_send_charges_the_worst_case_flagged(servers_for: Any) -> None:
+    s = servers_for({"budget": [{"name": "g", "usd": 1, "window": "day"}]}, upstream_timeout_s=0.3)
+    with pytest.raises(openai.APIStatusError) as err:
+        oai(s).chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=100,
+                                       extra_headers={"x-mock": "hang"})
+    assert err.value.status_code == 504
+    [ev] = s.store.events(0)
+    worst = s.engine.estimator.estimate("openai", "/v1/chat/completions",
+                                        {"model": "gpt-4o-mini", "messages": MSG, "max_tokens": 100}).cost_nanos
+    assert ev.estimated and ev.cost == worst
+    assert oai(s).chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5).choices

@@ -287,8 +287,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"spendgate: guarding http://{args.host}:{args.port} (store {ctx.store_url}; policy {ctx.policy.source}; "
           f"upstreams {ups}; admin API {'on' if token else 'off'})", file=sys.stderr, flush=True)
     web.run_app(proxy.app(), host=args.host, port=args.port, print=None, access_log=None,
-                handle_signals=True)
+                handle_signals=True, loop=_fast_loop())
     return 0
+
+
+def _fast_loop() -> Any:
+    """uvloop where it is installed (Linux, macOS): it roughly halves the event loop's share of
+    each proxied request; the standard loop elsewhere."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on the platforms it supports
+        import asyncio
+
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

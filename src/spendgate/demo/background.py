@@ -31,7 +31,7 @@ class BackgroundLoop:
         return self.run(self._serve(app, host))
 
     async def _serve(self, app: web.Application, host: str) -> int:
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, host, 0)
         await site.start()

@@ -4,11 +4,12 @@ It speaks the providers' real shapes (JSON and SSE, with ``usage`` where each pr
 bills whatever ``prompt_tokens`` / ``completion_tokens`` it is set to, and records every request it
 receives, so a demo can show what reached the "provider" and a test can count it and compare bytes.
 An ``x-mock`` request header makes it misbehave on purpose: ``500``, ``nousage``, ``cut`` (drop the
-connection mid-stream).
+connection mid-stream), ``hang`` (never answer).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ class FakeUpstream:
         body, mock = await self._record(request)
         if mock == "500":
             return web.json_response({"error": {"message": "upstream exploded", "type": "server_error"}}, status=500)
+        if mock == "hang":
+            await asyncio.Event().wait()  # never answers: the caller's timeout decides
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                  "total_tokens": self.prompt_tokens + self.completion_tokens}
         model = body.get("model", "gpt-4o-mini")

@@ -8,6 +8,7 @@ keeps commits off fsync in WAL while a crash still loses no committed transactio
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,9 @@ from pathlib import Path
 
 from spendgate.errors import StoreError
 from spendgate.ledger.base import Bucket, Event, Ledger, _Hold, deserialize_hold, serialize_hold
+
+log = logging.getLogger("spendgate.ledger.sqlite")
+CHECKPOINT_EVERY_S = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS slots(bucket TEXT NOT NULL, slot INTEGER NOT NULL, amount INTEGER NOT NULL,
@@ -57,13 +61,36 @@ class SQLiteLedger(Ledger):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=30000")
+            # checkpoints run on a background thread, not inside a request's commit (p99)
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the SQLite store at {self.path}: {exc}") from exc
         self._lock = threading.Lock()
         self._known: set[str] = set()
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="spendgate-wal-checkpoint",
+                                              daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """Fold the WAL back into the database every second, on a connection of its own."""
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        except sqlite3.Error:  # pragma: no cover - the main connection just opened the same file
+            return
+        with db:
+            while not self._stop.wait(CHECKPOINT_EVERY_S):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # a busy or failing disk shows up on the next request
+                    log.debug("WAL checkpoint skipped: %s", exc)
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        db.close()
 
     def close(self) -> None:
+        self._stop.set()
+        self._checkpointer.join(timeout=5)
         with self._lock:
             self._db.close()
 

@@ -1,0 +1,192 @@
+"""Proxy overhead: added latency against a direct call and against a bare passthrough, and throughput.
+
+    .venv/bin/python bench/proxy.py [--n 2000]
+
+Starts three processes on loopback — the fake upstream, a bare aiohttp passthrough (a pooled
+aiohttp client relaying bytes, no guard), and ``spendgate serve`` on the embedded defaults (SQLite
+store, default policy: the full guard) — and drives each from this process with a pooled aiohttp
+client. Prints one table: p50/p99 latency per path and the overhead the proxy adds, at concurrency
+1 and 8, streaming and not, OpenAI and Anthropic shapes; then requests/s through spendgate at
+concurrency 16 and its CPU time per request. Targets: SPEC §11.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+CASES = {
+    "openai chat": ("/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 64,
+                                             "messages": [{"role": "user", "content": "Say hello in five words."}]}),
+    "anthropic messages": ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 64,
+                                            "messages": [{"role": "user", "content": "Say hello in five words."}]}),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the two helper roles, run as their own processes ------------------------------------------
+
+def serve_upstream(port: int) -> None:
+    from spendgate.demo.upstream import FakeUpstream
+
+    class Quiet(FakeUpstream):
+        async def _record(self, request: web.Request) -> tuple[dict[str, Any], str]:
+            body = await request.read()
+            return json.loads(body), ""
+
+    web.run_app(Quiet().app(), host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def serve_bare(port: int, upstream: str) -> None:
+    """The floor: an aiohttp server relaying bytes through a pooled aiohttp client, no guard."""
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    async def start(_: web.Application) -> None:
+        state["c"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with state["c"].post(upstream + request.path, data=body, headers=headers) as up:
+            if up.content_type == "text/event-stream":
+                resp = web.StreamResponse(status=up.status, headers={"Content-Type": "text/event-stream"})
+                await resp.prepare(request)
+                async for chunk in up.content.iter_any():
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+            return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
+
+    app = web.Application()
+    app.on_startup.append(start)
+    app.router.add_post("/{tail:.*}", relay)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# -- the load ----------------------------------------------------------------------------------
+
+async def drive(base: str, path: str, body: dict[str, Any], n: int, concurrency: int) -> list[float]:
+    payload = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench", "x-api-key": "sk-bench",
+               "anthropic-version": "2023-06-01"}
+    lat: list[float] = []
+    client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    async with client:
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                t = time.perf_counter()
+                async with client.post(base + path, data=payload, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"{base}{path}: HTTP {r.status}: {await r.text()}")
+                lat.append((time.perf_counter() - t) * 1e6)
+
+        await asyncio.gather(*(worker(max(1, n // 10 // concurrency)) for _ in range(concurrency)))  # warm-up
+        lat.clear()
+        await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
+    return lat
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_listening(port: int, deadline: float = 30.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2000, help="requests per measurement")
+    ap.add_argument("--store", help="spendgate's store URL (default: a fresh SQLite file, the embedded default)")
+    ap.add_argument("--role", choices=("upstream", "bare"), help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--upstream", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.role == "upstream":
+        return serve_upstream(args.port)
+    if args.role == "bare":
+        return serve_bare(args.port, args.upstream)
+
+    up_port, bare_port, sg_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+    tmp = tempfile.mkdtemp()
+    env = {**os.environ, "SPENDGATE_OPENAI_BASE_URL": upstream, "SPENDGATE_ANTHROPIC_BASE_URL": upstream,
+           "HOME": tmp}
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)]),
+        subprocess.Popen([sys.executable, __file__, "--role", "bare", "--port", str(bare_port), "--upstream",
+                          upstream]),
+        subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(sg_port),
+                          "--store", args.store or f"sqlite:///{tmp}/bench.db"], env=env, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        for p in (up_port, bare_port, sg_port):
+            wait_listening(p)
+        paths = {"direct": upstream, "bare passthrough": f"http://127.0.0.1:{bare_port}",
+                 "spendgate": f"http://127.0.0.1:{sg_port}"}
+        print(f"{'case':34} {'c':>2} {'direct p50/p99 µs':>18} {'bare p50/p99':>16} {'spendgate p50/p99':>18} "
+              f"{'added vs direct p50/p99':>24} {'vs bare p50':>12}")
+        for name, (path, body) in CASES.items():
+            for stream in (False, True):
+                for c in (1, 8):
+                    b = {**body, "stream": True} if stream else body
+                    res = {k: asyncio.run(drive(v, path, b, args.n, c)) for k, v in paths.items()}
+                    d50, d99 = pct(res["direct"], .5), pct(res["direct"], .99)
+                    b50, b99 = pct(res["bare passthrough"], .5), pct(res["bare passthrough"], .99)
+                    s50, s99 = pct(res["spendgate"], .5), pct(res["spendgate"], .99)
+                    label = f"{name}{' stream' if stream else ''}"
+                    print(f"{label:34} {c:2d} {d50:8.0f}/{d99:<9.0f} {b50:7.0f}/{b99:<8.0f} {s50:8.0f}/{s99:<9.0f} "
+                          f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}")
+        path, body = CASES["openai chat"]
+        before = cpu_seconds(procs[2].pid)
+        t = time.perf_counter()
+        n = args.n * 2
+        asyncio.run(drive(paths["spendgate"], path, body, n, 16))
+        wall = time.perf_counter() - t
+        cpu = cpu_seconds(procs[2].pid) - before
+        print(f"\nthroughput through spendgate at c=16: {n / wall:,.0f} requests/s "
+              f"(including this load generator on the same {os.cpu_count()} cores); "
+              f"proxy CPU {cpu / n * 1e6:,.0f} µs per request")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
