@@ -182,8 +182,9 @@ class Engine:
 
     # -- deciding -----------------------------------------------------------------------------
 
-    def decide(self, request: Request, *, now: float | None = None,
-               approval: Approval | None = None) -> Decision:
+    def decide(self, request: Request, *, now: float | None = None, approval: Approval | None = None,
+               extra_rules: Sequence[Rule] = ()) -> Decision:
+        """Decide ``request`` under the policy plus ``extra_rules`` (the SDK's active budgets)."""
         now = time.time() if now is None else now
         did = secrets.token_hex(8)
         if (request.provider, request.route) in FREE_ROUTES:
@@ -200,7 +201,7 @@ class Engine:
         applied: list[str] = []
         for _ in range(MAX_REMEDIES):
             tier = self.policy.tiers.tier_of(est.model)
-            rules = [r for r in self._rules
+            rules = [r for r in (*self._rules, *extra_rules)
                      if r.match.matches(est.model, request.provider, tier, request.identity.tags)]
             request_trips, alerts = self._request_trips(rules, est, bypass)
             lines, owners = self._lines(rules, request, est, tier, now, bypass)
@@ -263,6 +264,13 @@ class Engine:
             return self._refusal(did, act, est, body, trip, states, notes, original, dims, now)
         raise RuntimeError("policy remedies did not converge")  # pragma: no cover - bounded chains
 
+    def _usd(self, rule: Rule) -> int | None:
+        """A rule's dollar limit in nanos (precomputed for the policy's own rules)."""
+        cached = self._usd_limit.get(rule.name)
+        if cached is None and rule.usd is not None:
+            return usd_to_nanos(rule.usd)
+        return cached
+
     def _estimate(self, request: Request, body: Mapping[str, Any]) -> Estimate:
         if request.shape is None:
             return self.estimator.estimate(request.provider, request.route, body)
@@ -276,8 +284,9 @@ class Engine:
             if r.window.kind != "request" or r.name in bypass:
                 continue
             found = []
-            if r.usd is not None and est.cost_nanos > self._usd_limit[r.name]:
-                found.append(Trip(r, "usd", self._usd_limit[r.name], 0, est.cost_nanos))
+            usd = self._usd(r)
+            if usd is not None and est.cost_nanos > usd:
+                found.append(Trip(r, "usd", usd, 0, est.cost_nanos))
             if r.tokens is not None and est.tokens > r.tokens:
                 found.append(Trip(r, "tokens", r.tokens, 0, est.tokens))
             if found and r.action == "alert":
@@ -304,7 +313,7 @@ class Engine:
             elif w.kind == "rolling":
                 window_s = w.seconds
             enforce = r.action != "alert" and r.name not in bypass
-            for unit, limit, amount in (("usd", self._usd_limit.get(r.name), est.cost_nanos),
+            for unit, limit, amount in (("usd", self._usd(r), est.cost_nanos),
                                         ("tokens", r.tokens, est.tokens)):
                 if limit is None:
                     continue

@@ -22,14 +22,14 @@ from aiohttp import web
 from spendgate import ledger as ledger_mod
 from spendgate.engine import Approval, Decision, Engine
 from spendgate.errors import BadRequest, StoreError, UnpricedModel
-from spendgate.estimate.tokens import counter
 from spendgate.money import nanos_to_usd
 from spendgate.policy import Policy
 from spendgate.proxy import admin, approvals
 from spendgate.proxy.envelope import error_response
 from spendgate.proxy.identity import Credentials, credentials, identity
-from spendgate.proxy.stream import StreamMeter
 from spendgate.request import Request
+from spendgate.wire.edits import outgoing
+from spendgate.wire.stream import StreamMeter
 
 log = logging.getLogger("spendgate.proxy")
 
@@ -47,8 +47,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
                         "content-encoding"})
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie"})
-#: Chat and legacy completions only meter a stream when asked to include usage.
-INCLUDE_USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 @dataclass
@@ -182,7 +180,7 @@ class Proxy:
                                       "edits": dict(d.edits)}, headers={"X-Spendgate-Decision": d.id})
         if not d.allowed:
             return self._refuse(request, provider, route, send, d, session, now, raw)
-        out, withhold = self._outgoing(route, send, d)
+        out, withhold = outgoing(route, send, d)
         return await self._forward_plain(request, provider, creds, out, d, withhold)
 
     def _answers(self, provider: str, route: str, raw: bytes, body: dict[str, Any], session: str,
@@ -237,22 +235,6 @@ class Proxy:
         assert isinstance(resp.body, bytes)
         self.recent.put(session, raw, (402, resp.body, headers), now)
         return resp
-
-    @staticmethod
-    def _outgoing(route: str, send: bytes, d: Decision) -> tuple[bytes, bool]:
-        """The bytes to send upstream: unchanged unless the decision edited the body, or a stream
-        needs ``include_usage`` to be metered (then its usage chunk is withheld from the client)."""
-        body = d.body
-        withhold = False
-        patch: dict[str, Any] = dict(d.edits)
-        if route in INCLUDE_USAGE_ROUTES and body.get("stream") is True:
-            opts = body.get("stream_options")
-            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
-                patch["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-                withhold = True
-        if not patch:
-            return send, False
-        return json.dumps({**body, **patch}).encode(), withhold
 
     # -- forwarding ---------------------------------------------------------------------------
 
@@ -355,13 +337,9 @@ class Proxy:
 
     def _unknown(self, d: Decision | None, meter: StreamMeter | None) -> None:
         """Charge a call whose outcome is unknown: input + output seen, or the worst case."""
-        if d is None or d.hold_id is None or d.estimate is None:
+        if d is None or d.hold_id is None:
             return
-        seen = None
-        if meter is not None and meter.text:
-            seen = counter("o200k_base").count("".join(meter.text))
-            if d.estimate.provider == "anthropic":
-                seen = math.ceil(seen * self.engine.estimator.anthropic_factor)
+        seen = meter.output_tokens(self.engine.estimator.anthropic_factor) if meter is not None else None
         self.engine.charge_unknown(d, seen)
 
 

@@ -10,7 +10,10 @@ kept so a stream cut short can be charged for what it produced.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
+
+from spendgate.estimate.tokens import counter
 
 _SEP = (b"\r\n\r\n", b"\n\n")
 
@@ -104,3 +107,11 @@ class StreamMeter:
                 for field in ("text", "thinking", "partial_json"):
                     if isinstance(delta.get(field), str):
                         self.text.append(delta[field])
+
+    def output_tokens(self, anthropic_factor: float) -> int | None:
+        """Tokens of the output seen so far (None if none was seen), for a stream cut short;
+        Anthropic's scaled by the same upward factor as its input estimates."""
+        if not self.text:
+            return None
+        n = counter("o200k_base").count("".join(self.text))
+        return math.ceil(n * anthropic_factor) if self.provider == "anthropic" else n

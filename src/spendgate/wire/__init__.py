@@ -1,0 +1,1 @@
+"""What both doors (the proxy and the SDK) do to provider traffic: edit bodies, meter streams."""
