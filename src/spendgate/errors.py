@@ -21,3 +21,21 @@ class UnpricedModel(SpendgateError):
 
 class StoreError(SpendgateError):
     """The ledger's store failed (disk, lock, connection); wraps the backend's own error once."""
+
+
+class BudgetExceeded(SpendgateError):
+    """A call was refused before it was sent. Carries the same fields as the proxy's 402 body
+    (``decision_id``, ``action``, ``rule``, ``scope``, ``window``, ``limit_usd``, ``spent_usd``,
+    ``held_usd``, ``estimate_usd``, ``remaining_usd``, ``resets_at``, ``retryable``, ``recovery``);
+    all of them are also in :attr:`details`."""
+
+    def __init__(self, message: str, details: dict[str, object]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __getattr__(self, name: str) -> object:
+        details = self.__dict__.get("details", {})
+        if name in details:
+            return details[name]
+        raise AttributeError(name)

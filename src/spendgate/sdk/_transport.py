@@ -1,0 +1,249 @@
+"""The guard as an httpx transport under the official clients.
+
+The client builds its request as usual; the transport prices it, holds its worst case under the
+active budgets and the policy, raises :class:`spendgate.BudgetExceeded` instead of sending when it
+does not fit, forwards it to the client's own transport when it does, and settles from the
+response's ``usage`` — for streams, as the caller reads the last event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+
+from spendgate.engine import Approval, Decision, Engine
+from spendgate.errors import BadRequest, BudgetExceeded, StoreError, UnpricedModel
+from spendgate.estimate import FREE_ROUTES, ROUTES
+from spendgate.request import Identity, Request, hash_key
+from spendgate.sdk import _runtime
+from spendgate.sdk._context import active_scopes, active_tags
+from spendgate.wire.edits import outgoing
+from spendgate.wire.stream import StreamMeter
+
+_IDENTITY_TAGS = ("user", "team", "session", "agent", "feature")
+
+
+@dataclass(frozen=True, slots=True)
+class Errors:
+    """spendgate's errors as subclasses of one SDK's base error, so that SDK passes them through
+    untouched (the Anthropic client would otherwise wrap them as retryable connection errors)."""
+
+    exceeded: type[BudgetExceeded]
+    bad_request: type[BadRequest]
+    store: type[StoreError]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    request: httpx2.Request
+    decision: Decision | None
+    withhold: bool = False
+
+
+class Guard:
+    """Everything the sync and async transports share: decide before, settle after."""
+
+    def __init__(self, provider: str, errors: Errors, engine: Callable[[], Engine] = _runtime.engine) -> None:
+        self.provider = provider
+        self.errors = errors
+        self._engine = engine
+        self._routes = sorted((r for p, r in (*ROUTES, *FREE_ROUTES) if p == provider), key=len, reverse=True)
+
+    def route_of(self, path: str) -> str | None:
+        return next((r for r in self._routes if path.endswith(r)), None)
+
+    def before(self, request: httpx2.Request) -> Prepared:
+        route = self.route_of(request.url.path)
+        if (self.provider, route) in FREE_ROUTES or (route is None and request.method in ("GET", "HEAD", "DELETE")):
+            return Prepared(request, None)
+        if route is None:
+            raise self.errors.bad_request(
+                f"spendgate: {request.method} {request.url.path} cannot be priced, so it was not sent")
+        raw = request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise self.errors.bad_request(f"spendgate: the request body is not JSON ({exc})") from None
+        engine = self._engine()
+        scopes = active_scopes()
+        rules = [s.rule for s in scopes]
+        req = Request(self.provider, route, body, self._identity(request))
+        try:
+            d = engine.decide(req, extra_rules=rules)
+            if not d.allowed:
+                d = self._ask(engine, req, d, rules)
+        except BadRequest as exc:
+            raise self.errors.bad_request(f"spendgate: {exc}") from None
+        except UnpricedModel as exc:
+            raise self.errors.exceeded(f"spendgate: {exc}", {"action": "block", "rule": "unpriced"}) from None
+        except StoreError as exc:
+            raise self.errors.store(f"spendgate: the spend store failed, so the call was not sent: {exc}") from None
+        out, withhold = outgoing(route, raw, d)
+        if out is not raw:
+            headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
+            request = httpx2.Request(request.method, request.url, headers=headers, content=out,
+                                     extensions=request.extensions)
+        return Prepared(request, d, withhold)
+
+    def _ask(self, engine: Engine, req: Request, d: Decision, rules: list[Any]) -> Decision:
+        """A refusal, unless the tripped budget's ``on_exceed`` callable lets the call through once."""
+        err = self.errors.exceeded(d.message, d.to_dict())
+        tripped = d.trip.rule.name if d.trip is not None else None
+        callback = next((s.callback for s in active_scopes() if s.rule.name == tripped and s.callback), None)
+        if callback is not None and callback(err):
+            again = engine.decide(req, extra_rules=rules, approval=Approval(by="on_exceed callback"))
+            if again.allowed:
+                return again
+            err = self.errors.exceeded(again.message, again.to_dict())
+        raise err
+
+    def _identity(self, request: httpx2.Request) -> Identity:
+        tags = dict(active_tags())
+        auth = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        return Identity(key=hash_key(auth) if auth else None, tags=tags,
+                        **{k: tags.get(k) for k in _IDENTITY_TAGS})
+
+    # -- after --------------------------------------------------------------------------------
+
+    def settle_body(self, d: Decision, status: int, content: bytes) -> None:
+        engine = self._engine()
+        if status >= 400:
+            engine.release(d)  # the provider refused it: nothing was generated, nothing billed
+            return
+        try:
+            payload = json.loads(content)
+        except ValueError:
+            payload = None
+        engine.capture(d, payload if isinstance(payload, dict) else None)
+
+    def settle_stream(self, d: Decision, meter: StreamMeter) -> None:
+        engine = self._engine()
+        if meter.complete:
+            engine.capture(d, meter.usage)
+        else:
+            engine.charge_unknown(d, meter.output_tokens(engine.estimator.anthropic_factor))
+
+    def failed(self, d: Decision | None, exc: BaseException) -> None:
+        """The transport raised: nothing sent (release) or an unknown outcome (worst case)."""
+        if d is None:
+            return
+        if isinstance(exc, httpx2.ConnectError):
+            self._engine().release(d)
+        else:
+            self._engine().charge_unknown(d)
+
+    @staticmethod
+    def is_stream(response: httpx2.Response) -> bool:
+        return response.headers.get("content-type", "").startswith("text/event-stream")
+
+    @staticmethod
+    def stream_headers(response: httpx2.Response) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-length"]
+
+
+class _MeteredStream(httpx2.SyncByteStream):
+    def __init__(self, inner: httpx2.SyncByteStream, meter: StreamMeter, settle: Callable[[], None]) -> None:
+        self._inner, self._meter, self._settle, self._done = inner, meter, settle, False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            out = self._meter.feed(chunk)
+            if out:
+                yield out
+        tail = self._meter.flush()
+        if tail:
+            yield tail
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._settle()
+
+    def close(self) -> None:
+        self._finish()  # a stream closed early is settled for what it produced
+        self._inner.close()
+
+
+class _AsyncMeteredStream(httpx2.AsyncByteStream):
+    def __init__(self, inner: httpx2.AsyncByteStream, meter: StreamMeter, settle: Callable[[], None]) -> None:
+        self._inner, self._meter, self._settle, self._done = inner, meter, settle, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            out = self._meter.feed(chunk)
+            if out:
+                yield out
+        tail = self._meter.flush()
+        if tail:
+            yield tail
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._settle()
+
+    async def aclose(self) -> None:
+        self._finish()
+        await self._inner.aclose()
+
+
+class GuardTransport(httpx2.BaseTransport):
+    def __init__(self, inner: httpx2.BaseTransport, guard: Guard) -> None:
+        self.inner, self.guard = inner, guard
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        p = self.guard.before(request)
+        try:
+            response = self.inner.handle_request(p.request)
+        except BaseException as exc:
+            self.guard.failed(p.decision, exc)
+            raise
+        d = p.decision
+        if d is None:
+            return response
+        if self.guard.is_stream(response) and response.status_code < 400:
+            meter = StreamMeter(self.guard.provider, p.withhold)
+            assert isinstance(response.stream, httpx2.SyncByteStream)
+            stream = _MeteredStream(response.stream, meter, lambda: self.guard.settle_stream(d, meter))
+            return httpx2.Response(response.status_code, headers=self.guard.stream_headers(response), stream=stream,
+                                   extensions=response.extensions)
+        content = response.read()
+        self.guard.settle_body(d, response.status_code, content)
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class AsyncGuardTransport(httpx2.AsyncBaseTransport):
+    def __init__(self, inner: httpx2.AsyncBaseTransport, guard: Guard) -> None:
+        self.inner, self.guard = inner, guard
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        p = self.guard.before(request)
+        try:
+            response = await self.inner.handle_async_request(p.request)
+        except BaseException as exc:
+            self.guard.failed(p.decision, exc)
+            raise
+        d = p.decision
+        if d is None:
+            return response
+        if self.guard.is_stream(response) and response.status_code < 400:
+            meter = StreamMeter(self.guard.provider, p.withhold)
+            assert isinstance(response.stream, httpx2.AsyncByteStream)
+            stream = _AsyncMeteredStream(response.stream, meter, lambda: self.guard.settle_stream(d, meter))
+            return httpx2.Response(response.status_code, headers=self.guard.stream_headers(response), stream=stream,
+                                   extensions=response.extensions)
+        content = await response.aread()
+        self.guard.settle_body(d, response.status_code, content)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
