@@ -84,6 +84,7 @@ class Decision:
     tightest: BucketState | None = None
     alerts: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    #: for a refusal, the text for the person and the agent; empty when allowed (see ``describe``)
     message: str = ""
     original: Estimate | None = None
     #: reporting dimensions (identity, route, tier) logged with the charge
@@ -230,8 +231,8 @@ class Engine:
                 action = "alert" if alerts else ("downgrade" if "model" in edits else
                                                  "clamp" if edits else "allow")
                 return Decision(did, action, True, est, body, edits, hold_id, None,
-                                _tightest(states), tuple(alerts), tuple(notes),
-                                self._allow_message(est, alerts), original, dims, now, tuple(applied))
+                                _tightest(states), tuple(alerts), tuple(notes), "", original, dims, now,
+                                tuple(applied))
             trip = self._worst(trips)
             # an immutable hold could never be approved: it is a block
             act = "block" if trip.rule.immutable and trip.rule.action == "hold" else trip.rule.action
@@ -411,10 +412,6 @@ class Engine:
         """The spend-log row kept with a hold, so an expired hold is logged with its origin."""
         return Event(now, "capture", did, est.model, provider, est.cost_nanos,
                      est.input_tokens, est.output_tokens, est.price.estimated_price, dict(dims))
-
-    def _allow_message(self, est: Estimate, alerts: Sequence[str]) -> str:
-        msg = est.describe()
-        return msg + ("; alerts: " + "; ".join(alerts) if alerts else "")
 
     def _refusal(self, did: str, act: str, est: Estimate, body: Mapping[str, Any], trip: Trip,
                  states: Sequence[BucketState], notes: list[str], original: Estimate,

@@ -16,7 +16,7 @@ Amounts are integers: nano-dollars for ``usd`` buckets, tokens for ``tokens`` bu
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -143,7 +143,7 @@ class _Hold:
 
 
 def new_hold_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class Ledger(ABC):

@@ -176,7 +176,8 @@ class Proxy:
                                                  f"sent: {exc}", code="spendgate_store_error")
         if dry:
             self.engine.release(d, now=now)
-            return web.json_response({"spendgate": d.to_dict(), "allowed": d.allowed, "message": d.message,
+            return web.json_response({"spendgate": d.to_dict(), "allowed": d.allowed,
+                                      "message": d.message or (d.estimate.describe() if d.estimate else ""),
                                       "edits": dict(d.edits)}, headers={"X-Spendgate-Decision": d.id})
         if not d.allowed:
             return self._refuse(request, provider, route, send, d, session, now, raw)
