@@ -147,9 +147,83 @@ def new_hold_id() -> str:
 
 
 class Ledger(ABC):
-    """The store interface; pick a backend with :func:`spendgate.ledger.open`."""
+    """The store interface; pick a backend with :func:`spendgate.ledger.open`.
+
+    Every method is atomic on its own: a backend may run it as one SQL transaction
+    (:class:`TransactionalLedger`) or one Lua script (Redis), and one contract test suite holds
+    them all to the same behaviour.
+    """
 
     url: str = ""
+
+    @abstractmethod
+    def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,
+                  event: Event | None = None, hold_id: str | None = None) -> Authorization:
+        """Hold every line's amount on its bucket, or refuse with the overflowing buckets.
+
+        Stale holds are expired first, so a crashed caller cannot pin a budget past its TTL.
+        ``event`` is kept with the hold so an expiry can be logged with its origin.
+        """
+
+    @abstractmethod
+    def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
+                event: Event | None = None) -> bool:
+        """Replace a hold by the actual amounts (by unit); False if the hold is gone (expired).
+        ``event``, when given, is logged atomically with the charge."""
+
+    @abstractmethod
+    def release(self, hold_id: str, *, now: float) -> bool:
+        """Drop a hold without charging (the request was never sent)."""
+
+    @abstractmethod
+    def expire(self, now: float) -> list[ExpiredHold]:
+        """Charge every hold past its TTL at its worst case and flag it for reconciliation."""
+
+    @abstractmethod
+    def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
+        """Raise ``bucket``'s limit by ``amount`` until ``until`` (an approval's headroom)."""
+
+    @abstractmethod
+    def states(self, buckets: Sequence[Bucket], *, now: float) -> list[BucketState]: ...
+
+    @abstractmethod
+    def record(self, event: Event) -> None:
+        """Log a spend event without a hold."""
+
+    @abstractmethod
+    def put_record(self, kind: str, key: str, value: str, *, expires_at: float | None = None) -> None:
+        """Store ``value`` under (kind, key), replacing what was there: shared state of the doors
+        (held requests, virtual keys) that every process on the store must see."""
+
+    @abstractmethod
+    def get_record(self, kind: str, key: str, *, now: float) -> str | None: ...
+
+    @abstractmethod
+    def take_record(self, kind: str, key: str, *, now: float) -> str | None:
+        """Read and delete in one step, so a one-time approval is consumed exactly once."""
+
+    @abstractmethod
+    def delete_record(self, kind: str, key: str) -> None: ...
+
+    @abstractmethod
+    def records(self, kind: str, *, now: float) -> list[tuple[str, str]]:
+        """Every live (key, value) of ``kind``."""
+
+    @abstractmethod
+    def events(self, since: float, until: float | None = None) -> list[Event]:
+        """Spend events with ``since <= ts < until``, oldest first."""
+
+    @abstractmethod
+    def known_buckets(self) -> list[Bucket]:
+        """Every bucket a hold or grant has touched, for ``spendgate status``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the backend's resources."""
+
+
+class TransactionalLedger(Ledger):
+    """The rules of the ledger written once, over a few primitives a backend runs inside one
+    transaction (:meth:`_transaction`): the memory and SQLite backends."""
 
     # -- the public contract ------------------------------------------------------------------
 
@@ -244,10 +318,6 @@ class Ledger(ABC):
             self._delete_record(kind, key)
 
     @abstractmethod
-    def records(self, kind: str, *, now: float) -> list[tuple[str, str]]:
-        """Every live (key, value) of ``kind``."""
-
-    @abstractmethod
     def _put_record(self, kind: str, key: str, value: str, expires_at: float | None) -> None: ...
 
     @abstractmethod
@@ -255,17 +325,6 @@ class Ledger(ABC):
 
     @abstractmethod
     def _delete_record(self, kind: str, key: str) -> None: ...
-
-    @abstractmethod
-    def events(self, since: float, until: float | None = None) -> list[Event]:
-        """Spend events with ``since <= ts < until``, oldest first."""
-
-    @abstractmethod
-    def known_buckets(self) -> list[Bucket]:
-        """Every bucket a hold or grant has touched, for ``spendgate status``."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the backend's resources."""
 
     # -- primitives a backend provides (called inside _transaction) ---------------------------
 

@@ -7,10 +7,10 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
-from spendgate.ledger.base import Bucket, Event, Ledger, _Hold
+from spendgate.ledger.base import Bucket, Event, TransactionalLedger, _Hold
 
 
-class MemoryLedger(Ledger):
+class MemoryLedger(TransactionalLedger):
     """Thread-safe in one process; shared by nothing else."""
 
     schemes = ("memory",)

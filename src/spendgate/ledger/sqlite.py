@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from spendgate.errors import StoreError
-from spendgate.ledger.base import Bucket, Event, Ledger, _Hold, deserialize_hold, serialize_hold
+from spendgate.ledger.base import Bucket, Event, TransactionalLedger, _Hold, deserialize_hold, serialize_hold
 
 log = logging.getLogger("spendgate.ledger.sqlite")
 CHECKPOINT_EVERY_S = 1.0
@@ -48,7 +48,7 @@ def path_of(url: str) -> Path:
     return Path(rest).expanduser()
 
 
-class SQLiteLedger(Ledger):
+class SQLiteLedger(TransactionalLedger):
     schemes = ("sqlite",)
 
     def __init__(self, url: str) -> None:
