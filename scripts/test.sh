@@ -3,6 +3,15 @@
 # Extra arguments go to pytest. Exits non-zero on any failure, and when no test ran (pytest exit 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The Redis tests run against a real redis-server from the distribution's packages; without it the
+# run fails (it never skips them).
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "installing redis-server (Debian package) for the Redis tests" >&2
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check src tests bench scripts

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -10,21 +11,33 @@ import pytest
 
 from spendgate import ledger as ledger_mod
 from spendgate.ledger import Ledger
+from tests.redis_server import RedisServer
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis"]
 T = TypeVar("T")
 
 
-def store_url(kind: str, tmp_path: Path) -> str:
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the run; each test gets its own key prefix on it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+def store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if kind == "memory":
         return "memory://"
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return f"{server.url}?prefix={uuid.uuid4().hex[:12]}"
     return f"sqlite:///{tmp_path / 'spend.db'}"
 
 
 @pytest.fixture(params=BACKENDS)
 def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """One ledger contract, run against every backend."""
-    return store_url(request.param, tmp_path)
+    return store_url(request.param, tmp_path, request)
 
 
 @pytest.fixture

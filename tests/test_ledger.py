@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+import uuid
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from spendgate import ledger
 from spendgate.errors import StoreError
 from spendgate.ledger import Bucket, Event, Ledger, Line
 from tests.conftest import race
+from tests.redis_server import RedisServer
 
 T0 = 1_800_000_000.0
 
@@ -142,7 +144,7 @@ def test_known_buckets_lists_what_was_touched(store: Ledger) -> None:
 
 
 def test_unknown_store_url_names_the_known_schemes() -> None:
-    with pytest.raises(StoreError, match=r"memory://, sqlite://"):
+    with pytest.raises(StoreError, match=r"memory://, redis://, rediss://, sqlite://"):
         ledger.open("postgres://x")
 
 
@@ -258,3 +260,16 @@ def test_records_expire_and_are_taken_exactly_once(store: Ledger) -> None:
     assert taken.count("once") == 1, "a one-time approval is consumed by exactly one taker"
     store.delete_record("key", "k1")
     assert store.records("key", now=T0) == []
+
+
+def test_redis_ledger_properties(redis_server: RedisServer) -> None:
+    """The same random interleavings against the Redis Lua scripts."""
+
+    class RedisLedgerMachine(LedgerMachine):
+        @initialize()
+        def setup(self) -> None:
+            self.url = f"{redis_server.url}?prefix={uuid.uuid4().hex[:12]}"
+            super().setup()
+
+    run_state_machine_as_test(RedisLedgerMachine, settings=settings(max_examples=25, stateful_step_count=30,
+                                                                    deadline=None))

@@ -1,7 +1,7 @@
 """The ledger of holds and charges, one interface over backends chosen by URL.
 
-``open("memory://")``, ``open("sqlite:///~/.spendgate/spendgate.db")``; a backend registers the
-URL schemes it serves in :data:`BACKENDS`.
+``open("memory://")``, ``open("sqlite:///~/.spendgate/spendgate.db")``,
+``open("redis://127.0.0.1:6379/0")``; a backend registers the URL schemes it serves in :data:`BACKENDS`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,14 @@ def _sqlite(url: str) -> Ledger:
     return SQLiteLedger(url)
 
 
-BACKENDS: dict[str, Callable[[str], Ledger]] = {"memory": _memory, "sqlite": _sqlite}
+def _redis(url: str) -> Ledger:
+    from spendgate.ledger.redis import RedisLedger
+
+    return RedisLedger(url)
+
+
+BACKENDS: dict[str, Callable[[str], Ledger]] = {"memory": _memory, "sqlite": _sqlite, "redis": _redis,
+                                                "rediss": _redis}
 
 
 def open(url: str = DEFAULT_URL) -> Ledger:
