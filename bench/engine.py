@@ -3,7 +3,8 @@
     .venv/bin/python bench/engine.py [--n 5000]
 
 Prints one table. Targets (SPEC §11): memory p50 ≤ 50 µs, SQLite p50 ≤ 500 µs per decision;
-estimating the next turn of a 100K-token conversation ≤ 1 ms.
+Redis one round trip each for authorize and capture; estimating the next turn of a 100K-token
+conversation ≤ 1 ms. With ``--redis URL`` a Redis column is measured too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 
 from spendgate import ledger
@@ -80,10 +82,16 @@ def conversation_bench(turns: int = 10) -> tuple[int, list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--redis", metavar="URL", help="also measure a Redis store, e.g. redis://127.0.0.1:6379/0 "
+                                                   "(keys go under a fresh prefix)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, url in (("memory", "memory://"), ("sqlite", f"sqlite:///{tmp}/bench.db")):
+        stores = [("memory", "memory://"), ("sqlite", f"sqlite:///{tmp}/bench.db")]
+        if args.redis:
+            sep = "&" if "?" in args.redis else "?"
+            stores.append(("redis", f"{args.redis}{sep}prefix=bench-{uuid.uuid4().hex[:8]}"))
+        for name, url in stores:
             s = decision_bench(url, args.n)
             rows.append((f"decision, {name}", statistics.median(s), pct(s, 0.99), len(s)))
     size, conv = conversation_bench()

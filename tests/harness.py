@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 from spendgate import ledger
 from spendgate.demo.background import BackgroundLoop
 from spendgate.demo.upstream import COMPLETION_TOKENS, PROMPT_TOKENS, FakeUpstream
@@ -9,7 +16,7 @@ from spendgate.engine import Engine
 from spendgate.policy import Policy
 from spendgate.proxy.app import Proxy, ProxyConfig
 
-__all__ = ["COMPLETION_TOKENS", "PROMPT_TOKENS", "Servers"]
+__all__ = ["COMPLETION_TOKENS", "PROMPT_TOKENS", "Servers", "free_port", "start_serve"]
 
 
 class Servers:
@@ -32,3 +39,33 @@ class Servers:
     def close(self) -> None:
         self.bg.close()
         self.store.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_serve(home: Path, upstream_port: int, *args: str, port: int | None = None
+                ) -> tuple[subprocess.Popen[str], int]:
+    """``spendgate serve`` as its own process, returned once it accepts connections."""
+    port = port or free_port()
+    env = {**os.environ, "HOME": str(home), "SPENDGATE_HOME": str(home / ".spendgate"),
+           "SPENDGATE_OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}",
+           "SPENDGATE_ANTHROPIC_BASE_URL": f"http://127.0.0.1:{upstream_port}"}
+    proc = subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(port), *args],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    banner = proc.stderr.readline()  # printed just before the server binds
+    if "guarding" not in banner:
+        proc.kill()
+        raise RuntimeError(f"spendgate serve did not start: {banner}{proc.stderr.read()}")
+    deadline = time.monotonic() + 30
+    while True:  # the bind itself cannot be awaited from this process: poll the port briefly
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"spendgate serve exited or never listened: {proc.stderr.read()}")
+        time.sleep(0.02)

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from spendgate.demo.run import RETRIES, run
 from spendgate.money import usd_to_nanos
-from tests.harness import Servers
+from tests.harness import Servers, start_serve
 
 
 def test_demo_holds_the_runaway_agent_at_the_session_budget() -> None:
@@ -30,40 +23,18 @@ def test_demo_holds_the_runaway_agent_at_the_session_budget() -> None:
     assert "session-hour" in text and "spendgate approve" in text and "summary" in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_runs_on_the_embedded_defaults_and_guards(tmp_path: Path) -> None:
     from spendgate.policy import default_policy
 
     upstream = Servers(default_policy(), "memory://")  # only its fake upstream is used
-    port = _free_port()
-    env = {**os.environ, "SPENDGATE_HOME": str(tmp_path), "HOME": str(tmp_path),
-           "SPENDGATE_OPENAI_BASE_URL": f"http://127.0.0.1:{upstream.upstream_port}"}
-    proc = subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(port)],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc, port = start_serve(tmp_path, upstream.upstream_port)
     try:
-        assert proc.stderr is not None
-        banner = proc.stderr.readline()  # printed before the server starts listening
-        assert "guarding" in banner and "spendgate.db" in banner
         body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
                            "messages": [{"role": "user", "content": "hi"}]}).encode()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                             headers={"Content-Type": "application/json",
-                                                      "Authorization": "Bearer sk-x"})
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    assert r.status == 200 and "x-spendgate-estimate-usd" in {k.lower() for k in r.headers}
-                break
-            except (ConnectionRefusedError, urllib.error.URLError):
-                if time.monotonic() > deadline:
-                    pytest.fail("spendgate serve did not start listening")
-                time.sleep(0.05)  # polling a port that cannot be awaited from here
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer sk-x"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200 and "x-spendgate-estimate-usd" in {k.lower() for k in r.headers}
         assert (tmp_path / ".spendgate" / "spendgate.db").exists(), "the embedded default store is SQLite"
         assert upstream.mock.reached() == 1
     finally:

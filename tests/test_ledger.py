@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -273,3 +274,32 @@ def test_redis_ledger_properties(redis_server: RedisServer) -> None:
 
     run_state_machine_as_test(RedisLedgerMachine, settings=settings(max_examples=25, stateful_step_count=30,
                                                                     deadline=None))
+
+
+def test_redis_authorize_and_capture_are_one_round_trip_each(redis_server: RedisServer,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis.connection
+
+    from spendgate.engine import Engine
+    from spendgate.policy import default_policy
+    from spendgate.request import Identity, Request
+
+    store = ledger.open(f"{redis_server.url}?prefix={uuid.uuid4().hex[:12]}")
+    engine = Engine(default_policy(), store)
+    req = Request("openai", "/v1/chat/completions",
+                  {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]},
+                  Identity(session="s"))
+    engine.capture(engine.decide(req, now=T0), {"prompt_tokens": 5, "completion_tokens": 5}, now=T0)  # load script
+    sent: list[bytes] = []
+    real = redis.connection.Connection.send_packed_command
+
+    def counting(self: redis.connection.Connection, command: Any, check_health: bool = True) -> None:
+        sent.append(b"".join(command) if isinstance(command, list) else command)
+        real(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counting)
+    d = engine.decide(req, now=T0 + 1)
+    assert len(sent) == 1 and b"EVALSHA" in sent[0], "authorize: one round trip"
+    engine.capture(d, {"prompt_tokens": 5, "completion_tokens": 5}, now=T0 + 1)
+    assert len(sent) == 2 and b"EVALSHA" in sent[1], "capture: one round trip"
+    store.close()

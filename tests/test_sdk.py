@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,7 +22,7 @@ from spendgate.errors import ConfigError
 from spendgate.money import usd_to_nanos
 from spendgate.policy import default_policy
 from spendgate.sdk import _runtime
-from tests.harness import Servers
+from tests.harness import Servers, start_serve
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -293,12 +288,6 @@ def test_public_surface_is_deliberate() -> None:
     assert all(hasattr(spendgate, n) for n in spendgate.__all__)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sdk_and_a_running_proxy_share_one_bucket(provider: Provider, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     w = worst()
@@ -311,12 +300,8 @@ def test_sdk_and_a_running_proxy_share_one_bucket(provider: Provider, tmp_path: 
     upstream.mock.bill_input = lambda body: _runtime.engine().estimator.shape(
         "openai", "/v1/chat/completions", body).input_tokens
     upstream.mock.completion_tokens = 1000
-    port = _free_port()
-    env = {**os.environ, "HOME": str(tmp_path), "SPENDGATE_OPENAI_BASE_URL": f"http://127.0.0.1:{upstream.upstream_port}"}
-    proc = subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(port), "--store", url,
-                             "--config", str(policy)], env=env, stderr=subprocess.PIPE, text=True)
+    proc, port = start_serve(tmp_path, upstream.upstream_port, "--store", url, "--config", str(policy))
     try:
-        assert proc.stderr is not None and "guarding" in proc.stderr.readline()
         c = oai(provider)
         with spendgate.tags(team="ml"):
             for _ in range(2):
@@ -333,16 +318,7 @@ def test_sdk_and_a_running_proxy_share_one_bucket(provider: Provider, tmp_path: 
             except urllib.error.HTTPError as e:
                 return e.code
 
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                first = via_proxy()
-                break
-            except urllib.error.URLError:
-                if time.monotonic() > deadline:
-                    pytest.fail("spendgate serve did not start")
-                time.sleep(0.05)  # polling a port that cannot be awaited from here
-        assert first == 200, "the third worst case still fits the shared bucket"
+        assert via_proxy() == 200, "the third worst case still fits the shared bucket"
         assert via_proxy() == 402, "the proxy sees what the SDK spent"
         with spendgate.tags(team="ml"), pytest.raises(spendgate.BudgetExceeded):
             c.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=1000)  # type: ignore[arg-type]

@@ -155,6 +155,8 @@ class Ledger(ABC):
     """
 
     url: str = ""
+    #: True when every call is a network round trip (callers on an event loop move it to a thread)
+    networked: bool = False
 
     @abstractmethod
     def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,

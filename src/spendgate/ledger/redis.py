@@ -49,6 +49,7 @@ def _line(bucket: Bucket, amount: int) -> list[Any]:
 
 class RedisLedger(Ledger):
     schemes = ("redis", "rediss")
+    networked = True
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)

@@ -12,9 +12,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +34,7 @@ from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
 
 log = logging.getLogger("spendgate.proxy")
+T = TypeVar("T")
 
 #: Priced routes: path -> provider.
 ROUTES = {
@@ -83,6 +86,14 @@ class Proxy:
         #: bodies this instance held, so only their retries look for an approval given by id
         self.held_bodies: dict[str, float] = {}
         self.client: aiohttp.ClientSession | None = None
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="spendgate-store")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run an engine call: inline for a local store (microseconds), on a worker thread for a
+        networked one (Redis), so a round trip never stalls the event loop."""
+        if not self.store.networked:
+            return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -107,6 +118,7 @@ class Proxy:
     async def _stop(self, _: web.Application) -> None:
         if self.client is not None:
             await self.client.close()
+        self._pool.shutdown(wait=True)
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -166,7 +178,7 @@ class Proxy:
                 return web.Response(status=status, body=payload, content_type="application/json", headers=headers)
         req = Request(provider, route, body, ident)
         try:
-            d = self.engine.decide(req, now=now, approval=approval)
+            d = await self._call(self.engine.decide, req, now=now, approval=approval)
         except BadRequest as exc:
             return error_response(provider, 400, f"spendgate: {exc}", code="spendgate_unpriceable")
         except UnpricedModel as exc:
@@ -175,7 +187,7 @@ class Proxy:
             return error_response(provider, 503, f"spendgate: the spend store failed, so the request was not "
                                                  f"sent: {exc}", code="spendgate_store_error")
         if dry:
-            self.engine.release(d, now=now)
+            await self._call(self.engine.release, d, now=now)
             return web.json_response({"spendgate": d.to_dict(), "allowed": d.allowed,
                                       "message": d.message or (d.estimate.describe() if d.estimate else ""),
                                       "edits": dict(d.edits)}, headers={"X-Spendgate-Decision": d.id})
@@ -267,33 +279,33 @@ class Proxy:
                 if up.content_type == "text/event-stream" and up.status < 400:
                     return await self._relay_stream(request, provider, up, d, withhold)
                 data = await up.read()
-                self._settle_plain(up.status, data, d)
+                await self._settle_plain(up.status, data, d)
                 return web.Response(status=up.status, body=data, headers=self._reply_headers(up.headers, d))
         except aiohttp.ClientConnectorError as exc:
-            self._release(d)
+            await self._release(d)
             return error_response(provider, 502, f"spendgate: cannot reach the {provider} upstream at "
                                                  f"{self.config.upstreams[provider]} ({exc.os_error or exc}); "
                                                  "nothing was sent, nothing charged", code="spendgate_upstream")
         except TimeoutError:
-            self._unknown(d, None)
+            await self._unknown(d, None)
             return error_response(provider, 504, f"spendgate: the {provider} upstream did not answer in time; "
                                                  "the request's worst case was charged", code="spendgate_timeout")
         except aiohttp.ClientError as exc:
-            self._unknown(d, None)
+            await self._unknown(d, None)
             return error_response(provider, 502, f"spendgate: the {provider} upstream failed ({exc}); the "
                                                  "request's worst case was charged", code="spendgate_upstream")
 
-    def _settle_plain(self, status: int, data: bytes, d: Decision | None) -> None:
+    async def _settle_plain(self, status: int, data: bytes, d: Decision | None) -> None:
         if d is None or d.hold_id is None:
             return
         if status >= 400:
-            self._release(d)  # the provider refused it: nothing was generated, nothing billed
+            await self._release(d)  # the provider refused it: nothing was generated, nothing billed
             return
         try:
             payload = json.loads(data)
         except ValueError:
             payload = None
-        self.engine.capture(d, payload if isinstance(payload, dict) else None)
+        await self._call(self.engine.capture, d, payload if isinstance(payload, dict) else None)
 
     async def _relay_stream(self, request: web.Request, provider: str, up: aiohttp.ClientResponse,
                             d: Decision | None, withhold: bool) -> web.StreamResponse:
@@ -311,14 +323,14 @@ class Proxy:
                 await resp.write(tail)
             if d is not None:
                 if meter.complete:
-                    self.engine.capture(d, meter.usage)
+                    await self._call(self.engine.capture, d, meter.usage)
                 else:
-                    self._unknown(d, meter)
+                    await self._unknown(d, meter)
             settled = True
             await resp.write_eof()
         except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError):
             if not settled:
-                self._unknown(d, meter)
+                await self._unknown(d, meter)
             raise
         return resp
 
@@ -332,16 +344,16 @@ class Proxy:
                 out["X-Spendgate-Remaining-Usd"] = str(nanos_to_usd(remaining))
         return out
 
-    def _release(self, d: Decision | None) -> None:
+    async def _release(self, d: Decision | None) -> None:
         if d is not None:
-            self.engine.release(d)
+            await self._call(self.engine.release, d)
 
-    def _unknown(self, d: Decision | None, meter: StreamMeter | None) -> None:
+    async def _unknown(self, d: Decision | None, meter: StreamMeter | None) -> None:
         """Charge a call whose outcome is unknown: input + output seen, or the worst case."""
         if d is None or d.hold_id is None:
             return
         seen = meter.output_tokens(self.engine.estimator.anthropic_factor) if meter is not None else None
-        self.engine.charge_unknown(d, seen)
+        await self._call(self.engine.charge_unknown, d, seen)
 
 
 def build(policy: Policy, store_url: str, admin_token: str | None = None) -> Proxy:

@@ -10,7 +10,10 @@
 local op, P = ARGV[1], ARGV[2]
 local HELD, HOLDS, BUCKETS, EVENTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
-local function num(x) return string.format('%.0f', x) end
+local function num(x)  -- an integer as Redis and the client expect it (never "-0" or "1e+15")
+  if x == 0 then return '0' end
+  return string.format('%.0f', x)
+end
 local function fnum(x) return string.format('%.17g', x) end
 
 local function slot_of(now, win, slot_s)
@@ -56,7 +59,7 @@ end
 
 local function charge(key, win, slot_s, amount, now)
   local skey = P .. 'slots:' .. key
-  redis.call('HINCRBY', skey, slot_of(now, win, slot_s), amount)
+  redis.call('HINCRBY', skey, num(slot_of(now, win, slot_s)), num(amount))
   if win > 0 then
     local first = first_live(now, win, slot_s)
     for _, field in ipairs(redis.call('HKEYS', skey)) do
@@ -73,7 +76,7 @@ local function pop_hold(id)
   redis.call('DEL', hkey)
   redis.call('ZREM', HOLDS, id)
   local lines = cjson.decode(raw[1])
-  for _, l in ipairs(lines) do redis.call('HINCRBY', HELD, l[1], -l[5]) end
+  for _, l in ipairs(lines) do redis.call('HINCRBY', HELD, l[1], num(-l[5])) end
   return lines, raw[2]
 end
 
@@ -133,7 +136,7 @@ if op == 'authorize' then
     redis.call('HSET', P .. 'hold:' .. id, 'l', ARGV[6], 'e', ARGV[7])
     redis.call('ZADD', HOLDS, now + ttl, id)
     for i, l in ipairs(lines) do
-      redis.call('HINCRBY', HELD, l[1], l[5])
+      redis.call('HINCRBY', HELD, l[1], num(l[5]))
       redis.call('HSETNX', BUCKETS, l[1], l[7])
       states[i][2] = states[i][2] + l[5]
     end
