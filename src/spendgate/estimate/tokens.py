@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import gzip
 import threading
-from functools import cache
 from importlib import resources
 
 import tiktoken
@@ -54,13 +53,25 @@ def _load_ranks(name: str) -> dict[bytes, int]:
     return ranks
 
 
-@cache
+_loaded: dict[str, tiktoken.Encoding] = {}
+_loading = threading.Lock()
+
+
 def encoding(name: str) -> tiktoken.Encoding:
-    """The tiktoken encoding ``name`` (``o200k_base`` or ``cl100k_base``), loaded offline."""
+    """The tiktoken encoding ``name`` (``o200k_base`` or ``cl100k_base``), loaded offline, once.
+
+    Loading takes ~0.3 s; the lock makes concurrent first callers wait for one load instead of
+    each decompressing the vocabulary at once."""
+    enc = _loaded.get(name)
+    if enc is not None:
+        return enc
     if name not in _PATTERNS:
         raise ValueError(f"unknown encoding {name!r}; known: {sorted(_PATTERNS)}")
-    return tiktoken.Encoding(name=name, pat_str=_PATTERNS[name],
-                             mergeable_ranks=_load_ranks(name), special_tokens=_SPECIALS[name])
+    with _loading:
+        if name not in _loaded:
+            _loaded[name] = tiktoken.Encoding(name=name, pat_str=_PATTERNS[name],
+                                              mergeable_ranks=_load_ranks(name), special_tokens=_SPECIALS[name])
+    return _loaded[name]
 
 
 def encoding_for_model(model: str) -> str:
@@ -81,8 +92,8 @@ class TokenCounter:
     by total characters held (oldest entries dropped first).
     """
 
-    def __init__(self, encoding_name: str, max_chars: int = 64_000_000) -> None:
-        self._enc = encoding(encoding_name)
+    def __init__(self, encoding_name: str, max_chars: int = 64_000_000, _enc: tiktoken.Encoding | None = None) -> None:
+        self._enc = _enc or encoding(encoding_name)
         self._cache: dict[str, int] = {}
         self._chars = 0
         self._max_chars = max_chars
@@ -106,7 +117,19 @@ class TokenCounter:
         return n
 
 
-@cache
+_counters: dict[str, TokenCounter] = {}
+
+
 def counter(encoding_name: str) -> TokenCounter:
     """The process-wide counter for an encoding (shared so its cache is shared)."""
-    return TokenCounter(encoding_name)
+    tc = _counters.get(encoding_name)
+    if tc is None:
+        enc = encoding(encoding_name)  # outside the dict update: loads once under its own lock
+        tc = _counters.setdefault(encoding_name, TokenCounter(encoding_name, _enc=enc))
+    return tc
+
+
+def preload() -> None:
+    """Load both vocabularies now (a server calls this at start, not on its first request)."""
+    for name in _PATTERNS:
+        counter(name)

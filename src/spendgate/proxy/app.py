@@ -24,6 +24,7 @@ from aiohttp import web
 from spendgate import ledger as ledger_mod
 from spendgate.engine import Approval, Decision, Engine
 from spendgate.errors import BadRequest, StoreError, UnpricedModel
+from spendgate.estimate.tokens import preload
 from spendgate.money import nanos_to_usd
 from spendgate.policy import Policy
 from spendgate.proxy import admin, approvals
@@ -109,6 +110,7 @@ class Proxy:
         return app
 
     async def _start(self, _: web.Application) -> None:
+        preload()  # the vocabularies load before the first request, not during it
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.config.upstream_timeout_s),
