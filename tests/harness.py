@@ -36,6 +36,10 @@ class Servers:
         self.port = self.bg.serve(self.proxy.app())
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def settled(self) -> None:
+        """Wait until the proxy has charged every response it sent."""
+        self.bg.run(self.proxy.settled())
+
     def close(self) -> None:
         self.bg.close()
         self.store.close()

@@ -50,8 +50,18 @@ def ant(s: Servers) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=s.url, api_key="sk-ant-test", max_retries=0)
 
 
+def events(s: Servers) -> list[Any]:
+    s.settled()
+    return s.store.events(0)
+
+
 def charged(s: Servers) -> list[int]:
-    return [e.cost for e in s.store.events(0)]
+    return [e.cost for e in events(s)]
+
+
+def states(s: Servers) -> list[Any]:
+    s.settled()
+    return s.store.states(s.store.known_buckets(), now=0)
 
 
 def post(s: Servers, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict, Any]:
@@ -74,7 +84,7 @@ def test_openai_sync_chat_is_forwarded_and_charged_exactly(servers_for: Any) -> 
     assert Decimal(raw.headers["x-spendgate-estimate-usd"]) > 0
     assert raw.headers["x-spendgate-remaining-usd"]
     assert charged(s) == [MINI_COST]
-    assert s.store.states(s.store.known_buckets(), now=0)[0].held == 0
+    assert states(s)[0].held == 0
 
 
 def test_body_bytes_are_forwarded_byte_for_byte(servers_for: Any) -> None:
@@ -144,7 +154,7 @@ def test_claude_code_path_with_query_string_routes_on_the_path(servers_for: Any)
     assert status == 200
     seen = s.mock.seen[-1]
     assert seen.query == "beta=true" and seen.headers["anthropic-beta"] == "a,b,c"
-    [ev] = s.store.events(0)
+    [ev] = events(s)
     assert ev.dims["session"] == "cc-1" and ev.dims["user"] == '{"device":"d1"}'
 
 
@@ -371,7 +381,7 @@ def test_virtual_key_is_swapped_and_attributed(servers_for: Any, tmp_path: Path,
     oai_client = openai.OpenAI(base_url=s.url + "/v1", api_key=key, max_retries=0)
     oai_client.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5)
     assert s.mock.seen[-1].headers["Authorization"] == "Bearer sk-real-provider-key"
-    [ev] = s.store.events(0)
+    [ev] = events(s)
     assert (ev.dims["user"], ev.dims["team"]) == ("carol", "ml") and key not in json.dumps(ev.dims)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=s.url + "/v1", api_key="sg-forged", max_retries=0).chat.completions.create(
@@ -382,7 +392,7 @@ def test_own_key_is_counted_by_hash_and_tags_are_read(servers_for: Any) -> None:
     s = servers_for()
     oai(s).chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5,
                                    extra_headers={"X-Spendgate-Tags": "feature=search, team=ml"})
-    [ev] = s.store.events(0)
+    [ev] = events(s)
     assert ev.dims["feature"] == "search" and ev.dims["team"] == "ml"
     assert len(ev.dims["key"]) == 16 and "sk-test-key" not in json.dumps(ev.dims)
     assert ev.dims["session"] == f"key:{ev.dims['key']}", "no session header: counted under the key"
@@ -394,7 +404,7 @@ def test_dry_run_estimates_without_calling_the_provider(servers_for: Any) -> Non
     status, _, doc = post(s, "/v1/chat/completions", body, {"X-Spendgate-Estimate": "1"})
     assert status == 200 and doc["allowed"] and Decimal(doc["spendgate"]["estimate_usd"]) > 0
     assert s.mock.reached() == 0 and charged(s) == []
-    assert all(st.held == 0 for st in s.store.states(s.store.known_buckets(), now=0))
+    assert all(st.held == 0 for st in states(s))
 
 
 # -- bad input and upstream failures never take the proxy down ----------------------------------
@@ -427,7 +437,7 @@ def test_upstream_error_is_passed_on_and_the_hold_released(servers_for: Any) -> 
         oai(s).chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5,
                                        extra_headers={"x-mock": "500"})
     assert charged(s) == []
-    assert all(st.held == 0 and st.spent == 0 for st in s.store.states(s.store.known_buckets(), now=0))
+    assert all(st.held == 0 and st.spent == 0 for st in states(s))
 
 
 def test_missing_usage_and_a_cut_stream_are_charged_never_zero(servers_for: Any) -> None:
@@ -437,9 +447,9 @@ def test_missing_usage_and_a_cut_stream_are_charged_never_zero(servers_for: Any)
     with pytest.raises(openai.APIError):
         list(oai(s).chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=100, stream=True,
                                             extra_headers={"x-mock": "cut"}))
-    events = s.store.events(0)
-    assert [e.estimated for e in events] == [True, True]
-    assert all(e.cost > 0 for e in events)
+    evs = events(s)
+    assert [e.estimated for e in evs] == [True, True]
+    assert all(e.cost > 0 for e in evs)
 
 
 def test_unreachable_upstream_is_a_502_and_nothing_is_charged(servers_for: Any) -> None:
@@ -459,7 +469,7 @@ def test_upstream_timeout_after_send_charges_the_worst_case_flagged(servers_for:
         oai(s).chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=100,
                                        extra_headers={"x-mock": "hang"})
     assert err.value.status_code == 504
-    [ev] = s.store.events(0)
+    [ev] = events(s)
     worst = s.engine.estimator.estimate("openai", "/v1/chat/completions",
                                         {"model": "gpt-4o-mini", "messages": MSG, "max_tokens": 100}).cost_nanos
     assert ev.estimated and ev.cost == worst

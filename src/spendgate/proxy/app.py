@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -88,6 +88,7 @@ class Proxy:
         self.held_bodies: dict[str, float] = {}
         self.client: aiohttp.ClientSession | None = None
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="spendgate-store")
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run an engine call: inline for a local store (microseconds), on a worker thread for a
@@ -118,6 +119,7 @@ class Proxy:
         )
 
     async def _stop(self, _: web.Application) -> None:
+        await self.settled()
         if self.client is not None:
             await self.client.close()
         self._pool.shutdown(wait=True)
@@ -281,7 +283,8 @@ class Proxy:
                 if up.content_type == "text/event-stream" and up.status < 400:
                     return await self._relay_stream(request, provider, up, d, withhold)
                 data = await up.read()
-                await self._settle_plain(up.status, data, d)
+                if d is not None:
+                    await self._settle(self._settle_plain(up.status, data, d))
                 return web.Response(status=up.status, body=data, headers=self._reply_headers(up.headers, d))
         except aiohttp.ClientConnectorError as exc:
             await self._release(d)
@@ -296,6 +299,38 @@ class Proxy:
             await self._unknown(d, None)
             return error_response(provider, 502, f"spendgate: the {provider} upstream failed ({exc}); the "
                                                  "request's worst case was charged", code="spendgate_upstream")
+
+    async def _settle(self, work: Coroutine[Any, Any, None]) -> None:
+        """Charge a finished call. With a local store this runs just after the reply leaves, so the
+        client is not kept waiting for it; until then the hold (the worst case) still counts, so the
+        ledger can only over-count in the meantime, never under-count. A networked store's round
+        trip runs before the reply, on a worker thread."""
+        if self.store.networked:
+            await work
+        else:
+            self._settle_later(work)
+
+    async def _finish_stream(self, d: Decision, meter: StreamMeter) -> None:
+        if meter.complete:
+            await self._call(self.engine.capture, d, meter.usage)
+        else:
+            await self._unknown(d, meter)
+
+    def _settle_later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("settling a request failed; its hold will expire and be charged at its worst case",
+                      exc_info=task.exception())
+
+    async def settled(self) -> None:
+        """Wait until every response already sent has been charged (tests; graceful shutdown)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def _settle_plain(self, status: int, data: bytes, d: Decision | None) -> None:
         if d is None or d.hold_id is None:
@@ -323,12 +358,9 @@ class Proxy:
             tail = meter.flush()
             if tail:
                 await resp.write(tail)
-            if d is not None:
-                if meter.complete:
-                    await self._call(self.engine.capture, d, meter.usage)
-                else:
-                    await self._unknown(d, meter)
             settled = True
+            if d is not None:
+                await self._settle(self._finish_stream(d, meter))
             await resp.write_eof()
         except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError):
             if not settled:
