@@ -1,7 +1,8 @@
 """The proxy: decide, forward, meter, settle — one request path, top to bottom.
 
-aiohttp serves and a pooled aiohttp client forwards (README: "Why aiohttp"). The engine is called
-inline: a decision costs tens to hundreds of microseconds, less than a thread hop would.
+aiohttp serves and a pooled aiohttp client forwards (README: "Why aiohttp"). With a local store the
+engine is called inline (a decision costs less than a thread hop would); with a networked one it runs
+on a worker thread, so a round trip never stalls the event loop.
 """
 
 from __future__ import annotations
