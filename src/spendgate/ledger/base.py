@@ -231,11 +231,6 @@ class TransactionalLedger(Ledger):
 
     def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,
                   event: Event | None = None, hold_id: str | None = None) -> Authorization:
-        """Hold every line's amount on its bucket, or refuse with the overflowing buckets.
-
-        Stale holds are expired first, so a crashed caller cannot pin a budget past its TTL.
-        ``event`` is kept with the hold so an expiry can be logged with its origin.
-        """
         hid = hold_id or new_hold_id()
         with self._transaction():
             self._expire_locked(now)
@@ -258,10 +253,6 @@ class TransactionalLedger(Ledger):
 
     def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
                 event: Event | None = None) -> bool:
-        """Replace a hold by the actual amounts (by unit); False if the hold is gone (expired).
-
-        ``event``, when given, is logged atomically with the charge.
-        """
         with self._transaction():
             hold = self._pop_hold(hold_id)
             if hold is None:
@@ -273,17 +264,14 @@ class TransactionalLedger(Ledger):
         return True
 
     def release(self, hold_id: str, *, now: float) -> bool:
-        """Drop a hold without charging (the request was never sent)."""
         with self._transaction():
             return self._pop_hold(hold_id) is not None
 
     def expire(self, now: float) -> list[ExpiredHold]:
-        """Charge every hold past its TTL at its worst case and flag it for reconciliation."""
         with self._transaction():
             return self._expire_locked(now)
 
     def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
-        """Raise ``bucket``'s limit by ``amount`` until ``until`` (an approval's headroom)."""
         with self._transaction():
             self._touch(bucket, now)
             self._add_grant(bucket.key, amount, until)
@@ -299,7 +287,6 @@ class TransactionalLedger(Ledger):
     # -- records shared by every process on the store (approvals, virtual keys) ----------------
 
     def put_record(self, kind: str, key: str, value: str, *, expires_at: float | None = None) -> None:
-        """Store ``value`` under (kind, key), replacing what was there."""
         with self._transaction():
             self._put_record(kind, key, value, expires_at)
 
@@ -308,7 +295,6 @@ class TransactionalLedger(Ledger):
             return self._get_record(kind, key, now)
 
     def take_record(self, kind: str, key: str, *, now: float) -> str | None:
-        """Read and delete in one step, so a one-time approval is consumed exactly once."""
         with self._transaction():
             value = self._get_record(kind, key, now)
             if value is not None:

@@ -140,53 +140,59 @@ class Guard:
     def is_stream(response: httpx2.Response) -> bool:
         return response.headers.get("content-type", "").startswith("text/event-stream")
 
-    @staticmethod
-    def stream_headers(response: httpx2.Response) -> list[tuple[str, str]]:
-        return [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-length"]
+    def metered(self, response: httpx2.Response, p: Prepared, stream_cls: Any) -> httpx2.Response:
+        """``response`` with its event stream relayed through a meter that settles at its end."""
+        d = p.decision
+        assert d is not None
+        meter = StreamMeter(self.provider, p.withhold)
+        stream = stream_cls(response.stream, meter, lambda: self.settle_stream(d, meter))
+        headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-length"]
+        return httpx2.Response(response.status_code, headers=headers, stream=stream, extensions=response.extensions)
 
 
-class _MeteredStream(httpx2.SyncByteStream):
+class _Metering:
+    """Relays a stream event by event through a :class:`StreamMeter` and settles once at the end,
+    or when the caller closes the stream early (then for what it produced)."""
+
+    def __init__(self, meter: StreamMeter, settle: Callable[[], None]) -> None:
+        self._meter, self._settle, self._done = meter, settle, False
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._settle()
+
+
+class _MeteredStream(_Metering, httpx2.SyncByteStream):
     def __init__(self, inner: httpx2.SyncByteStream, meter: StreamMeter, settle: Callable[[], None]) -> None:
-        self._inner, self._meter, self._settle, self._done = inner, meter, settle, False
+        super().__init__(meter, settle)
+        self._inner = inner
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._inner:
-            out = self._meter.feed(chunk)
-            if out:
+            if out := self._meter.feed(chunk):
                 yield out
-        tail = self._meter.flush()
-        if tail:
+        if tail := self._meter.flush():
             yield tail
         self._finish()
 
-    def _finish(self) -> None:
-        if not self._done:
-            self._done = True
-            self._settle()
-
     def close(self) -> None:
-        self._finish()  # a stream closed early is settled for what it produced
+        self._finish()
         self._inner.close()
 
 
-class _AsyncMeteredStream(httpx2.AsyncByteStream):
+class _AsyncMeteredStream(_Metering, httpx2.AsyncByteStream):
     def __init__(self, inner: httpx2.AsyncByteStream, meter: StreamMeter, settle: Callable[[], None]) -> None:
-        self._inner, self._meter, self._settle, self._done = inner, meter, settle, False
+        super().__init__(meter, settle)
+        self._inner = inner
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._inner:
-            out = self._meter.feed(chunk)
-            if out:
+            if out := self._meter.feed(chunk):
                 yield out
-        tail = self._meter.flush()
-        if tail:
+        if tail := self._meter.flush():
             yield tail
         self._finish()
-
-    def _finish(self) -> None:
-        if not self._done:
-            self._done = True
-            self._settle()
 
     async def aclose(self) -> None:
         self._finish()
@@ -204,17 +210,11 @@ class GuardTransport(httpx2.BaseTransport):
         except BaseException as exc:
             self.guard.failed(p.decision, exc)
             raise
-        d = p.decision
-        if d is None:
+        if p.decision is None:
             return response
         if self.guard.is_stream(response) and response.status_code < 400:
-            meter = StreamMeter(self.guard.provider, p.withhold)
-            assert isinstance(response.stream, httpx2.SyncByteStream)
-            stream = _MeteredStream(response.stream, meter, lambda: self.guard.settle_stream(d, meter))
-            return httpx2.Response(response.status_code, headers=self.guard.stream_headers(response), stream=stream,
-                                   extensions=response.extensions)
-        content = response.read()
-        self.guard.settle_body(d, response.status_code, content)
+            return self.guard.metered(response, p, _MeteredStream)
+        self.guard.settle_body(p.decision, response.status_code, response.read())
         return response
 
     def close(self) -> None:
@@ -232,17 +232,11 @@ class AsyncGuardTransport(httpx2.AsyncBaseTransport):
         except BaseException as exc:
             self.guard.failed(p.decision, exc)
             raise
-        d = p.decision
-        if d is None:
+        if p.decision is None:
             return response
         if self.guard.is_stream(response) and response.status_code < 400:
-            meter = StreamMeter(self.guard.provider, p.withhold)
-            assert isinstance(response.stream, httpx2.AsyncByteStream)
-            stream = _AsyncMeteredStream(response.stream, meter, lambda: self.guard.settle_stream(d, meter))
-            return httpx2.Response(response.status_code, headers=self.guard.stream_headers(response), stream=stream,
-                                   extensions=response.extensions)
-        content = await response.aread()
-        self.guard.settle_body(d, response.status_code, content)
+            return self.guard.metered(response, p, _AsyncMeteredStream)
+        self.guard.settle_body(p.decision, response.status_code, await response.aread())
         return response
 
     async def aclose(self) -> None:
