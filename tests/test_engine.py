@@ -289,3 +289,35 @@ def test_store_failure_fails_closed_by_default_and_says_which(mode: str) -> None
     else:
         d = e.decide(chat(), now=T0)
         assert d.allowed and d.hold_id is None and "on_store_error" in " ".join(d.notes)
+
+
+def test_asyncio_redis_client_admits_exactly_n_of_64_tasks(redis_server: Any) -> None:
+    """The engine's async path over redis-py's asyncio client: same script, same buckets."""
+    import asyncio
+    import uuid
+
+    from spendgate.ledger.redis import AsyncRedisLedger
+
+    url = f"{redis_server.url}?prefix={uuid.uuid4().hex[:12]}"
+    probe = Engine(default_policy(), ledger.open("memory://"))
+    worst = probe.decide(chat(max_tokens=1000), now=T0).estimate.cost_nanos  # type: ignore[union-attr]
+    n_fit = 7
+    policy = parse({"budget": [{"name": "g", "usd": str(Decimal(worst * n_fit + worst // 2) / 10**9),
+                                "window": "day"}]})
+    sync_store = ledger.open(url)
+
+    async def go() -> tuple[int, bool]:
+        aledger = AsyncRedisLedger(url)
+        engine = Engine(policy, sync_store, aledger=aledger)
+        decisions = await asyncio.gather(*(engine.adecide(chat(max_tokens=1000), now=T0) for _ in range(64)))
+        admitted = [d for d in decisions if d.allowed]
+        charge = await engine.acapture(admitted[0], {"prompt_tokens": 10, "completion_tokens": 10}, now=T0)
+        released = await engine.arelease(admitted[1], now=T0)
+        await aledger.close()
+        return len(admitted), charge.captured and released
+
+    admitted, settled = asyncio.run(go())
+    assert admitted == n_fit and settled
+    [state] = sync_store.states(sync_store.known_buckets(), now=T0)
+    assert state.held == worst * (n_fit - 2) and state.spent == 10 * 150 + 10 * 600
+    sync_store.close()

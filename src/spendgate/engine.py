@@ -16,14 +16,14 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
 from spendgate.errors import StoreError
 from spendgate.estimate import FREE_ROUTES, Estimate, Estimator
-from spendgate.ledger import Bucket, BucketState, Event, Ledger, Line
+from spendgate.ledger import Authorization, Bucket, BucketState, Event, Ledger, Line
 from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
 from spendgate.policy.model import SEVERITY, Policy, Rule
 from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_nanos
@@ -32,6 +32,23 @@ from spendgate.request import Request
 from spendgate.usage import parse_usage
 
 log = logging.getLogger("spendgate.engine")
+T = TypeVar("T")
+#: A ledger call a decision step needs: (method name, keyword arguments).
+LedgerCall = tuple[str, dict[str, Any]]
+
+
+class AsyncLedger(Protocol):
+    """The ledger calls the engine makes, as coroutines (a networked store's asyncio client)."""
+
+    async def authorize(self, lines: Sequence[Line], *, now: float, ttl: float, event: Event | None = None,
+                        hold_id: str | None = None) -> Authorization: ...
+
+    async def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
+                      event: Event | None = None) -> bool: ...
+
+    async def release(self, hold_id: str, *, now: float) -> bool: ...
+
+    async def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None: ...
 
 MAX_REMEDIES = 8
 #: Which body field bounds the output, per route (set by a clamp).
@@ -167,9 +184,11 @@ class Engine:
     """Policy + prices + ledger. Thread-safe; one per process is enough."""
 
     def __init__(self, policy: Policy, ledger: Ledger, prices: PriceTable | None = None,
-                 estimator: Estimator | None = None) -> None:
+                 estimator: Estimator | None = None, aledger: AsyncLedger | None = None) -> None:
         self.policy = policy
         self.ledger = ledger
+        #: the same store through an asyncio client, used by the ``a…`` methods when set
+        self.aledger = aledger
         prices = prices or PriceTable.bundled()
         if estimator is None:
             kwargs: dict[str, Any] = {}
@@ -183,9 +202,51 @@ class Engine:
 
     # -- deciding -----------------------------------------------------------------------------
 
+    # -- drivers: the decision logic is written once, as steps that name the ledger calls they need,
+    # -- and run by a sync driver (threads, the SDK) or an async one (the proxy on a networked store)
+
+    def _run(self, steps: Generator[LedgerCall, Any, T]) -> T:
+        try:
+            call = next(steps)
+            while True:
+                name, kwargs = call
+                try:
+                    result = getattr(self.ledger, name)(**kwargs)
+                except Exception as exc:  # handed to the step that asked, which may handle it
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(result)
+        except StopIteration as done:
+            return cast(T, done.value)
+
+    async def _arun(self, steps: Generator[LedgerCall, Any, T]) -> T:
+        ledger = self.aledger
+        try:
+            call = next(steps)
+            while True:
+                name, kwargs = call
+                try:
+                    result = await getattr(ledger, name)(**kwargs) if ledger is not None \
+                        else getattr(self.ledger, name)(**kwargs)
+                except Exception as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(result)
+        except StopIteration as done:
+            return cast(T, done.value)
+
     def decide(self, request: Request, *, now: float | None = None, approval: Approval | None = None,
                extra_rules: Sequence[Rule] = ()) -> Decision:
         """Decide ``request`` under the policy plus ``extra_rules`` (the SDK's active budgets)."""
+        return self._run(self._decide(request, now, approval, extra_rules))
+
+    async def adecide(self, request: Request, *, now: float | None = None, approval: Approval | None = None,
+                      extra_rules: Sequence[Rule] = ()) -> Decision:
+        """:meth:`decide` for an event loop: ledger calls go through :attr:`aledger` when one is set."""
+        return await self._arun(self._decide(request, now, approval, extra_rules))
+
+    def _decide(self, request: Request, now: float | None, approval: Approval | None,
+                extra_rules: Sequence[Rule]) -> Generator[LedgerCall, Any, Decision]:
         now = time.time() if now is None else now
         did = secrets.token_hex(8)
         if (request.provider, request.route) in FREE_ROUTES:
@@ -212,8 +273,8 @@ class Engine:
             dims["tier"] = tier
             if not trips:
                 try:
-                    auth = self.ledger.authorize(lines, now=now, ttl=self.policy.hold_ttl_s,
-                                                 event=self._event(did, request.provider, est, dims, now))
+                    auth = yield ("authorize", {"lines": lines, "now": now, "ttl": self.policy.hold_ttl_s,
+                                                "event": self._event(did, request.provider, est, dims, now)})
                 except StoreError as exc:
                     if self.policy.on_store_error == "block":
                         raise StoreError(f"{exc}; refusing because on_store_error = \"block\"") from exc
@@ -236,7 +297,12 @@ class Engine:
             trip = self._worst(trips)
             # an immutable hold could never be approved: it is a block
             act = "block" if trip.rule.immutable and trip.rule.action == "hold" else trip.rule.action
-            if act == "hold" and approval is not None and self._approve(approval, trip, now, bypass, granted):
+            ok, grant = (False, None) if act != "hold" or approval is None else \
+                self._approve(approval, trip, now, bypass, granted)
+            if grant is not None:
+                yield ("grant", grant)
+            if ok:
+                assert approval is not None
                 notes.append(f"{trip.rule.name} approved by {approval.by}" + (
                     f" with ${approval.max_usd} headroom" if approval.max_usd is not None else " once"))
                 applied.append(trip.rule.name)
@@ -336,26 +402,27 @@ class Engine:
     def _worst(trips: Sequence[Trip]) -> Trip:
         return max(trips, key=lambda t: (t.rule.immutable, SEVERITY[t.rule.action]))
 
-    def _approve(self, approval: Approval, trip: Trip, now: float, bypass: set[str], granted: set[str]) -> bool:
-        """Apply a person's yes to a hold: once, or as ``max_usd`` of headroom on the bucket
-        (so the next requests are not held again). False when the approval does not cover it."""
+    def _approve(self, approval: Approval, trip: Trip, now: float, bypass: set[str],
+                 granted: set[str]) -> tuple[bool, dict[str, Any] | None]:
+        """Apply a person's yes to a hold: once, or as ``max_usd`` of headroom on the bucket (so the
+        next requests are not held again). Returns whether it covers the hold, and the ledger grant
+        to make, if any."""
         if approval.max_usd is None or trip.unit != "usd":
             bypass.add(trip.rule.name)
-            return True
+            return True, None
         cap = usd_to_nanos(approval.max_usd)
         if trip.bucket is None:  # a per-call rule: the call itself must fit the approved max
             if trip.amount > cap:
-                return False
+                return False, None
             bypass.add(trip.rule.name)
-            return True
+            return True, None
         if trip.bucket.key in granted:
-            return False  # headroom already granted for this request and still not enough
+            return False, None  # headroom already granted for this request and still not enough
         granted.add(trip.bucket.key)
         w = trip.rule.window
         until = (now + w.seconds if w.kind == "rolling"
                  else trip.resets_at if trip.resets_at is not None else math.inf)
-        self.ledger.grant(trip.bucket, cap, now=now, until=until)
-        return True
+        return True, {"bucket": trip.bucket, "amount": cap, "now": now, "until": until}
 
     def _downgrade_target(self, rule: Rule, est: Estimate) -> str | None:
         names = [est.model, est.model.lower(), est.price.price.model]
@@ -426,38 +493,61 @@ class Engine:
     def capture(self, decision: Decision, usage: Usage | Mapping[str, Any] | None, *,
                 now: float | None = None) -> Charge:
         """Charge what the provider billed; with no readable usage, charge the worst case."""
-        now = time.time() if now is None else now
-        est = decision.estimate
-        if decision.hold_id is None or est is None:
-            return Charge(0, None, False, False)
-        parsed = usage if isinstance(usage, Usage) else parse_usage(usage)
-        if parsed is None:
-            return self._settle(decision, est.cost_nanos, est.tokens, None, now)
-        cost = usage_nanos(est.price.price, parsed)
-        return self._settle(decision, cost, parsed.total_tokens, parsed, now,
-                            estimated=est.price.estimated_price)
+        return self._run(self._capture(decision, usage, now))
+
+    async def acapture(self, decision: Decision, usage: Usage | Mapping[str, Any] | None, *,
+                       now: float | None = None) -> Charge:
+        return await self._arun(self._capture(decision, usage, now))
 
     def charge_unknown(self, decision: Decision, output_seen: int | None = None, *,
                        now: float | None = None) -> Charge:
         """The outcome is unknown (timeout after send, disconnect): charge the input plus the
         output seen so far, or the whole worst case when nothing was seen; flagged estimated."""
-        now = time.time() if now is None else now
+        return self._run(self._unknown(decision, output_seen, now))
+
+    async def acharge_unknown(self, decision: Decision, output_seen: int | None = None, *,
+                              now: float | None = None) -> Charge:
+        return await self._arun(self._unknown(decision, output_seen, now))
+
+    def release(self, decision: Decision, *, now: float | None = None) -> bool:
+        """The request was never sent: drop its hold without charge."""
+        return self._run(self._release(decision, now))
+
+    async def arelease(self, decision: Decision, *, now: float | None = None) -> bool:
+        return await self._arun(self._release(decision, now))
+
+    def _capture(self, decision: Decision, usage: Usage | Mapping[str, Any] | None,
+                 now: float | None) -> Generator[LedgerCall, Any, Charge]:
+        est = decision.estimate
+        if decision.hold_id is None or est is None:
+            return Charge(0, None, False, False)
+        parsed = usage if isinstance(usage, Usage) else parse_usage(usage)
+        if parsed is None:
+            return (yield from self._settle(decision, est.cost_nanos, est.tokens, None, now))
+        cost = usage_nanos(est.price.price, parsed)
+        return (yield from self._settle(decision, cost, parsed.total_tokens, parsed, now,
+                                        estimated=est.price.estimated_price))
+
+    def _unknown(self, decision: Decision, output_seen: int | None,
+                 now: float | None) -> Generator[LedgerCall, Any, Charge]:
         est = decision.estimate
         if decision.hold_id is None or est is None:
             return Charge(0, None, True, False)
         if output_seen is None:
-            return self._settle(decision, est.cost_nanos, est.tokens, None, now)
+            return (yield from self._settle(decision, est.cost_nanos, est.tokens, None, now))
         cost = worst_case_nanos(est.price.price, est.input_tokens, output_seen, est.shape.cache_write)
-        return self._settle(decision, cost, est.input_tokens + output_seen, None, now)
+        return (yield from self._settle(decision, cost, est.input_tokens + output_seen, None, now))
 
-    def release(self, decision: Decision, *, now: float | None = None) -> bool:
-        """The request was never sent: drop its hold without charge."""
+    def _release(self, decision: Decision, now: float | None) -> Generator[LedgerCall, Any, bool]:
         if decision.hold_id is None:
             return False
-        return self.ledger.release(decision.hold_id, now=time.time() if now is None else now)
+        released: bool = yield ("release", {"hold_id": decision.hold_id,
+                                            "now": time.time() if now is None else now})
+        return released
 
-    def _settle(self, decision: Decision, cost: int, tokens: int, usage: Usage | None, now: float,
-                estimated: bool = True) -> Charge:
+    def _settle(self, decision: Decision, cost: int, tokens: int, usage: Usage | None, now: float | None,
+                estimated: bool = True) -> Generator[LedgerCall, Any, Charge]:
+        now = time.time() if now is None else now
         est = decision.estimate
         assert est is not None and decision.hold_id is not None
         event = Event(now, "capture" if usage is not None else "unknown", decision.id, est.model,
@@ -465,8 +555,8 @@ class Engine:
                       usage.total_input if usage else est.input_tokens,
                       usage.output if usage else tokens - est.input_tokens,
                       estimated or usage is None, dict(decision.dims))
-        captured = self.ledger.capture(decision.hold_id, {"usd": cost, "tokens": tokens}, now=now,
-                                       event=event)
+        captured: bool = yield ("capture", {"hold_id": decision.hold_id, "actual": {"usd": cost, "tokens": tokens},
+                                            "now": now, "event": event})
         return Charge(cost, usage, estimated or usage is None, captured)
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from functools import cache
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
 
 from spendgate.errors import StoreError
 from spendgate.ledger.base import (
@@ -52,23 +54,15 @@ class RedisLedger(Ledger):
     networked = True
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        prefix = query.pop("prefix", "spendgate")
         self.url = url
-        self._name = _redacted(url)
-        self._p = f"{{{prefix}}}:"
-        clean = urlunsplit(parts._replace(query=urlencode(query)))
+        self._name, self._p, clean = _parse(url)
         try:
-            pool = redis.BlockingConnectionPool.from_url(
-                clean, max_connections=POOL_SIZE, timeout=10, decode_responses=True,
-                socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
+            pool = redis.BlockingConnectionPool.from_url(clean, **POOL_OPTIONS)
         except ValueError as exc:
             raise StoreError(f"bad Redis URL {self._name}: {exc}") from exc
         self._r = redis.Redis(connection_pool=pool)
-        source = resources.files("spendgate.ledger").joinpath("lua/ledger.lua").read_text()
-        self._script = self._r.register_script(source)
-        self._keys = [self._p + "held", self._p + "holds", self._p + "buckets", self._p + "events"]
+        self._script = self._r.register_script(_lua())
+        self._keys = _keys(self._p)
 
     def _run(self, op: str, *args: Any) -> Any:
         try:
@@ -88,32 +82,14 @@ class RedisLedger(Ledger):
 
     # -- the ledger ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _states(lines: Sequence[Line], flat: Sequence[str]) -> tuple[BucketState, ...]:
-        out = []
-        for i, ln in enumerate(lines):
-            spent, held, granted, frees = flat[4 * i: 4 * i + 4]
-            b = ln.bucket
-            out.append(BucketState(b.key, b.unit, b.limit, int(spent), int(held), int(granted),
-                                   None if float(frees) < 0 else float(frees)))
-        return tuple(out)
-
     def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,
                   event: Event | None = None, hold_id: str | None = None) -> Authorization:
         hid = hold_id or new_hold_id()
-        payload = json.dumps([_line(ln.bucket, ln.amount) for ln in lines])
-        res = self._run("authorize", repr(now), repr(ttl), hid, payload, event.to_json() if event else "")
-        states = self._states(lines, res[1:-1])
-        if res[0] == "1":
-            return Authorization(True, hid, states)
-        return Authorization(False, None, states, tuple(json.loads(res[-1])))
+        return _authorization(lines, hid, self._run(*_authorize_args(lines, now, ttl, event, hid)))
 
     def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
                 event: Event | None = None) -> bool:
-        usd, tokens = actual.get("usd"), actual.get("tokens")
-        res = self._run("capture", hold_id, repr(now), "" if usd is None else str(usd),
-                        "" if tokens is None else str(tokens), event.to_json() if event else "")
-        return bool(res)
+        return bool(self._run(*_capture_args(hold_id, actual, now, event)))
 
     def release(self, hold_id: str, *, now: float) -> bool:
         return bool(self._run("release", hold_id))
@@ -129,13 +105,12 @@ class RedisLedger(Ledger):
         return out
 
     def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
-        self._run("grant", bucket.key, str(amount), repr(until), json.dumps([bucket.limit, bucket.window_s,
-                                                                             bucket.unit]))
+        self._run(*_grant_args(bucket, amount, until))
 
     def states(self, buckets: Sequence[Bucket], *, now: float) -> list[BucketState]:
         lines = [Line(b, 0) for b in buckets]
         flat = self._run("states", repr(now), json.dumps([_line(b, 0) for b in buckets]))
-        return list(self._states(lines, flat))
+        return list(_states(lines, flat))
 
     def record(self, event: Event) -> None:
         self._cmd("ZADD", self._keys[3], repr(event.ts), event.to_json())
@@ -179,6 +154,98 @@ class RedisLedger(Ledger):
             else:
                 out.append((k, value))
         return out
+
+
+class AsyncRedisLedger:
+    """The engine's calls on the same Redis ledger through redis-py's asyncio client, for a proxy's
+    event loop: the same script, the same keys, so it is interchangeable with :class:`RedisLedger`.
+    Create it inside the running loop that will use it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._name, self._p, clean = _parse(url)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(clean, **POOL_OPTIONS)
+        self._r = redis.asyncio.Redis(connection_pool=pool)
+        self._script = self._r.register_script(_lua())
+        self._keys = _keys(self._p)
+
+    async def _run(self, op: str, *args: Any) -> Any:
+        try:
+            return await self._script(keys=self._keys, args=[op, self._p, *args])
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis store {self._name}: {exc}") from exc
+
+    async def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,
+                        event: Event | None = None, hold_id: str | None = None) -> Authorization:
+        hid = hold_id or new_hold_id()
+        return _authorization(lines, hid, await self._run(*_authorize_args(lines, now, ttl, event, hid)))
+
+    async def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
+                      event: Event | None = None) -> bool:
+        return bool(await self._run(*_capture_args(hold_id, actual, now, event)))
+
+    async def release(self, hold_id: str, *, now: float) -> bool:
+        return bool(await self._run("release", hold_id))
+
+    async def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
+        await self._run(*_grant_args(bucket, amount, until))
+
+    async def close(self) -> None:
+        await self._r.aclose()
+        await self._r.connection_pool.disconnect()
+
+
+POOL_OPTIONS: dict[str, Any] = {"max_connections": POOL_SIZE, "timeout": 10, "decode_responses": True,
+                                "socket_timeout": 5, "socket_connect_timeout": 2, "health_check_interval": 30}
+
+
+def _parse(url: str) -> tuple[str, str, str]:
+    """(the URL with its password hidden, the key prefix with its hash tag, the URL for redis-py)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    prefix = query.pop("prefix", "spendgate")
+    return _redacted(url), f"{{{prefix}}}:", urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _keys(p: str) -> list[str]:
+    return [p + "held", p + "holds", p + "buckets", p + "events"]
+
+
+@cache
+def _lua() -> str:
+    return resources.files("spendgate.ledger").joinpath("lua/ledger.lua").read_text()
+
+
+def _authorize_args(lines: Sequence[Line], now: float, ttl: float, event: Event | None, hid: str) -> list[str]:
+    payload = json.dumps([_line(ln.bucket, ln.amount) for ln in lines])
+    return ["authorize", repr(now), repr(ttl), hid, payload, event.to_json() if event else ""]
+
+
+def _authorization(lines: Sequence[Line], hid: str, res: Sequence[str]) -> Authorization:
+    states = _states(lines, res[1:-1])
+    if res[0] == "1":
+        return Authorization(True, hid, states)
+    return Authorization(False, None, states, tuple(json.loads(res[-1])))
+
+
+def _capture_args(hold_id: str, actual: Mapping[str, int], now: float, event: Event | None) -> list[str]:
+    usd, tokens = actual.get("usd"), actual.get("tokens")
+    return ["capture", hold_id, repr(now), "" if usd is None else str(usd), "" if tokens is None else str(tokens),
+            event.to_json() if event else ""]
+
+
+def _grant_args(bucket: Bucket, amount: int, until: float) -> list[str]:
+    return ["grant", bucket.key, str(amount), repr(until), json.dumps([bucket.limit, bucket.window_s, bucket.unit])]
+
+
+def _states(lines: Sequence[Line], flat: Sequence[str]) -> tuple[BucketState, ...]:
+    out = []
+    for i, ln in enumerate(lines):
+        spent, held, granted, frees = flat[4 * i: 4 * i + 4]
+        b = ln.bucket
+        out.append(BucketState(b.key, b.unit, b.limit, int(spent), int(held), int(granted),
+                               None if float(frees) < 0 else float(frees)))
+    return tuple(out)
 
 
 def _live(raw: str | None, now: float) -> str | None:

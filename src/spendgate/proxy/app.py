@@ -1,8 +1,8 @@
 """The proxy: decide, forward, meter, settle — one request path, top to bottom.
 
-aiohttp serves and a pooled aiohttp client forwards (README: "Why aiohttp"). With a local store the
-engine is called inline (a decision costs less than a thread hop would); with a networked one it runs
-on a worker thread, so a round trip never stalls the event loop.
+aiohttp serves and a pooled aiohttp client forwards (README: "Why aiohttp"). The engine's async
+methods run a local store's calls inline (a decision costs less than a thread hop would) and a
+networked store's through its asyncio client, so a round trip never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, TypeVar
 
 import aiohttp
@@ -88,15 +86,7 @@ class Proxy:
         #: bodies this instance held, so only their retries look for an approval given by id
         self.held_bodies: dict[str, float] = {}
         self.client: aiohttp.ClientSession | None = None
-        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="spendgate-store")
         self._settling: set[asyncio.Task[None]] = set()
-
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run an engine call: inline for a local store (microseconds), on a worker thread for a
-        networked one (Redis), so a round trip never stalls the event loop."""
-        if not self.store.networked:
-            return fn(*args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -113,6 +103,11 @@ class Proxy:
 
     async def _start(self, _: web.Application) -> None:
         preload()  # the vocabularies load before the first request, not during it
+        if self.store.networked and self.engine.aledger is None:
+            from spendgate.ledger.redis import AsyncRedisLedger
+
+            # the request path talks to a networked store through its asyncio client, on this loop
+            self.engine.aledger = AsyncRedisLedger(self.store.url)
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.config.upstream_timeout_s),
@@ -123,7 +118,9 @@ class Proxy:
         await self.settled()
         if self.client is not None:
             await self.client.close()
-        self._pool.shutdown(wait=True)
+        close = getattr(self.engine.aledger, "close", None)
+        if close is not None:
+            await close()
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -183,7 +180,7 @@ class Proxy:
                 return web.Response(status=status, body=payload, content_type="application/json", headers=headers)
         req = Request(provider, route, body, ident)
         try:
-            d = await self._call(self.engine.decide, req, now=now, approval=approval)
+            d = await self.engine.adecide(req, now=now, approval=approval)
         except BadRequest as exc:
             return error_response(provider, 400, f"spendgate: {exc}", code="spendgate_unpriceable")
         except UnpricedModel as exc:
@@ -192,7 +189,7 @@ class Proxy:
             return error_response(provider, 503, f"spendgate: the spend store failed, so the request was not "
                                                  f"sent: {exc}", code="spendgate_store_error")
         if dry:
-            await self._call(self.engine.release, d, now=now)
+            await self.engine.arelease(d, now=now)
             return web.json_response({"spendgate": d.to_dict(), "allowed": d.allowed,
                                       "message": d.message or (d.estimate.describe() if d.estimate else ""),
                                       "edits": dict(d.edits)}, headers={"X-Spendgate-Decision": d.id})
@@ -305,7 +302,7 @@ class Proxy:
         """Charge a finished call. With a local store this runs just after the reply leaves, so the
         client is not kept waiting for it; until then the hold (the worst case) still counts, so the
         ledger can only over-count in the meantime, never under-count. A networked store's round
-        trip runs before the reply, on a worker thread."""
+        trip is awaited before the reply."""
         if self.store.networked:
             await work
         else:
@@ -313,7 +310,7 @@ class Proxy:
 
     async def _finish_stream(self, d: Decision, meter: StreamMeter) -> None:
         if meter.complete:
-            await self._call(self.engine.capture, d, meter.usage)
+            await self.engine.acapture(d, meter.usage)
         else:
             await self._unknown(d, meter)
 
@@ -343,7 +340,7 @@ class Proxy:
             payload = json.loads(data)
         except ValueError:
             payload = None
-        await self._call(self.engine.capture, d, payload if isinstance(payload, dict) else None)
+        await self.engine.acapture(d, payload if isinstance(payload, dict) else None)
 
     async def _relay_stream(self, request: web.Request, provider: str, up: aiohttp.ClientResponse,
                             d: Decision | None, withhold: bool) -> web.StreamResponse:
@@ -381,14 +378,14 @@ class Proxy:
 
     async def _release(self, d: Decision | None) -> None:
         if d is not None:
-            await self._call(self.engine.release, d)
+            await self.engine.arelease(d)
 
     async def _unknown(self, d: Decision | None, meter: StreamMeter | None) -> None:
         """Charge a call whose outcome is unknown: input + output seen, or the worst case."""
         if d is None or d.hold_id is None:
             return
         seen = meter.output_tokens(self.engine.estimator.anthropic_factor) if meter is not None else None
-        await self._call(self.engine.charge_unknown, d, seen)
+        await self.engine.acharge_unknown(d, seen)
 
 
 def build(policy: Policy, store_url: str, admin_token: str | None = None) -> Proxy:
