@@ -49,8 +49,8 @@ def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: fl
 
 
 def status(store: Ledger, now: float | None = None) -> list[tuple[Bucket, BucketState]]:
-    """Every known bucket with its current state; spent calendar periods of the past are kept
-    in the store but shown only while they are current (their key carries the period)."""
+    """Every bucket the store knows, with its current state. A calendar bucket's key carries its
+    period (``…|2026-11``), so past periods are listed too, with what they spent."""
     now = time.time() if now is None else now
     buckets = store.known_buckets()
     return list(zip(buckets, store.states(buckets, now=now), strict=True))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from spendgate.estimate.shape import TokenShape
@@ -50,7 +49,6 @@ class Identity:
         return out
 
 
-@lru_cache(maxsize=4096)
 def hash_key(secret: str) -> str:
     """A stable, non-reversible id for a provider key (the first 16 hex of its SHA-256)."""
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
