@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from spendgate import ledger
 from spendgate.errors import StoreError
-from spendgate.ledger import Bucket, Event, Ledger, Line
+from spendgate.ledger import Bucket, BucketState, Event, Ledger, Line
 from tests.conftest import race
 from tests.redis_server import RedisServer
 
@@ -303,3 +303,15 @@ def test_redis_authorize_and_capture_are_one_round_trip_each(redis_server: Redis
     engine.capture(d, {"prompt_tokens": 5, "completion_tokens": 5}, now=T0 + 1)
     assert len(sent) == 2 and b"EVALSHA" in sent[1], "capture: one round trip"
     store.close()
+
+
+def test_forget_drops_a_settled_bucket_but_never_one_with_holds(store: Ledger) -> None:
+    done, busy = Bucket("sdk:a|global=(none)", 100), Bucket("sdk:b|global=(none)", 100)
+    auth = store.authorize([Line(done, 10)], now=T0, ttl=60)
+    assert auth.hold_id and store.capture(auth.hold_id, {"usd": 10}, now=T0)
+    store.grant(done, 5, now=T0, until=T0 + 100)
+    pending = store.authorize([Line(busy, 10)], now=T0, ttl=60)
+    store.forget([done.key, busy.key])
+    assert {b.key for b in store.known_buckets()} == {busy.key}
+    assert store.states([done], now=T0)[0] == BucketState(done.key, "usd", 100, 0, 0, 0, None)
+    assert store.states([busy], now=T0)[0].held == 10 and pending.hold_id

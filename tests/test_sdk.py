@@ -20,7 +20,7 @@ import pytest
 import spendgate
 from spendgate.errors import ConfigError
 from spendgate.money import usd_to_nanos
-from spendgate.policy import default_policy
+from spendgate.policy import default_policy, parse
 from spendgate.sdk import _runtime
 from tests.harness import Servers, start_serve
 
@@ -326,3 +326,18 @@ def test_sdk_and_a_running_proxy_share_one_bucket(provider: Provider, tmp_path: 
         proc.terminate()
         proc.wait(timeout=10)
         upstream.close()
+
+
+def test_a_per_entry_budget_leaves_no_bucket_behind(provider: Provider, tmp_path: Path) -> None:
+    spendgate.configure(store=f"sqlite:///{tmp_path / 'sdk.db'}", policy=parse({}))
+    c = oai(provider)
+
+    @spendgate.budget(usd=1)
+    def call() -> None:
+        c.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=10)  # type: ignore[arg-type]
+
+    for _ in range(5):
+        call()
+    store = _runtime.engine().ledger
+    assert store.known_buckets() == [], "five calls, five budgets, nothing left in the store"
+    assert len(store.events(0)) == 5, "the spend itself is still in the log"

@@ -28,7 +28,7 @@ from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
 from spendgate.policy.model import SEVERITY, Policy, Rule
 from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_nanos
 from spendgate.pricing.table import PriceTable
-from spendgate.request import Request
+from spendgate.request import NONE, Request
 from spendgate.usage import parse_usage
 
 log = logging.getLogger("spendgate.engine")
@@ -373,10 +373,10 @@ class Engine:
             value = {"model": est.model, "provider": request.provider, "tier": tier}.get(r.per) \
                 or request.identity.value(r.per)
             scope = f"{r.per}={value}"
-            key, resets, window_s = f"{r.name}|{scope}", None, None
+            key, resets, window_s = bucket_key(r.name, scope), None, None
             if w.kind == "calendar":
                 label, resets = w.period_of(now, r.tz)
-                key = f"{key}|{label}"
+                key = bucket_key(r.name, scope, label)
             elif w.kind == "rolling":
                 window_s = w.seconds
             enforce = r.action != "alert" and r.name not in bypass
@@ -385,7 +385,7 @@ class Engine:
                 if limit is None:
                     continue
                 lim = int(limit)
-                k = key if unit == "usd" else f"{key}#tokens"
+                k = key if unit == "usd" else tokens_key(key)
                 lines.append(Line(Bucket(k, lim if enforce else None, window_s, unit), amount))  # type: ignore[arg-type]
                 owners[k] = (r, scope, resets)
         return lines, owners
@@ -558,6 +558,22 @@ class Engine:
         captured: bool = yield ("capture", {"hold_id": decision.hold_id, "actual": {"usd": cost, "tokens": tokens},
                                             "now": now, "event": event})
         return Charge(cost, usage, estimated or usage is None, captured)
+
+
+def bucket_key(rule_name: str, scope: str, period: str | None = None) -> str:
+    """The ledger key of one rule's bucket: ``name|per=value`` (``|period`` for calendar windows)."""
+    key = f"{rule_name}|{scope}"
+    return f"{key}|{period}" if period else key
+
+
+def tokens_key(usd_key: str) -> str:
+    return f"{usd_key}#tokens"
+
+
+def global_keys(rule: Rule) -> list[str]:
+    """Both bucket keys of a ``per = "global"`` rule without calendar periods."""
+    key = bucket_key(rule.name, f"global={NONE}")
+    return [key, tokens_key(key)]
 
 
 def _tightest(states: Sequence[BucketState]) -> BucketState | None:

@@ -189,6 +189,11 @@ class Ledger(ABC):
     def states(self, buckets: Sequence[Bucket], *, now: float) -> list[BucketState]: ...
 
     @abstractmethod
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop what ``keys`` counted (spent, grants, the bucket's listing) once no hold is left on
+        them: a bucket that lived for one ``with spendgate.budget()`` block must not stay forever."""
+
+    @abstractmethod
     def record(self, event: Event) -> None:
         """Log a spend event without a hold."""
 
@@ -279,6 +284,15 @@ class TransactionalLedger(Ledger):
     def states(self, buckets: Sequence[Bucket], *, now: float) -> list[BucketState]:
         with self._transaction():
             return [self._state(b, now) for b in buckets]
+
+    def forget(self, keys: Sequence[str]) -> None:
+        with self._transaction():
+            for key in keys:
+                if self._held(key) == 0:
+                    self._forget(key)
+
+    @abstractmethod
+    def _forget(self, key: str) -> None: ...
 
     def record(self, event: Event) -> None:
         with self._transaction():

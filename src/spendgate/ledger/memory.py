@@ -77,6 +77,10 @@ class MemoryLedger(TransactionalLedger):
     def _add_grant(self, key: str, amount: int, until: float) -> None:
         self._grants[key].append((amount, until))
 
+    def _forget(self, key: str) -> None:
+        for table in (self._slots, self._held_by, self._grants, self._buckets):
+            table.pop(key, None)
+
     def _add_event(self, event: Event) -> None:
         self._events.append(event)
 

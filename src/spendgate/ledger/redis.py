@@ -112,6 +112,9 @@ class RedisLedger(Ledger):
         flat = self._run("states", repr(now), json.dumps([_line(b, 0) for b in buckets]))
         return list(_states(lines, flat))
 
+    def forget(self, keys: Sequence[str]) -> None:
+        self._run("forget", *keys)
+
     def record(self, event: Event) -> None:
         self._cmd("ZADD", self._keys[3], repr(event.ts), event.to_json())
 

@@ -173,6 +173,12 @@ class SQLiteLedger(TransactionalLedger):
     def _add_grant(self, key: str, amount: int, until: float) -> None:
         self._db.execute("INSERT INTO grants(bucket, amount, until) VALUES (?,?,?)", (key, amount, until))
 
+    def _forget(self, key: str) -> None:
+        for table in ("slots", "held", "grants"):
+            self._db.execute(f"DELETE FROM {table} WHERE bucket=?", (key,))
+        self._db.execute("DELETE FROM buckets WHERE key=?", (key,))
+        self._known.discard(key)
+
     def _add_event(self, event: Event) -> None:
         self._db.execute("INSERT INTO events(ts, body) VALUES (?,?)", (event.ts, event.to_json()))
 

@@ -18,9 +18,11 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar, cast
 
+from spendgate.engine import global_keys
 from spendgate.errors import ConfigError
 from spendgate.policy.model import Rule
 from spendgate.policy.parse import parse as parse_policy
+from spendgate.sdk import _runtime
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -86,7 +88,7 @@ class budget:
         self._callback = callback
         self._shared = window is not None
         self._name = name
-        self._tokens: list[contextvars.Token[tuple[Scope, ...]]] = []
+        self._tokens: list[tuple[contextvars.Token[tuple[Scope, ...]], Scope]] = []
 
     def _scope(self, label: str) -> Scope:
         key = f"sdk:{self._name or label}" if self._shared else f"sdk:{self._name or label}:{uuid.uuid4().hex[:12]}"
@@ -94,18 +96,29 @@ class budget:
 
     @contextmanager
     def _entered(self, label: str) -> Iterator[None]:
-        token = _scopes.set((*_scopes.get(), self._scope(label)))
+        scope = self._scope(label)
+        token = _scopes.set((*_scopes.get(), scope))
         try:
             yield
         finally:
             _scopes.reset(token)
+            self._done(scope)
 
     def __enter__(self) -> budget:
-        self._tokens.append(_scopes.set((*_scopes.get(), self._scope("budget"))))
+        scope = self._scope("budget")
+        self._tokens.append((_scopes.set((*_scopes.get(), scope)), scope))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _scopes.reset(self._tokens.pop())
+        token, scope = self._tokens.pop()
+        _scopes.reset(token)
+        self._done(scope)
+
+    def _done(self, scope: Scope) -> None:
+        """A per-entry budget's bucket ends with its block: the store keeps nothing of it (its
+        spend stays in the event log). Shared, windowed budgets keep counting."""
+        if not self._shared:
+            _runtime.engine().ledger.forget(global_keys(scope.rule))
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         label = f"{fn.__module__}.{fn.__qualname__}"

@@ -185,6 +185,18 @@ elseif op == 'states' then
   -- ARGV: now, lines JSON (amounts ignored)
   return flat_states(cjson.decode(ARGV[4]), tonumber(ARGV[3]))
 
+elseif op == 'forget' then
+  -- ARGV[3..]: bucket keys to drop once nothing is held on them
+  for i = 3, #ARGV do
+    local key = ARGV[i]
+    if held(key) == 0 then
+      redis.call('DEL', P .. 'slots:' .. key, P .. 'grants:' .. key)
+      redis.call('HDEL', HELD, key)
+      redis.call('HDEL', BUCKETS, key)
+    end
+  end
+  return 1
+
 elseif op == 'take' then
   -- ARGV: records hash, field, now: read and delete a live record in one step
   local raw = redis.call('HGET', ARGV[3], ARGV[4])
