@@ -321,3 +321,12 @@ def test_asyncio_redis_client_admits_exactly_n_of_64_tasks(redis_server: Any) ->
     [state] = sync_store.states(sync_store.known_buckets(), now=T0)
     assert state.held == worst * (n_fit - 2) and state.spent == 10 * 150 + 10 * 600
     sync_store.close()
+
+
+def test_a_long_answer_keeps_its_hold_while_it_can_still_be_generating(make: Any) -> None:
+    e = make({"hold_ttl": "10m", "budget": [{"name": "g", "usd": 100, "window": "day"}]})
+    long = e.decide(opus(max_tokens=64_000), now=T0)  # 64K tokens at 20/s: 3,200 s
+    short = e.decide(chat(max_tokens=100), now=T0)
+    assert [x.hold_id for x in e.ledger.expire(T0 + 601)] == [short.hold_id], "the short one: at its TTL"
+    assert e.ledger.expire(T0 + 3_199) == []
+    assert [x.hold_id for x in e.ledger.expire(T0 + 3_201)] == [long.hold_id]

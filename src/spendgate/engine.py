@@ -51,6 +51,7 @@ class AsyncLedger(Protocol):
     async def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None: ...
 
 MAX_REMEDIES = 8
+SLOWEST_TOKENS_PER_S = 20
 #: Which body field bounds the output, per route (set by a clamp).
 OUTPUT_FIELD = {
     "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
@@ -273,7 +274,7 @@ class Engine:
             dims["tier"] = tier
             if not trips:
                 try:
-                    auth = yield ("authorize", {"lines": lines, "now": now, "ttl": self.policy.hold_ttl_s,
+                    auth = yield ("authorize", {"lines": lines, "now": now, "ttl": self._hold_ttl(est),
                                                 "event": self._event(did, request.provider, est, dims, now)})
                 except StoreError as exc:
                     if self.policy.on_store_error == "block":
@@ -330,6 +331,12 @@ class Engine:
                 act = "block"
             return self._refusal(did, act, est, body, trip, states, notes, original, dims, now)
         raise RuntimeError("policy remedies did not converge")  # pragma: no cover - bounded chains
+
+    def _hold_ttl(self, est: Estimate) -> float:
+        """How long a hold may live: the policy's TTL, or long enough to generate the request's whole
+        output bound at a slow :data:`SLOWEST_TOKENS_PER_S` — a 64K-token answer can take most of
+        an hour, and its hold must not expire (and be charged its worst case) while it streams."""
+        return max(float(self.policy.hold_ttl_s), est.output_tokens / SLOWEST_TOKENS_PER_S)
 
     def _usd(self, rule: Rule) -> int | None:
         """A rule's dollar limit in nanos (precomputed for the policy's own rules)."""

@@ -24,8 +24,6 @@ from spendgate.sdk._context import active_scopes, active_tags
 from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
 
-_IDENTITY_TAGS = ("user", "team", "session", "agent", "feature")
-
 
 @dataclass(frozen=True, slots=True)
 class Errors:
@@ -52,6 +50,8 @@ class Guard:
         self.errors = errors
         self._engine = engine
         self._routes = sorted((r for p, r in (*ROUTES, *FREE_ROUTES) if p == provider), key=len, reverse=True)
+        self._last_auth: str | None = None
+        self._last_hash: str | None = None
 
     def route_of(self, path: str) -> str | None:
         return next((r for r in self._routes if path.endswith(r)), None)
@@ -102,10 +102,13 @@ class Guard:
         raise err
 
     def _identity(self, request: httpx2.Request) -> Identity:
-        tags = dict(active_tags())
-        auth = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        return Identity(key=hash_key(auth) if auth else None, tags=tags,
-                        **{k: tags.get(k) for k in _IDENTITY_TAGS})
+        tags = active_tags()
+        auth = (self.provider == "anthropic" and request.headers.get("x-api-key")) or \
+            request.headers.get("authorization", "").removeprefix("Bearer ")
+        if auth != self._last_auth:  # a client sends one key: hash it once, not per call
+            self._last_auth, self._last_hash = auth, hash_key(auth) if auth else None
+        return Identity(key=self._last_hash, tags=tags, user=tags.get("user"), team=tags.get("team"),
+                        session=tags.get("session"), agent=tags.get("agent"), feature=tags.get("feature"))
 
     # -- after --------------------------------------------------------------------------------
 
