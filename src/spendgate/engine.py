@@ -87,7 +87,7 @@ class Trip:
         return max(self.limit - self.used, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """The engine's answer for one request."""
 
@@ -171,7 +171,7 @@ class Decision:
         return "lower max_tokens, use a cheaper model, or raise the budget"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Charge:
     """What :meth:`Engine.capture` charged."""
 

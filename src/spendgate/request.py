@@ -12,7 +12,7 @@ from spendgate.estimate.shape import TokenShape
 NONE = "(none)"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Identity:
     """Who a request is counted under. ``key`` is a hash of the credential, never the credential."""
 
@@ -54,7 +54,7 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     provider: str  # openai | anthropic
     route: str  # e.g. /v1/chat/completions

@@ -31,7 +31,7 @@ ROUTES: dict[tuple[str, str], Callable[..., TokenShape]] = {
 FREE_ROUTES = frozenset({("anthropic", "/v1/messages/count_tokens"), ("openai", "/v1/models")})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Estimate:
     """The priced worst case of one request."""
 

@@ -10,7 +10,7 @@ from typing import Any
 from spendgate.errors import BadRequest
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenShape:
     """A request reduced to what its worst case depends on."""
 

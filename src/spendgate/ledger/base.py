@@ -29,7 +29,7 @@ Unit = Literal["usd", "tokens"]
 SLOTS_PER_WINDOW = 60
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bucket:
     """One counter a budget rule keeps.
 
@@ -57,7 +57,7 @@ class Bucket:
         return int((now - self.window_s) // self.slot_s)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Line:
     """One bucket's share of a hold."""
 
@@ -65,7 +65,7 @@ class Line:
     amount: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BucketState:
     key: str
     unit: Unit
@@ -87,7 +87,7 @@ class BucketState:
         return self.limit + self.granted - self.spent - self.held
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Authorization:
     """The ledger's answer: a hold on every bucket, or a refusal naming the buckets that overflow."""
 
@@ -100,7 +100,7 @@ class Authorization:
         return next(s for s in self.states if s.key == key)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """A row of the spend log: what was charged, to whom, and how sure we are of the amount."""
 

@@ -15,7 +15,7 @@ from spendgate.pricing.table import ModelPrice, Rate
 _MTOK = Decimal(1_000_000)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     """What a provider billed, in one shape for every provider.
 
