@@ -83,25 +83,36 @@ def serve_bare(port: int, upstream: str) -> None:
 
 # -- the load ----------------------------------------------------------------------------------
 
-async def drive(base: str, path: str, body: dict[str, Any], n: int, concurrency: int) -> list[float]:
+ROUNDS = 5
+
+
+async def drive(bases: dict[str, str], path: str, body: dict[str, Any], n: int,
+                concurrency: int) -> dict[str, list[float]]:
+    """Latencies per path, measured in alternating blocks (direct, passthrough, spendgate, direct, …)
+    so that drift in the machine's speed hits every column alike, while within a block only one
+    path is busy, as in a real deployment."""
     payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench", "x-api-key": "sk-bench",
                "anthropic-version": "2023-06-01"}
-    lat: list[float] = []
+    lat: dict[str, list[float]] = {k: [] for k in bases}
     client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     async with client:
-        async def worker(count: int) -> None:
+        async def worker(name: str, count: int, keep: bool) -> None:
             for _ in range(count):
                 t = time.perf_counter()
-                async with client.post(base + path, data=payload, headers=headers) as r:
+                async with client.post(bases[name] + path, data=payload, headers=headers) as r:
                     await r.read()
                     if r.status != 200:
-                        raise RuntimeError(f"{base}{path}: HTTP {r.status}: {await r.text()}")
-                lat.append((time.perf_counter() - t) * 1e6)
+                        raise RuntimeError(f"{bases[name]}{path}: HTTP {r.status}: {await r.text()}")
+                if keep:
+                    lat[name].append((time.perf_counter() - t) * 1e6)
 
-        await asyncio.gather(*(worker(max(1, n // 10 // concurrency)) for _ in range(concurrency)))  # warm-up
-        lat.clear()
-        await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
+        for name in bases:  # warm-up: connections, caches
+            await asyncio.gather(*(worker(name, max(1, n // 10 // concurrency), False) for _ in range(concurrency)))
+        for _ in range(ROUNDS):
+            for name in bases:
+                await asyncio.gather(*(worker(name, max(1, n // ROUNDS // concurrency), True)
+                                       for _ in range(concurrency)))
     return lat
 
 
@@ -161,7 +172,7 @@ def main() -> None:
             for stream in (False, True):
                 for c in (1, 8):
                     b = {**body, "stream": True} if stream else body
-                    res = {k: asyncio.run(drive(v, path, b, args.n, c)) for k, v in paths.items()}
+                    res = asyncio.run(drive(paths, path, b, args.n, c))
                     d50, d99 = pct(res["direct"], .5), pct(res["direct"], .99)
                     b50, b99 = pct(res["bare passthrough"], .5), pct(res["bare passthrough"], .99)
                     s50, s99 = pct(res["spendgate"], .5), pct(res["spendgate"], .99)
@@ -172,7 +183,7 @@ def main() -> None:
         before = cpu_seconds(procs[2].pid)
         t = time.perf_counter()
         n = args.n * 2
-        asyncio.run(drive(paths["spendgate"], path, body, n, 16))
+        asyncio.run(drive({"spendgate": paths["spendgate"]}, path, body, n, 16))
         wall = time.perf_counter() - t
         cpu = cpu_seconds(procs[2].pid) - before
         print(f"\nthroughput through spendgate at c=16: {n / wall:,.0f} requests/s "
