@@ -25,10 +25,6 @@ from spendgate.policy import Policy, default_policy, load
 from spendgate.pricing.table import PriceTable
 
 
-def home() -> Path:
-    return Path(os.environ.get("SPENDGATE_HOME", "~/.spendgate")).expanduser()
-
-
 @dataclass
 class Context:
     """What a command runs against, resolved once from flags, environment and policy."""
@@ -41,8 +37,8 @@ class Context:
     def from_args(cls, args: argparse.Namespace, policy_flag: str = "config") -> Context:
         path = getattr(args, policy_flag, None) or os.environ.get("SPENDGATE_CONFIG")
         policy = load(path) if path else default_policy()
-        store = args.store or os.environ.get("SPENDGATE_STORE") or policy.store or ledger.DEFAULT_URL
-        prices = PriceTable.bundled().with_overrides(home() / "prices.json")
+        store = args.store or os.environ.get("SPENDGATE_STORE") or policy.store or ledger.default_url()
+        prices = PriceTable.bundled().with_overrides(ledger.home() / "prices.json")
         return cls(policy, store, prices)
 
 
@@ -92,7 +88,7 @@ def cmd_prices_show(args: argparse.Namespace) -> int:
 def cmd_prices_update(args: argparse.Namespace) -> int:
     from spendgate.pricing.litellm import import_file
 
-    dest = home() / "prices.json"
+    dest = ledger.home() / "prices.json"
     n, skipped = import_file(Path(args.source), dest)
     doc = {"imported": n, "skipped": len(skipped), "skipped_examples": skipped[:10], "path": str(dest)}
     if args.json:

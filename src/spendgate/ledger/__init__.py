@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from spendgate.errors import StoreError
 from spendgate.ledger.base import (
@@ -20,6 +22,16 @@ from spendgate.ledger.base import (
 )
 
 DEFAULT_URL = "sqlite:///~/.spendgate/spendgate.db"
+
+
+def home() -> Path:
+    """spendgate's own directory: ``SPENDGATE_HOME``, else ``~/.spendgate``."""
+    return Path(os.environ.get("SPENDGATE_HOME", "~/.spendgate")).expanduser()
+
+
+def default_url() -> str:
+    """The embedded default store: ``spendgate.db`` in :func:`home`."""
+    return f"sqlite:///{home() / 'spendgate.db'}"
 
 
 def _memory(url: str) -> Ledger:
@@ -44,8 +56,10 @@ BACKENDS: dict[str, Callable[[str], Ledger]] = {"memory": _memory, "sqlite": _sq
                                                 "rediss": _redis}
 
 
-def open(url: str = DEFAULT_URL) -> Ledger:
-    """The ledger for ``url``; an unknown scheme is an error that lists the known ones."""
+def open(url: str | None = None) -> Ledger:
+    """The ledger for ``url`` (default: :func:`default_url`); an unknown scheme is an error that
+    lists the known ones."""
+    url = url or default_url()
     scheme = url.split("://", 1)[0] if "://" in url else ""
     factory = BACKENDS.get(scheme)
     if factory is None:
@@ -54,5 +68,17 @@ def open(url: str = DEFAULT_URL) -> Ledger:
     return factory(url)
 
 
-__all__ = ["BACKENDS", "DEFAULT_URL", "Authorization", "Bucket", "BucketState", "Event",
-           "ExpiredHold", "Ledger", "Line", "open"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_URL",
+    "Authorization",
+    "Bucket",
+    "BucketState",
+    "Event",
+    "ExpiredHold",
+    "Ledger",
+    "Line",
+    "default_url",
+    "home",
+    "open",
+]

@@ -26,7 +26,7 @@ def configure(store: str | None = None, policy: str | Path | Policy | None = Non
     global _engine
     pol = policy if isinstance(policy, Policy) else load(policy) if policy is not None else (
         load(os.environ["SPENDGATE_CONFIG"]) if os.environ.get("SPENDGATE_CONFIG") else default_policy())
-    url = store or os.environ.get("SPENDGATE_STORE") or pol.store or ledger.DEFAULT_URL
+    url = store or os.environ.get("SPENDGATE_STORE") or pol.store or ledger.default_url()
     new = Engine(pol, ledger.open(url))
     with _lock:
         old, _engine = _engine, new
