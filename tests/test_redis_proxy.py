@@ -104,3 +104,23 @@ def test_redis_down_refuses_clearly_then_resumes_with_nothing_lost(tmp_path: Pat
         proc.terminate()
         proc.wait(timeout=10)
         server.stop()
+
+
+def test_health_endpoint_follows_the_store(tmp_path: Path, upstream: Servers) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    proc, port = start_serve(tmp_path / "home", upstream.upstream_port, "--store", server.url)
+
+    def health() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/spendgate/health", timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        assert health() == 200
+        server.stop()
+        assert health() == 503
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -36,6 +36,15 @@ def add_routes(app: web.Application, proxy: Proxy) -> None:
             return result
         return checked
 
+    async def health(request: web.Request) -> web.Response:
+        """For load balancers: no token, no numbers; 503 while the store cannot be reached."""
+        try:
+            proxy.store.get_record("health", "probe", now=time.time())
+        except SpendgateError as exc:
+            return web.json_response({"ok": False, "store": str(exc)}, status=503)
+        return web.json_response({"ok": True})
+
+    app.router.add_get("/spendgate/health", health)
     app.router.add_get("/spendgate/status", guard(_status))
     app.router.add_get("/spendgate/spend", guard(_spend))
     app.router.add_get("/spendgate/decisions", guard(_decisions))
