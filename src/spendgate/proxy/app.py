@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -34,7 +34,6 @@ from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
 
 log = logging.getLogger("spendgate.proxy")
-T = TypeVar("T")
 
 #: Priced routes: path -> provider.
 ROUTES = {
