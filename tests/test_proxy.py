@@ -474,3 +474,18 @@ def test_upstream_timeout_after_send_charges_the_worst_case_flagged(servers_for:
                                         {"model": "gpt-4o-mini", "messages": MSG, "max_tokens": 100}).cost_nanos
     assert ev.estimated and ev.cost == worst
     assert oai(s).chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=5).choices
+
+
+def test_approving_with_max_lets_the_immediate_retry_through(servers_for: Any, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/m.db"
+    s = servers_for({"budget": [{"name": "sess", "usd": 0.0001, "window": "1h", "per": "session",
+                                 "action": "hold"}]}, store=url)
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 1000, "messages": MSG}).encode()
+    h = {"X-Spendgate-Session": "s7"}
+    status, _, refused = post(s, "/v1/chat/completions", body, h)
+    assert status == 402
+    assert post(s, "/v1/chat/completions", body, h)[0] == 402, "a plain retry gets the same answer"
+    assert main(["approve", refused["spendgate"]["decision_id"], "--max", "1", "--store", url]) == 0
+    assert post(s, "/v1/chat/completions", body, h)[0] == 200, "the retry right after approval goes through"
+    other = json.dumps({"model": "gpt-4o-mini", "max_tokens": 900, "messages": MSG}).encode()
+    assert post(s, "/v1/chat/completions", other, h)[0] == 200, "and the granted $1 covers the next ones"

@@ -115,8 +115,8 @@ def approve(store: Ledger, hold_id: str, max_usd: Decimal | None, now: float | N
         store.grant(Bucket(key, limit, window_s, unit), usd_to_nanos(max_usd), now=now, until=until)
     p.status = "approved" if max_usd is not None and p.bucket is not None else "approved-once"
     store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
-    if p.status == ONCE:
-        store.put_record(ONCE, once_key(p.session, p.body), p.id, expires_at=p.expires_at)
+    # the held request's next retry goes through at once (not the 30-second repeat of its refusal)
+    store.put_record(ONCE, once_key(p.session, p.body), p.id, expires_at=p.expires_at)
     return p
 
 
