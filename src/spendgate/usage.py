@@ -10,6 +10,7 @@ A shape we cannot read returns None, and the caller charges the worst case — n
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,3 +64,31 @@ def _gemini(m: Mapping[str, Any]) -> Usage:
     thoughts = _int(m, "thoughtsTokenCount")
     return Usage(input=max(_int(m, "promptTokenCount") - cached, 0), cache_read=cached,
                  output=_int(m, "candidatesTokenCount") + thoughts, reasoning=thoughts)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def usage_from_body(data: bytes) -> Mapping[str, Any] | None:
+    """The usage of a non-streamed response body, without parsing the whole body.
+
+    A long completion is mostly text; its ``usage`` object is small and near the end. The key is
+    found as raw bytes (``"usage":`` cannot occur unescaped inside a JSON string) and only its value
+    is decoded; anything unexpected falls back to parsing the whole body.
+    """
+    for key, wrap in ((b'"usage":', "usage"), (b'"usageMetadata":', "usageMetadata")):
+        at = data.rfind(key)
+        if at < 0:
+            continue
+        try:
+            text = data[at + len(key):].decode()
+            value, _ = _DECODER.raw_decode(text.lstrip())
+        except (UnicodeDecodeError, ValueError):
+            break
+        if isinstance(value, dict):
+            return {wrap: value}
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None

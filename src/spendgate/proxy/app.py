@@ -30,6 +30,7 @@ from spendgate.proxy import admin, approvals
 from spendgate.proxy.envelope import error_response
 from spendgate.proxy.identity import Credentials, credentials, identity
 from spendgate.request import Request
+from spendgate.usage import usage_from_body
 from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
 
@@ -335,11 +336,7 @@ class Proxy:
         if status >= 400:
             await self._release(d)  # the provider refused it: nothing was generated, nothing billed
             return
-        try:
-            payload = json.loads(data)
-        except ValueError:
-            payload = None
-        await self.engine.acapture(d, payload if isinstance(payload, dict) else None)
+        await self.engine.acapture(d, usage_from_body(data))
 
     async def _relay_stream(self, request: web.Request, provider: str, up: aiohttp.ClientResponse,
                             d: Decision | None, withhold: bool) -> web.StreamResponse:

@@ -21,6 +21,7 @@ from spendgate.estimate import FREE_ROUTES, ROUTES
 from spendgate.request import Identity, Request, hash_key
 from spendgate.sdk import _runtime
 from spendgate.sdk._context import active_scopes, active_tags
+from spendgate.usage import usage_from_body
 from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
 
@@ -117,11 +118,7 @@ class Guard:
         if status >= 400:
             engine.release(d)  # the provider refused it: nothing was generated, nothing billed
             return
-        try:
-            payload = json.loads(content)
-        except ValueError:
-            payload = None
-        engine.capture(d, payload if isinstance(payload, dict) else None)
+        engine.capture(d, usage_from_body(content))
 
     def settle_stream(self, d: Decision, meter: StreamMeter) -> None:
         engine = self._engine()

@@ -26,6 +26,7 @@ class StreamMeter:
         self.text: list[str] = []
         self.complete = False  # the final usage arrived
         self._buf = b""
+        self._unread: list[bytes] = []
 
     def feed(self, chunk: bytes) -> bytes:
         """Take upstream bytes; return the complete events to relay now (partial ones wait)."""
@@ -48,9 +49,15 @@ class StreamMeter:
         return b""
 
     def _observe(self, event: bytes) -> bool:
-        """Read one event; False when it must not reach the client."""
+        """Read one event; False when it must not reach the client.
+
+        Only events that carry usage are parsed as they pass; the others (the bulk: text deltas)
+        are kept raw and read only if the stream is cut short and its output must be counted."""
         data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
         if not data or data == b"[DONE]" or data[:1] != b"{":
+            return True
+        if b'"usage"' not in data:
+            self._unread.append(data)
             return True
         try:
             obj = json.loads(data)
@@ -58,37 +65,24 @@ class StreamMeter:
             return True
         if not isinstance(obj, dict):
             return True
+        self._texts_of(obj)
         if self.provider == "anthropic":
             self._anthropic(obj)
             return True
         kind = obj.get("type")
         if isinstance(kind, str) and kind.startswith("response."):
-            self._responses(obj, kind)
+            if kind in ("response.completed", "response.incomplete", "response.failed"):
+                resp = obj.get("response")
+                if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
+                    self.usage = resp["usage"]
+                    self.complete = True
             return True
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
             self.complete = True
             if self.withhold and obj.get("choices") == []:
                 return False
-        for choice in obj.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict):
-                if isinstance(delta.get("content"), str):
-                    self.text.append(delta["content"])
-                for call in delta.get("tool_calls") or ():
-                    fn = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                        self.text.append(fn["arguments"])
         return True
-
-    def _responses(self, obj: dict[str, Any], kind: str) -> None:
-        if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
-            self.text.append(obj["delta"])
-        elif kind in ("response.completed", "response.incomplete", "response.failed"):
-            resp = obj.get("response")
-            if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
-                self.usage = resp["usage"]
-                self.complete = True
 
     def _anthropic(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
@@ -101,16 +95,39 @@ class StreamMeter:
             merged.update({k: v for k, v in obj["usage"].items() if v is not None})
             self.usage = merged
             self.complete = True
-        elif kind == "content_block_delta":
+
+    def _texts_of(self, obj: dict[str, Any]) -> None:
+        """The output text one event carries, in each provider's delta shape."""
+        kind = obj.get("type")
+        if kind == "content_block_delta":  # Anthropic
             delta = obj.get("delta")
             if isinstance(delta, dict):
-                for field in ("text", "thinking", "partial_json"):
-                    if isinstance(delta.get(field), str):
-                        self.text.append(delta[field])
+                self.text.extend(delta[f] for f in ("text", "thinking", "partial_json")
+                                 if isinstance(delta.get(f), str))
+        elif isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta") \
+                and isinstance(obj.get("delta"), str):  # Responses API
+            self.text.append(obj["delta"])
+        for choice in obj.get("choices") or ():  # chat completions
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict):
+                if isinstance(delta.get("content"), str):
+                    self.text.append(delta["content"])
+                for call in delta.get("tool_calls") or ():
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                        self.text.append(fn["arguments"])
 
     def output_tokens(self, anthropic_factor: float) -> int | None:
         """Tokens of the output seen so far (None if none was seen), for a stream cut short;
         Anthropic's scaled by the same upward factor as its input estimates."""
+        for data in self._unread:
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                self._texts_of(obj)
+        self._unread.clear()
         if not self.text:
             return None
         n = counter("o200k_base").count("".join(self.text))
