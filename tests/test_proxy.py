@@ -20,6 +20,7 @@ from spendgate.money import usd_to_nanos
 from spendgate.policy import default_policy, parse
 from spendgate.policy.model import Policy
 from spendgate.proxy import approvals
+from tests.conftest import store_url
 from tests.harness import COMPLETION_TOKENS, PROMPT_TOKENS, Servers
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -319,9 +320,11 @@ def test_a_repeated_refused_body_gets_the_same_answer_without_a_new_hold(servers
     assert len(s.store.records("hold", now=0)) == 1
 
 
-def test_cli_approve_by_id_lets_the_retry_through(servers_for: Any, tmp_path: Path,
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_cli_approve_by_id_lets_the_retry_through(servers_for: Any, tmp_path: Path, kind: str,
+                                                   request: pytest.FixtureRequest,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"sqlite:///{tmp_path}/a.db"
+    url = store_url(kind, tmp_path, request)
     s = servers_for({"budget": [{"name": "soft", "usd": 0.0001, "window": "request", "action": "hold"}]}, store=url)
     body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 1000, "messages": MSG}).encode()
     status, _, refused = post(s, "/v1/chat/completions", body, {"X-Spendgate-Session": "s9"})

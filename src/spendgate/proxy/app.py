@@ -13,9 +13,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +35,7 @@ from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
 
 log = logging.getLogger("spendgate.proxy")
+T = TypeVar("T")
 
 #: Priced routes: path -> provider.
 ROUTES = {
@@ -152,7 +153,7 @@ class Proxy:
         if not isinstance(body, dict):
             return error_response(provider, 400, "spendgate: the request body must be a JSON object")
         try:
-            creds = credentials(provider, request.headers, self.store)
+            creds = await self._store_io(credentials, provider, request.headers, self.store)
             ident = identity(provider, request.headers, body, creds)
         except PermissionError as exc:
             return error_response(provider, 401, f"spendgate: {exc}")
@@ -168,7 +169,8 @@ class Proxy:
         session = ident.value("session")
         dry = request.headers.get("x-spendgate-estimate") == "1"
         try:
-            approval, send, body, early = self._answers(provider, route, raw, body, session, request.headers, now)
+            approval, send, body, early = await self._store_io(self._answers, provider, route, raw, body, session,
+                                                               request.headers, now)
         except ValueError as exc:
             return error_response(provider, 400, f"spendgate: {exc}")
         if early is not None:
@@ -194,7 +196,7 @@ class Proxy:
                                       "message": d.message or (d.estimate.describe() if d.estimate else ""),
                                       "edits": dict(d.edits)}, headers={"X-Spendgate-Decision": d.id})
         if not d.allowed:
-            return self._refuse(request, provider, route, send, d, session, now, raw)
+            return await self._store_io(self._refuse, request, provider, route, send, d, session, now, raw)
         out, withhold = outgoing(route, send, d)
         return await self._forward_plain(request, provider, creds, out, d, withhold)
 
@@ -313,6 +315,13 @@ class Proxy:
             await self.engine.acapture(d, meter.usage)
         else:
             await self._unknown(d, meter)
+
+    async def _store_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """The rarer store calls (virtual keys, held requests, approvals) use the store's sync client:
+        inline for a local store, on a worker thread for a networked one, never blocking the loop."""
+        if self.store.networked:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     def _settle_later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
