@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from spendgate.errors import BadRequest
+from spendgate.estimate import images
 from spendgate.estimate.shape import TokenShape, dumps, optional_int, require_list, require_model
 from spendgate.estimate.tokens import TokenCounter, counter
 
@@ -39,7 +40,11 @@ def _block_tokens(tc: TokenCounter, block: Any) -> tuple[int, int]:
     if kind == "text":
         return tc.count(str(block.get("text", ""))), 0
     if kind == "image":
-        return 0, IMAGE_WORST
+        src = block.get("source")
+        size = None
+        if isinstance(src, Mapping) and src.get("type") == "base64" and isinstance(src.get("data"), str):
+            size = images.size_of_data_url(f"data:{src.get('media_type', 'image')};base64,{src['data'][:65536]}")
+        return 0, images.anthropic_tokens(*size) if size else IMAGE_WORST
     if kind == "document":
         src = block.get("source")
         if not isinstance(src, Mapping):

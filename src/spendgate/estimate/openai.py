@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from spendgate.errors import BadRequest
+from spendgate.estimate import images
 from spendgate.estimate.shape import TokenShape, dumps, optional_int, require_list, require_model
 from spendgate.estimate.tokens import TokenCounter, counter, encoding_for_model
 
@@ -30,11 +31,18 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 def _image_tokens(model: str, part: Mapping[str, Any]) -> int:
+    """OpenAI's documented tiling for an inline image whose size can be read; the largest tiling
+    otherwise (a URL is not fetched)."""
     spec = part.get("image_url")
     detail = spec.get("detail") if isinstance(spec, Mapping) else part.get("detail")
-    if "gpt-4o-mini" in model:
-        return 2833 if detail == "low" else IMAGE_WORST_4O_MINI
-    return IMAGE_LOW if detail == "low" else IMAGE_WORST
+    url = spec.get("url") if isinstance(spec, Mapping) else spec
+    size = images.size_of_data_url(url) if isinstance(url, str) else None
+    base, per_tile, worst = (2833, 5667, IMAGE_WORST_4O_MINI) if "gpt-4o-mini" in model else (85, 170, IMAGE_WORST)
+    if detail == "low":
+        return base
+    if size is None:
+        return worst
+    return base + per_tile * images.openai_tiles(*size)
 
 
 def _content_tokens(tc: TokenCounter, model: str, content: Any) -> int:
