@@ -468,8 +468,7 @@ class Engine:
         for line, st in zip(lines, states, strict=True):
             rule = owners[line.bucket.key][0]
             limit = line.bucket.limit if line.bucket.limit is not None else (
-                usd_to_nanos(rule.usd) if line.bucket.unit == "usd" and rule.usd is not None
-                else rule.tokens)
+                self._usd(rule) if line.bucket.unit == "usd" else rule.tokens)
             if not limit:
                 continue
             before, after = st.used - line.amount, st.used

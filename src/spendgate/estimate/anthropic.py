@@ -120,8 +120,3 @@ def messages(body: Mapping[str, Any], factor: float = DEFAULT_FACTOR) -> TokenSh
         stream=bool(body.get("stream")),
         exact=False,
     )
-
-
-def count_tokens_body(body: Mapping[str, Any]) -> TokenShape:
-    """``/v1/messages/count_tokens`` is free: it has a model but no output and costs nothing."""
-    return TokenShape(model=require_model(body), input_tokens=0, requested_output=0)

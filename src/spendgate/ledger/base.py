@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 Unit = Literal["usd", "tokens"]
 #: Rolling windows are counted in this many slots; a charge counts while any part of its slot is
@@ -335,14 +335,11 @@ class TransactionalLedger(Ledger):
         """Serialize the enclosed primitives against every other writer of this store."""
 
     @abstractmethod
-    def _spent(self, bucket: Bucket, now: float) -> tuple[int, float | None]:
-        """Charged amount inside the bucket's window, and when its oldest counted slot leaves."""
+    def _state(self, bucket: Bucket, now: float) -> BucketState:
+        """Spent inside the bucket's window (and when its oldest counted slot leaves), held, granted."""
 
     @abstractmethod
     def _held(self, key: str) -> int: ...
-
-    @abstractmethod
-    def _granted(self, key: str, now: float) -> int: ...
 
     @abstractmethod
     def _put_hold(self, hold: _Hold) -> None: ...
@@ -367,11 +364,6 @@ class TransactionalLedger(Ledger):
         """Remember that ``bucket`` exists (for status listings)."""
 
     # -- shared logic -------------------------------------------------------------------------
-
-    def _state(self, bucket: Bucket, now: float) -> BucketState:
-        spent, frees_at = self._spent(bucket, now)
-        return BucketState(bucket.key, bucket.unit, bucket.limit, spent, self._held(bucket.key),
-                           self._granted(bucket.key, now), frees_at)
 
     def _expire_locked(self, now: float) -> list[ExpiredHold]:
         out = []
@@ -403,7 +395,3 @@ def serialize_hold(hold: _Hold) -> tuple[str, str | None]:
 def deserialize_hold(hold_id: str, expires_at: float, lines: str, event: str | None) -> _Hold:
     parsed = [Line(Bucket(k, lim, win, unit), amt) for k, lim, win, unit, amt in json.loads(lines)]
     return _Hold(hold_id, expires_at, parsed, Event.from_json(event) if event else None)
-
-
-def dims_json(dims: Mapping[str, Any]) -> str:
-    return json.dumps(dict(dims), separators=(",", ":"), sort_keys=True)

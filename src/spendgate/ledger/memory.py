@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
-from spendgate.ledger.base import Bucket, Event, TransactionalLedger, _Hold
+from spendgate.ledger.base import Bucket, BucketState, Event, TransactionalLedger, _Hold
 
 
 class MemoryLedger(TransactionalLedger):
@@ -28,6 +28,11 @@ class MemoryLedger(TransactionalLedger):
 
     def _transaction(self) -> AbstractContextManager[None]:
         return _Locked(self._lock)
+
+    def _state(self, bucket: Bucket, now: float) -> BucketState:
+        spent, frees_at = self._spent(bucket, now)
+        return BucketState(bucket.key, bucket.unit, bucket.limit, spent, self._held(bucket.key),
+                           self._granted(bucket.key, now), frees_at)
 
     def _spent(self, bucket: Bucket, now: float) -> tuple[int, float | None]:
         slots = self._slots.get(bucket.key)

@@ -126,16 +126,6 @@ class SQLiteLedger(TransactionalLedger):
     def _transaction(self) -> AbstractContextManager[None]:
         return self._txn()
 
-    def _spent(self, bucket: Bucket, now: float) -> tuple[int, float | None]:
-        first = bucket.first_live_slot(now)
-        total, oldest = self._db.execute(
-            "SELECT COALESCE(SUM(amount), 0), MIN(slot) FROM slots WHERE bucket=? AND slot>=?",
-            (bucket.key, first),
-        ).fetchone()
-        if not bucket.window_s or oldest is None:
-            return int(total), None
-        return int(total), (oldest + 1) * bucket.slot_s + bucket.window_s
-
     def _state(self, bucket: Bucket, now: float) -> BucketState:
         """All of a bucket's state in one statement (the request path runs this for every bucket)."""
         first = bucket.first_live_slot(now)
@@ -153,11 +143,6 @@ class SQLiteLedger(TransactionalLedger):
     def _held(self, key: str) -> int:
         row = self._db.execute("SELECT amount FROM held WHERE bucket=?", (key,)).fetchone()
         return int(row[0]) if row else 0
-
-    def _granted(self, key: str, now: float) -> int:
-        row = self._db.execute("SELECT COALESCE(SUM(amount), 0) FROM grants WHERE bucket=? AND until>?",
-                               (key, now)).fetchone()
-        return int(row[0])
 
     def _put_hold(self, hold: _Hold) -> None:
         lines, event = serialize_hold(hold)

@@ -32,18 +32,15 @@ class Window:
         local = dt.datetime.fromtimestamp(now, tz)
         day = local.date()
         if self.period == "day":
-            start, nxt = day, day + dt.timedelta(days=1)
+            nxt = day + dt.timedelta(days=1)
             label = day.isoformat()
         elif self.period == "week":
-            start = day - dt.timedelta(days=day.weekday())
-            nxt = start + dt.timedelta(days=7)
+            nxt = day + dt.timedelta(days=7 - day.weekday())
             iso = day.isocalendar()
             label = f"{iso.year}-W{iso.week:02d}"
         else:
-            start = day.replace(day=1)
-            nxt = (start + dt.timedelta(days=32)).replace(day=1)
+            nxt = (day.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
             label = f"{day.year}-{day.month:02d}"
-        del start
         reset = dt.datetime.combine(nxt, dt.time(), tz).timestamp()
         return label, reset
 

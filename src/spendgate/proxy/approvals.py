@@ -234,6 +234,3 @@ class RecentRefusals:
         if len(self._seen) > 10_000:
             self._seen = {k: v for k, v in self._seen.items() if v[0] > now}
         self._seen[once_key(session, body)] = (now + self.window_s, answer)
-
-    def forget_session_body(self, session: str, body: bytes) -> None:
-        self._seen.pop(once_key(session, body), None)
