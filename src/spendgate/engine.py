@@ -29,7 +29,7 @@ from spendgate.policy.model import SEVERITY, Policy, Rule
 from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_nanos
 from spendgate.pricing.table import PriceTable
 from spendgate.request import NONE, Request
-from spendgate.usage import parse_usage
+from spendgate.usage import UnreadableUsage, read_usage
 
 log = logging.getLogger("spendgate.engine")
 T = TypeVar("T")
@@ -497,13 +497,18 @@ class Engine:
     # -- settling -----------------------------------------------------------------------------
 
     def capture(self, decision: Decision, usage: Usage | Mapping[str, Any] | None, *,
-                now: float | None = None) -> Charge:
-        """Charge what the provider billed; with no readable usage, charge the worst case."""
-        return self._run(self._capture(decision, usage, now))
+                output_seen: int | None = None, now: float | None = None) -> Charge:
+        """Charge what the provider billed (a response body or its ``usage``).
+
+        Usage that is missing or not a set of non-negative integer counts is charged like an
+        unknown outcome — the input plus ``output_seen`` when the caller counted the output (a
+        stream), else the worst case — flagged estimated, with a warning naming the bad field.
+        It is never read as zero: the provider bills that response all the same."""
+        return self._run(self._capture(decision, usage, output_seen, now))
 
     async def acapture(self, decision: Decision, usage: Usage | Mapping[str, Any] | None, *,
-                       now: float | None = None) -> Charge:
-        return await self._arun(self._capture(decision, usage, now))
+                       output_seen: int | None = None, now: float | None = None) -> Charge:
+        return await self._arun(self._capture(decision, usage, output_seen, now))
 
     def charge_unknown(self, decision: Decision, output_seen: int | None = None, *,
                        now: float | None = None) -> Charge:
@@ -522,14 +527,21 @@ class Engine:
     async def arelease(self, decision: Decision, *, now: float | None = None) -> bool:
         return await self._arun(self._release(decision, now))
 
-    def _capture(self, decision: Decision, usage: Usage | Mapping[str, Any] | None,
+    def _capture(self, decision: Decision, usage: Usage | Mapping[str, Any] | None, output_seen: int | None,
                  now: float | None) -> Generator[LedgerCall, Any, Charge]:
         est = decision.estimate
         if decision.hold_id is None or est is None:
             return Charge(0, None, False, False)
-        parsed = usage if isinstance(usage, Usage) else parse_usage(usage)
-        if parsed is None:
-            return (yield from self._settle(decision, est.cost_nanos, est.tokens, None, now))
+        if isinstance(usage, Usage):
+            parsed = usage
+        else:
+            try:
+                parsed = read_usage(usage)
+            except UnreadableUsage as why:
+                log.warning("%s; charged %s (decision %s, %s)", why,
+                            "the input and the output seen so far" if output_seen is not None else "the worst case",
+                            decision.id, est.model)
+                return (yield from self._unknown(decision, output_seen, now))
         cost = usage_nanos(est.price.price, parsed)
         return (yield from self._settle(decision, cost, parsed.total_tokens, parsed, now,
                                         estimated=est.price.estimated_price))

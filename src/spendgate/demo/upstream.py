@@ -4,14 +4,16 @@ It speaks the providers' real shapes (JSON and SSE, with ``usage`` where each pr
 bills whatever ``prompt_tokens`` / ``completion_tokens`` it is set to, and records every request it
 receives, so a demo can show what reached the "provider" and a test can count it and compare bytes.
 An ``x-mock`` request header makes it misbehave on purpose: ``500``, ``nousage``, ``cut`` (drop the
-connection mid-stream), ``hang`` (never answer).
+connection mid-stream), ``hang`` (never answer). ``x-mock-usage: <json>`` makes it report that value
+as the usage of this one response, JSON or SSE (a test of garbage usage needs no shared state), and
+``on_request`` runs while a request is being handled: after the proxy sent it, before it is answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,8 @@ class FakeUpstream:
     completion_tokens: int = COMPLETION_TOKENS
     #: when set, the input billed is computed from each request body (the demo bills real counts)
     bill_input: Callable[[dict[str, Any]], int] | None = None
+    #: awaited with each request before it is answered (a test breaks the store here)
+    on_request: Callable[[Seen], Awaitable[None]] | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -54,11 +58,20 @@ class FakeUpstream:
 
     async def _record(self, request: web.Request) -> tuple[dict[str, Any], str]:
         body = await request.read()
-        self.seen.append(Seen(request.path, request.query_string, CIMultiDict(request.headers), body))
+        seen = Seen(request.path, request.query_string, CIMultiDict(request.headers), body)
+        self.seen.append(seen)
         parsed = json.loads(body) if body else {}
         if self.bill_input is not None:
             self.prompt_tokens = self.bill_input(parsed)
+        if self.on_request is not None:
+            await self.on_request(seen)
         return parsed, request.headers.get("x-mock", "")
+
+    @staticmethod
+    def _usage(request: web.Request, usage: Any) -> Any:
+        """The usage to report: the request's ``x-mock-usage`` JSON when it has one."""
+        override = request.headers.get("x-mock-usage")
+        return usage if override is None else json.loads(override)
 
     async def _sse(self, request: web.Request, events: list[tuple[str | None, Any]], cut: bool = False
                    ) -> web.StreamResponse:
@@ -80,8 +93,8 @@ class FakeUpstream:
             return web.json_response({"error": {"message": "upstream exploded", "type": "server_error"}}, status=500)
         if mock == "hang":
             await asyncio.Event().wait()  # never answers: the caller's timeout decides
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+        usage = self._usage(request, {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                                      "total_tokens": self.prompt_tokens + self.completion_tokens})
         model = body.get("model", "gpt-4o-mini")
         if not body.get("stream"):
             out: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
@@ -102,9 +115,10 @@ class FakeUpstream:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body, mock = await self._record(request)
-        usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                 "output_tokens": self.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+        usage = self._usage(request, {
+            "input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": self.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": self.prompt_tokens + self.completion_tokens})
         resp = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
                 "model": body.get("model"), "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
                 "output": [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
@@ -124,9 +138,10 @@ class FakeUpstream:
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
+        usage = self._usage(request, {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens})
         return web.json_response({"object": "list", "model": "text-embedding-3-small",
                                   "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
-                                  "usage": {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}})
+                                  "usage": usage})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body, mock = await self._record(request)
@@ -136,6 +151,12 @@ class FakeUpstream:
         model = body.get("model", "claude-sonnet-4-5")
         usage = {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens,
                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        override = self._usage(request, None)
+        # an override is the whole usage of message_start and of message_delta alike, so the
+        # stream's merged final usage is exactly the override
+        start_usage, delta_usage = ({**usage, "output_tokens": 1}, {"output_tokens": self.completion_tokens}) \
+            if override is None else (override, override)
+        usage = usage if override is None else override
         msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": model,
                "content": [{"type": "text", "text": "hello"}], "stop_reason": "end_turn",
                "stop_sequence": None, "usage": usage}
@@ -144,7 +165,7 @@ class FakeUpstream:
         events: list[tuple[str | None, Any]] = [
             ("message_start", {"type": "message_start",
                                "message": {**msg, "content": [], "stop_reason": None,
-                                           "usage": {**usage, "output_tokens": 1}}}),
+                                           "usage": start_usage}}),
             ("content_block_start", {"type": "content_block_start", "index": 0,
                                      "content_block": {"type": "text", "text": ""}}),
             ("content_block_delta", {"type": "content_block_delta", "index": 0,
@@ -153,7 +174,7 @@ class FakeUpstream:
                                      "delta": {"type": "text_delta", "text": "lo"}}),
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
             ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                               "usage": {"output_tokens": self.completion_tokens}}),
+                               "usage": delta_usage}),
             ("message_stop", {"type": "message_stop"}),
         ]
         return await self._sse(request, events, cut=mock == "cut")

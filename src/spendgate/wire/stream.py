@@ -18,6 +18,23 @@ from spendgate.estimate.tokens import counter
 _SEP = (b"\r\n\r\n", b"\n\n")
 
 
+def _merge_anthropic(start: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """The final usage of an Anthropic stream: ``message_delta``'s cumulative counts over
+    ``message_start``'s.
+
+    As in Anthropic's own SDK, a null optional count in the delta means "not applicable" and the
+    start's value stands. ``output_tokens`` is different: the delta must carry the final count
+    (the start's is a placeholder, often 1), so a null or missing one stays null or missing and
+    the usage is unreadable — charged conservatively, never as the placeholder. A null the start
+    sent and no delta replaced stays null, unreadable too.
+    """
+    merged = dict(start)
+    merged.update({k: v for k, v in delta.items() if v is not None or k == "output_tokens"})
+    if "output_tokens" not in delta:
+        merged.pop("output_tokens", None)
+    return merged
+
+
 class StreamMeter:
     def __init__(self, provider: str, withhold_usage_chunk: bool = False) -> None:
         self.provider = provider
@@ -91,9 +108,7 @@ class StreamMeter:
             if isinstance(msg, dict) and isinstance(msg.get("usage"), dict):
                 self.usage = dict(msg["usage"])
         elif kind == "message_delta" and isinstance(obj.get("usage"), dict):
-            merged = dict(self.usage or {})
-            merged.update({k: v for k, v in obj["usage"].items() if v is not None})
-            self.usage = merged
+            self.usage = _merge_anthropic(self.usage or {}, obj["usage"])
             self.complete = True
 
     def _texts_of(self, obj: dict[str, Any]) -> None:
