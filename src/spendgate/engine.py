@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar, cast
 from spendgate.errors import StoreError
 from spendgate.estimate import FREE_ROUTES, Estimate, Estimator
 from spendgate.ledger import Authorization, Bucket, BucketState, Event, Ledger, Line
+from spendgate.ledger.spool import Spool
 from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
 from spendgate.policy.model import SEVERITY, Policy, Rule
 from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_nanos
@@ -179,15 +180,21 @@ class Charge:
     usage: Usage | None
     estimated: bool
     captured: bool  # False when the hold had already expired (and was charged its worst case)
+    #: the store failed: the charge waits in the engine's spool until :meth:`Engine.drain_spool`
+    spooled: bool = False
 
 
 class Engine:
     """Policy + prices + ledger. Thread-safe; one per process is enough."""
 
     def __init__(self, policy: Policy, ledger: Ledger, prices: PriceTable | None = None,
-                 estimator: Estimator | None = None, aledger: AsyncLedger | None = None) -> None:
+                 estimator: Estimator | None = None, aledger: AsyncLedger | None = None,
+                 spool: Spool | None = None) -> None:
         self.policy = policy
         self.ledger = ledger
+        #: charges the store failed to take; the default (``spool.db`` in spendgate's home) makes
+        #: no file until one must be kept
+        self.spool = spool if spool is not None else Spool()
         #: the same store through an asyncio client, used by the ``a…`` methods when set
         self.aledger = aledger
         prices = prices or PriceTable.bundled()
@@ -527,6 +534,13 @@ class Engine:
     async def arelease(self, decision: Decision, *, now: float | None = None) -> bool:
         return await self._arun(self._release(decision, now))
 
+    def drain_spool(self, now: float | None = None) -> int:
+        """Apply the charges spooled while the store was failing; how many left the spool.
+
+        Synchronous (the spool's file and the store's sync client): call it from a thread, now and
+        then; with nothing ever spooled it only checks that the spool file does not exist."""
+        return self.spool.drain(self.ledger, time.time() if now is None else now)
+
     def _capture(self, decision: Decision, usage: Usage | Mapping[str, Any] | None, output_seen: int | None,
                  now: float | None) -> Generator[LedgerCall, Any, Charge]:
         est = decision.estimate
@@ -557,10 +571,17 @@ class Engine:
         return (yield from self._settle(decision, cost, est.input_tokens + output_seen, None, now))
 
     def _release(self, decision: Decision, now: float | None) -> Generator[LedgerCall, Any, bool]:
+        """A release the store fails is only logged: the hold expires and is charged its worst
+        case, which over-counts and never under-counts — no reason to fail the caller's reply."""
         if decision.hold_id is None:
             return False
-        released: bool = yield ("release", {"hold_id": decision.hold_id,
-                                            "now": time.time() if now is None else now})
+        try:
+            released: bool = yield ("release", {"hold_id": decision.hold_id,
+                                                "now": time.time() if now is None else now})
+        except StoreError as exc:
+            log.warning("the store failed to release the hold of decision %s (%s); it will expire and be "
+                        "charged its worst case", decision.id, exc)
+            return False
         return released
 
     def _settle(self, decision: Decision, cost: int, tokens: int, usage: Usage | None, now: float | None,
@@ -573,9 +594,28 @@ class Engine:
                       usage.total_input if usage else est.input_tokens,
                       usage.output if usage else tokens - est.input_tokens,
                       estimated or usage is None, dict(decision.dims))
-        captured: bool = yield ("capture", {"hold_id": decision.hold_id, "actual": {"usd": cost, "tokens": tokens},
-                                            "now": now, "event": event})
+        actual = {"usd": cost, "tokens": tokens}
+        try:
+            captured: bool = yield ("capture", {"hold_id": decision.hold_id, "actual": actual, "now": now,
+                                                "event": event})
+        except StoreError as exc:
+            # the provider answered and bills it: the answer must still reach the client, and the
+            # charge waits on local disk for drain_spool rather than be lost
+            return Charge(cost, usage, estimated or usage is None, False,
+                          spooled=self._spool(decision, actual, event, exc))
         return Charge(cost, usage, estimated or usage is None, captured)
+
+    def _spool(self, decision: Decision, actual: Mapping[str, int], event: Event, exc: StoreError) -> bool:
+        assert decision.hold_id is not None
+        try:
+            self.spool.add(decision.hold_id, actual, event)
+        except StoreError as err:
+            log.error("the store failed to charge decision %s (%s) and the spool could not keep the charge "
+                      "(%s); its hold will expire and be charged its worst case", decision.id, exc, err)
+            return False
+        log.warning("the store failed to charge decision %s (%s); %s kept in %s until the store is back",
+                    decision.id, exc, fmt_usd(actual["usd"]), self.spool.path)
+        return True
 
 
 def bucket_key(rule_name: str, scope: str, period: str | None = None) -> str:
