@@ -1,7 +1,9 @@
 """Image sizes from inline (base64) images, so their tokens can be counted, not assumed.
 
 Only the header is decoded (PNG, JPEG, GIF, WebP). An image whose size cannot be read — a URL, an
-unknown format — is counted by the caller at the most an image can cost.
+unknown format — is counted by the caller at the most an image can cost. A header that *says* the
+image has no pixels (0×16) is malformed, not unknown: the provider would reject it, so it is a
+:class:`~spendgate.errors.BadRequest` naming the problem (the proxy's 400), never a division by zero.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import base64
 import binascii
 import math
 import struct
+
+from spendgate.errors import BadRequest
 
 _HEAD_B64_CHARS = 64 * 1024  # enough base64 to reach a JPEG's size marker in practice
 
@@ -27,17 +31,23 @@ def size_of_data_url(url: str) -> tuple[int, int] | None:
 
 
 def size_of(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image's first bytes; None when the format or size is unknown.
+    Raises BadRequest when the header gives a zero width or height."""
+    size, kind = None, ""
     if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) >= 24:
-        w, h = struct.unpack(">II", head[16:24])
-        return int(w), int(h)
-    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
-        w, h = struct.unpack("<HH", head[6:10])
-        return int(w), int(h)
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return _webp(head)
-    if head.startswith(b"\xff\xd8"):
-        return _jpeg(head)
-    return None
+        size, kind = struct.unpack(">II", head[16:24]), "PNG"
+    elif head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        size, kind = struct.unpack("<HH", head[6:10]), "GIF"
+    elif head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        size, kind = _webp(head), "WebP"
+    elif head.startswith(b"\xff\xd8"):
+        size, kind = _jpeg(head), "JPEG"
+    if size is None:
+        return None
+    w, h = int(size[0]), int(size[1])
+    if w <= 0 or h <= 0:
+        raise BadRequest(f"an inline image is malformed: its {kind} header says {w}×{h} pixels")
+    return w, h
 
 
 def _webp(head: bytes) -> tuple[int, int] | None:
@@ -72,8 +82,14 @@ def _jpeg(head: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _check(width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise BadRequest(f"an image of {width}×{height} pixels cannot be priced")
+
+
 def openai_tiles(width: int, height: int) -> int:
     """512-px tiles after OpenAI's resizing: fit in 2048×2048, then the shortest side to 768."""
+    _check(width, height)
     scale = min(1.0, 2048 / max(width, height))
     w, h = width * scale, height * scale
     scale = min(1.0, 768 / min(w, h)) if min(w, h) > 0 else 1.0
@@ -88,5 +104,6 @@ ANTHROPIC_IMAGE_MAX = 1600
 def anthropic_tokens(width: int, height: int) -> int:
     """Anthropic's documented ``width × height / 750``, after its resizing: a long edge over 1568 px is
     scaled down, and so is any image that would bill more than ~1,600 tokens."""
+    _check(width, height)
     scale = min(1.0, 1568 / max(width, height, 1))
     return min(math.ceil(width * scale * height * scale / 750), ANTHROPIC_IMAGE_MAX)
