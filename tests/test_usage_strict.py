@@ -225,6 +225,25 @@ def test_unreadable_usage_is_charged_the_worst_case_or_input_plus_output_seen(en
     assert (ev2.estimated, ev2.cost, ev2.output_tokens) == (True, c2.cost_nanos, 7)
 
 
+def test_a_finished_stream_hands_capture_its_usage_or_the_output_it_relayed(engine: Engine) -> None:
+    def stream(usage: Any) -> StreamMeter:
+        m = StreamMeter("openai")
+        chunks = [{"choices": [{"index": 0, "delta": {"content": t}}]} for t in ("hello", " there")]
+        chunks.append({"choices": [], "usage": usage})
+        m.feed(b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks))
+        assert m.complete
+        return m
+
+    assert stream({"prompt_tokens": 7, "completion_tokens": 2}).capture_args(1.0) == (Usage(input=7, output=2), None)
+    bad = {"prompt_tokens": 7, "completion_tokens": None}
+    usage, seen = stream(bad).capture_args(1.0)
+    assert usage == bad and seen == counter("o200k_base").count("hello there")
+    d = engine.decide(mini(), now=T0)
+    assert d.estimate is not None
+    c = engine.capture(d, usage, output_seen=seen, now=T0)
+    assert c.estimated and c.cost_nanos == d.estimate.input_tokens * 150 + seen * 600
+
+
 def test_absurdly_large_but_well_formed_usage_is_charged_as_billed(engine: Engine) -> None:
     d = engine.decide(mini(), now=T0)
     huge = {"prompt_tokens": 10**12, "completion_tokens": 10**9}

@@ -14,6 +14,8 @@ import math
 from typing import Any
 
 from spendgate.estimate.tokens import counter
+from spendgate.pricing.cost import Usage
+from spendgate.usage import UnreadableUsage, read_usage
 
 _SEP = (b"\r\n\r\n", b"\n\n")
 
@@ -131,6 +133,16 @@ class StreamMeter:
                     fn = call.get("function") if isinstance(call, dict) else None
                     if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                         self.text.append(fn["arguments"])
+
+    def capture_args(self, anthropic_factor: float) -> tuple[Usage | dict[str, Any] | None, int | None]:
+        """``(usage, output_seen)`` for ``Engine.capture`` once the final usage arrived: the usage,
+        read; or, when it is unreadable, the raw usage (the engine logs which field is bad) and the
+        output tokens relayed, so the charge is input + output seen rather than the whole worst
+        case. The output is counted only then: a stream with good usage never pays to tokenize."""
+        try:
+            return read_usage(self.usage), None
+        except UnreadableUsage:
+            return self.usage, self.output_tokens(anthropic_factor)
 
     def output_tokens(self, anthropic_factor: float) -> int | None:
         """Tokens of the output seen so far (None if none was seen), for a stream cut short;
