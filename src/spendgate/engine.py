@@ -400,7 +400,7 @@ class Engine:
                     continue
                 lim = int(limit)
                 k = key if unit == "usd" else tokens_key(key)
-                lines.append(Line(Bucket(k, lim if enforce else None, window_s, unit), amount))  # type: ignore[arg-type]
+                lines.append(Line(Bucket(k, lim if enforce else None, window_s, unit, resets), amount))  # type: ignore[arg-type]
                 owners[k] = (r, scope, resets)
         return lines, owners
 

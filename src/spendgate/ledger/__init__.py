@@ -19,6 +19,7 @@ from spendgate.ledger.base import (
     ExpiredHold,
     Ledger,
     Line,
+    Swept,
 )
 
 DEFAULT_URL = "sqlite:///~/.spendgate/spendgate.db"
@@ -34,38 +35,41 @@ def default_url() -> str:
     return f"sqlite:///{home() / 'spendgate.db'}"
 
 
-def _memory(url: str) -> Ledger:
+def _memory(url: str, create: bool) -> Ledger:
     from spendgate.ledger.memory import MemoryLedger
 
     return MemoryLedger(url)
 
 
-def _sqlite(url: str) -> Ledger:
+def _sqlite(url: str, create: bool) -> Ledger:
     from spendgate.ledger.sqlite import SQLiteLedger
 
-    return SQLiteLedger(url)
+    return SQLiteLedger(url, create=create)
 
 
-def _redis(url: str) -> Ledger:
+def _redis(url: str, create: bool) -> Ledger:
     from spendgate.ledger.redis import RedisLedger
 
     return RedisLedger(url)
 
 
-BACKENDS: dict[str, Callable[[str], Ledger]] = {"memory": _memory, "sqlite": _sqlite, "redis": _redis,
-                                                "rediss": _redis}
+#: scheme -> factory(url, create)
+BACKENDS: dict[str, Callable[[str, bool], Ledger]] = {"memory": _memory, "sqlite": _sqlite, "redis": _redis,
+                                                      "rediss": _redis}
 
 
-def open(url: str | None = None) -> Ledger:
+def open(url: str | None = None, *, create: bool = True) -> Ledger:
     """The ledger for ``url`` (default: :func:`default_url`); an unknown scheme is an error that
-    lists the known ones."""
+    lists the known ones. ``create=False`` is for commands that read an existing store (status,
+    report, approvals): a SQLite path with no store raises :class:`StoreError` ("no spendgate store
+    at PATH …") and creates nothing, instead of showing a fresh empty database as "no spend"."""
     url = url or default_url()
     scheme = url.split("://", 1)[0] if "://" in url else ""
     factory = BACKENDS.get(scheme)
     if factory is None:
         known = ", ".join(f"{s}://" for s in sorted(BACKENDS))
         raise StoreError(f"unknown store URL {url!r}; expected one of {known}")
-    return factory(url)
+    return factory(url, create)
 
 
 __all__ = [
@@ -78,6 +82,7 @@ __all__ = [
     "ExpiredHold",
     "Ledger",
     "Line",
+    "Swept",
     "default_url",
     "home",
     "open",

@@ -42,6 +42,10 @@ class Bucket:
     limit: int | None
     window_s: int | None = None
     unit: Unit = "usd"
+    #: when a calendar period's bucket stops counting (epoch seconds): from then on the engine asks
+    #: for the next period's key, so :meth:`Ledger.sweep` may prune this one. None: it never ends
+    #: by the calendar (a rolling window ends with its slots; ``total`` never ends).
+    ends_at: float | None = None
 
     @property
     def slot_s(self) -> int:
@@ -55,6 +59,13 @@ class Bucket:
         if not self.window_s:
             return 0
         return int((now - self.window_s) // self.slot_s)
+
+    def ended(self, cutoff: float, newest_slot: int | None) -> bool:
+        """True when nothing this bucket counted can count at any time from ``cutoff`` on, given
+        the newest slot it has charged: the one test of whether a bucket may be pruned."""
+        if self.window_s:
+            return newest_slot is None or newest_slot < self.first_live_slot(cutoff)
+        return self.ends_at is not None and self.ends_at <= cutoff
 
 
 @dataclass(slots=True)
@@ -134,12 +145,29 @@ class ExpiredHold:
     event: Event | None
 
 
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What one :meth:`Ledger.sweep` did."""
+
+    expired: int = 0
+    pruned: int = 0
+    events_deleted: int = 0
+
+
 @dataclass(slots=True)
 class _Hold:
     hold_id: str
     expires_at: float
     lines: list[Line]
     event: Event | None
+
+
+#: A bucket is pruned only once it has been over for this long, so a process sharing the store whose
+#: clock runs behind the sweeper's never finds a bucket it still counts gone (that would under-count).
+PRUNE_GRACE_S = 300.0
+#: Rows a sweep handles per transaction: each batch holds the store's write lock for ~a millisecond,
+#: so requests interleave with a long sweep instead of waiting for all of it.
+SWEEP_BATCH = 1000
 
 
 def new_hold_id() -> str:
@@ -180,6 +208,25 @@ class Ledger(ABC):
     @abstractmethod
     def expire(self, now: float) -> list[ExpiredHold]:
         """Charge every hold past its TTL at its worst case and flag it for reconciliation."""
+
+    @abstractmethod
+    def sweep(self, now: float, *, retention_s: float | None = None) -> Swept:
+        """Upkeep, off the request path (a periodic task), so storage stays bounded however many
+        sessions, users and keys clients invent: expire stale holds (as :meth:`expire`), prune
+        buckets whose window is over — a rolling one with no slot inside its window, a calendar
+        period past ``ends_at``, in both cases with nothing held, no live grant and no hold naming
+        it, and over for :data:`PRUNE_GRACE_S` — and delete events older than ``retention_s``
+        (None keeps them all). ``total`` buckets are never pruned. Runs in batches of
+        :data:`SWEEP_BATCH` rows, each atomic, so requests interleave with it.
+
+        A pruned bucket reads exactly as it did (nothing spent, held or granted) at every time from
+        ``now`` on: pruning never changes what a limit counts."""
+
+    @abstractmethod
+    def check(self, now: float) -> None:
+        """Raise :class:`~spendgate.errors.StoreError`, saying why, unless the store takes a write
+        now: what a request needs, for the health endpoint (a store that turned read-only, filled
+        its disk or lost its file fails here, not only on the next request)."""
 
     @abstractmethod
     def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
@@ -247,8 +294,6 @@ class TransactionalLedger(Ledger):
             )
             if refused:
                 return Authorization(False, None, tuple(states), refused)
-            for line in lines:
-                self._touch(line.bucket, now)
             self._put_hold(_Hold(hid, now + ttl, list(lines), event))
             after = tuple(
                 BucketState(s.key, s.unit, s.limit, s.spent, s.held + line.amount, s.granted, s.frees_at)
@@ -275,6 +320,28 @@ class TransactionalLedger(Ledger):
     def expire(self, now: float) -> list[ExpiredHold]:
         with self._transaction():
             return self._expire_locked(now)
+
+    def sweep(self, now: float, *, retention_s: float | None = None) -> Swept:
+        expired = len(self.expire(now))
+        pruned, after, cutoff = 0, "", now - PRUNE_GRACE_S
+        while True:
+            with self._transaction():
+                dead, last = self._ended_buckets(after, cutoff, SWEEP_BATCH)
+                for key in dead:
+                    self._forget(key)
+            pruned += len(dead)
+            if last is None:
+                break
+            after = last
+        deleted = 0
+        if retention_s is not None:
+            while True:
+                with self._transaction():
+                    n = self._delete_events(now - retention_s, SWEEP_BATCH)
+                deleted += n
+                if n < SWEEP_BATCH:
+                    break
+        return Swept(expired, pruned, deleted)
 
     def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
         with self._transaction():
@@ -342,7 +409,9 @@ class TransactionalLedger(Ledger):
     def _held(self, key: str) -> int: ...
 
     @abstractmethod
-    def _put_hold(self, hold: _Hold) -> None: ...
+    def _put_hold(self, hold: _Hold) -> None:
+        """Place ``hold`` on its buckets and list them (as :meth:`_touch`), with their current
+        limit and window: the sweep prunes by what the policy says now, not what it first said."""
 
     @abstractmethod
     def _pop_hold(self, hold_id: str) -> _Hold | None: ...
@@ -361,7 +430,18 @@ class TransactionalLedger(Ledger):
 
     @abstractmethod
     def _touch(self, bucket: Bucket, now: float) -> None:
-        """Remember that ``bucket`` exists (for status listings)."""
+        """Remember that ``bucket`` exists (for status listings and the sweep); :meth:`_put_hold`
+        does the same for every bucket of its hold."""
+
+    @abstractmethod
+    def _ended_buckets(self, after: str, cutoff: float, n: int) -> tuple[list[str], str | None]:
+        """Look at up to ``n`` listed buckets with keys above ``after``, in key order: the keys of
+        those that may be pruned (:meth:`Bucket.ended` at ``cutoff``; nothing held; no hold naming
+        them; no grant live after ``cutoff``), and the last key looked at (None: no more)."""
+
+    @abstractmethod
+    def _delete_events(self, before: float, n: int) -> int:
+        """Delete up to ``n`` of the oldest events with ``ts < before``; how many went."""
 
     # -- shared logic -------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ class MemoryLedger(TransactionalLedger):
         self._holds[hold.hold_id] = hold
         for line in hold.lines:
             self._held_by[line.bucket.key] += line.amount
+            self._buckets[line.bucket.key] = line.bucket
 
     def _pop_hold(self, hold_id: str) -> _Hold | None:
         hold = self._holds.pop(hold_id, None)
@@ -88,6 +89,24 @@ class MemoryLedger(TransactionalLedger):
 
     def _add_event(self, event: Event) -> None:
         self._events.append(event)
+
+    def _ended_buckets(self, after: str, cutoff: float, n: int) -> tuple[list[str], str | None]:
+        keys = sorted(k for k in self._buckets if k > after)[:n]
+        busy = {ln.bucket.key for h in self._holds.values() for ln in h.lines}
+        dead = [k for k in keys
+                if k not in busy and not self._held_by.get(k)
+                and not any(until > cutoff for _, until in self._grants.get(k, ()))
+                and self._buckets[k].ended(cutoff, max(self._slots.get(k) or (), default=None))]
+        return dead, keys[-1] if len(keys) == n else None
+
+    def _delete_events(self, before: float, n: int) -> int:
+        old = [i for i, e in enumerate(self._events) if e.ts < before][:n]
+        for i in reversed(old):
+            del self._events[i]
+        return len(old)
+
+    def check(self, now: float) -> None:
+        """Memory cannot fail a write."""
 
     def _touch(self, bucket: Bucket, now: float) -> None:
         self._buckets[bucket.key] = bucket

@@ -21,6 +21,9 @@ import redis.asyncio
 
 from spendgate.errors import StoreError
 from spendgate.ledger.base import (
+    PRUNE_GRACE_S,
+    SLOTS_PER_WINDOW,
+    SWEEP_BATCH,
     Authorization,
     Bucket,
     BucketState,
@@ -28,6 +31,7 @@ from spendgate.ledger.base import (
     ExpiredHold,
     Ledger,
     Line,
+    Swept,
     new_hold_id,
 )
 
@@ -43,8 +47,13 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts)
 
 
+def _meta(bucket: Bucket) -> str:
+    """A bucket's listing (the sweep prunes by its window and ``ends_at``)."""
+    return json.dumps([bucket.limit, bucket.window_s, bucket.unit, bucket.ends_at])
+
+
 def _line(bucket: Bucket, amount: int) -> list[Any]:
-    meta = json.dumps([bucket.limit, bucket.window_s, bucket.unit])
+    meta = _meta(bucket)
     return [bucket.key, -1 if bucket.limit is None else bucket.limit, bucket.window_s or 0, bucket.unit, amount,
             bucket.slot_s, meta]
 
@@ -104,6 +113,29 @@ class RedisLedger(Ledger):
             out.append(ExpiredHold(hid, charged, ev))
         return out
 
+    def sweep(self, now: float, *, retention_s: float | None = None) -> Swept:
+        """Expiry, then pruning in HSCAN batches, then retention in batches: each one script call,
+        so Redis serves requests between them."""
+        expired = len(self.expire(now))
+        cursor, pruned, cutoff = "0", 0, repr(now - PRUNE_GRACE_S)
+        while True:
+            cursor, n = self._run("prune", cursor, cutoff, str(SWEEP_BATCH), str(SLOTS_PER_WINDOW))
+            pruned += int(n)
+            if cursor == "0":
+                break
+        deleted = 0
+        if retention_s is not None:
+            while True:
+                n = int(self._run("trim", repr(now - retention_s), str(SWEEP_BATCH)))
+                deleted += n
+                if n < SWEEP_BATCH:
+                    break
+        return Swept(expired, pruned, deleted)
+
+    def check(self, now: float) -> None:
+        """A SET with a short expiry: fails on a read-only replica, at maxmemory, or unreachable."""
+        self._cmd("SET", self._p + "health", repr(now), "PX", "60000")
+
     def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
         self._run(*_grant_args(bucket, amount, until))
 
@@ -127,8 +159,7 @@ class RedisLedger(Ledger):
         rows = self._cmd("HGETALL", self._keys[2])
         out = []
         for key, meta in sorted(rows.items()):
-            limit, window_s, unit = json.loads(meta)
-            out.append(Bucket(key, limit, window_s, unit))
+            out.append(Bucket(key, *json.loads(meta)))  # (stores made before ends_at have 3 fields)
         return out
 
     # -- records ------------------------------------------------------------------------------
@@ -238,7 +269,7 @@ def _capture_args(hold_id: str, actual: Mapping[str, int], now: float, event: Ev
 
 
 def _grant_args(bucket: Bucket, amount: int, until: float) -> list[str]:
-    return ["grant", bucket.key, str(amount), repr(until), json.dumps([bucket.limit, bucket.window_s, bucket.unit])]
+    return ["grant", bucket.key, str(amount), repr(until), _meta(bucket)]
 
 
 def _states(lines: Sequence[Line], flat: Sequence[str]) -> tuple[BucketState, ...]:

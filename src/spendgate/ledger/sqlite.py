@@ -4,19 +4,37 @@ Every ledger operation is one ``BEGIN IMMEDIATE`` transaction: SQLite takes the 
 lock before the first read, so two processes can never both read "room for one more" and both
 hold it. WAL mode lets readers (``spendgate status``) run beside a writer; ``synchronous=NORMAL``
 keeps commits off fsync in WAL while a crash still loses no committed transaction's integrity.
+
+The WAL is folded back into the database by a background thread, never inside a request's commit:
+a PASSIVE checkpoint every :data:`CHECKPOINT_EVERY_COMMITS` commits (or :data:`CHECKPOINT_EVERY_S`),
+which never waits. Under sustained writes PASSIVE never catches up (new frames land while it
+copies, so the WAL is never restarted and grows with every request), so once the WAL holds more
+than :data:`WAL_RESTART_BYTES` a RESTART checkpoint copies the little that is left and starts the
+WAL over, and ``journal_size_limit`` cuts the file back. Counting commits, not seconds, keeps the
+WAL near that size at any write rate.
+
+A store whose file is deleted or replaced while in use is noticed (:meth:`SQLiteLedger._verify`):
+SQLite would go on writing into the unlinked file, answering every request, and the spend would be
+gone at the next start.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from time import monotonic
+from typing import Any
 
 from spendgate.errors import StoreError
 from spendgate.ledger.base import (
+    SLOTS_PER_WINDOW,
     Bucket,
     BucketState,
     Event,
@@ -27,22 +45,58 @@ from spendgate.ledger.base import (
 )
 
 log = logging.getLogger("spendgate.ledger.sqlite")
-CHECKPOINT_EVERY_S = 1.0
+#: the background thread folds the WAL back into the database after this many commits of this
+#: process (~6 MB of WAL at ~25 KB per commit), or this often, whichever comes first
+CHECKPOINT_EVERY_COMMITS = 256
+CHECKPOINT_EVERY_S = 0.25
+#: above this the WAL is restarted (a RESTART checkpoint), and the file is cut back to it
+WAL_RESTART_BYTES = 16 * 1024 * 1024
+#: the longest a RESTART checkpoint waits for readers and writers of other processes: it blocks new
+#: writers while it waits, so it gives up quickly and tries again on the next round
+CHECKPOINT_BUSY_MS = 20
+#: how often the request path compares the file at the store's path with the one it has open
+VERIFY_EVERY_S = 0.5
+#: entries of the per-bucket "slots already pruned" memo before it is dropped (memory stays bounded)
+PRUNED_MEMO_MAX = 10_000
+SCHEMA_VERSION = 1
 
+# ``buckets`` lists every bucket with its limit and window, what is held on it and by how many holds:
+# placing a hold updates its row (one upsert per bucket), so the listing is current in every process
+# sharing the file and the sweep knows which buckets no hold names.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS slots(bucket TEXT NOT NULL, slot INTEGER NOT NULL, amount INTEGER NOT NULL,
                                  PRIMARY KEY(bucket, slot)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS holds(id TEXT PRIMARY KEY, expires_at REAL NOT NULL, lines TEXT NOT NULL,
                                  event TEXT);
 CREATE INDEX IF NOT EXISTS holds_expiry ON holds(expires_at);
-CREATE TABLE IF NOT EXISTS held(bucket TEXT PRIMARY KEY, amount INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS grants(bucket TEXT NOT NULL, amount INTEGER NOT NULL, until REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS grants_bucket ON grants(bucket);
-CREATE TABLE IF NOT EXISTS buckets(key TEXT PRIMARY KEY, lim INTEGER, window_s INTEGER, unit TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS buckets(key TEXT PRIMARY KEY, lim INTEGER, window_s INTEGER, unit TEXT NOT NULL,
+                                   ends_at REAL, held INTEGER NOT NULL DEFAULT 0,
+                                   holds INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
 CREATE TABLE IF NOT EXISTS records(kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, expires_at REAL,
                                    PRIMARY KEY(kind, key)) WITHOUT ROWID;
+"""
+
+# a bucket may be pruned (see Bucket.ended): nothing held, no hold, no grant live after the cutoff
+# (?1), and no slot inside its rolling window at the cutoff (one slot earlier than Python's floor,
+# so float rounding can only keep a bucket, never drop a live one), or a calendar period over by it
+_ENDED = f"""
+SELECT key, held = 0 AND holds = 0
+  AND NOT EXISTS (SELECT 1 FROM grants WHERE bucket = key AND until > ?1)
+  AND CASE WHEN window_s > 0 THEN NOT EXISTS (
+             SELECT 1 FROM slots WHERE bucket = key
+             AND slot >= CAST((?1 - window_s) / MAX(1, window_s / {SLOTS_PER_WINDOW}) AS INTEGER) - 1)
+           ELSE ends_at IS NOT NULL AND ends_at <= ?1 END
+FROM buckets WHERE key > ?2 ORDER BY key LIMIT ?3
+"""
+
+_UPSERT_BUCKET = """
+INSERT INTO buckets(key, lim, window_s, unit, ends_at, held, holds) VALUES (?,?,?,?,?,?,?)
+ON CONFLICT(key) DO UPDATE SET lim = excluded.lim, window_s = excluded.window_s, unit = excluded.unit,
+  ends_at = excluded.ends_at, held = held + excluded.held, holds = holds + excluded.holds
 """
 
 
@@ -59,46 +113,141 @@ def path_of(url: str) -> Path:
 class SQLiteLedger(TransactionalLedger):
     schemes = ("sqlite",)
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         self.path = path_of(url)
+        self._abs = Path(os.path.abspath(self.path))
+        if not create and not self._abs.exists():
+            raise StoreError(f"no spendgate store at {self.path} (nothing was created there; check --store "
+                             "or SPENDGATE_STORE, or start one with spendgate serve)")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            # mode=rw never creates the file (a path that vanished since the check above fails)
+            uri = f"{self._abs.as_uri()}?mode={'rwc' if create else 'rw'}"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
                                        timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=30000")
             # checkpoints run on a background thread, not inside a request's commit (p99)
             self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_RESTART_BYTES}")
             self._db.executescript(_SCHEMA)
+            self._migrate()
+            self._ident = self._identity()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the SQLite store at {self.path}: {exc}") from exc
         self._lock = threading.Lock()
-        self._known: set[str] = set()
         self._pruned: dict[str, int] = {}
+        self._lost: str | None = None
+        self._verify_at = monotonic() + VERIFY_EVERY_S
         self._stop = threading.Event()
+        self._commits = 0
+        self._wake = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="spendgate-wal-checkpoint",
                                               daemon=True)
         self._checkpointer.start()
 
-    def _checkpoint_loop(self) -> None:
-        """Fold the WAL back into the database every second, on a connection of its own."""
+    def _migrate(self) -> None:
+        """Bring a store made by an earlier version up to :data:`SCHEMA_VERSION`, once, under the
+        write lock (another process may be opening the same old file)."""
+        if self._db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return  # (a read-only copy of a current store opens without a write)
+        self._db.execute("BEGIN IMMEDIATE")
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < 1:
+                cols = {r[1] for r in self._db.execute("PRAGMA table_info(buckets)")}
+                if "held" not in cols:  # v0: held amounts in a table of their own, no hold counts
+                    for col in ("ends_at REAL", "held INTEGER NOT NULL DEFAULT 0",
+                                "holds INTEGER NOT NULL DEFAULT 0"):
+                        self._db.execute(f"ALTER TABLE buckets ADD COLUMN {col}")
+                    self._db.execute("INSERT INTO buckets(key, unit, held) SELECT bucket, 'usd', amount FROM held "
+                                     "WHERE true ON CONFLICT(key) DO UPDATE SET held = excluded.held")
+                    counts = Counter(ln[0] for (raw,) in self._db.execute("SELECT lines FROM holds")
+                                     for ln in json.loads(raw))
+                    self._db.executemany("UPDATE buckets SET holds = ? WHERE key = ?",
+                                         [(n, k) for k, n in counts.items()])
+                    self._db.execute("DROP TABLE held")
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:  # (SQLite rolls back by itself after some errors)
+            self._db.execute("ROLLBACK")
+
+    # -- the file under the store ---------------------------------------------------------------
+
+    def _identity(self) -> tuple[tuple[int, int] | None, ...]:
+        """(device, inode) of the database, its WAL and its shared-memory index; None: missing."""
+        out: list[tuple[int, int] | None] = []
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                st = os.stat(f"{self._abs}{suffix}")
+            except FileNotFoundError:
+                out.append(None)
+            else:
+                out.append((st.st_dev, st.st_ino))
+        return tuple(out)
+
+    def _verify(self) -> None:
+        """Raise (and stay failed) if the files at the store's path are not the ones it has open:
+        deleted (with their directory, or a stray ``rm *-wal``) or replaced. Never reopen: a new
+        empty file would silently forget every budget's spend. Called under the lock."""
+        if self._lost is None:
+            self._verify_at = monotonic() + VERIFY_EVERY_S
+            if self._identity() == self._ident:
+                return
+            self._lost = (f"the SQLite store file {self._abs} (or its -wal/-shm) was removed or replaced while "
+                          "in use; refusing to write into a file nobody will read again. Restore it or restart "
+                          "spendgate against the right path (spend recorded since is in the lost file)")
+            log.error("%s", self._lost)
+        raise StoreError(self._lost)
+
+    def check(self, now: float) -> None:
+        """The file is still the store's, and takes a write (a one-row upsert in its own transaction):
+        a read-only file or a full disk fails here as it would fail the next request."""
+        with self._lock:
+            self._verify_at = 0.0
+        with self._txn():
+            self._db.execute("INSERT OR REPLACE INTO records(kind, key, value, expires_at) "
+                             "VALUES ('spendgate', 'health', '', ?)", (now,))
+
+    # -- the WAL --------------------------------------------------------------------------------
+
+    def _checkpoint_loop(self) -> None:
+        """Fold the WAL back into the database on a connection of its own (see the module's doc)."""
+        try:
+            db = sqlite3.connect(f"{self._abs.as_uri()}?mode=rw", uri=True, isolation_level=None,
+                                 timeout=CHECKPOINT_BUSY_MS / 1000)
+            frame = db.execute("PRAGMA page_size").fetchone()[0] + 24
         except sqlite3.Error:  # pragma: no cover - the main connection just opened the same file
             return
         with db:
-            while not self._stop.wait(CHECKPOINT_EVERY_S):
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:  # a busy or failing disk shows up on the next request
-                    log.debug("WAL checkpoint skipped: %s", exc)
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            while not self._stop.is_set():
+                self._wake.wait(CHECKPOINT_EVERY_S)
+                self._wake.clear()
+                if self._lost is None:
+                    self._checkpoint(db, frame)
         db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection, frame: int) -> None:
+        try:
+            _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames * frame > WAL_RESTART_BYTES:
+                # this process's requests wait on the lock (woken the moment it is free), not in
+                # SQLite's sleeping busy handler; the RESTART only copies what PASSIVE left
+                with self._lock:
+                    db.execute("PRAGMA wal_checkpoint(RESTART)")
+        except sqlite3.Error as exc:  # busy, or a failing disk: that shows on the next request
+            log.debug("WAL checkpoint skipped: %s", exc)
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._checkpointer.join(timeout=5)
         with self._lock:
             self._db.close()
@@ -106,22 +255,25 @@ class SQLiteLedger(TransactionalLedger):
     @contextmanager
     def _txn(self) -> Iterator[None]:
         with self._lock:
+            if monotonic() >= self._verify_at or self._lost is not None:
+                self._verify()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise StoreError(f"SQLite store {self.path}: {exc}") from exc
             try:
                 yield
+                self._db.execute("COMMIT")
+                self._commits += 1
+                if self._commits >= CHECKPOINT_EVERY_COMMITS:  # an increment per commit; no statement
+                    self._commits = 0
+                    self._wake.set()
             except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise StoreError(f"SQLite store {self.path}: {exc}") from exc
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"SQLite store {self.path}: {exc}") from exc
 
     def _transaction(self) -> AbstractContextManager[None]:
         return self._txn()
@@ -132,7 +284,7 @@ class SQLiteLedger(TransactionalLedger):
         spent, oldest, held, granted = self._db.execute(
             "SELECT (SELECT COALESCE(SUM(amount), 0) FROM slots WHERE bucket=?1 AND slot>=?2),"
             " (SELECT MIN(slot) FROM slots WHERE bucket=?1 AND slot>=?2),"
-            " (SELECT amount FROM held WHERE bucket=?1),"
+            " (SELECT held FROM buckets WHERE key=?1),"
             " (SELECT COALESCE(SUM(amount), 0) FROM grants WHERE bucket=?1 AND until>?3)",
             (bucket.key, first, now),
         ).fetchone()
@@ -141,18 +293,15 @@ class SQLiteLedger(TransactionalLedger):
                            frees_at)
 
     def _held(self, key: str) -> int:
-        row = self._db.execute("SELECT amount FROM held WHERE bucket=?", (key,)).fetchone()
+        row = self._db.execute("SELECT held FROM buckets WHERE key=?", (key,)).fetchone()
         return int(row[0]) if row else 0
 
     def _put_hold(self, hold: _Hold) -> None:
         lines, event = serialize_hold(hold)
         self._db.execute("INSERT INTO holds(id, expires_at, lines, event) VALUES (?,?,?,?)",
                          (hold.hold_id, hold.expires_at, lines, event))
-        self._db.executemany(
-            "INSERT INTO held(bucket, amount) VALUES (?, ?) "
-            "ON CONFLICT(bucket) DO UPDATE SET amount = amount + excluded.amount",
-            [(ln.bucket.key, ln.amount) for ln in hold.lines],
-        )
+        self._db.executemany(_UPSERT_BUCKET, [(b.key, b.limit, b.window_s, b.unit, b.ends_at, ln.amount, 1)
+                                              for ln in hold.lines for b in (ln.bucket,)])
 
     def _pop_hold(self, hold_id: str) -> _Hold | None:
         row = self._db.execute("DELETE FROM holds WHERE id=? RETURNING expires_at, lines, event",
@@ -160,7 +309,7 @@ class SQLiteLedger(TransactionalLedger):
         if row is None:
             return None
         hold = deserialize_hold(hold_id, row[0], row[1], row[2])
-        self._db.executemany("UPDATE held SET amount = amount - ? WHERE bucket=?",
+        self._db.executemany("UPDATE buckets SET held = held - ?, holds = holds - 1 WHERE key=?",
                              [(ln.amount, ln.bucket.key) for ln in hold.lines])
         return hold
 
@@ -178,26 +327,35 @@ class SQLiteLedger(TransactionalLedger):
             first = bucket.first_live_slot(now)
             if self._pruned.get(bucket.key, -1) < first:  # once per slot period, not per charge
                 self._db.execute("DELETE FROM slots WHERE bucket=? AND slot<?", (bucket.key, first))
+                if len(self._pruned) >= PRUNED_MEMO_MAX:  # a memo: forgetting costs one more DELETE
+                    self._pruned.clear()
                 self._pruned[bucket.key] = first
 
     def _add_grant(self, key: str, amount: int, until: float) -> None:
         self._db.execute("INSERT INTO grants(bucket, amount, until) VALUES (?,?,?)", (key, amount, until))
 
     def _forget(self, key: str) -> None:
-        for table in ("slots", "held", "grants"):
+        for table in ("slots", "grants"):
             self._db.execute(f"DELETE FROM {table} WHERE bucket=?", (key,))
         self._db.execute("DELETE FROM buckets WHERE key=?", (key,))
-        self._known.discard(key)
+        self._pruned.pop(key, None)
+
+    def _ended_buckets(self, after: str, cutoff: float, n: int) -> tuple[list[str], str | None]:
+        if not after:  # once a sweep: grants that ran out (of buckets that stay, too)
+            self._db.execute("DELETE FROM grants WHERE until <= ?", (cutoff,))
+        rows = self._db.execute(_ENDED, (cutoff, after, n)).fetchall()
+        return [k for k, ended in rows if ended], rows[-1][0] if len(rows) == n else None
+
+    def _delete_events(self, before: float, n: int) -> int:
+        return self._db.execute("DELETE FROM events WHERE seq IN "
+                                "(SELECT seq FROM events WHERE ts < ? ORDER BY ts LIMIT ?)", (before, n)).rowcount
 
     def _add_event(self, event: Event) -> None:
         self._db.execute("INSERT INTO events(ts, body) VALUES (?,?)", (event.ts, event.to_json()))
 
     def _touch(self, bucket: Bucket, now: float) -> None:
-        if bucket.key in self._known:
-            return
-        self._db.execute("INSERT OR REPLACE INTO buckets(key, lim, window_s, unit) VALUES (?,?,?,?)",
-                         (bucket.key, bucket.limit, bucket.window_s, bucket.unit))
-        self._known.add(bucket.key)
+        self._db.execute(_UPSERT_BUCKET, (bucket.key, bucket.limit, bucket.window_s, bucket.unit, bucket.ends_at,
+                                          0, 0))
 
     def _put_record(self, kind: str, key: str, value: str, expires_at: float | None) -> None:
         self._db.execute("INSERT OR REPLACE INTO records(kind, key, value, expires_at) VALUES (?,?,?,?)",
@@ -220,14 +378,17 @@ class SQLiteLedger(TransactionalLedger):
     def events(self, since: float, until: float | None = None) -> list[Event]:
         q = "SELECT body FROM events WHERE ts>=?" + (" AND ts<?" if until is not None else "") + " ORDER BY seq"
         args = (since,) if until is None else (since, until)
-        with self._lock:
-            try:
-                rows = self._db.execute(q, args).fetchall()
-            except sqlite3.Error as exc:
-                raise StoreError(f"SQLite store {self.path}: {exc}") from exc
-        return [Event.from_json(r[0]) for r in rows]
+        return [Event.from_json(r[0]) for r in self._read(q, args)]
 
     def known_buckets(self) -> list[Bucket]:
+        rows = self._read("SELECT key, lim, window_s, unit, ends_at FROM buckets ORDER BY key", ())
+        return [Bucket(*row) for row in rows]
+
+    def _read(self, query: str, args: tuple[object, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
-            rows = self._db.execute("SELECT key, lim, window_s, unit FROM buckets ORDER BY key").fetchall()
-        return [Bucket(k, lim, win, unit) for k, lim, win, unit in rows]
+            if monotonic() >= self._verify_at or self._lost is not None:
+                self._verify()
+            try:
+                return self._db.execute(query, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite store {self.path}: {exc}") from exc

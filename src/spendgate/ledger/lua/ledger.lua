@@ -1,6 +1,7 @@
 -- spendgate's ledger on Redis: every operation is one call of this script, atomic and one round trip.
 --
--- KEYS: held (hash bucket -> held amount), holds (zset id -> expires_at), buckets (hash bucket -> meta),
+-- KEYS: held (hash bucket -> held amount), holds (zset id -> expires_at), buckets (hash bucket -> meta
+--       JSON [limit, window_s, unit, ends_at], kept as the policy says now: the sweep prunes by it),
 --       events (zset ts -> event JSON).
 -- ARGV[1] = operation, ARGV[2] = key prefix; every key shares the prefix's {hash tag}, so a Redis
 -- Cluster keeps them in one slot and the keys derived from bucket names below are local to it.
@@ -103,6 +104,40 @@ local function expire(now)
   return out
 end
 
+-- keep a bucket's listing current (a write only when it changed, so the AOF does not grow per request)
+local function list_bucket(key, meta)
+  if redis.call('HGET', BUCKETS, key) ~= meta then redis.call('HSET', BUCKETS, key, meta) end
+end
+
+local function is_set(x) return x ~= nil and x ~= cjson.null end
+
+-- nothing the bucket counted can count from `cutoff` on (Bucket.ended in base.py; the first live
+-- slot one earlier than the exact floor, so rounding can only keep a bucket, never drop a live one)
+local function ended(key, meta, cutoff, per_window)
+  local win, ends = meta[2], meta[4]
+  if is_set(win) and win > 0 then
+    local slot_s = math.max(1, math.floor(win / per_window))
+    local first = first_live(cutoff, win, slot_s) - 1
+    for _, field in ipairs(redis.call('HKEYS', P .. 'slots:' .. key)) do
+      if tonumber(field) >= first then return false end
+    end
+    return true
+  end
+  return is_set(ends) and ends <= cutoff
+end
+
+-- the buckets named by any hold (a hold of amount 0 holds nothing, but its capture will charge)
+local function named_by_holds()
+  local busy = {}
+  for _, id in ipairs(redis.call('ZRANGE', HOLDS, 0, -1)) do
+    local raw = redis.call('HGET', P .. 'hold:' .. id, 'l')
+    if raw then
+      for _, l in ipairs(cjson.decode(raw)) do busy[l[1]] = true end
+    end
+  end
+  return busy
+end
+
 local function state_of(l, now)
   local s, frees = spent(l[1], now, l[3], l[6])
   return s, held(l[1]), granted(l[1], now), frees
@@ -137,7 +172,7 @@ if op == 'authorize' then
     redis.call('ZADD', HOLDS, now + ttl, id)
     for i, l in ipairs(lines) do
       redis.call('HINCRBY', HELD, l[1], num(l[5]))
-      redis.call('HSETNX', BUCKETS, l[1], l[7])
+      list_bucket(l[1], l[7])
       states[i][2] = states[i][2] + l[5]
     end
     table.insert(out, '1')
@@ -178,7 +213,7 @@ elseif op == 'grant' then
   -- ARGV: bucket key, amount, until, bucket meta
   local n = redis.call('HINCRBY', P .. 'seq', 'grant', 1)
   redis.call('ZADD', P .. 'grants:' .. ARGV[3], ARGV[5], ARGV[4] .. ':' .. n)
-  redis.call('HSETNX', BUCKETS, ARGV[3], ARGV[6])
+  list_bucket(ARGV[3], ARGV[6])
   return 1
 
 elseif op == 'states' then
@@ -196,6 +231,34 @@ elseif op == 'forget' then
     end
   end
   return 1
+
+elseif op == 'prune' then
+  -- ARGV: HSCAN cursor over the buckets, cutoff, batch size, slots per window.
+  -- Drop the batch's buckets that ended by the cutoff with nothing held, no hold naming them and no
+  -- grant live after it; returns {next cursor ('0': done), how many went}.
+  local cutoff, per_window = tonumber(ARGV[4]), tonumber(ARGV[6])
+  local scan = redis.call('HSCAN', BUCKETS, ARGV[3], 'COUNT', ARGV[5])
+  local kv, busy, pruned = scan[2], nil, 0
+  for i = 1, #kv, 2 do
+    local key = kv[i]
+    if held(key) == 0 and redis.call('ZCOUNT', P .. 'grants:' .. key, '(' .. ARGV[4], '+inf') == 0
+        and ended(key, cjson.decode(kv[i + 1]), cutoff, per_window) then
+      busy = busy or named_by_holds()
+      if not busy[key] then
+        redis.call('DEL', P .. 'slots:' .. key, P .. 'grants:' .. key)
+        redis.call('HDEL', HELD, key)
+        redis.call('HDEL', BUCKETS, key)
+        pruned = pruned + 1
+      end
+    end
+  end
+  return {scan[1], num(pruned)}
+
+elseif op == 'trim' then
+  -- ARGV: before, batch size: delete up to that many of the oldest events with ts < before
+  local n = math.min(redis.call('ZCOUNT', EVENTS, '-inf', '(' .. ARGV[3]), tonumber(ARGV[4]))
+  if n > 0 then redis.call('ZREMRANGEBYRANK', EVENTS, 0, n - 1) end
+  return n
 
 elseif op == 'take' then
   -- ARGV: records hash, field, now: read and delete a live record in one step
