@@ -270,9 +270,10 @@ def test_pruning_never_changes_any_bucket_state(kind: str, examples: int, reques
 # -- SQLite: the WAL stays bounded -----------------------------------------------------------------
 
 def test_sqlite_wal_stays_bounded_under_sustained_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """4 threads write without pause while another connection reads (as ``spendgate status`` does):
-    PASSIVE checkpoints alone never catch up and the WAL grows with every request (5.1 GB after
-    100,000 requests); restarting it past the threshold keeps it near the threshold."""
+    """4 threads write without pause (several times a proxy's rate) while another connection reads
+    (as ``spendgate status`` does): PASSIVE checkpoints alone never catch up and the WAL grows with
+    every request (here ~150 MB; 5.1 GB after 100,000 proxied requests); restarting it past the
+    threshold keeps it within what is written during one checkpoint of the threshold."""
     threshold = 1024 * 1024
     monkeypatch.setattr(sqlite_mod, "WAL_RESTART_BYTES", threshold, raising=False)
     url = f"sqlite:///{tmp_path / 'w.db'}"
@@ -283,7 +284,7 @@ def test_sqlite_wal_stays_bounded_under_sustained_writes(tmp_path: Path, monkeyp
 
     def writer(i: int) -> None:
         start.wait()
-        for j in range(400):
+        for j in range(800):
             lines = [Line(Bucket(f"s{i}-{j % 40}", 10**12, window_s=3600), 10), Line(Bucket("g", 10**15), 10)]
             auth = store.authorize(lines, now=T0, ttl=60, event=EV)
             assert auth.hold_id is not None
@@ -305,9 +306,8 @@ def test_sqlite_wal_stays_bounded_under_sustained_writes(tmp_path: Path, monkeyp
     done.set()
     r.join()
     try:
-        assert reader.states([Bucket("g", 10**15)], now=T0)[0].spent == 4 * 400 * 5
-        print(f"WAL max {max(sizes):,} bytes, final {sizes[-1]:,}")
-        assert max(sizes) < 16 * threshold, f"WAL reached {max(sizes):,} bytes over {len(sizes)} requests"
+        assert reader.states([Bucket("g", 10**15)], now=T0)[0].spent == 4 * 800 * 5
+        assert max(sizes) < 32 * threshold, f"WAL reached {max(sizes):,} bytes over {len(sizes)} requests"
     finally:
         store.close()
         reader.close()
