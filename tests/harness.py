@@ -24,6 +24,7 @@ class Servers:
 
     def __init__(self, policy: Policy, store_url: str, admin_token: str | None = "admin-secret",
                  max_body_bytes: int = 32 * 1024 * 1024, upstream_timeout_s: float = 600.0) -> None:
+        self.closed = False
         self.bg = BackgroundLoop()
         self.mock = FakeUpstream()
         self.store = ledger.open(store_url)
@@ -41,6 +42,9 @@ class Servers:
         self.bg.run(self.proxy.settled())
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.bg.close()
         self.store.close()
 

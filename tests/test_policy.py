@@ -21,7 +21,8 @@ SPEC_EXAMPLE = Path(__file__).parent.parent / "examples" / "spendgate.toml"
 
 def test_spec_example_parses_into_what_it_says() -> None:
     p = load(SPEC_EXAMPLE)
-    month, per_call = p.rules
+    month, per_call, *kept = p.rules
+    assert [r.name for r in kept] == ["request-soft", "session-hour", "key-day", "request-hard"], "defaults stay on"
     assert (month.name, month.usd, month.window.period, month.per, month.action) == \
         ("team-month", Decimal(200), "month", "team", "downgrade")
     assert month.timezone == "Europe/Berlin" and month.downgrade["gpt-4o"] == "gpt-4o-mini"
@@ -32,9 +33,11 @@ def test_spec_example_parses_into_what_it_says() -> None:
     assert p.unpriced == "dearest" and p.on_store_error == "block"
 
 
-def test_defaults_are_the_three_rules_of_the_spec() -> None:
+def test_defaults_are_the_four_rules_of_the_spec() -> None:
     rules = {r.name: r for r in default_policy().rules}
-    assert set(rules) == {"request-soft", "session-hour", "request-hard"}
+    assert set(rules) == {"request-soft", "session-hour", "key-day", "request-hard"}
+    assert (rules["key-day"].per, rules["key-day"].window.seconds, rules["key-day"].usd, rules["key-day"].action) == \
+        ("key", 86400, Decimal(100), "hold")
     assert (rules["request-soft"].usd, rules["request-soft"].tokens, rules["request-soft"].action) == \
         (Decimal(10), 500_000, "hold")
     assert (rules["session-hour"].per, rules["session-hour"].window.seconds) == ("session", 3600)

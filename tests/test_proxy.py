@@ -15,11 +15,11 @@ import anthropic
 import openai
 import pytest
 
+from spendgate import approvals
 from spendgate.cli.main import main
 from spendgate.money import usd_to_nanos
 from spendgate.policy import default_policy, parse
 from spendgate.policy.model import Policy
-from spendgate.proxy import approvals
 from tests.conftest import store_url
 from tests.harness import COMPLETION_TOKENS, PROMPT_TOKENS, Servers
 
@@ -304,8 +304,11 @@ def test_directive_is_stripped_and_consumed_once(servers_for: Any) -> None:
 
 
 def test_headless_agent_predeclares_with_allow_header(servers_for: Any) -> None:
-    s = servers_for({"budget": [{"name": "soft", "usd": 0.0001, "window": "request", "action": "hold"}]})
+    soft = [{"name": "soft", "usd": 0.0001, "window": "request", "action": "hold"}]
     body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 1000, "messages": MSG}).encode()
+    off = servers_for({"budget": soft})
+    assert post(off, "/v1/chat/completions", body, {"X-Spendgate-Allow": "max=1"})[0] == 402, "off by default"
+    s = servers_for({"approvals": {"header_max_usd": 1}, "budget": soft})
     assert post(s, "/v1/chat/completions", body, {"X-Spendgate-Allow": "max=1"})[0] == 200
     assert post(s, "/v1/chat/completions", body, {"X-Spendgate-Allow": "max=0.0001"})[0] == 402
     status, _, err = post(s, "/v1/chat/completions", body, {"X-Spendgate-Allow": "lots"})

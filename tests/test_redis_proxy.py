@@ -35,7 +35,7 @@ def upstream() -> Iterator[Servers]:
 
 def _policy(tmp_path: Path, usd: Decimal) -> Path:
     p = tmp_path / "p.toml"
-    p.write_text(f'[[budget]]\nname = "global-day"\nusd = "{usd}"\nwindow = "day"\n')
+    p.write_text(f'defaults = false\n[[budget]]\nname = "global-day"\nusd = "{usd}"\nwindow = "day"\n')
     return p
 
 

@@ -67,7 +67,7 @@ def test_cli_replay_json_document(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_replay_with_policy_and_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     policy = tmp_path / "p.toml"
-    policy.write_text('[[budget]]\nname = "day-cap"\nusd = 25\nwindow = "day"\naction = "block"\n')
+    policy.write_text('defaults = false\n[[budget]]\nname = "day-cap"\nusd = 25\nwindow = "day"\naction = "block"\n')
     chart = tmp_path / "c.html"
     assert main(["replay", str(TRACE), "--policy", str(policy), "--chart", str(chart)]) == 0
     out = capsys.readouterr().out

@@ -12,6 +12,7 @@ The engine knows nothing of HTTP; the proxy and the SDK turn a :class:`Decision`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -64,10 +65,20 @@ OUTPUT_FIELD = {
 
 @dataclass(frozen=True, slots=True)
 class Approval:
-    """A person's explicit yes to a held request: once, or with ``max_usd`` of headroom."""
+    """A person's explicit yes to a held request: once, or with ``max_usd`` of headroom.
+
+    ``channel`` says where it came from. An operator's approval (``spendgate approve``, the admin
+    API, in-process code) is not capped. One that arrived with the request itself — the
+    ``X-Spendgate-Allow`` header or an answer typed in the latest user turn — carries a
+    ``ceiling_usd``: all that channel may grant one bucket in one window, however many requests
+    ask, kept in the ledger as a bucket of its own so the cap holds across instances."""
 
     max_usd: Decimal | None = None
     by: str = "unknown"
+    channel: str = "operator"
+    ceiling_usd: Decimal | None = None
+    #: already logged by whoever gave it (an approval by id), so the engine logs no second event
+    recorded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +245,13 @@ class Engine:
             while True:
                 name, kwargs = call
                 try:
-                    result = await getattr(ledger, name)(**kwargs) if ledger is not None \
-                        else getattr(self.ledger, name)(**kwargs)
+                    fn = getattr(ledger, name, None) if ledger is not None else None
+                    if fn is not None:
+                        result = await fn(**kwargs)
+                    elif ledger is not None:  # a call the asyncio client lacks (rare: approvals) runs on a thread
+                        result = await asyncio.to_thread(getattr(self.ledger, name), **kwargs)
+                    else:
+                        result = getattr(self.ledger, name)(**kwargs)
                 except Exception as exc:
                     call = steps.throw(exc)
                 else:
@@ -305,10 +321,9 @@ class Engine:
             trip = self._worst(trips)
             # an immutable hold could never be approved: it is a block
             act = "block" if trip.rule.immutable and trip.rule.action == "hold" else trip.rule.action
-            ok, grant = (False, None) if act != "hold" or approval is None else \
-                self._approve(approval, trip, now, bypass, granted)
-            if grant is not None:
-                yield ("grant", grant)
+            ok = False
+            if act == "hold" and approval is not None:
+                ok = yield from self._approve(approval, trip, est, now, bypass, granted, did, dims)
             if ok:
                 assert approval is not None
                 notes.append(f"{trip.rule.name} approved by {approval.by}" + (
@@ -416,27 +431,77 @@ class Engine:
     def _worst(trips: Sequence[Trip]) -> Trip:
         return max(trips, key=lambda t: (t.rule.immutable, SEVERITY[t.rule.action]))
 
-    def _approve(self, approval: Approval, trip: Trip, now: float, bypass: set[str],
-                 granted: set[str]) -> tuple[bool, dict[str, Any] | None]:
-        """Apply a person's yes to a hold: once, or as ``max_usd`` of headroom on the bucket (so the
-        next requests are not held again). Returns whether it covers the hold, and the ledger grant
-        to make, if any."""
-        if approval.max_usd is None or trip.unit != "usd":
+    def _approve(self, approval: Approval, trip: Trip, est: Estimate, now: float, bypass: set[str],
+                 granted: set[str], did: str, dims: Mapping[str, str]) -> Generator[LedgerCall, Any, bool]:
+        """Apply a yes to a hold: once (this request passes the rule), or as ``max_usd`` of headroom
+        on the bucket (so the next requests are not held again). Whether it covers the hold; every
+        approval applied is logged as an ``approval`` event."""
+        ceiling = usd_to_nanos(approval.ceiling_usd) if approval.ceiling_usd is not None else None
+        cap = usd_to_nanos(approval.max_usd) if approval.max_usd is not None else None
+        if trip.bucket is None:  # a per-call rule: the call itself must fit what was approved
+            bounds = [x for x in (cap, ceiling) if x is not None]
+            if trip.unit == "usd" and bounds and trip.amount > min(bounds):
+                return False
             bypass.add(trip.rule.name)
-            return True, None
-        cap = usd_to_nanos(approval.max_usd)
-        if trip.bucket is None:  # a per-call rule: the call itself must fit the approved max
-            if trip.amount > cap:
-                return False, None
+            yield from self._log_approval(approval, trip, est, None, now, did, dims)
+            return True
+        if cap is None or trip.unit != "usd":  # once: this request passes the bucket's rule
+            if ceiling is None:
+                yield from self._log_approval(approval, trip, est, None, now, did, dims)
+            elif not (yield from self._within_ceiling(approval, trip, est.cost_nanos, est.cost_nanos, ceiling,
+                                                      now, did, dims)):
+                return False  # passing a bucket spends past it: that counts against the ceiling
             bypass.add(trip.rule.name)
-            return True, None
+            return True
         if trip.bucket.key in granted:
-            return False, None  # headroom already granted for this request and still not enough
+            return False  # headroom already granted for this request and still not enough
         granted.add(trip.bucket.key)
+        amount = cap
+        if ceiling is not None:
+            given = yield from self._within_ceiling(approval, trip, min(amount, ceiling), 1, ceiling, now, did, dims)
+            if not given:
+                return False
+            amount = given
+        else:
+            yield from self._log_approval(approval, trip, est, amount, now, did, dims)
         w = trip.rule.window
         until = (now + w.seconds if w.kind == "rolling"
                  else trip.resets_at if trip.resets_at is not None else math.inf)
-        return True, {"bucket": trip.bucket, "amount": cap, "now": now, "until": until}
+        yield ("grant", {"bucket": trip.bucket, "amount": amount, "now": now, "until": until})
+        return True
+
+    def _within_ceiling(self, approval: Approval, trip: Trip, want: int, least: int, ceiling: int, now: float,
+                        did: str, dims: Mapping[str, str]) -> Generator[LedgerCall, Any, int]:
+        """Take up to ``want`` (at least ``least``) of what ``approval``'s channel may still grant
+        ``trip``'s bucket in its window; 0 when the ceiling is used up. The ledger's own
+        authorize-then-capture on a ceiling bucket makes this atomic across instances, and the
+        capture logs the approval event with it."""
+        assert trip.bucket is not None
+        cap_bucket = Bucket(f"approval:{approval.channel}|{trip.bucket.key}", ceiling, trip.bucket.window_s, "usd")
+        amount = min(want, ceiling)
+        for _ in range(2):  # what is asked, then what is left
+            if amount < least or amount <= 0:
+                return 0
+            auth = yield ("authorize", {"lines": [Line(cap_bucket, amount)], "now": now, "ttl": 60.0})
+            if auth.ok:
+                event = self._approval_event(approval, trip, amount, now, did, dims)
+                yield ("capture", {"hold_id": auth.hold_id, "actual": {"usd": amount}, "now": now, "event": event})
+                return amount
+            amount = auth.states[0].remaining or 0
+        return 0
+
+    def _log_approval(self, approval: Approval, trip: Trip, est: Estimate, amount: int | None, now: float,
+                      did: str, dims: Mapping[str, str]) -> Generator[LedgerCall, Any, None]:
+        if not approval.recorded:
+            yield ("record", {"event": self._approval_event(approval, trip, amount, now, did, dims, est)})
+
+    @staticmethod
+    def _approval_event(approval: Approval, trip: Trip, amount: int | None, now: float, did: str,
+                        dims: Mapping[str, str], est: Estimate | None = None) -> Event:
+        """An ``approval`` event: who lifted which rule on which bucket, and by how much (no spend)."""
+        return approval_event(now, did, approval.channel, approval.by, trip.rule.name,
+                              trip.bucket.key if trip.bucket is not None else None, amount, dims,
+                              est.model if est is not None else "", est.provider if est is not None else "")
 
     def _downgrade_target(self, rule: Rule, est: Estimate) -> str | None:
         names = [est.model, est.model.lower(), est.price.price.model]
@@ -616,6 +681,16 @@ class Engine:
         log.warning("the store failed to charge decision %s (%s); %s kept in %s until the store is back",
                     decision.id, exc, fmt_usd(actual["usd"]), self.spool.path)
         return True
+
+
+def approval_event(now: float, decision_id: str, channel: str, by: str, rule: str, bucket: str | None,
+                   granted: int | None, dims: Mapping[str, str] | None = None, model: str = "",
+                   provider: str = "") -> Event:
+    """The log entry of one approval: its channel, who gave it, the rule and bucket it lifted, the
+    headroom granted (None: once) and when. It charges nothing (cost 0)."""
+    extra = {"channel": channel, "by": by, "rule": rule, "bucket": bucket or "(request)",
+             "granted_usd": str(nanos_to_usd(granted)) if granted is not None else "once"}
+    return Event(now, "approval", decision_id, model, provider, 0, dims={**(dims or {}), **extra})
 
 
 def bucket_key(rule_name: str, scope: str, period: str | None = None) -> str:

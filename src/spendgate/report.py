@@ -16,6 +16,8 @@ from spendgate.policy.parse import parse_duration
 log = logging.getLogger("spendgate.report")
 #: Fields of an event that are not in its ``dims``.
 EVENT_FIELDS = ("model", "provider", "kind")
+APPROVAL = "approval"
+APPROVAL_FIELDS = ("channel", "by", "rule", "bucket", "granted_usd", "session")
 
 
 def _expire(store: Ledger, now: float) -> None:
@@ -51,6 +53,8 @@ def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: fl
     _expire(store, now)
     groups: dict[tuple[str, ...], list[int]] = {}
     for e in store.events(start):
+        if e.kind == APPROVAL:
+            continue  # an approval lifts a limit; it spends nothing (see approvals())
         key = tuple(str(getattr(e, f)) if f in EVENT_FIELDS else e.dims.get(f, "(none)") for f in by)
         g = groups.setdefault(key, [0, 0, 0, 0, 0])
         g[0] += 1
@@ -60,6 +64,15 @@ def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: fl
         g[4] += int(e.estimated)
     rows = [Row(k, *v) for k, v in groups.items()]
     return sorted(rows, key=lambda r: (-r.cost, r.group))
+
+
+def approvals(store: Ledger, since: str | float = "24h", now: float | None = None) -> list[dict[str, Any]]:
+    """Every approval since ``since``, oldest first: when, which channel (operator, header, inband),
+    who, the rule and bucket it lifted, the headroom it granted ("once" for a single request)."""
+    now = time.time() if now is None else now
+    start = now - parse_duration(since, "--since") if isinstance(since, str) else since
+    return [{"ts": e.ts, "decision_id": e.decision_id, **{k: e.dims.get(k, "") for k in APPROVAL_FIELDS}}
+            for e in store.events(start) if e.kind == APPROVAL]
 
 
 def status(store: Ledger, now: float | None = None) -> list[tuple[Bucket, BucketState]]:

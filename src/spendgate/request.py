@@ -49,6 +49,14 @@ class Identity:
         return out
 
 
+    def fingerprint(self) -> str:
+        """Every field a decision may count this identity under, as one string: two requests share a
+        remembered answer (a refusal's repeat, an approval by id) only if they share all of it."""
+        tags = ",".join(f"{k}={v}" for k, v in sorted(self.tags.items()))
+        return "\0".join((self.key or "", self.user or "", self.team or "", self.value("session"), self.agent or "",
+                          self.feature or "", tags))
+
+
 def hash_key(secret: str) -> str:
     """A stable, non-reversible id for a provider key (the first 16 hex of its SHA-256)."""
     return hashlib.sha256(secret.encode()).hexdigest()[:16]

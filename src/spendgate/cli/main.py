@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -212,7 +213,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from spendgate.report import status
 
     ctx = Context.from_args(args)
-    store = ledger.open(ctx.store_url)
+    store = ledger.open(ctx.store_url, create=False)
     try:
         rows = status(store)
     finally:
@@ -243,21 +244,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from spendgate.report import report
+    from spendgate.report import approvals, report
 
     ctx = Context.from_args(args)
     by = [f.strip() for f in args.by.split(",") if f.strip()]
     if not by:
         raise ConfigError("--by: name at least one field, such as user,model")
-    store = ledger.open(ctx.store_url)
+    store = ledger.open(ctx.store_url, create=False)
     try:
         rows = report(store, by, args.since)
+        granted = approvals(store, args.since)
     finally:
         store.close()
     if args.json:
         emit_json({"since": args.since, "by": by, "rows": [r.as_dict(by) for r in rows],
-                   "total_usd": str(nanos_to_usd(sum(r.cost for r in rows)))})
+                   "total_usd": str(nanos_to_usd(sum(r.cost for r in rows))), "approvals": granted})
         return 0
+    if granted:
+        table(("approved at", "channel", "by", "rule", "bucket", "granted"),
+              [(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["ts"])), a["channel"], a["by"], a["rule"],
+                a["bucket"], a["granted_usd"] if a["granted_usd"] == "once" else f"${a['granted_usd']}")
+               for a in granted])
+        print()
     if not rows:
         print(f"no spend in the last {args.since}")
         return 0
@@ -278,7 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ctx = Context.from_args(args)
     token = args.admin_token or os.environ.get("SPENDGATE_ADMIN_TOKEN")
-    proxy = build(ctx.policy, ctx.store_url, token)
+    proxy = build(ctx.policy, ctx.store_url, token, upstream_timeout_s=args.upstream_timeout)
     ups = ", ".join(f"{k} -> {v}" for k, v in proxy.config.upstreams.items())
     print(f"spendgate: guarding http://{args.host}:{args.port} (store {ctx.store_url}; policy {ctx.policy.source}; "
           f"upstreams {ups}; admin API {'on' if token else 'off'})", file=sys.stderr, flush=True)
@@ -306,14 +314,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.turns_sent and result.refused else 1
 
 
-def _open_store(args: argparse.Namespace) -> ledger.Ledger:
-    return ledger.open(Context.from_args(args).store_url)
+def _open_store(args: argparse.Namespace, create: bool = True) -> ledger.Ledger:
+    """The store the flags name; ``create=False`` for commands that only read, so a mistyped path
+    is an error rather than a new, empty store."""
+    return ledger.open(Context.from_args(args).store_url, create=create)
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
-    from spendgate.proxy import approvals
+    from spendgate import approvals
 
-    store = _open_store(args)
+    store = _open_store(args, create=False)
     try:
         items = approvals.pending(store)
     finally:
@@ -332,15 +342,13 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from decimal import Decimal, InvalidOperation
-
-    from spendgate.proxy import approvals
+    from spendgate import approvals
 
     try:
-        max_usd = Decimal(args.max) if args.max is not None else None
-    except InvalidOperation:
-        raise ConfigError(f"--max: expected a number of dollars, got {args.max!r}") from None
-    store = _open_store(args)
+        max_usd = approvals.parse_max(args.max) if args.max is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--max: {exc}") from None
+    store = _open_store(args, create=False)
     try:
         p = approvals.approve(store, args.id, max_usd) if not args.deny else approvals.deny(store, args.id)
     except (KeyError, ValueError) as exc:
@@ -359,19 +367,33 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from spendgate.proxy import identity
+    from spendgate import approvals, keys
+    from spendgate.proxy.identity import parse_tags
 
-    store = _open_store(args)
+    if args.keys_command == "create":
+        try:
+            tags = parse_tags(",".join(args.tag or ()))
+        except ValueError as exc:
+            raise ConfigError(f"--tag: {exc}") from None
+        try:
+            pre = approvals.parse_max(args.preapprove_max) if args.preapprove_max is not None else None
+        except ValueError as exc:
+            raise ConfigError(f"--preapprove-max: {exc}") from None
+    store = _open_store(args, create=args.keys_command == "create")
     try:
         if args.keys_command == "create":
-            key = identity.create_virtual_key(store, args.user, args.team)
-            doc: Any = {"key": key, "user": args.user, "team": args.team}
-            text = f"{key}\n(shown once; spendgate stores only its hash)"
+            secret, key = keys.create(store, user=args.user, team=args.team, tags=tags, preapprove_max_usd=pre)
+            doc: Any = {"key": secret, **key.as_dict()}
+            text = f"{secret}\n(shown once; spendgate stores only its hash)"
         elif args.keys_command == "list":
-            doc = {"keys": identity.list_virtual_keys(store)}
-            text = "\n".join(f"{k['id']}  user={k['user']}  team={k['team']}" for k in doc["keys"]) or "no keys"
+            doc = {"keys": [k.as_dict() for k in keys.list_keys(store)]}
+            text = "\n".join(
+                f"{k.id}  user={k.user}  team={k.team}"
+                + (f"  tags={','.join(f'{a}={b}' for a, b in k.tags.items())}" if k.tags else "")
+                + (f"  preapprove-max=${k.preapprove_max_usd}" if k.preapprove_max_usd is not None else "")
+                for k in keys.list_keys(store)) or "no keys"
         else:
-            if not identity.revoke_virtual_key(store, args.id):
+            if not keys.revoke(store, args.id):
                 raise SpendgateError(f"no key with id {args.id!r}; see spendgate keys list")
             doc, text = {"revoked": args.id}, f"revoked {args.id}"
     finally:
@@ -434,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8787)
     sv.add_argument("--admin-token", help="token for /spendgate/… (env SPENDGATE_ADMIN_TOKEN); off when unset")
+    sv.add_argument("--upstream-timeout", type=_seconds, metavar="S",
+                    help="seconds to wait for an upstream's next bytes (default: the policy's upstream_timeout_s, 600)")
     sv.set_defaults(func=cmd_serve)
 
     sub.add_parser("demo", help="a runaway agent held by the guard, offline, no API key").set_defaults(func=cmd_demo)
@@ -451,14 +475,27 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="spendgate virtual keys (sg-…), stored hashed")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     kc = ksub.add_parser("create", parents=[common], help="create a key for a user and team")
-    kc.add_argument("--user")
-    kc.add_argument("--team")
+    kc.add_argument("--user", help="the user every request with this key counts under (no header overrides it)")
+    kc.add_argument("--team", help="the team every request with this key counts under")
+    kc.add_argument("--tag", action="append", metavar="NAME=VALUE", help="a tag the key binds (repeatable)")
+    kc.add_argument("--preapprove-max", metavar="USD",
+                    help="let X-Spendgate-Allow pre-approve up to this many dollars per budget and window")
     kc.set_defaults(func=cmd_keys)
     ksub.add_parser("list", parents=[common], help="list keys (ids only)").set_defaults(func=cmd_keys)
     kr = ksub.add_parser("revoke", parents=[common], help="revoke a key by id")
     kr.add_argument("id")
     kr.set_defaults(func=cmd_keys)
     return p
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {raw!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

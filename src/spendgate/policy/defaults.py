@@ -14,6 +14,10 @@ DEFAULT_RULES = (
     # header is counted under a session derived from its credentials, never skipped.
     Rule(name="session-hour", window=Window("rolling", seconds=3600, text="1h"), usd=Decimal(10),
          per="session", action="hold"),
+    # Sessions are chosen by clients; a key is not. A client rotating session ids escapes
+    # session-hour, never key-day (64 sessions each under the session cap once spent $566 in 8 h).
+    Rule(name="key-day", window=Window("rolling", seconds=86400, text="24h"), usd=Decimal(100),
+         per="key", action="hold"),
     # Nothing passes one request above $50 or 1M tokens.
     Rule(name="request-hard", window=Window("request", text="request"), usd=Decimal(50),
          tokens=1_000_000, action="block", immutable=True),

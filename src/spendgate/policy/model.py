@@ -101,6 +101,19 @@ class Tiers:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalLimits:
+    """How far an answer that did not come from an operator may lift a hold (``[approvals]``).
+
+    ``X-Spendgate-Allow`` is a client's header, so by default it grants nothing (0); a virtual key
+    created with ``--preapprove-max`` carries its own ceiling. In-band answers ("yes max=$5") come
+    from the text of the latest user turn and are capped too. Each ceiling bounds what its channel
+    may grant to one bucket in one window, however many requests ask."""
+
+    header_max_usd: Decimal = Decimal(0)
+    inband_max_usd: Decimal = Decimal(50)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     rules: tuple[Rule, ...]
     store: str | None = None
@@ -111,4 +124,9 @@ class Policy:
     timezone: str = "UTC"
     hold_ttl_s: int = 600
     anthropic_token_factor: float | None = None
+    approvals: ApprovalLimits = field(default_factory=ApprovalLimits)
+    #: spend events older than this are deleted by the store's periodic upkeep (None: kept forever)
+    retention_days: int | None = 90
+    #: how long the proxy waits for an upstream's next bytes before charging the worst case
+    upstream_timeout_s: float = 600.0
     source: str = "built-in defaults"

@@ -18,10 +18,23 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from spendgate.errors import ConfigError
-from spendgate.policy.model import ACTIONS, CALENDAR, SCOPES, Action, Match, Policy, Rule, Tiers, Window
+from spendgate.policy.defaults import DEFAULT_RULES
+from spendgate.policy.model import (
+    ACTIONS,
+    CALENDAR,
+    SCOPES,
+    Action,
+    ApprovalLimits,
+    Match,
+    Policy,
+    Rule,
+    Tiers,
+    Window,
+)
 
 TOP_KEYS = {"store", "unpriced", "on_store_error", "upstream", "tiers", "budget", "timezone", "hold_ttl",
-            "anthropic_token_factor"}
+            "anthropic_token_factor", "approvals", "retention_days", "upstream_timeout_s", "defaults"}
+APPROVAL_KEYS = {"header_max_usd", "inband_max_usd"}
 BUDGET_KEYS = {"name", "usd", "tokens", "window", "timezone", "per", "match", "action", "downgrade",
                "alert_at", "immutable", "min_output"}
 MATCH_KEYS = {"model", "provider", "tier", "tags"}
@@ -198,14 +211,45 @@ def _tiers(raw: Any) -> Tiers:
     return Tiers(globs, strict)
 
 
-def parse(doc: Mapping[str, Any], source: str = "<policy>") -> Policy:
-    """A policy from a parsed TOML document."""
+def _approvals(raw: Any) -> ApprovalLimits:
+    if not isinstance(raw, Mapping):
+        raise _fail("approvals", f"expected a table such as {{ header_max_usd = 0, inband_max_usd = 50 }}, got {raw!r}")
+    _unknown(raw, APPROVAL_KEYS, "approvals")
+    base = ApprovalLimits()
+    return ApprovalLimits(
+        header_max_usd=parse_usd(raw["header_max_usd"], "approvals.header_max_usd")
+        if "header_max_usd" in raw else base.header_max_usd,
+        inband_max_usd=parse_usd(raw["inband_max_usd"], "approvals.inband_max_usd")
+        if "inband_max_usd" in raw else base.inband_max_usd)
+
+
+def _retention(value: Any) -> int | None:
+    """Days of spend events to keep; 0 keeps them forever."""
+    days = parse_int(value, "retention_days")
+    return days or None
+
+
+def _positive_seconds(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise _fail(where, f"expected a number of seconds above 0, got {value!r}")
+    return float(value)
+
+
+def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bool = False) -> Policy:
+    """A policy from a parsed TOML document: exactly its rules, or with ``keep_defaults`` (how a
+    policy file is read) the built-in rules too, unless the document says ``defaults = false``."""
     _unknown(doc, TOP_KEYS, "")
     tz = _timezone(doc["timezone"], "timezone") if "timezone" in doc else "UTC"
     budgets = doc.get("budget", [])
     if not isinstance(budgets, list):
         raise _fail("budget", "expected [[budget]] tables")
     rules = tuple(_rule(b, i, tz) for i, b in enumerate(budgets))
+    defaults = doc.get("defaults", True)
+    if not isinstance(defaults, bool):
+        raise _fail("defaults", f"expected true or false, got {defaults!r}")
+    if defaults and keep_defaults:  # the guard stays on under a policy file: a default yields only to its name
+        own = {r.name for r in rules}
+        rules = (*rules, *(r for r in DEFAULT_RULES if r.name not in own))
     names = [r.name for r in rules]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -234,6 +278,10 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>") -> Policy:
         timezone=tz,
         hold_ttl_s=parse_duration(doc["hold_ttl"], "hold_ttl") if "hold_ttl" in doc else 600,
         anthropic_token_factor=float(factor) if factor is not None else None,
+        approvals=_approvals(doc["approvals"]) if "approvals" in doc else ApprovalLimits(),
+        retention_days=_retention(doc.get("retention_days", 90)),
+        upstream_timeout_s=_positive_seconds(doc["upstream_timeout_s"], "upstream_timeout_s")
+        if "upstream_timeout_s" in doc else 600.0,
         source=source,
     )
 
@@ -250,6 +298,6 @@ def load(path: str | Path) -> Policy:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
     try:
-        return parse(doc, str(p))
+        return parse(doc, str(p), keep_defaults=True)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import math
 import time
-from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from spendgate import approvals
 from spendgate.errors import SpendgateError
 from spendgate.money import nanos_to_usd
-from spendgate.proxy import approvals
+from spendgate.report import approvals as approvals_since
 from spendgate.report import report, status
 
 if TYPE_CHECKING:
@@ -37,9 +39,10 @@ def add_routes(app: web.Application, proxy: Proxy) -> None:
         return checked
 
     async def health(request: web.Request) -> web.Response:
-        """For load balancers: no token, no numbers; 503 while the store cannot be reached."""
+        """For load balancers: no token, no numbers; 503 while the store cannot take what a request
+        needs — a write (a read-only file, a full disk, a file deleted under the server all fail)."""
         try:
-            proxy.store.get_record("health", "probe", now=time.time())
+            await asyncio.to_thread(proxy.store.check, time.time())
         except SpendgateError as exc:
             return web.json_response({"ok": False, "store": str(exc)}, status=503)
         return web.json_response({"ok": True})
@@ -66,12 +69,21 @@ async def _status(request: web.Request, proxy: Proxy) -> web.Response:
 
 async def _spend(request: web.Request, proxy: Proxy) -> web.Response:
     by = [f for f in request.query.get("by", "model").split(",") if f]
-    rows = report(proxy.store, by, request.query.get("since", "24h"))
-    return web.json_response({"by": by, "rows": [r.as_dict(by) for r in rows]})
+    since = request.query.get("since", "24h")
+    rows = report(proxy.store, by, since)
+    return web.json_response({"by": by, "rows": [r.as_dict(by) for r in rows],
+                              "approvals": approvals_since(proxy.store, since)})
 
 
 async def _decisions(request: web.Request, proxy: Proxy) -> web.Response:
-    since = time.time() - float(request.query.get("seconds", "3600"))
+    raw = request.query.get("seconds", "3600")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        return _err(400, f"seconds: expected a non-negative number of seconds, got {raw!r}")
+    since = time.time() - seconds
     events = proxy.store.events(since)
     return web.json_response({"events": [json.loads(e.to_json()) for e in events[-500:]]})
 
@@ -82,20 +94,23 @@ async def _approvals(request: web.Request, proxy: Proxy) -> web.Response:
 
 async def _answer(request: web.Request, proxy: Proxy) -> web.Response:
     hold_id = request.match_info["id"]
+    shape = "{\"approve\": true, \"max_usd\": 5} or {\"deny\": true}"
     try:
         doc = await request.json() if request.can_read_body else {}
-    except ValueError:
-        return _err(400, "body must be JSON: {\"approve\": true, \"max_usd\": 5} or {\"deny\": true}")
+    except (ValueError, RecursionError):
+        return _err(400, f"body must be JSON: {shape}")
+    if not isinstance(doc, dict):
+        return _err(400, f"body must be a JSON object such as {shape}, got {type(doc).__name__}")
     try:
         if doc.get("deny"):
-            p = approvals.deny(proxy.store, hold_id)
+            p = await asyncio.to_thread(approvals.deny, proxy.store, hold_id)
         else:
             raw = doc.get("max_usd")
             try:
-                max_usd = Decimal(str(raw)) if raw is not None else None
-            except InvalidOperation:
-                return _err(400, f"max_usd: expected a number of dollars, got {raw!r}")
-            p = approvals.approve(proxy.store, hold_id, max_usd)
+                max_usd = approvals.parse_max(raw) if raw is not None else None
+            except ValueError as exc:
+                return _err(400, f"max_usd: {exc}")
+            p = await asyncio.to_thread(approvals.approve, proxy.store, hold_id, max_usd, None, "admin API")
     except KeyError as exc:
         return _err(404, str(exc.args[0]))
     except ValueError as exc:

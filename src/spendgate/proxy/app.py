@@ -8,6 +8,7 @@ networked store's through its asyncio client, so a round trip never stalls the e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -15,21 +16,23 @@ import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
+from spendgate import approvals
 from spendgate import ledger as ledger_mod
 from spendgate.engine import Approval, Decision, Engine
 from spendgate.errors import BadRequest, StoreError, UnpricedModel
 from spendgate.estimate.tokens import preload
 from spendgate.money import nanos_to_usd
 from spendgate.policy import Policy
-from spendgate.proxy import admin, approvals
-from spendgate.proxy.envelope import error_response
+from spendgate.proxy import admin
+from spendgate.proxy.envelope import error_response, sse_error
 from spendgate.proxy.identity import Credentials, credentials, identity
-from spendgate.request import Request
+from spendgate.request import Identity, Request
 from spendgate.usage import usage_from_body
 from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
@@ -53,22 +56,35 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie"})
 
 
+#: how often the store's upkeep runs (stale holds, ended buckets, old events) and spooled charges are applied
+UPKEEP_EVERY_S = 60.0
+SPOOL_DRAIN_EVERY_S = 5.0
+
+
 @dataclass
 class ProxyConfig:
     upstreams: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_UPSTREAMS))
     max_body_bytes: int = 32 * 1024 * 1024
     upstream_timeout_s: float = 600.0
     admin_token: str | None = None
+    retention_days: int | None = 90
 
     @classmethod
-    def from_policy(cls, policy: Policy, admin_token: str | None = None) -> ProxyConfig:
+    def from_policy(cls, policy: Policy, admin_token: str | None = None,
+                    upstream_timeout_s: float | None = None) -> ProxyConfig:
         ups = dict(DEFAULT_UPSTREAMS)
         ups.update(policy.upstream)
         for provider in ("openai", "anthropic"):
             env = os.environ.get(f"SPENDGATE_{provider.upper()}_BASE_URL")
             if env:
                 ups[provider] = env
-        return cls(upstreams={k: _base(v) for k, v in ups.items()}, admin_token=admin_token)
+        return cls(upstreams={k: _base(v) for k, v in ups.items()}, admin_token=admin_token,
+                   upstream_timeout_s=upstream_timeout_s or policy.upstream_timeout_s,
+                   retention_days=policy.retention_days)
+
+
+def _capped(asked: Decimal | None, ceiling: Decimal) -> Decimal | None:
+    return min(asked, ceiling) if asked is not None else None
 
 
 def _base(url: str) -> str:
@@ -84,10 +100,9 @@ class Proxy:
         self.store = engine.ledger
         self.config = config
         self.recent = approvals.RecentRefusals()
-        #: bodies this instance held, so only their retries look for an approval given by id
-        self.held_bodies: dict[str, float] = {}
         self.client: aiohttp.ClientSession | None = None
         self._settling: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -114,8 +129,15 @@ class Proxy:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.config.upstream_timeout_s),
             auto_decompress=False,
         )
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self._every(UPKEEP_EVERY_S, self.upkeep)),
+                             loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool))]
 
     async def _stop(self, _: web.Application) -> None:
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.settled()
         if self.client is not None:
             await self.client.close()
@@ -150,6 +172,8 @@ class Proxy:
             body = json.loads(raw)
         except ValueError as exc:
             return error_response(provider, 400, f"spendgate: the request body is not valid JSON ({exc})")
+        except RecursionError:
+            return error_response(provider, 400, "spendgate: the request body nests JSON too deeply to read")
         if not isinstance(body, dict):
             return error_response(provider, 400, "spendgate: the request body must be a JSON object")
         try:
@@ -159,34 +183,55 @@ class Proxy:
             return error_response(provider, 401, f"spendgate: {exc}")
         except (LookupError, ValueError) as exc:
             return error_response(provider, 400, f"spendgate: {exc}")
+        except StoreError as exc:
+            return error_response(provider, 503, f"spendgate: the spend store failed, so the request was not "
+                                                 f"sent: {exc}", code="spendgate_store_error")
         if route == "/v1/messages/count_tokens":
             return await self._forward_plain(request, provider, creds, raw, None)
         return await self._decide_and_forward(request, provider, route, raw, body, creds, ident)
 
     async def _decide_and_forward(self, request: web.Request, provider: str, route: str, raw: bytes,
-                                  body: dict[str, Any], creds: Credentials, ident: Any) -> web.StreamResponse:
+                                  body: dict[str, Any], creds: Credentials, ident: Identity) -> web.StreamResponse:
         now = time.time()
-        session = ident.value("session")
+        who = ident.fingerprint()
         dry = request.headers.get("x-spendgate-estimate") == "1"
         try:
-            approval, send, body, early = await self._store_io(self._answers, provider, route, raw, body, session,
-                                                               request.headers, now)
+            answer = self._answer_in_request(provider, route, raw, body, creds, request.headers)
         except ValueError as exc:
             return error_response(provider, 400, f"spendgate: {exc}")
-        if early is not None:
-            return early
+        approval, send, body, notes, reply = answer
+        if reply:
+            try:
+                approval, send, body, early = await self._store_io(self._inband_reply, provider, route, raw, body,
+                                                                   who, now)
+            except StoreError as exc:
+                return error_response(provider, 503, f"spendgate: the spend store failed: {exc}",
+                                      code="spendgate_store_error")
+            if early is not None:
+                return early
         if approval is None and not dry:
-            repeat = self.recent.get(session, raw, now)
+            repeat = self.recent.get(who, raw, now)
             if repeat is not None:
-                status, payload, headers = repeat
-                return web.Response(status=status, body=payload, content_type="application/json", headers=headers)
+                status, payload, headers, held = repeat
+                if not held or not await self._store_io(self._approved_by_id, who, raw, now):
+                    return web.Response(status=status, body=payload, content_type="application/json",
+                                        headers=headers)
+                approval = Approval(by="spendgate approve", recorded=True)
         req = Request(provider, route, body, ident)
         try:
             d = await self.engine.adecide(req, now=now, approval=approval)
+            if d.action == "hold" and approval is None and not dry and \
+                    await self._store_io(self._approved_by_id, who, raw, now):
+                # approved by id (on any instance, before or after a restart): the held request's retry passes
+                d = await self.engine.adecide(req, now=now, approval=Approval(by="spendgate approve",
+                                                                               recorded=True))
         except BadRequest as exc:
             return error_response(provider, 400, f"spendgate: {exc}", code="spendgate_unpriceable")
         except UnpricedModel as exc:
             return error_response(provider, 402, f"spendgate: {exc}", code="spendgate_unpriced")
+        except RecursionError:
+            return error_response(provider, 400, "spendgate: the request body nests too deeply to price",
+                                  code="spendgate_unpriceable")
         except StoreError as exc:
             return error_response(provider, 503, f"spendgate: the spend store failed, so the request was not "
                                                  f"sent: {exc}", code="spendgate_store_error")
@@ -196,61 +241,98 @@ class Proxy:
                                       "message": d.message or (d.estimate.describe() if d.estimate else ""),
                                       "edits": dict(d.edits)}, headers={"X-Spendgate-Decision": d.id})
         if not d.allowed:
-            return await self._store_io(self._refuse, request, provider, route, send, d, session, now, raw)
+            try:
+                return await self._store_io(self._refuse, request, provider, route, send, d, ident, who, now, raw,
+                                            notes)
+            except StoreError as exc:
+                return error_response(provider, 503, f"spendgate: the spend store failed: {exc}",
+                                      code="spendgate_store_error")
         out, withhold = outgoing(route, send, d)
         return await self._forward_plain(request, provider, creds, out, d, withhold)
 
-    def _answers(self, provider: str, route: str, raw: bytes, body: dict[str, Any], session: str,
-                 headers: Mapping[str, str], now: float
-                 ) -> tuple[Approval | None, bytes, dict[str, Any], web.StreamResponse | None]:
-        """A person's answer to a hold, if this request carries one: the latest user turn, the
-        X-Spendgate-Allow header, or an approval given by id."""
+    def _answer_in_request(self, provider: str, route: str, raw: bytes, body: dict[str, Any], creds: Credentials,
+                           headers: Mapping[str, str]
+                           ) -> tuple[Approval | None, bytes, dict[str, Any], tuple[str, ...], bool]:
+        """An approval the request carries by itself — a directive typed in the latest user turn, or
+        the X-Spendgate-Allow header — capped by what the policy or the virtual key allows that
+        channel. Returns (approval, bytes to send, body, notes for a refusal, whether the latest
+        turn is a bare yes/no that answers a held request). No store call."""
+        limits = self.engine.policy.approvals
         text, handle = approvals.latest_user_text(provider, route, body)
         ans = approvals.read_answer(text)
         if ans is not None and ans.directive:
             stripped = approvals.strip_directive(route, body, handle)
-            return (Approval(ans.max_usd, by="in-band directive"), json.dumps(stripped).encode(), stripped, None)
+            send = json.dumps(stripped).encode()
+            if limits.inband_max_usd <= 0:
+                return None, send, stripped, ("the [spendgate: allow=…] directive was ignored: in-band approvals "
+                                              "are off ([approvals] inband_max_usd = 0)",), False
+            return (Approval(_capped(ans.max_usd, limits.inband_max_usd), by="in-band directive", channel="inband",
+                             ceiling_usd=limits.inband_max_usd), send, stripped, (), False)
         if ans is not None:
-            held = approvals.latest_for_session(self.store, session, now)
-            if held is not None and not ans.yes:
-                approvals.deny(self.store, held.id, now)
-                return None, raw, body, error_response(
-                    provider, 402, f"spendgate: you declined held request {held.id}; it was not sent. The "
-                                   f"session's budget \"{held.rule}\" stays in force.",
-                    code="spendgate_denied", extra={"decision_id": held.id, "action": "denied", "rule": held.rule})
-            if held is not None:
-                held.status = "approved"
-                self.store.put_record(approvals.KIND, held.id, held.to_json(), expires_at=held.expires_at)
-                replay = held.body  # the held request itself, byte for byte, answers the "yes"
-                return Approval(ans.max_usd, by="in-band yes"), replay, json.loads(replay), None
+            return None, raw, body, (), True
         allow = headers.get("x-spendgate-allow")
-        if allow is not None:
-            return Approval(approvals.parse_allow_header(allow), by="X-Spendgate-Allow"), raw, body, None
-        key = approvals.once_key(session, raw)
-        if self.held_bodies.get(key, 0) > now and \
-                self.store.take_record(approvals.ONCE, key, now=now) is not None:
-            return Approval(by="spendgate approve"), raw, body, None  # approved by id, retried as held
-        return None, raw, body, None
+        if allow is None:
+            return None, raw, body, (), False
+        asked = approvals.parse_allow_header(allow)
+        vkey = creds.virtual
+        ceiling = vkey.preapprove_max_usd if vkey is not None and vkey.preapprove_max_usd is not None \
+            else limits.header_max_usd
+        if ceiling <= 0:
+            return None, raw, body, ("X-Spendgate-Allow was ignored: a client's header may pre-approve only up "
+                                     "to [approvals] header_max_usd (0 here) or its virtual key's --preapprove-max",
+                                     ), False
+        note = (f"X-Spendgate-Allow: max=${asked} was cut to this key's ceiling of ${ceiling} per budget and "
+                "window",) if asked > ceiling else ()
+        return (Approval(min(asked, ceiling), by="X-Spendgate-Allow", channel="header", ceiling_usd=ceiling),
+                raw, body, note, False)
 
-    def _refuse(self, request: web.Request, provider: str, route: str, body: bytes, d: Decision, session: str,
-                now: float, raw: bytes) -> web.Response:
+    def _inband_reply(self, provider: str, route: str, raw: bytes, body: dict[str, Any], who: str, now: float
+                      ) -> tuple[Approval | None, bytes, dict[str, Any], web.StreamResponse | None]:
+        """A yes or no typed in the latest user turn, answering this identity's latest held request."""
+        text, _ = approvals.latest_user_text(provider, route, body)
+        ans = approvals.read_answer(text)
+        held = approvals.latest_for(self.store, who, now)
+        if ans is None or held is None:
+            return None, raw, body, None
+        if not ans.yes:
+            approvals.deny(self.store, held.id, now)
+            return None, raw, body, error_response(
+                provider, 402, f"spendgate: you declined held request {held.id}; it was not sent. The "
+                               f"session's budget \"{held.rule}\" stays in force.",
+                code="spendgate_denied", extra={"decision_id": held.id, "action": "denied", "rule": held.rule})
+        limits = self.engine.policy.approvals
+        if limits.inband_max_usd <= 0:
+            return None, raw, body, None
+        held.status = "approved"
+        self.store.put_record(approvals.KIND, held.id, held.to_json(), expires_at=held.expires_at)
+        replay = held.body  # the held request itself, byte for byte, answers the "yes"
+        return (Approval(_capped(ans.max_usd, limits.inband_max_usd), by="in-band yes", channel="inband",
+                         ceiling_usd=limits.inband_max_usd), replay, json.loads(replay), None)
+
+    def _approved_by_id(self, who: str, raw: bytes, now: float) -> bool:
+        """Whether an operator approved this very request (same identity, same bytes) by its id;
+        consumed once. Asked only of refused requests, so an allowed one costs no store call."""
+        return self.store.take_record(approvals.ONCE, approvals.once_key(who, raw), now=now) is not None
+
+    def _refuse(self, request: web.Request, provider: str, route: str, body: bytes, d: Decision, ident: Identity,
+                who: str, now: float, raw: bytes, notes: tuple[str, ...]) -> web.Response:
         extra = d.to_dict()
+        message = " ".join((d.message, *notes))
+        extra["notes"] = [*extra["notes"], *notes]
         if d.action == "hold":
             safe = {k: v for k, v in request.headers.items()
                     if k.lower() not in CREDENTIAL_HEADERS and k.lower() not in HOP_BY_HOP}
-            held = approvals.keep(self.store, d, session, provider, route, request.query_string, body, safe, now)
-            if len(self.held_bodies) > 10_000:
-                self.held_bodies = {k: t for k, t in self.held_bodies.items() if t > now}
-            self.held_bodies[approvals.once_key(session, body)] = held.expires_at
+            held = approvals.keep(self.store, d, ident.value("session"), who, provider, route, request.query_string,
+                                  body, safe, now)
             extra["approval"] = {"id": held.id, "expires_at": held.expires_at,
                                  "how": f"spendgate approve {held.id} [--max USD]; POST /spendgate/approvals/"
                                         f"{held.id}; or reply 'yes' (optionally 'yes max=$5')"}
         headers = {"X-Spendgate-Decision": d.id}
         if d.trip is not None and d.trip.resets_at is not None:
             headers["Retry-After"] = str(max(1, math.ceil(d.trip.resets_at - now)))
-        resp = error_response(provider, 402, d.message, code="spendgate_blocked", extra=extra, headers=headers)
+        resp = error_response(provider, 402, message, code="spendgate_blocked", extra=extra, headers=headers)
         assert isinstance(resp.body, bytes)
-        self.recent.put(session, raw, (402, resp.body, headers), now)
+        self.recent.put(who, raw, (402, resp.body, headers, d.action == "hold"), now)
         return resp
 
     # -- forwarding ---------------------------------------------------------------------------
@@ -312,7 +394,8 @@ class Proxy:
 
     async def _finish_stream(self, d: Decision, meter: StreamMeter) -> None:
         if meter.complete:
-            await self.engine.acapture(d, meter.usage)
+            usage, seen = meter.capture_args(self.engine.estimator.anthropic_factor)
+            await self.engine.acapture(d, usage, output_seen=seen)
         else:
             await self._unknown(d, meter)
 
@@ -339,6 +422,34 @@ class Proxy:
         while self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
 
+    # -- upkeep, off the request path -----------------------------------------------------------
+
+    @staticmethod
+    async def _every(seconds: float, job: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except StoreError as exc:  # the store is down: requests say so; try again next time
+                log.warning("%s skipped: %s", getattr(job, "__name__", "upkeep"), exc)
+            except Exception:
+                log.exception("%s failed; it runs again later", getattr(job, "__name__", "upkeep"))
+
+    async def upkeep(self) -> None:
+        """Charge stale holds their worst case, prune buckets whose window is over and drop events
+        past the retention — on a worker thread, in small batches, so requests go between them."""
+        retention = self.config.retention_days * 86400.0 if self.config.retention_days else None
+        swept = await asyncio.to_thread(self.store.sweep, time.time(), retention_s=retention)
+        if swept.expired or swept.pruned or swept.events_deleted:
+            log.info("store upkeep: %d stale holds charged, %d ended buckets pruned, %d old events deleted",
+                     swept.expired, swept.pruned, swept.events_deleted)
+
+    async def drain_spool(self) -> None:
+        """Apply the charges kept while the store was failing, once it answers again."""
+        n = await asyncio.to_thread(self.engine.drain_spool)
+        if n:
+            log.info("applied %d charge(s) kept while the store was failing", n)
+
     async def _settle_plain(self, status: int, data: bytes, d: Decision | None) -> None:
         if d is None or d.hold_id is None:
             return
@@ -349,15 +460,24 @@ class Proxy:
 
     async def _relay_stream(self, request: web.Request, provider: str, up: aiohttp.ClientResponse,
                             d: Decision | None, withhold: bool) -> web.StreamResponse:
+        """Relay an event stream as it arrives, metering it. An upstream that fails mid-way gets the
+        client an error event in the provider's own stream shape and a clean end — the status line
+        was sent long ago — and the call is charged its input plus the output relayed."""
         resp = web.StreamResponse(status=up.status, headers=self._reply_headers(up.headers, d))
         meter = StreamMeter(provider, withhold)
         settled = False
         try:
             await resp.prepare(request)
-            async for chunk in up.content.iter_any():
-                out = meter.feed(chunk)
-                if out:
-                    await resp.write(out)
+            cut = await self._pump(up, resp, meter)
+            if cut is not None:
+                settled = True
+                await self._unknown(d, meter)
+                resp.force_close()
+                await resp.write(sse_error(provider, 502, f"spendgate: the {provider} upstream broke off the "
+                                                          f"stream ({cut}); the output so far was charged",
+                                           code="spendgate_upstream"))
+                await resp.write_eof()
+                return resp
             tail = meter.flush()
             if tail:
                 await resp.write(tail)
@@ -365,11 +485,30 @@ class Proxy:
             if d is not None:
                 await self._settle(self._finish_stream(d, meter))
             await resp.write_eof()
-        except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError):
+        except (ConnectionResetError, aiohttp.ClientError):
+            if not settled:  # the client went away: the provider bills what it generated anyway
+                await self._unknown(d, meter)
+        except asyncio.CancelledError:
             if not settled:
                 await self._unknown(d, meter)
             raise
         return resp
+
+    @staticmethod
+    async def _pump(up: aiohttp.ClientResponse, resp: web.StreamResponse, meter: StreamMeter) -> str | None:
+        """Copy the upstream's events to the client; the upstream's failure as text (None: it ended
+        well). Only reading the upstream is caught here: a client that went away raises."""
+        chunks = up.content.iter_any()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                return str(exc) or type(exc).__name__
+            out = meter.feed(chunk)
+            if out:
+                await resp.write(out)
 
     def _reply_headers(self, upstream: Mapping[str, str], d: Decision | None) -> dict[str, str]:
         out = {k: v for k, v in upstream.items() if k.lower() not in HOP_BY_HOP}
@@ -393,6 +532,7 @@ class Proxy:
         await self.engine.acharge_unknown(d, seen)
 
 
-def build(policy: Policy, store_url: str, admin_token: str | None = None) -> Proxy:
+def build(policy: Policy, store_url: str, admin_token: str | None = None,
+          upstream_timeout_s: float | None = None) -> Proxy:
     store = ledger_mod.open(store_url)
-    return Proxy(Engine(policy, store), ProxyConfig.from_policy(policy, admin_token))
+    return Proxy(Engine(policy, store), ProxyConfig.from_policy(policy, admin_token, upstream_timeout_s))

@@ -43,3 +43,15 @@ def error_response(provider: str, status: int, message: str, *, code: str | None
     body = error_body(provider, status, message, code=code, extra=extra)
     return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
                         headers=dict(headers or {}))
+
+
+def sse_error(provider: str, status: int, message: str, *, code: str | None = None) -> bytes:
+    """The last event of a stream that cannot be finished (the upstream cut it mid-way): an error
+    in the provider's own stream shape, which the official SDKs raise as their usual error. It is
+    sent inside the stream that already started — never a second status line."""
+    body = error_body(provider, status, message, code=code)
+    if provider == "anthropic":
+        return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    # OpenAI chat streams carry unnamed events; Responses streams name theirs ("error")
+    body.update(type="error", message=message, code=code)
+    return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"

@@ -1,26 +1,30 @@
 """Who sent a request: credentials, session, user and tags from headers and body.
 
 The client's own provider key is forwarded and counted under ``key`` = a hash of it, never stored
-raw. A spendgate virtual key (``sg-…``, stored hashed) is swapped for the provider key configured
-in the environment (``OPENAI_API_KEY`` / ``ANTHROPIC_API_KEY``), and brings its user and team.
+raw. A spendgate virtual key (``sg-…``, :mod:`spendgate.keys`) is swapped for the provider key
+configured in the environment (``OPENAI_API_KEY`` / ``ANTHROPIC_API_KEY``).
+
+**Who controls what.** What a virtual key binds (user, team, tags) is the operator's word and no
+header or body field overrides it. A client fills only what the key leaves open: its session, its
+agent, tags the key does not set, and — for a key without a user, or the client's own provider key
+— its user (``X-Spendgate-User``, OpenAI ``user``, Anthropic ``metadata.user_id``). Because clients
+choose sessions, the defaults also count every key (``key-day``), which no client can rotate.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from spendgate import keys
 from spendgate.ledger import Ledger
 from spendgate.request import Identity, hash_key
 
 SESSION_HEADERS = ("x-spendgate-session", "x-claude-code-session-id", "session-id")
 PROVIDER_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
-RECORD = "vkey"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +33,7 @@ class Credentials:
 
     key_hash: str | None
     forward: str | None
-    virtual: Mapping[str, Any] | None = None
+    virtual: keys.VirtualKey | None = None
 
 
 def credentials(provider: str, headers: Mapping[str, str], store: Ledger) -> Credentials:
@@ -40,15 +44,14 @@ def credentials(provider: str, headers: Mapping[str, str], store: Ledger) -> Cre
     if not raw:
         return Credentials(None, None)
     if raw.startswith("sg-"):
-        rec = store.get_record(RECORD, hash_key(raw), now=time.time())
-        if rec is None:
+        vkey = keys.lookup(store, raw, now=time.time())
+        if vkey is None:
             raise PermissionError("unknown or revoked spendgate key")
-        info = json.loads(rec)
         real = os.environ.get(PROVIDER_KEY_ENV.get(provider, ""), "")
         if not real:
             raise LookupError(f"virtual key accepted, but no {PROVIDER_KEY_ENV.get(provider)} is configured "
                               "for spendgate to forward")
-        return Credentials(hash_key(raw), real, info)
+        return Credentials(hash_key(raw), real, vkey)
     return Credentials(hash_key(raw), raw)
 
 
@@ -65,36 +68,30 @@ def parse_tags(value: str) -> dict[str, str]:
     return tags
 
 
+def _client_user(provider: str, headers: Mapping[str, str], body: Mapping[str, Any],
+                 tags: Mapping[str, str]) -> str | None:
+    user = headers.get("x-spendgate-user") or tags.get("user")
+    if user:
+        return user
+    if provider == "openai" and isinstance(body.get("user"), str):
+        return str(body["user"]) or None
+    meta = body.get("metadata")
+    if provider == "anthropic" and isinstance(meta, Mapping) and isinstance(meta.get("user_id"), str):
+        return str(meta["user_id"])[:200] or None
+    return None
+
+
 def identity(provider: str, headers: Mapping[str, str], body: Mapping[str, Any], creds: Credentials) -> Identity:
     tags = parse_tags(headers.get("x-spendgate-tags", ""))
-    virtual = creds.virtual or {}
-    user = headers.get("x-spendgate-user") or virtual.get("user") or tags.get("user")
-    if not user:
-        if provider == "openai" and isinstance(body.get("user"), str):
-            user = body["user"]
-        meta = body.get("metadata")
-        if provider == "anthropic" and isinstance(meta, Mapping) and isinstance(meta.get("user_id"), str):
-            user = meta["user_id"][:200]
+    vkey = creds.virtual
+    user = vkey.user if vkey is not None and vkey.user else _client_user(provider, headers, body, tags)
+    team = vkey.team if vkey is not None and vkey.team else tags.get("team")
+    # what the key binds wins over any tag of the same name, so a tag-matched rule cannot be dodged
+    tags.update({k: v for k, v in (("user", user), ("team", team)) if v and k in tags})
+    if vkey is not None:
+        tags.update(vkey.tags)
     session = next((headers[h] for h in SESSION_HEADERS if headers.get(h)), None)
-    return Identity(key=creds.key_hash, user=user or None, team=virtual.get("team") or tags.get("team"),
-                    session=session, agent=headers.get("x-spendgate-agent") or tags.get("agent"),
+    agent = (vkey.tags.get("agent") if vkey is not None else None) or headers.get("x-spendgate-agent") \
+        or tags.get("agent")
+    return Identity(key=creds.key_hash, user=user or None, team=team or None, session=session, agent=agent,
                     feature=tags.get("feature"), tags=tags)
-
-
-def create_virtual_key(store: Ledger, user: str | None, team: str | None) -> str:
-    key = "sg-" + secrets.token_urlsafe(24)
-    info = {"user": user, "team": team, "created": time.time(), "id": hash_key(key)[:8]}
-    store.put_record(RECORD, hash_key(key), json.dumps(info))
-    return key
-
-
-def list_virtual_keys(store: Ledger) -> list[dict[str, Any]]:
-    return [json.loads(v) for _, v in store.records(RECORD, now=time.time())]
-
-
-def revoke_virtual_key(store: Ledger, key_id: str) -> bool:
-    for k, v in store.records(RECORD, now=time.time()):
-        if json.loads(v).get("id") == key_id or k.startswith(key_id):
-            store.delete_record(RECORD, k)
-            return True
-    return False

@@ -4,8 +4,12 @@ A held request is kept in the store (credentials stripped, 10-minute TTL) under 
 It is answered by id — ``spendgate approve ID [--max USD]``, ``POST /spendgate/approvals/ID`` —
 or in-band in the **latest** user turn only: a bare yes/no, ``yes max=$5``, or a directive prefix
 ``[spendgate: allow=once max=$5]`` (TokenPak's ``[TIP: …]`` too), stripped before forwarding.
-Text from older turns never approves anything. Approving with a max grants that much headroom to
-the tripped bucket at once, so the session is not asked again at every request.
+Text from older turns, tool results and tool messages never approves anything: only what a person
+typed. Approving with a max grants that much headroom to the tripped bucket at once, so the session
+is not asked again at every request. Every approval is logged as an ``approval`` event.
+
+What a held request needs to be answered by id lives in the store (not in one proxy's memory), so
+the retry may land on any instance, or on the same one after a restart.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
-from spendgate.engine import Decision
+from spendgate.engine import Decision, approval_event
 from spendgate.ledger import Bucket, Ledger
 from spendgate.money import usd_to_nanos
 
@@ -28,6 +33,10 @@ HOLD_TTL_S = 600
 REPEAT_WINDOW_S = 30.0
 KIND = "hold"
 ONCE = "approved-once"
+LATEST = "hold-latest"
+#: query parameters that carry a credential (Gemini's ``key``, OAuth tokens): never kept with a held request
+CREDENTIAL_PARAMS = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "token", "x-goog-api-key",
+                               "sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token"})
 
 _ANSWER = re.compile(r"^\s*(?P<word>yes|y|ok|approve|approved|no|n|deny|denied)"
                      r"(?:[\s,]+max\s*[=:]?\s*\$?(?P<max>\d+(?:\.\d+)?))?\s*[.!]?\s*$", re.IGNORECASE)
@@ -52,6 +61,8 @@ class Pending:
     bucket: list[Any] | None = None  # [key, limit, window_s, unit]
     resets_at: float | None = None
     status: str = "pending"
+    #: the identity the decision counted (:meth:`Identity.fingerprint`), which a retry must share
+    ident: str = ""
 
     @property
     def body(self) -> bytes:
@@ -65,8 +76,28 @@ class Pending:
         return cls(**json.loads(raw))
 
 
-def keep(store: Ledger, decision: Decision, session: str, provider: str, route: str, query: str, body: bytes,
-         headers: Mapping[str, str], now: float) -> Pending:
+def parse_max(raw: object) -> Decimal:
+    """An approval's headroom in dollars: a finite number above 0 (``5``, ``"2.50"``)."""
+    try:
+        value = Decimal(str(raw).strip().lstrip("$")) if isinstance(raw, int | float | str) \
+            and not isinstance(raw, bool) else Decimal("NaN")
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite() or value <= 0:
+        raise ValueError(f"expected a number of dollars above 0 such as 5 or 2.50, got {raw!r}")
+    return value
+
+
+def strip_query(query: str) -> str:
+    """``query`` without credential parameters, to keep with a held request."""
+    if not query:
+        return query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return urlencode([(k, v) for k, v in pairs if k.lower() not in CREDENTIAL_PARAMS])
+
+
+def keep(store: Ledger, decision: Decision, session: str, ident: str, provider: str, route: str, query: str,
+         body: bytes, headers: Mapping[str, str], now: float) -> Pending:
     """Keep a held request (headers already stripped of credentials) for approval."""
     t = decision.trip
     bucket = None
@@ -74,11 +105,11 @@ def keep(store: Ledger, decision: Decision, session: str, provider: str, route: 
         b = t.bucket
         bucket = [b.key, b.limit, b.window_s, b.unit]
     est = decision.to_dict()["estimate_usd"] or "0"
-    p = Pending(decision.id, session, provider, route, query, base64.b64encode(body).decode(), dict(headers), now,
-                now + HOLD_TTL_S, t.rule.name if t else "", est, decision.message, bucket,
-                t.resets_at if t else None)
+    p = Pending(decision.id, session, provider, route, strip_query(query), base64.b64encode(body).decode(),
+                dict(headers), now, now + HOLD_TTL_S, t.rule.name if t else "", est, decision.message, bucket,
+                t.resets_at if t else None, ident=ident)
     store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
-    store.put_record("hold-session", session, p.id, expires_at=p.expires_at)
+    store.put_record(LATEST, ident, p.id, expires_at=p.expires_at)
     return p
 
 
@@ -92,17 +123,20 @@ def find(store: Ledger, hold_id: str, now: float | None = None) -> Pending | Non
     return Pending.from_json(raw) if raw else None
 
 
-def latest_for_session(store: Ledger, session: str, now: float) -> Pending | None:
-    hid = store.get_record("hold-session", session, now=now)
+def latest_for(store: Ledger, ident: str, now: float) -> Pending | None:
+    """The pending hold an in-band "yes" answers: the latest one of the very same identity."""
+    hid = store.get_record(LATEST, ident, now=now)
     if hid is None:
         return None
     p = find(store, hid, now)
     return p if p is not None and p.status == "pending" else None
 
 
-def approve(store: Ledger, hold_id: str, max_usd: Decimal | None, now: float | None = None) -> Pending:
-    """Approve a held request: with a max, grant that headroom to its bucket now; without, let
-    the held request through once (its retry, or a "yes" replaying it)."""
+def approve(store: Ledger, hold_id: str, max_usd: Decimal | None, now: float | None = None,
+            by: str = "spendgate approve") -> Pending:
+    """An operator's approval of a held request (not capped): with a max, grant that headroom to
+    its bucket now; without, let the held request through once (its retry, or a "yes" replaying
+    it). Logged as an ``approval`` event."""
     now = time.time() if now is None else now
     p = find(store, hold_id, now)
     if p is None:
@@ -116,7 +150,10 @@ def approve(store: Ledger, hold_id: str, max_usd: Decimal | None, now: float | N
     p.status = "approved" if max_usd is not None and p.bucket is not None else "approved-once"
     store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
     # the held request's next retry goes through at once (not the 30-second repeat of its refusal)
-    store.put_record(ONCE, once_key(p.session, p.body), p.id, expires_at=p.expires_at)
+    store.put_record(ONCE, once_key(p.ident, p.body), p.id, expires_at=p.expires_at)
+    granted = usd_to_nanos(max_usd) if p.status == "approved" and max_usd is not None else None
+    store.record(approval_event(now, p.id, "operator", by, p.rule, p.bucket[0] if p.bucket else None, granted,
+                                {"session": p.session}))
     return p
 
 
@@ -130,8 +167,9 @@ def deny(store: Ledger, hold_id: str, now: float | None = None) -> Pending:
     return p
 
 
-def once_key(session: str, body: bytes) -> str:
-    return hashlib.sha256(session.encode() + b"\0" + body).hexdigest()
+def once_key(ident: str, body: bytes) -> str:
+    """What a remembered answer is keyed by: the whole identity the decision used, and the body."""
+    return hashlib.sha256(ident.encode() + b"\0" + body).hexdigest()
 
 
 # -- in-band answers --------------------------------------------------------------------------
@@ -152,8 +190,17 @@ def _max(raw: str | None) -> Decimal | None:
         return None
 
 
+#: content parts that a tool wrote, not a person: a turn carrying one is no person's answer
+TOOL_PARTS = frozenset({"tool_result", "function_call_output", "tool_use", "function_call", "computer_call_output",
+                        "web_search_tool_result", "server_tool_use", "mcp_tool_result"})
+
+
 def latest_user_text(provider: str, route: str, body: Mapping[str, Any]) -> tuple[str | None, Any]:
-    """The text of the latest user turn, and a handle to rewrite it (message, part index)."""
+    """The text a person typed in the latest turn, and a handle to rewrite it (message, part index).
+
+    Only the first part of the latest message, when that message is a user's and carries no tool
+    output: a tool result (or a ``tool`` message, or a Responses ``function_call_output`` item)
+    saying "yes" must never approve spending."""
     if route == "/v1/responses":
         items = body.get("input")
         if isinstance(items, str):
@@ -164,16 +211,18 @@ def latest_user_text(provider: str, route: str, body: Mapping[str, Any]) -> tupl
     if not isinstance(msgs, list) or not msgs:
         return None, None
     last = msgs[-1]
-    if not isinstance(last, Mapping) or last.get("role") != "user":
+    if not isinstance(last, Mapping) or last.get("role") != "user" or last.get("type", "message") != "message":
         return None, None
     content = last.get("content")
     if isinstance(content, str):
         return content, (len(msgs) - 1, None)
-    if isinstance(content, list):
-        for i, part in enumerate(content):
-            if isinstance(part, Mapping) and part.get("type") in ("text", "input_text") and \
-                    isinstance(part.get("text"), str):
-                return part["text"], (len(msgs) - 1, i)
+    if isinstance(content, list) and content:
+        if any(isinstance(p, Mapping) and p.get("type") in TOOL_PARTS for p in content):
+            return None, None
+        first = content[0]
+        if isinstance(first, Mapping) and first.get("type") in ("text", "input_text") and \
+                isinstance(first.get("text"), str):
+            return first["text"], (len(msgs) - 1, 0)
     return None, None
 
 
@@ -207,7 +256,7 @@ def strip_directive(route: str, body: dict[str, Any], handle: Any) -> dict[str, 
     return {**body, key: msgs}
 
 
-def parse_allow_header(value: str) -> Decimal | None:
+def parse_allow_header(value: str) -> Decimal:
     """``X-Spendgate-Allow: max=20`` -> 20; anything else is an error naming the header."""
     m = re.fullmatch(r"\s*max\s*=\s*\$?(\d+(?:\.\d+)?)\s*", value)
     if not m:
@@ -223,14 +272,14 @@ class RecentRefusals:
         self.window_s = window_s
         self._seen: dict[str, tuple[float, Any]] = {}
 
-    def get(self, session: str, body: bytes, now: float) -> Any:
-        key = once_key(session, body)
+    def get(self, ident: str, body: bytes, now: float) -> Any:
+        key = once_key(ident, body)
         hit = self._seen.get(key)
         if hit is None or hit[0] <= now:
             return None
         return hit[1]
 
-    def put(self, session: str, body: bytes, answer: Any, now: float) -> None:
+    def put(self, ident: str, body: bytes, answer: Any, now: float) -> None:
         if len(self._seen) > 10_000:
             self._seen = {k: v for k, v in self._seen.items() if v[0] > now}
-        self._seen[once_key(session, body)] = (now + self.window_s, answer)
+        self._seen[once_key(ident, body)] = (now + self.window_s, answer)

@@ -1,0 +1,414 @@
+"""Nobody gets around the guard: each path a client, an upstream or a broken disk could use to walk
+past the engine, driven through a real ``spendgate serve`` process (or the real proxy app) over the
+fake upstream on loopback."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from spendgate import approvals, ledger
+from spendgate.ledger import Bucket, Line
+from spendgate.money import usd_to_nanos
+from spendgate.policy import default_policy, parse
+from tests.harness import Servers, start_serve
+
+# o1-pro: $150 in / $600 out per Mtok. 2,000 output tokens: a $1.20 worst case, billed in full.
+O1 = {"model": "o1-pro", "max_tokens": 2000, "messages": [{"role": "user", "content": "go on"}]}
+BILLED = json.dumps({"prompt_tokens": 10, "completion_tokens": 2000, "total_tokens": 2010})
+REQUEST_USD = Decimal("0.0015") + Decimal("1.2")  # 10 input + 2,000 output tokens of o1-pro
+WORST_USD = Decimal("1.21")  # the estimate: 2,000 output + a handful of counted input tokens, rounded up
+
+
+class Serve:
+    """A ``spendgate serve`` process on a SQLite file, over a fake upstream."""
+
+    def __init__(self, tmp: Path, upstream: Servers, *args: str, policy: str | None = None) -> None:
+        self.db = tmp / "store" / "spend.db"
+        self.store_url = f"sqlite:///{self.db}"
+        extra = ["--store", self.store_url, "--admin-token", "tok", *args]
+        if policy is not None:
+            (tmp / "spendgate.toml").write_text(policy)
+            extra += ["--config", str(tmp / "spendgate.toml")]
+        self.proc, self.port = start_serve(tmp, upstream.upstream_port, *extra)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": "Bearer sk-client", "x-mock-usage": BILLED,
+            **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(self.url + path, headers={"Authorization": "Bearer tok"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def used(self, prefix: str) -> int:
+        """Spent + held (an upper bound of what was charged) over the buckets whose key starts so."""
+        store = ledger.open(self.store_url)
+        try:
+            buckets = [b for b in store.known_buckets() if b.key.startswith(prefix) and b.unit == "usd"]
+            return sum(st.used for st in store.states(buckets, now=__import__("time").time()))
+        finally:
+            store.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[Servers]:
+    s = Servers(default_policy(), "memory://")  # only its fake upstream is used
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path, upstream: Servers) -> Iterator[Any]:
+    made: list[Serve] = []
+
+    def start(*args: str, policy: str | None = None) -> Serve:
+        s = Serve(tmp_path, upstream, *args, policy=policy)
+        made.append(s)
+        return s
+
+    yield start
+    for s in made:
+        s.stop()
+
+
+def run(s: Serve, n: int, headers: dict[str, str], body: Any = None) -> list[tuple[int, dict[str, Any]]]:
+    return [s.post("/v1/chat/completions", body or O1, headers) for _ in range(n)]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "spendgate.cli.main", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+# -- 1. self-approval -----------------------------------------------------------------------------
+
+def test_a_clients_allow_header_does_not_lift_session_hour_under_the_defaults(serve: Any) -> None:
+    s = serve()
+    answers = run(s, 14, {"X-Spendgate-Session": "s1", "X-Spendgate-Allow": "max=1000000"})
+    admitted = [a for a in answers if a[0] == 200]
+    assert len(admitted) == 8, "$10 / $1.21 worst case: 8 fit, the header adds nothing"
+    status, err = answers[-1]
+    assert status == 402 and err["spendgate"]["rule"] == "session-hour"
+    assert "X-Spendgate-Allow was ignored" in err["error"]["message"]
+    assert s.used("session-hour|session=s1") <= usd_to_nanos(10)
+    _, doc = s.get("/spendgate/decisions")
+    assert not [e for e in doc["events"] if e["kind"] == "approval"], "nothing was approved"
+
+
+def test_the_policy_ceiling_caps_what_the_header_grants_per_bucket_and_window(serve: Any) -> None:
+    s = serve(policy="[approvals]\nheader_max_usd = 5\n")
+    answers = run(s, 20, {"X-Spendgate-Session": "s1", "X-Spendgate-Allow": "max=1000000"})
+    used = s.used("session-hour|session=s1")
+    assert usd_to_nanos(10) < used <= usd_to_nanos(Decimal(10) + 5 + WORST_USD)
+    assert sum(1 for a in answers if a[0] == 200) == 12, "$10 + $5 of headroom at $1.21 a request"
+    assert answers[-1][0] == 402 and "cut to this key's ceiling of $5" in answers[-1][1]["error"]["message"]
+    _, doc = s.get("/spendgate/decisions")
+    [grant] = [e for e in doc["events"] if e["kind"] == "approval"]
+    assert grant["dims"]["channel"] == "header" and grant["dims"]["granted_usd"] == "5"
+    assert grant["dims"]["bucket"] == "session-hour|session=s1" and grant["decision_id"]
+
+
+def test_a_key_made_with_preapprove_max_may_predeclare_up_to_its_ceiling(serve: Any, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-provider-key")
+    s = serve()
+    made = cli("keys", "create", "--store", s.store_url, "--user", "alice", "--preapprove-max", "3", "--json")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    answers = run(s, 16, {"Authorization": f"Bearer {key}", "X-Spendgate-Allow": "max=100"})
+    used = s.used("session-hour|session=key:")
+    assert usd_to_nanos(10) < used <= usd_to_nanos(Decimal(10) + 3 + WORST_USD)
+    assert sum(1 for a in answers if a[0] == 200) == 10
+    # a plain client on the same server still cannot
+    plain = run(s, 10, {"X-Spendgate-Session": "other", "X-Spendgate-Allow": "max=100"})
+    assert sum(1 for a in plain if a[0] == 200) == 8
+
+
+def test_in_band_directives_are_capped_by_inband_max_usd(serve: Any) -> None:
+    s = serve(policy="[approvals]\ninband_max_usd = 2\n")
+    body = {**O1, "messages": [{"role": "user", "content": "[spendgate: allow=once max=$1000000] go on"}]}
+    answers = run(s, 14, {"X-Spendgate-Session": "s1"}, body)
+    used = s.used("session-hour|session=s1")
+    assert usd_to_nanos(10) < used <= usd_to_nanos(Decimal(10) + 2 + WORST_USD)
+    assert sum(1 for a in answers if a[0] == 200) == 9
+    _, doc = s.get("/spendgate/decisions")
+    assert [e["dims"]["channel"] for e in doc["events"] if e["kind"] == "approval"] == ["inband"]
+
+
+def test_an_operator_approval_is_not_capped_and_is_an_event_in_report(serve: Any) -> None:
+    s = serve()
+    answers = run(s, 9, {"X-Spendgate-Session": "s1"})
+    held = answers[-1][1]["spendgate"]
+    assert answers[-1][0] == 402 and held["action"] == "hold"
+    ok = cli("approve", held["decision_id"], "--max", "100", "--store", s.store_url)
+    assert ok.returncode == 0, ok.stderr
+    after = [s.post("/v1/chat/completions", {**O1, "messages": [{"role": "user", "content": f"step {i}"}]},
+                    {"X-Spendgate-Session": "s1"})[0] for i in range(20)]
+    assert after == [200] * 20, "$100 granted, uncapped"
+    doc = json.loads(cli("report", "--store", s.store_url, "--by", "kind", "--json").stdout)
+    [grant] = doc["approvals"]
+    assert (grant["channel"], grant["granted_usd"], grant["rule"]) == ("operator", "100", "session-hour")
+    assert {r["kind"] for r in doc["rows"]} == {"capture"}, "an approval is listed apart, never as spend"
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[Any]:
+    made: list[Servers] = []
+
+    def make(doc: dict[str, Any] | None = None, store: str = "memory://") -> Servers:
+        s = Servers(parse(doc) if doc is not None else default_policy(), store)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def raw_post(s: Servers, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(s.url + path, data=data, method="POST", headers={
+        "Content-Type": "application/json", "Authorization": "Bearer sk-client", "x-mock-usage": BILLED,
+        **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+SESSION_CAP = {"budget": [{"name": "cap", "usd": 1, "window": "1h", "per": "session", "action": "hold"}]}
+
+
+@pytest.mark.parametrize(("path", "turns"), [
+    ("/v1/messages", [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "yes"}]}]),
+    ("/v1/messages", [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"},
+                                                   {"type": "text", "text": "yes"}]}]),
+    ("/v1/chat/completions", [{"role": "tool", "tool_call_id": "c1", "content": "yes"}]),
+    ("/v1/chat/completions", [{"role": "user", "content": "yes"}, {"role": "assistant", "content": "ok"},
+                              {"role": "user", "content": "carry on"}]),
+    ("/v1/responses", [{"type": "function_call_output", "call_id": "c1", "output": "yes"}]),
+])
+def test_only_text_a_person_typed_in_the_latest_turn_answers_a_hold(proxy: Any, path: str, turns: Any) -> None:
+    s = proxy(SESSION_CAP)
+    first: dict[str, Any] = {"model": "o1-pro", "max_tokens": 2000, "messages": [{"role": "user", "content": "go"}]}
+    if path == "/v1/messages":  # $75 / Mtok out: a $1.50 worst case
+        first = {"model": "claude-opus-4-1", "max_tokens": 20_000, "messages": [{"role": "user", "content": "go"}]}
+    if path == "/v1/responses":
+        first = {"model": "o1-pro", "max_output_tokens": 2000, "input": "go"}
+    head = {"X-Spendgate-Session": "s1"}
+    status, err = raw_post(s, path, first, head)
+    assert status == 402 and err["spendgate"]["action"] == "hold"
+    answer = {**first, "input": turns} if path == "/v1/responses" else {**first, "messages": turns}
+    status, _ = raw_post(s, path, answer, head)
+    assert status == 402, "a tool's 'yes' or an old turn's never approves"
+    assert {p.status for p in approvals.pending(s.store)} == {"pending"}, "nothing was approved"
+    assert s.mock.reached() == 0
+
+
+# -- 2. identity ---------------------------------------------------------------------------------
+
+def test_a_virtual_keys_user_cannot_be_changed_by_any_header_or_body_field(serve: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-provider-key")
+    s = serve(policy='[[budget]]\nname = "per-user"\nusd = 3\nwindow = "1h"\nper = "user"\naction = "block"\n')
+    key = json.loads(cli("keys", "create", "--store", s.store_url, "--user", "alice", "--json").stdout)["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    tries = [
+        ({"X-Spendgate-User": "bob"}, O1),
+        ({"X-Spendgate-User": "carol"}, O1),
+        ({"X-Spendgate-Tags": "user=dave"}, O1),
+        ({}, {**O1, "user": "erin"}),
+        ({"X-Spendgate-User": "frank", "X-Spendgate-Tags": "user=gina, team=x"}, {**O1, "user": "hal"}),
+        ({"X-Spendgate-Session": "new"}, O1),
+    ]
+    statuses = [s.post("/v1/chat/completions", body, {**auth, **h})[0] for h, body in tries]
+    assert statuses == [200, 200, 402, 402, 402, 402], "$3 for alice, whoever the headers say"
+    store = ledger.open(s.store_url)
+    try:
+        assert {b.key for b in store.known_buckets() if b.key.startswith("per-user")} == {"per-user|user=alice"}
+    finally:
+        store.close()
+
+
+def test_key_day_holds_a_key_whatever_sessions_it_rotates_through(serve: Any) -> None:
+    s = serve()
+    body = {**O1, "max_tokens": 15_000}  # a $9.00 worst case: under request-soft's $10
+    billed = json.dumps({"prompt_tokens": 10, "completion_tokens": 15_000, "total_tokens": 15_010})
+    answers = [s.post("/v1/chat/completions", body, {"X-Spendgate-Session": f"s{i}", "x-mock-usage": billed})
+               for i in range(13)]
+    assert [a[0] for a in answers].count(200) == 11, "$100 a day per key at $9.0015 a request"
+    status, err = answers[11]
+    assert status == 402 and err["spendgate"]["rule"] == "key-day" and err["spendgate"]["action"] == "hold"
+    assert s.used("key-day|key=") <= usd_to_nanos(100)
+
+
+# -- 6. a lost store ----------------------------------------------------------------------------
+
+def test_a_store_deleted_under_the_server_is_noticed_by_health_and_requests(serve: Any) -> None:
+    s = serve()
+    assert s.post("/v1/chat/completions", O1, {"X-Spendgate-Session": "a"})[0] == 200
+    assert s.get("/spendgate/health") == (200, {"ok": True})
+    shutil.rmtree(s.db.parent)
+    status, doc = s.get("/spendgate/health")
+    assert status == 503 and str(s.db) in doc["store"]
+    status, err = s.post("/v1/chat/completions", O1, {"X-Spendgate-Session": "a"})
+    assert status == 503 and err["error"]["code"] == "spendgate_store_error"
+    assert not s.db.exists(), "no empty store was made in its place"
+
+
+def test_read_only_commands_on_a_missing_store_say_so_and_create_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nowhere' / 'spend.db'}"
+    for args in (("status",), ("report",), ("approvals",), ("keys", "list")):
+        done = cli(*args, "--store", url)
+        assert done.returncode != 0 and "no spendgate store" in done.stderr, (args, done.stderr)
+    assert not (tmp_path / "nowhere").exists()
+
+
+# -- 5. stale holds are swept without traffic -----------------------------------------------------
+
+def test_the_proxys_upkeep_charges_stale_holds_without_any_request(proxy: Any, tmp_path: Path) -> None:
+    import time
+
+    s = proxy(store=f"sqlite:///{tmp_path / 's.db'}")
+    bucket = Bucket("session-hour|session=crashed", usd_to_nanos(10), 3600)
+    assert s.store.authorize([Line(bucket, 1_000)], now=time.time() - 700, ttl=600).ok
+    s.bg.run(s.proxy.upkeep())
+    [state] = s.store.states([bucket], now=time.time())
+    assert (state.held, state.spent) == (0, 1_000)
+    assert [e.kind for e in s.store.events(0)] == []  # a bare hold carries no event; its charge stands
+    assert not any(t.done() for t in s.proxy._background), "upkeep and the spool drain run in the background"
+
+
+# -- 7. answers on faults ------------------------------------------------------------------------
+
+def test_a_stream_cut_mid_way_ends_with_an_error_event_not_a_second_status_line(proxy: Any) -> None:
+    s = proxy()
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 50, "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json",
+                                                        "Authorization": "Bearer sk-x", "x-mock": "cut"})
+    resp = conn.getresponse()
+    data = resp.read()  # IncompleteRead if the chunked body were left open
+    assert resp.status == 200 and b"HTTP/1.1" not in data
+    last = data.strip().split(b"\n\n")[-1]
+    assert last.startswith(b"event: error\ndata: ")
+    assert "broke off" in json.loads(last.split(b"data: ", 1)[1])["error"]["message"]
+    conn.close()
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="sk-x", max_retries=0)
+    with pytest.raises(openai.APIError, match="broke off"):
+        list(client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=50, stream=True, extra_headers={"x-mock": "cut"}))
+    ant = anthropic.Anthropic(base_url=s.url, api_key="sk-ant-x", max_retries=0)
+    with pytest.raises(anthropic.APIError, match="broke off"):
+        list(ant.messages.create(model="claude-haiku-4-5", max_tokens=50, stream=True, extra_headers={"x-mock": "cut"},
+                                 messages=[{"role": "user", "content": "hi"}]))
+    s.settled()
+    assert [e.estimated and e.cost > 0 for e in s.store.events(0)] == [True, True, True]
+    assert client.chat.completions.create(model="gpt-4o-mini", max_tokens=5,
+                                          messages=[{"role": "user", "content": "hi"}]).choices
+
+
+def test_an_approval_by_id_lets_the_retry_through_on_another_instance_and_after_a_restart(proxy: Any,
+                                                                                         tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = proxy(SESSION_CAP, url), proxy(SESSION_CAP, url)
+    for i, (held_on, retried_on) in enumerate(((a, b), (b, None))):
+        body = {**O1, "messages": [{"role": "user", "content": f"task {i}"}]}
+        status, err = raw_post(held_on, "/v1/chat/completions", body, {"X-Spendgate-Session": f"s{i}"})
+        assert status == 402
+        approvals.approve(held_on.store, err["spendgate"]["decision_id"], None)
+        if retried_on is None:  # the instance that held it restarts
+            held_on.close()
+            retried_on = proxy(SESSION_CAP, url)
+        assert raw_post(retried_on, "/v1/chat/completions", body, {"X-Spendgate-Session": f"s{i}"})[0] == 200
+        assert raw_post(retried_on, "/v1/chat/completions", body, {"X-Spendgate-Session": f"s{i}"})[0] == 402, \
+            "approved once"
+
+
+def test_one_users_refusal_is_never_repeated_to_another_user(proxy: Any) -> None:
+    s = proxy({"budget": [{"name": "per-user", "usd": 2, "window": "1h", "per": "user", "action": "block"}]})
+    same = {"X-Spendgate-Session": "shared"}
+    assert raw_post(s, "/v1/chat/completions", O1, {**same, "X-Spendgate-User": "ann"})[0] == 200
+    status, err = raw_post(s, "/v1/chat/completions", O1, {**same, "X-Spendgate-User": "ann"})
+    assert status == 402 and err["spendgate"]["scope"] == "user=ann"
+    status, _ = raw_post(s, "/v1/chat/completions", O1, {**same, "X-Spendgate-User": "ben"})
+    assert status == 200, "ben's own budget decides, not ann's remembered refusal"
+
+
+# -- 8. crafted input --------------------------------------------------------------------------------
+
+def test_crafted_input_is_a_clear_4xx_and_the_server_keeps_serving(proxy: Any) -> None:
+    s = proxy(SESSION_CAP)
+    deep = b'{"model": "gpt-4o-mini", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, err = raw_post(s, "/v1/chat/completions", deep)
+    assert status == 400 and "nests" in err["error"]["message"]
+    status, err = raw_post(s, "/v1/messages", deep.replace(b"gpt-4o-mini", b"claude-haiku-4-5"),
+                           {"anthropic-version": "2023-06-01"})
+    assert status == 400 and err["type"] == "error"
+    admin = {"Authorization": "Bearer admin-secret"}
+    req = urllib.request.Request(s.url + "/spendgate/decisions?seconds=abc", headers=admin)
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(req, timeout=10)
+    assert bad.value.code == 400 and "seconds" in json.loads(bad.value.read())["error"]["message"]
+    for doc in (b"[1]", b'"yes"', b"12", b'{"max_usd": "NaN"}', b'{"max_usd": -5}'):
+        req = urllib.request.Request(s.url + "/spendgate/approvals/abc", data=doc, method="POST",
+                                     headers={**admin, "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(req, timeout=10)
+        assert bad.value.code == 400, doc
+    assert raw_post(s, "/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 5,
+                                                "messages": [{"role": "user", "content": "hi"}]})[0] == 200
+
+
+def test_a_credential_in_the_query_string_is_not_kept_with_a_held_request(proxy: Any) -> None:
+    s = proxy(SESSION_CAP)
+    status, _ = raw_post(s, "/v1/chat/completions?key=sk-secret-123&beta=true&api_key=sk-other", O1,
+                         {"X-Spendgate-Session": "s1"})
+    assert status == 402
+    [(_, kept)] = s.store.records(approvals.KIND, now=0)
+    assert "sk-secret-123" not in kept and "sk-other" not in kept and "sk-client" not in kept
+    assert approvals.Pending.from_json(kept).query == "beta=true"
+
+
+# -- 9. the upstream timeout ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["flag", "policy"])
+def test_the_upstream_timeout_is_configurable(serve: Any, how: str) -> None:
+    s = serve("--upstream-timeout", "0.5") if how == "flag" else serve(policy="upstream_timeout_s = 0.5\n")
+    status, err = s.post("/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 5,
+                                                  "messages": [{"role": "user", "content": "hi"}]},
+                         {"x-mock": "hang"})
+    assert status == 504 and err["error"]["code"] == "spendgate_timeout"
