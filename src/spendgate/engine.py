@@ -448,8 +448,8 @@ class Engine:
         if cap is None or trip.unit != "usd":  # once: this request passes the bucket's rule
             if ceiling is None:
                 yield from self._log_approval(approval, trip, est, None, now, did, dims)
-            elif not (yield from self._within_ceiling(approval, trip, est.cost_nanos, est.cost_nanos, ceiling,
-                                                      now, did, dims)):
+            elif not (yield from self._within_ceiling(approval, trip, est.cost_nanos, ceiling, now, did, dims,
+                                                      once=True)):
                 return False  # passing a bucket spends past it: that counts against the ceiling
             bypass.add(trip.rule.name)
             return True
@@ -458,7 +458,7 @@ class Engine:
         granted.add(trip.bucket.key)
         amount = cap
         if ceiling is not None:
-            given = yield from self._within_ceiling(approval, trip, min(amount, ceiling), 1, ceiling, now, did, dims)
+            given = yield from self._within_ceiling(approval, trip, amount, ceiling, now, did, dims, once=False)
             if not given:
                 return False
             amount = given
@@ -470,21 +470,21 @@ class Engine:
         yield ("grant", {"bucket": trip.bucket, "amount": amount, "now": now, "until": until})
         return True
 
-    def _within_ceiling(self, approval: Approval, trip: Trip, want: int, least: int, ceiling: int, now: float,
-                        did: str, dims: Mapping[str, str]) -> Generator[LedgerCall, Any, int]:
-        """Take up to ``want`` (at least ``least``) of what ``approval``'s channel may still grant
-        ``trip``'s bucket in its window; 0 when the ceiling is used up. The ledger's own
+    def _within_ceiling(self, approval: Approval, trip: Trip, want: int, ceiling: int, now: float, did: str,
+                        dims: Mapping[str, str], *, once: bool) -> Generator[LedgerCall, Any, int]:
+        """Take up to ``want`` of what ``approval``'s channel may still grant ``trip``'s bucket in
+        its window (all of it for a ``once`` pass); 0 when the ceiling is used up. The ledger's own
         authorize-then-capture on a ceiling bucket makes this atomic across instances, and the
         capture logs the approval event with it."""
         assert trip.bucket is not None
         cap_bucket = Bucket(f"approval:{approval.channel}|{trip.bucket.key}", ceiling, trip.bucket.window_s, "usd")
         amount = min(want, ceiling)
         for _ in range(2):  # what is asked, then what is left
-            if amount < least or amount <= 0:
+            if amount <= 0 or (once and amount < want):
                 return 0
             auth = yield ("authorize", {"lines": [Line(cap_bucket, amount)], "now": now, "ttl": 60.0})
             if auth.ok:
-                event = self._approval_event(approval, trip, amount, now, did, dims)
+                event = self._approval_event(approval, trip, None if once else amount, now, did, dims)
                 yield ("capture", {"hold_id": auth.hold_id, "actual": {"usd": amount}, "now": now, "event": event})
                 return amount
             amount = auth.states[0].remaining or 0
