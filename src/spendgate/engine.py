@@ -321,9 +321,11 @@ class Engine:
             trip = self._worst(trips)
             # an immutable hold could never be approved: it is a block
             act = "block" if trip.rule.immutable and trip.rule.action == "hold" else trip.rule.action
-            ok = False
+            ok: bool | None = False
             if act == "hold" and approval is not None:
                 ok = yield from self._approve(approval, trip, est, now, bypass, granted, did, dims)
+            if ok is None:
+                continue  # nothing left to grant, but a racing request's grant may have made room: re-check
             if ok:
                 assert approval is not None
                 notes.append(f"{trip.rule.name} approved by {approval.by}" + (
@@ -432,10 +434,13 @@ class Engine:
         return max(trips, key=lambda t: (t.rule.immutable, SEVERITY[t.rule.action]))
 
     def _approve(self, approval: Approval, trip: Trip, est: Estimate, now: float, bypass: set[str],
-                 granted: set[str], did: str, dims: Mapping[str, str]) -> Generator[LedgerCall, Any, bool]:
+                 granted: set[str], did: str, dims: Mapping[str, str]
+                 ) -> Generator[LedgerCall, Any, bool | None]:
         """Apply a yes to a hold: once (this request passes the rule), or as ``max_usd`` of headroom
-        on the bucket (so the next requests are not held again). Whether it covers the hold; every
-        approval applied is logged as an ``approval`` event."""
+        on the bucket (so the next requests are not held again). Whether it covers the hold — None
+        when its channel's ceiling is used up: the bucket is then checked once more as it stands
+        (a request racing this one may just have been granted the headroom). Every approval applied
+        is logged as an ``approval`` event."""
         ceiling = usd_to_nanos(approval.ceiling_usd) if approval.ceiling_usd is not None else None
         cap = usd_to_nanos(approval.max_usd) if approval.max_usd is not None else None
         if trip.bucket is None:  # a per-call rule: the call itself must fit what was approved
@@ -450,7 +455,8 @@ class Engine:
                 yield from self._log_approval(approval, trip, est, None, now, did, dims)
             elif not (yield from self._within_ceiling(approval, trip, est.cost_nanos, ceiling, now, did, dims,
                                                       once=True)):
-                return False  # passing a bucket spends past it: that counts against the ceiling
+                # passing a bucket spends past it: that counts against the ceiling
+                return _recheck_once(trip.bucket.key, granted)
             bypass.add(trip.rule.name)
             return True
         if trip.bucket.key in granted:
@@ -460,7 +466,7 @@ class Engine:
         if ceiling is not None:
             given = yield from self._within_ceiling(approval, trip, amount, ceiling, now, did, dims, once=False)
             if not given:
-                return False
+                return None  # the bucket key is in ``granted``: a second trip on it is refused
             amount = given
         else:
             yield from self._log_approval(approval, trip, est, amount, now, did, dims)
@@ -681,6 +687,13 @@ class Engine:
         log.warning("the store failed to charge decision %s (%s); %s kept in %s until the store is back",
                     decision.id, exc, fmt_usd(actual["usd"]), self.spool.path)
         return True
+
+
+def _recheck_once(key: str, seen: set[str]) -> bool | None:
+    if key in seen:
+        return False
+    seen.add(key)
+    return None
 
 
 def approval_event(now: float, decision_id: str, channel: str, by: str, rule: str, bucket: str | None,
