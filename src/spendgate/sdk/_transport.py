@@ -123,7 +123,8 @@ class Guard:
     def settle_stream(self, d: Decision, meter: StreamMeter) -> None:
         engine = self._engine()
         if meter.complete:
-            engine.capture(d, meter.usage)
+            usage, seen = meter.capture_args(engine.estimator.anthropic_factor)
+            engine.capture(d, usage, output_seen=seen)
         else:
             engine.charge_unknown(d, meter.output_tokens(engine.estimator.anthropic_factor))
 
