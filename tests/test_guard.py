@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,6 +34,19 @@ REQUEST_USD = Decimal("0.0015") + Decimal("1.2")  # 10 input + 2,000 output toke
 WORST_USD = Decimal("1.21")  # the estimate: 2,000 output + a handful of counted input tokens, rounded up
 
 
+def send(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` as a client with its own provider key; the fake provider bills :data:`BILLED`."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers={
+        "Content-Type": "application/json", "Authorization": "Bearer sk-client", "x-mock-usage": BILLED,
+        **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 class Serve:
     """A ``spendgate serve`` process on a SQLite file, over a fake upstream."""
 
@@ -47,15 +61,7 @@ class Serve:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": "Bearer sk-client", "x-mock-usage": BILLED,
-            **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return send(self.url + path, body, headers)
 
     def get(self, path: str) -> tuple[int, dict[str, Any]]:
         req = urllib.request.Request(self.url + path, headers={"Authorization": "Bearer tok"})
@@ -70,7 +76,7 @@ class Serve:
         store = ledger.open(self.store_url)
         try:
             buckets = [b for b in store.known_buckets() if b.key.startswith(prefix) and b.unit == "usd"]
-            return sum(st.used for st in store.states(buckets, now=__import__("time").time()))
+            return sum(st.used for st in store.states(buckets, now=time.time()))
         finally:
             store.close()
 
@@ -197,15 +203,7 @@ def proxy(tmp_path: Path) -> Iterator[Any]:
 
 
 def raw_post(s: Servers, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(s.url + path, data=data, method="POST", headers={
-        "Content-Type": "application/json", "Authorization": "Bearer sk-client", "x-mock-usage": BILLED,
-        **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return send(s.url + path, body, headers)
 
 
 SESSION_CAP = {"budget": [{"name": "cap", "usd": 1, "window": "1h", "per": "session", "action": "hold"}]}
@@ -299,8 +297,6 @@ def test_read_only_commands_on_a_missing_store_say_so_and_create_nothing(tmp_pat
 # -- 5. stale holds are swept without traffic -----------------------------------------------------
 
 def test_the_proxys_upkeep_charges_stale_holds_without_any_request(proxy: Any, tmp_path: Path) -> None:
-    import time
-
     s = proxy(store=f"sqlite:///{tmp_path / 's.db'}")
     bucket = Bucket("session-hour|session=crashed", usd_to_nanos(10), 3600)
     assert s.store.authorize([Line(bucket, 1_000)], now=time.time() - 700, ttl=600).ok
