@@ -32,14 +32,45 @@ LITELLM_VERSION = "1.109.1"
 LITELLM_MEMBER = "litellm/model_prices_and_context_window_backup.json"
 OUT = Path(__file__).resolve().parent.parent / "src/spendgate/pricing/data/prices.json"
 
-# genai-prices field -> spendgate rate name
+# genai-prices field -> spendgate rate name (USD per million tokens; ``*_k``: USD per 1,000 requests)
 RATE_FIELDS = {
     "input_mtok": "input",
     "output_mtok": "output",
     "cache_read_mtok": "cache_read",
     "cache_write_mtok": "cache_write",
     "cache_write_1h_mtok": "cache_write_1h",
+    "input_audio_mtok": "input_audio",
+    "output_audio_mtok": "output_audio",
+    "cache_audio_read_mtok": "cache_audio_read",
+    "input_image_mtok": "input_image",
+    "output_image_mtok": "output_image",
+    "cache_image_read_mtok": "cache_image_read",
+    "input_video_mtok": "input_video",
+    "output_video_mtok": "output_video",
+    "web_searches_kcount": "web_search_k",
+    "storage_searches_kcount": "file_search_k",
 }
+#: Units priced per second, hour or character (whisper, tts): not token-priced, left out and reported.
+UNTOKENED = {"audio_hours", "input_audio_hours", "input_mchars"}
+#: Maximum output per the providers' own model pages, where LiteLLM has none or has less
+#: (claude-3-7-sonnet: 128K with the output-128k beta header; Gemini 2.5+: 65,536, LiteLLM says 65,535).
+#: A bound is the larger of this and LiteLLM's, never smaller than either.
+DOCUMENTED_MAX_OUTPUT = {
+    "claude-2": 4_096, "claude-v1": 4_096, "claude-3-haiku": 4_096, "claude-3-opus-latest": 4_096,
+    "claude-3-sonnet": 4_096, "claude-3-5-haiku-latest": 8_192, "claude-3-5-sonnet": 8_192,
+    "claude-3-7-sonnet-latest": 128_000, "claude-3-7-sonnet": 128_000,
+    "claude-opus-4-0": 32_000, "claude-4-opus": 32_000, "claude-opus-4-1": 32_000,
+    "claude-sonnet-4-0": 64_000, "claude-4-sonnet": 64_000,
+    "gemini-1.5-flash": 8_192, "gemini-1.5-pro": 8_192, "gemini-flash-1.5": 8_192,
+    "gemini-flash-1.5-8b": 8_192, "gemini-pro-1.5": 8_192, "gemini-2.0-flash": 8_192,
+    "gemini-2.0-flash-lite": 8_192, "gemini-pro": 8_192, "gemini-1.0-pro-vision-001": 2_048,
+}
+#: LiteLLM providers whose rows are OpenAI's, Anthropic's or Google's own, and the table's id for them.
+LITELLM_PROVIDERS = {"openai": "openai", "text-completion-openai": "openai", "anthropic": "anthropic",
+                     "gemini": "google", "vertex_ai-language-models": "google"}
+#: The modes the table covers (chat, responses, embedding, image, audio).
+LITELLM_MODES = {"chat", "responses", "completion", "embedding", "image_generation", "realtime",
+                 "audio_speech", "audio_transcription"}
 
 
 def _num(d: Decimal) -> str:
@@ -83,7 +114,29 @@ def _rates(model_price: Any) -> dict[str, Any]:
     return out
 
 
-def _price_periods(model: Any) -> list[dict[str, Any]]:
+def _complete(rates: dict[str, Any], note: list[str]) -> dict[str, Any]:
+    """Rates with an ``input`` and an ``output`` price, filled conservatively where the source has
+    none: an embedding (no output tokens) or an image/audio model (output priced per image or audio
+    token) gets the dearest rate it has, never zero."""
+    if "input" not in rates:
+        for alt in ("input_audio", "input_image"):
+            if alt in rates:
+                rates["input"] = rates[alt]
+                note.append(f"text input priced at the {alt} rate (the source has no text input price)")
+                break
+    if "output" not in rates and "input" in rates:
+        alts = [k for k in ("output_image", "output_audio", "output_video") if k in rates]
+        pick = max(alts, key=lambda k: Decimal(_base(rates[k]))) if alts else "input"
+        rates["output"] = rates[pick]
+        note.append(f"output priced at the {pick} rate (the source has no text output price)")
+    return rates
+
+
+def _base(rate: Any) -> str:
+    return str(rate["base"]) if isinstance(rate, dict) else str(rate)
+
+
+def _price_periods(model: Any, note: list[str]) -> list[dict[str, Any]]:
     """Dated price periods, oldest first; the resolver picks the last one already in force."""
     from genai_prices import types
 
@@ -95,9 +148,25 @@ def _price_periods(model: Any) -> list[dict[str, Any]]:
                 since = cp.constraint.start_date.isoformat()
             elif cp.constraint is not None:
                 continue  # time-of-day discounts never raise a worst case; skip them
-            periods.append({"since": since, "rates": _rates(cp.prices)})
+            periods.append({"since": since, "rates": _complete(_rates(cp.prices), note)})
         return periods
-    return [{"since": None, "rates": _rates(model.prices)}]
+    return [{"since": None, "rates": _complete(_rates(model.prices), note)}]
+
+
+def _variants(model: Any) -> list[dict[str, Any]]:
+    """genai-prices' ``price_variants`` (service tier, speed, batch processing): partial rates that
+    replace the standard ones when the request (or the response's served tier) matches ``when``."""
+    from genai_prices import types
+
+    out = []
+    for v in model.price_variants or ():
+        since = None
+        if isinstance(v.constraint, types.StartDateConstraint):
+            since = v.constraint.start_date.isoformat()
+        elif v.constraint is not None:
+            continue
+        out.append({"when": dict(v.when), "since": since, "rates": _rates(v.prices)})
+    return out
 
 
 def _litellm_table(path: Path | None) -> dict[str, Any]:
@@ -115,18 +184,24 @@ def _litellm_table(path: Path | None) -> dict[str, Any]:
 
 
 def _max_output(litellm: dict[str, Any], provider: str, ids: list[str]) -> int | None:
+    """The largest maximum output any source gives for ``ids``: LiteLLM's rows under every prefix
+    and dated snapshot, and the providers' documented limits. Never the smaller of two sources."""
     prefixes = {"google": ("gemini/", "vertex_ai/"), "x-ai": ("xai/",)}.get(provider, (f"{provider}/",))
+    found = [DOCUMENTED_MAX_OUTPUT[i] for i in ids if i in DOCUMENTED_MAX_OUTPUT]
     for mid in ids:
         for key in (mid, *(p + mid for p in prefixes)):
             entry = litellm.get(key)
             if isinstance(entry, dict) and isinstance(entry.get("max_output_tokens"), int):
-                return int(entry["max_output_tokens"])
-    # LiteLLM often lists only the dated snapshot (claude-opus-4-1-20250805): take the largest.
+                found.append(int(entry["max_output_tokens"]))
+    # LiteLLM often lists only the dated snapshot (claude-opus-4-1-20250805)
     alternatives = "|".join(re.escape(i) for i in ids)
     dated = re.compile(rf"^(?:[\w-]+/)?(?:{alternatives})-\d{{8}}$")
-    found = [int(v["max_output_tokens"]) for k, v in litellm.items()
-             if dated.match(k) and isinstance(v, dict) and isinstance(v.get("max_output_tokens"), int)]
-    return max(found) if found else None
+    found += [int(v["max_output_tokens"]) for k, v in litellm.items()
+              if dated.match(k) and isinstance(v, dict) and isinstance(v.get("max_output_tokens"), int)]
+    if not found:
+        return None
+    best = max(found)
+    return 65_536 if best == 65_535 else best  # Gemini's documented limit is 2**16; LiteLLM says 65,535
 
 
 def _equals_ids(clause: dict[str, Any]) -> list[str]:
@@ -137,29 +212,131 @@ def _equals_ids(clause: dict[str, Any]) -> list[str]:
     return [i for sub in clause.get("or", []) for i in _equals_ids(sub)]
 
 
-def build(litellm_json: Path | None) -> dict[str, Any]:
+# -- LiteLLM rows genai-prices lacks ---------------------------------------------------------------
+
+_MTOK = Decimal(1_000_000)
+_LITELLM_RATES = {
+    "input": "input_cost_per_token",
+    "output": "output_cost_per_token",
+    "cache_read": "cache_read_input_token_cost",
+    "cache_write": "cache_creation_input_token_cost",
+    "cache_write_1h": "cache_creation_input_token_cost_above_1hr",
+    "input_audio": "input_cost_per_audio_token",
+    "output_audio": "output_cost_per_audio_token",
+    "cache_audio_read": "cache_read_input_audio_token_cost",
+    "input_image": "input_cost_per_image_token",
+    "output_image": "output_cost_per_image_token",
+    "cache_image_read": "cache_read_input_image_token_cost",
+    "output_reasoning": "output_cost_per_reasoning_token",
+}
+_LITELLM_VARIANTS = {"priority": {"service_tier": "priority"}, "flex": {"service_tier": "flex"},
+                     "batches": {"processing": "batch"}}
+
+
+def _litellm_rate(entry: dict[str, Any], key: str, suffix: str = "") -> Any:
+    v = entry.get(key + suffix)
+    if not isinstance(v, int | float | Decimal) or isinstance(v, bool):
+        return None
+    base = _num(Decimal(str(v)) * _MTOK)
+    tiers = []
+    stem = key.removesuffix("_per_token")
+    for k, tv in entry.items():
+        m = re.match(rf"^(?:{re.escape(key)}|{re.escape(stem)})_above_(\d+)k_tokens{re.escape(suffix)}$", k)
+        if m and isinstance(tv, int | float):
+            tiers.append([int(m.group(1)) * 1000, _num(Decimal(str(tv)) * _MTOK)])
+    return {"base": base, "tiers": sorted(tiers)} if tiers else base
+
+
+def _litellm_row(key: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+    rates = {}
+    for name, field in _LITELLM_RATES.items():
+        r = _litellm_rate(entry, field)
+        if r is not None and name != "output_reasoning":
+            rates[name] = r
+    note: list[str] = []
+    rates = _complete(rates, note)
+    if "input" not in rates or "output" not in rates:
+        return None
+    variants = []
+    for suffix, when in _LITELLM_VARIANTS.items():
+        vr = {n: r for n, f in _LITELLM_RATES.items() if n != "output_reasoning"
+              and (r := _litellm_rate(entry, f, "_" + suffix)) is not None}
+        if vr:
+            variants.append({"when": when, "since": None, "rates": vr})
+    model_id = key.split("/", 1)[-1]
+    out = entry.get("max_output_tokens")
+    return {
+        "id": model_id,
+        "name": model_id,
+        "match": {"equals": model_id.lower()},
+        "context_window": entry.get("max_input_tokens") if isinstance(entry.get("max_input_tokens"), int) else None,
+        "max_output": (65_536 if out == 65_535 else out) if isinstance(out, int) else None,
+        "source": f"litellm {LITELLM_VERSION} ({entry.get('mode')})",
+        "prices": [{"since": None, "rates": rates}],
+        **({"variants": variants} if variants else {}),
+        **({"note": "; ".join(note)} if note else {}),
+    }
+
+
+def _coverage(table: dict[str, Any], litellm: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """LiteLLM's OpenAI/Anthropic/Google rows the table does not resolve: the token-priced ones to
+    add, and the rest (priced per second, character or image only) to report."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    from spendgate.pricing.table import PriceTable
+
+    resolver = PriceTable.from_json(table)
+    add: dict[str, list[dict[str, Any]]] = {}
+    left_out = []
+    seen: set[tuple[str, str]] = set()
+    for key, entry in sorted(litellm.items()):
+        if not isinstance(entry, dict) or entry.get("mode") not in LITELLM_MODES:
+            continue
+        prov = LITELLM_PROVIDERS.get(str(entry.get("litellm_provider")))
+        if prov is None:
+            continue
+        model_id = key.split("/", 1)[-1].lower()
+        if (prov, model_id) in seen or resolver.resolve(model_id, prov) is not None:
+            continue
+        seen.add((prov, model_id))
+        row = _litellm_row(key, entry)
+        if row is None:
+            left_out.append(f"{prov}/{model_id} ({entry.get('mode')}: not priced per token)")
+        else:
+            add.setdefault(prov, []).append(row)
+    return add, left_out
+
+
+def build(litellm_json: Path | None) -> tuple[dict[str, Any], list[str]]:
     import importlib.metadata
 
     from genai_prices import data
 
     litellm = _litellm_table(litellm_json)
+    report: list[str] = []
     providers = []
     for p in data.providers:
         if p.id not in PROVIDERS:
             continue
         models = []
         for m in p.models:
-            periods = _price_periods(m)
+            note: list[str] = []
+            periods = _price_periods(m, note)
             if any("input" not in q["rates"] or "output" not in q["rates"] for q in periods):
-                continue  # not priced per text token (audio, image, realtime): resolves as unknown
+                report.append(f"genai-prices {p.id}/{m.id}: left out, not priced per token")
+                continue
             match = _clause(m.match)
+            ids = [m.id, *_equals_ids(match)]
+            native = p.model_match is None or _matches(p.model_match, m.id)
             models.append({
                 "id": m.id,
                 "name": m.name,
                 "match": match,
                 "context_window": m.context_window,
-                "max_output": _max_output(litellm, p.id, [m.id, *_equals_ids(match)]),
+                "max_output": _max_output(litellm, p.id, ids),
                 "prices": periods,
+                **({"variants": v} if (v := _variants(m)) else {}),
+                **({"note": "; ".join(note)} if note else {}),
+                **({} if native else {"native": False}),
             })
         providers.append({
             "id": p.id,
@@ -167,26 +344,61 @@ def build(litellm_json: Path | None) -> dict[str, Any]:
             "model_match": _clause(p.model_match) if p.model_match else None,
             "models": models,
         })
-    return {
+    built = dt.date.today().isoformat()
+    table = {
         "source": {
             "prices": f"genai-prices {importlib.metadata.version('genai-prices')} (pydantic)",
-            "max_output": f"litellm {LITELLM_VERSION} model_prices_and_context_window_backup.json",
-            "built": dt.date.today().isoformat(),
+            "max_output": f"litellm {LITELLM_VERSION} model_prices_and_context_window_backup.json "
+                          "and the providers' documented limits",
+            "built": built,
         },
-        "unit": "USD per million tokens",
+        "unit": "USD per million tokens (*_k: USD per 1,000 requests)",
         "providers": providers,
     }
+    add, left_out = _coverage(table, litellm)
+    for prov in providers:
+        extra = add.get(prov["id"], [])
+        prov["models"].extend(extra)
+        for row in extra:
+            report.append(f"litellm {prov['id']}/{row['id']}: not in genai-prices, added from LiteLLM")
+    report.extend(f"litellm {x}: left out" for x in left_out)
+    return table, report
+
+
+def _matches(clause: Any, model_id: str) -> bool:
+    from genai_prices import types
+
+    if isinstance(clause, types.ClauseOr):
+        return any(_matches(c, model_id) for c in clause.or_)
+    c = _clause(clause)
+    if "contains" in c:
+        return bool(c["contains"] in model_id)
+    if "starts_with" in c:
+        return model_id.startswith(c["starts_with"])
+    if "equals" in c:
+        return bool(model_id == c["equals"])
+    if "regex" in c:
+        return re.search(c["regex"], model_id) is not None
+    return True
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--litellm-json", type=Path, help="use this LiteLLM JSON instead of downloading the wheel")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="list every model each source has that the table lacks")
     args = ap.parse_args()
-    table = build(args.litellm_json)
+    table, report = build(args.litellm_json)
     args.out.write_text(json.dumps(table, indent=1, sort_keys=False) + "\n")
     n = sum(len(p["models"]) for p in table["providers"])
+    added = sum(1 for r in report if r.endswith("added from LiteLLM"))
+    lacking = [r for r in report if r.endswith("left out") or "left out," in r]
     print(f"wrote {n} models from {len(table['providers'])} providers to {args.out}")
+    print(f"{added} models only LiteLLM prices were added; {len(lacking)} models the sources have are "
+          "not in the table (not priced per token):")
+    for line in (report if args.verbose else lacking):
+        print(f"  {line}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
@@ -77,6 +77,44 @@ class Rate:
         return cls(Decimal(str(raw)))
 
 
+#: Per-token rates besides input and output: USD per million tokens of that kind.
+UNIT_RATES = ("input_audio", "output_audio", "cache_audio_read", "input_image", "output_image",
+              "cache_image_read", "input_video", "output_video")
+#: Per-request fees: USD per 1,000 requests (web search / grounding, file search).
+FEE_RATES = ("web_search_k", "file_search_k")
+RATE_NAMES = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning",
+              *UNIT_RATES, *FEE_RATES)
+#: The request/response keys a price variant can be selected by, and their values that mean
+#: "the standard price" (no variant).
+VARIANT_KEYS = ("service_tier", "speed", "processing")
+STANDARD = {"service_tier": ("default", "standard", "auto", "standard_only", "on_demand"),
+            "speed": ("standard", "normal"), "processing": ("standard", "realtime")}
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """Rates that replace the standard ones when a request runs at, e.g., ``service_tier=priority``.
+
+    ``when`` holds sorted ``(key, value)`` pairs; ``rates`` only the names the variant changes."""
+
+    when: tuple[tuple[str, str], ...]
+    rates: Mapping[str, Rate]
+    since: str | None = None
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.when)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"when": dict(self.when), "since": self.since,
+                "rates": {k: r.to_json() for k, r in self.rates.items()}}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Variant:
+        return cls(tuple(sorted((str(k), str(v)) for k, v in raw["when"].items())),
+                   {k: Rate.from_json(v) for k, v in raw["rates"].items()}, raw.get("since"))
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
     """Everything spendgate needs to price one model, and where it came from."""
@@ -93,6 +131,23 @@ class ModelPrice:
     context_window: int | None = None
     source: str = ""
     since: str | None = None
+    input_audio: Rate | None = None
+    output_audio: Rate | None = None
+    cache_audio_read: Rate | None = None
+    input_image: Rate | None = None
+    output_image: Rate | None = None
+    cache_image_read: Rate | None = None
+    input_video: Rate | None = None
+    output_video: Rate | None = None
+    web_search_k: Rate | None = None
+    file_search_k: Rate | None = None
+    #: service tier / speed / batch prices, each with the date it took effect
+    variants: tuple[Variant, ...] = ()
+    #: the variant these rates are (``service_tier=priority``), None for the standard price
+    variant: str | None = None
+    #: False for another vendor's model a provider resells (Claude on Vertex): never a "dearest"
+    native: bool = True
+    note: str = ""
 
     def output_bound(self, input_tokens: int, requested: int | None) -> tuple[int, str]:
         """The most output tokens a request can be billed for, and why that number."""
@@ -106,11 +161,54 @@ class ModelPrice:
 
     def rates_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name in ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning"):
+        for name in RATE_NAMES:
             rate = getattr(self, name)
             if rate is not None:
                 out[name] = rate.to_json()
         return out
+
+    def rates(self) -> dict[str, Rate]:
+        return {n: r for n in RATE_NAMES if (r := getattr(self, n)) is not None}
+
+    def in_force(self, day: str) -> tuple[Variant, ...]:
+        """The variants in force on ``day`` (ISO date); of several with the same ``when``, the latest."""
+        best: dict[tuple[tuple[str, str], ...], Variant] = {}
+        for v in self.variants:
+            if v.since is None or v.since <= day:
+                cur = best.get(v.when)
+                if cur is None or (cur.since or "") <= (v.since or ""):
+                    best[v.when] = v
+        return tuple(best.values())
+
+    def at_variant(self, context: Mapping[str, str], day: str | None = None) -> ModelPrice:
+        """These prices for a request whose ``service_tier`` / ``speed`` / ``processing`` are
+        ``context``: every in-force variant whose ``when`` the context satisfies overrides the
+        rates it names (first listed wins, as in genai-prices). Rates a variant does not name stay
+        standard. A context that matches no variant gets the standard price."""
+        ctx = {k: v for k, v in context.items() if v not in STANDARD.get(k, ())}
+        if not ctx:
+            return self
+        today = day or dt.date.today().isoformat()
+        overrides: dict[str, Rate] = {}
+        labels = []
+        for v in self.in_force(today):
+            if all(ctx.get(k) == val for k, val in v.when):
+                labels.append(v.label)
+                for name, rate in v.rates.items():
+                    overrides.setdefault(name, rate)
+        if not labels:
+            return self
+        return replace(self, variant=", ".join(labels), **overrides)  # type: ignore[arg-type]
+
+    def dearest_variant(self, key: str, values: Iterable[str], day: str | None = None) -> ModelPrice:
+        """Of the standard price and the variants ``key=value`` for ``values``, the one with the
+        highest output rate (then input rate): a request that may run at any of them is held there."""
+        best = self
+        for value in values:
+            cand = self.at_variant({key: value}, day)
+            if (cand.output.top, cand.input.top) > (best.output.top, best.input.top):
+                best = cand
+        return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +261,10 @@ class _Entry:
     periods: list[tuple[str | None, dict[str, Any]]]
     max_output: int | None
     context_window: int | None
+    variants: tuple[Variant, ...] = ()
+    native: bool = True
+    note: str = ""
+    source: str | None = None
 
     def price(self, today: str, source: str) -> ModelPrice:
         since, rates = self.periods[0]
@@ -170,20 +272,24 @@ class _Entry:
             if p_since is None or p_since <= today:
                 since, rates = p_since, p_rates
         return _model_price(self.provider, self.model, rates, self.max_output,
-                            self.context_window, source, since)
+                            self.context_window, self.source or source, since, self.variants,
+                            self.native, self.note)
 
 
 def _model_price(provider: str, model: str, rates: Mapping[str, Any], max_output: int | None,
-                 context_window: int | None, source: str, since: str | None) -> ModelPrice:
+                 context_window: int | None, source: str, since: str | None,
+                 variants: tuple[Variant, ...] = (), native: bool = True, note: str = "") -> ModelPrice:
     def get(name: str) -> Rate | None:
         return Rate.from_json(rates[name]) if name in rates else None
 
     inp, out = get("input"), get("output")
     if inp is None or out is None:
         raise ConfigError(f"price table: {provider}/{model} lacks an input or output price")
+    extra = {name: get(name) for name in (*UNIT_RATES, *FEE_RATES)}
     return ModelPrice(provider, model, inp, out, get("cache_read"), get("cache_write"),
                       get("cache_write_1h"), get("reasoning"), max_output, context_window,
-                      source, since)
+                      source, since, variants=variants, native=native, note=note,
+                      **extra)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -204,8 +310,10 @@ class PriceTable:
             rows = entries.setdefault(prov["id"], [])
             for m in prov["models"]:
                 periods = [(p["since"], p["rates"]) for p in m["prices"]]
+                variants = tuple(Variant.from_json(v) for v in m.get("variants", ()))
                 rows.append(_Entry(prov["id"], m["id"], _compile(m["match"]), periods,
-                                   m.get("max_output"), m.get("context_window")))
+                                   m.get("max_output"), m.get("context_window"), variants,
+                                   m.get("native", True), m.get("note", ""), m.get("source")))
         return cls(source=src["prices"], built=src["built"], entries=entries)
 
     @classmethod
@@ -286,6 +394,8 @@ class PriceTable:
         best: ModelPrice | None = None
         for prov in provs:
             for row in self.entries[prov]:
+                if not row.native:
+                    continue  # Claude on Vertex is not what an unknown Google model costs
                 p = row.price(day, self.source)
                 if best is None or (p.output.top, p.input.top) > (best.output.top, best.input.top):
                     best = p
