@@ -20,6 +20,7 @@ from typing import Any
 
 from spendgate import ledger
 from spendgate.cli.output import Progress, bar, emit_json, table
+from spendgate.cli.reconcile import add_parser as reconcile_parser
 from spendgate.errors import BadRequest, ConfigError, SpendgateError
 from spendgate.money import fmt_usd, nanos_to_usd
 from spendgate.policy import Policy, default_policy, load
@@ -485,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", parents=[common], help="revoke a key by id")
     kr.add_argument("id")
     kr.set_defaults(func=cmd_keys)
+
+    reconcile_parser(sub, common)
     return p
 
 
