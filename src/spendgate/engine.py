@@ -29,9 +29,9 @@ from spendgate.ledger.spool import Spool
 from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
 from spendgate.policy.model import SEVERITY, Policy, Rule
 from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_nanos
-from spendgate.pricing.table import PriceTable
+from spendgate.pricing.table import ModelPrice, PriceTable
 from spendgate.request import NONE, Request
-from spendgate.usage import UnreadableUsage, read_usage
+from spendgate.usage import UnreadableUsage, read_usage, warn_unknown
 
 log = logging.getLogger("spendgate.engine")
 T = TypeVar("T")
@@ -627,9 +627,19 @@ class Engine:
                             "the input and the output seen so far" if output_seen is not None else "the worst case",
                             decision.id, est.model)
                 return (yield from self._unknown(decision, output_seen, now))
-        cost = usage_nanos(est.price.price, parsed)
+        cost = usage_nanos(self._served_price(est, parsed), parsed)
         return (yield from self._settle(decision, cost, parsed.total_tokens, parsed, now,
                                         estimated=est.price.estimated_price))
+
+    def _served_price(self, est: Estimate, usage: Usage) -> ModelPrice:
+        """The rates of the tier the provider says it served (the response's ``service_tier`` /
+        ``speed``), over what the request asked; the held variant's when the response is silent."""
+        warn_unknown(usage, est.model, est.provider)
+        served = usage.served()
+        if not served:
+            return est.price.price
+        base = est.price.standard or est.price.price
+        return base.at_variant({**est.variant, **served})
 
     def _unknown(self, decision: Decision, output_seen: int | None,
                  now: float | None) -> Generator[LedgerCall, Any, Charge]:

@@ -17,10 +17,14 @@ count as 0 would charge nothing for a response the provider bills.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from spendgate.pricing.cost import Usage
+
+log = logging.getLogger("spendgate.usage")
 
 
 class _Missing:
@@ -90,7 +94,7 @@ def read_usage(payload: Mapping[str, Any] | None) -> Usage:
         meta = payload["usageMetadata"]
         if not isinstance(meta, Mapping):
             raise UnreadableUsage("usageMetadata", meta, "not an object")
-        return _gemini(meta, "usageMetadata")
+        return _with_unknown(_gemini(meta, "usageMetadata"), meta, "usageMetadata")
     if "usage" in payload:
         u = payload["usage"]
         if not isinstance(u, Mapping):
@@ -99,15 +103,36 @@ def read_usage(payload: Mapping[str, Any] | None) -> Usage:
         u = payload  # a bare usage object
     else:
         raise UnreadableUsage("usage", MISSING)
+    outer = payload if u is not payload else None
     if "prompt_tokens" in u or "completion_tokens" in u:
-        return _chat(u, "usage")
+        return _with_unknown(_chat(u, "usage", outer), u, "usage")
     if "input_tokens" in u or "output_tokens" in u:
-        if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u or "cache_creation" in u:
-            return _anthropic(u, "usage")
-        if "input_tokens_details" in u or "output_tokens_details" in u:
-            return _responses(u, "usage")
-        return _anthropic(u, "usage")
+        if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u or "cache_creation" in u \
+                or "server_tool_use" in u:
+            return _with_unknown(_anthropic(u, "usage", outer), u, "usage")
+        if any(k in u for k in _IN) or any(k in u for k in _OUT):
+            return _with_unknown(_responses(u, "usage", outer), u, "usage")
+        return _with_unknown(_anthropic(u, "usage", outer), u, "usage")
     raise UnreadableUsage("usage", u, "not a usage shape spendgate knows (no input or output token count)")
+
+
+def _with_unknown(usage: Usage, raw: Mapping[str, Any], where: str) -> Usage:
+    found = _unknown(raw, where)
+    if found:
+        usage.unknown = tuple(found)
+    return usage
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_unknown(usage: Usage, model: str, provider: str = "") -> None:
+    """Log, once per model and field, a count the reader does not know but that looks billable."""
+    for name in usage.unknown:
+        if (model, name) not in _WARNED:
+            _WARNED.add((model, name))
+            log.warning("%s%s: usage field %s is not one spendgate prices; the provider may bill it",
+                        f"{provider}/" if provider else "", model, name)
 
 
 def parse_usage(payload: Mapping[str, Any] | None) -> Usage | None:
@@ -118,7 +143,60 @@ def parse_usage(payload: Mapping[str, Any] | None) -> Usage | None:
         return None
 
 
-def _chat(u: Mapping[str, Any], w: str) -> Usage:
+def _detail(u: Mapping[str, Any], part: str, key: str, w: str) -> int:
+    return _count(_part(u, part, w), key, f"{w}.{part}", required=False)
+
+
+def _tier(u: Mapping[str, Any], payload: Mapping[str, Any] | None, key: str = "service_tier") -> str | None:
+    """The tier the provider says it served: in the usage (Anthropic) or beside it (OpenAI)."""
+    for where in (u, payload or {}):
+        v = where.get(key)
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+def _openai(u: Mapping[str, Any], w: str, inp: int, out: int, in_details: str, out_details: str,
+            payload: Mapping[str, Any] | None) -> Usage:
+    """Chat, Responses and Realtime shapes alike: ``inp`` includes cached reads, cache writes and
+    audio/image tokens (cached ones inside ``cached_tokens``, broken down by
+    ``cached_tokens_details``); ``out`` includes reasoning and audio/image output."""
+    d = _part(u, in_details, w)
+    dw = f"{w}.{in_details}"
+    cached = _count(d, "cached_tokens", dw, required=False)
+    write = _count(d, "cache_write_tokens", dw, required=False)
+    audio = _count(d, "audio_tokens", dw, required=False)
+    image = _count(d, "image_tokens", dw, required=False)
+    cd = _part(d, "cached_tokens_details", dw)
+    c_audio = _at_most(_count(cd, "audio_tokens", f"{dw}.cached_tokens_details", required=False), audio,
+                       f"{dw}.cached_tokens_details.audio_tokens", f"{dw}.audio_tokens")
+    c_image = _at_most(_count(cd, "image_tokens", f"{dw}.cached_tokens_details", required=False), image,
+                       f"{dw}.cached_tokens_details.image_tokens", f"{dw}.image_tokens")
+    _at_most(c_audio + c_image, cached, f"{dw}.cached_tokens_details", f"{dw}.cached_tokens")
+    _at_most(cached, inp, f"{dw}.cached_tokens", f"{w}.{_IN[in_details]}")
+    text = inp - cached - write - (audio - c_audio) - (image - c_image)
+    if text < 0:
+        raise UnreadableUsage(f"{dw}", inp - text, f"its parts add up to more than {w}.{_IN[in_details]} ({inp})")
+    o = _part(u, out_details, w)
+    ow = f"{w}.{out_details}"
+    reasoning = _at_most(_count(o, "reasoning_tokens", ow, required=False), out,
+                         f"{ow}.reasoning_tokens", f"{w}.{_OUT[out_details]}")
+    o_audio = _count(o, "audio_tokens", ow, required=False)
+    o_image = _count(o, "image_tokens", ow, required=False)
+    _at_most(reasoning + o_audio + o_image, out, ow, f"{w}.{_OUT[out_details]}")
+    return Usage(input=text, cache_read=cached - c_audio - c_image, cache_write_5m=write, output=out,
+                 reasoning=reasoning, input_audio=audio - c_audio, cache_audio_read=c_audio,
+                 input_image=image - c_image, cache_image_read=c_image, output_audio=o_audio,
+                 output_image=o_image, tier=_tier(u, payload))
+
+
+_IN = {"prompt_tokens_details": "prompt_tokens", "input_tokens_details": "input_tokens",
+       "input_token_details": "input_tokens"}
+_OUT = {"completion_tokens_details": "completion_tokens", "output_tokens_details": "output_tokens",
+        "output_token_details": "output_tokens"}
+
+
+def _chat(u: Mapping[str, Any], w: str, payload: Mapping[str, Any] | None = None) -> Usage:
     prompt = _count(u, "prompt_tokens", w)
     if "completion_tokens" in u:
         output = _count(u, "completion_tokens", w)
@@ -128,28 +206,19 @@ def _chat(u: Mapping[str, Any], w: str) -> Usage:
         if "total_tokens" not in u or _count(u, "total_tokens", w) != prompt:
             raise UnreadableUsage(f"{w}.completion_tokens", MISSING)
         output = 0
-    cached = _at_most(_count(_part(u, "prompt_tokens_details", w), "cached_tokens",
-                             f"{w}.prompt_tokens_details", required=False),
-                      prompt, f"{w}.prompt_tokens_details.cached_tokens", f"{w}.prompt_tokens")
-    reasoning = _at_most(_count(_part(u, "completion_tokens_details", w), "reasoning_tokens",
-                                f"{w}.completion_tokens_details", required=False),
-                         output, f"{w}.completion_tokens_details.reasoning_tokens", f"{w}.completion_tokens")
-    return Usage(input=prompt - cached, cache_read=cached, output=output, reasoning=reasoning)
+    return _openai(u, w, prompt, output, "prompt_tokens_details", "completion_tokens_details", payload)
 
 
-def _responses(u: Mapping[str, Any], w: str) -> Usage:
+def _responses(u: Mapping[str, Any], w: str, payload: Mapping[str, Any] | None = None) -> Usage:
     inp, out = _count(u, "input_tokens", w), _count(u, "output_tokens", w)
     _count(u, "total_tokens", w, required=False)
-    cached = _at_most(_count(_part(u, "input_tokens_details", w), "cached_tokens",
-                             f"{w}.input_tokens_details", required=False),
-                      inp, f"{w}.input_tokens_details.cached_tokens", f"{w}.input_tokens")
-    reasoning = _at_most(_count(_part(u, "output_tokens_details", w), "reasoning_tokens",
-                                f"{w}.output_tokens_details", required=False),
-                         out, f"{w}.output_tokens_details.reasoning_tokens", f"{w}.output_tokens")
-    return Usage(input=inp - cached, cache_read=cached, output=out, reasoning=reasoning)
+    # the Realtime API says ``input_token_details``; Responses ``input_tokens_details``
+    ind = "input_token_details" if "input_token_details" in u else "input_tokens_details"
+    outd = "output_token_details" if "output_token_details" in u else "output_tokens_details"
+    return _openai(u, w, inp, out, ind, outd, payload)
 
 
-def _anthropic(u: Mapping[str, Any], w: str) -> Usage:
+def _anthropic(u: Mapping[str, Any], w: str, payload: Mapping[str, Any] | None = None) -> Usage:
     inp, out = _count(u, "input_tokens", w), _count(u, "output_tokens", w)
     read = _count(u, "cache_read_input_tokens", w, required=False)
     written = _count(u, "cache_creation_input_tokens", w, required=False)
@@ -157,7 +226,32 @@ def _anthropic(u: Mapping[str, Any], w: str) -> Usage:
     w5 = _count(split, "ephemeral_5m_input_tokens", f"{w}.cache_creation", required=False)
     w1 = _count(split, "ephemeral_1h_input_tokens", f"{w}.cache_creation", required=False)
     w5 += max(written - w5 - w1, 0)  # writes the split leaves out are charged at the 5-minute rate
-    return Usage(input=inp, cache_read=read, cache_write_5m=w5, cache_write_1h=w1, output=out)
+    searches = _detail(u, "server_tool_use", "web_search_requests", w)
+    tier = _tier(u, payload)
+    processing = "batch" if tier == "batch" else None
+    return Usage(input=inp, cache_read=read, cache_write_5m=w5, cache_write_1h=w1, output=out,
+                 web_searches=searches, tier=None if processing else tier,
+                 speed=_tier(u, payload, "speed"), processing=processing)
+
+
+_MODALITIES = {"AUDIO": "audio", "IMAGE": "image", "DOCUMENT": "image", "VIDEO": "video"}
+
+
+def _modalities(m: Mapping[str, Any], key: str, w: str) -> dict[str, int]:
+    """Gemini's ``[{"modality": "AUDIO", "tokenCount": 12}, …]`` as ``{"audio": 12}``."""
+    v = m.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, list):
+        raise UnreadableUsage(f"{w}.{key}", v, "not a list")
+    out: dict[str, int] = {}
+    for i, item in enumerate(v):
+        if not isinstance(item, Mapping):
+            raise UnreadableUsage(f"{w}.{key}[{i}]", item, "not an object")
+        n = _count(item, "tokenCount", f"{w}.{key}[{i}]", required=False)
+        kind = _MODALITIES.get(str(item.get("modality")), "text")
+        out[kind] = out.get(kind, 0) + n
+    return out
 
 
 def _gemini(m: Mapping[str, Any], w: str) -> Usage:
@@ -167,10 +261,65 @@ def _gemini(m: Mapping[str, Any], w: str) -> Usage:
     cached = _at_most(_count(m, "cachedContentTokenCount", w, required=False), prompt,
                       f"{w}.cachedContentTokenCount", f"{w}.promptTokenCount")
     thoughts = _count(m, "thoughtsTokenCount", w, required=False)
-    return Usage(input=prompt - cached, cache_read=cached, output=candidates + thoughts, reasoning=thoughts)
+    tool = _count(m, "toolUsePromptTokenCount", w, required=False)  # billed as input, outside promptTokenCount
+    p, t = _modalities(m, "promptTokensDetails", w), _modalities(m, "toolUsePromptTokensDetails", w)
+    c = _modalities(m, "cacheTokensDetails", w)
+    o = _modalities(m, "candidatesTokensDetails", w)
+    kinds = {k: p.get(k, 0) + t.get(k, 0) for k in ("audio", "image", "video")}
+    c_audio = _at_most(c.get("audio", 0), kinds["audio"], f"{w}.cacheTokensDetails", f"{w}.promptTokensDetails")
+    c_image = _at_most(c.get("image", 0), kinds["image"], f"{w}.cacheTokensDetails", f"{w}.promptTokensDetails")
+    _at_most(c_audio + c_image, cached, f"{w}.cacheTokensDetails", f"{w}.cachedContentTokenCount")
+    u_audio, u_image = kinds["audio"] - c_audio, kinds["image"] - c_image
+    # cached video is read at the cache rate like text (Gemini prices them alike); uncached apart
+    c_video = min(c.get("video", 0), kinds["video"])
+    u_video = kinds["video"] - c_video
+    text = prompt + tool - cached - u_audio - u_image - u_video
+    if text < 0:
+        raise UnreadableUsage(f"{w}.promptTokensDetails", prompt + tool - text,
+                              f"more than {w}.promptTokenCount + toolUsePromptTokenCount ({prompt + tool})")
+    o_audio, o_image = o.get("audio", 0), o.get("image", 0)
+    _at_most(o_audio + o_image, candidates, f"{w}.candidatesTokensDetails", f"{w}.candidatesTokenCount")
+    return Usage(input=text, cache_read=cached - c_audio - c_image, output=candidates + thoughts,
+                 reasoning=thoughts, input_audio=u_audio, cache_audio_read=c_audio, input_image=u_image,
+                 cache_image_read=c_image, input_video=u_video, output_audio=o_audio, output_image=o_image)
+
+
+#: Every count the readers know (billed or only checked); any other ``*_tokens`` / ``*TokenCount``
+#: / ``*_requests`` count is reported in :attr:`Usage.unknown` and logged once by the engine.
+KNOWN = frozenset({
+    "prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens", "cached_tokens",
+    "cache_write_tokens", "audio_tokens", "image_tokens", "text_tokens", "reasoning_tokens",
+    "accepted_prediction_tokens", "rejected_prediction_tokens", "cache_read_input_tokens",
+    "cache_creation_input_tokens", "ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens",
+    "web_search_requests", "promptTokenCount", "candidatesTokenCount", "totalTokenCount",
+    "cachedContentTokenCount", "thoughtsTokenCount", "toolUsePromptTokenCount",
+})
+_BILLABLE = re.compile(r"(?:_tokens|TokenCount|_requests)$")
+
+
+def _unknown(u: Mapping[str, Any], prefix: str, depth: int = 0) -> list[str]:
+    out = []
+    for k, v in u.items():
+        if not isinstance(k, str):
+            continue
+        if isinstance(v, Mapping) and depth < 3:
+            out.extend(_unknown(v, f"{prefix}.{k}", depth + 1))
+        elif _BILLABLE.search(k) and k not in KNOWN and type(v) is int and v > 0:
+            out.append(f"{prefix}.{k}")
+    return out
 
 
 _DECODER = json.JSONDecoder()
+
+
+def _value_of(data: bytes, key: bytes) -> Any:
+    at = data.find(key)
+    if at < 0:
+        return None
+    try:
+        return _DECODER.raw_decode(data[at + len(key):at + len(key) + 200].decode(errors="replace").lstrip())[0]
+    except ValueError:
+        return None
 
 
 def usage_from_body(data: bytes) -> Mapping[str, Any] | None:
@@ -190,7 +339,11 @@ def usage_from_body(data: bytes) -> Mapping[str, Any] | None:
         except (UnicodeDecodeError, ValueError):
             break
         if isinstance(value, dict):
-            return {wrap: value}
+            found: dict[str, Any] = {wrap: value}
+            tier = _value_of(data, b'"service_tier":')  # OpenAI: the tier served, beside the usage
+            if isinstance(tier, str):
+                found["service_tier"] = tier
+            return found
     try:
         payload = json.loads(data)
     except ValueError:

@@ -73,6 +73,14 @@ class FakeUpstream:
         override = request.headers.get("x-mock-usage")
         return usage if override is None else json.loads(override)
 
+    @staticmethod
+    def _tier(request: web.Request, body: dict[str, Any]) -> str:
+        """The ``service_tier`` OpenAI echoes: the one asked for (``auto``: ``default``), or the
+        request's ``x-mock-service-tier`` (a tier the provider served instead)."""
+        asked = body.get("service_tier")
+        return request.headers.get("x-mock-service-tier") or (
+            asked if isinstance(asked, str) and asked != "auto" else "default")
+
     async def _sse(self, request: web.Request, events: list[tuple[str | None, Any]], cut: bool = False
                    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -96,14 +104,17 @@ class FakeUpstream:
         usage = self._usage(request, {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                                       "total_tokens": self.prompt_tokens + self.completion_tokens})
         model = body.get("model", "gpt-4o-mini")
+        tier = self._tier(request, body)
         if not body.get("stream"):
             out: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+                                   "service_tier": tier,
                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
                                                 "logprobs": None, "finish_reason": "stop"}]}
             if mock != "nousage":
                 out["usage"] = usage
             return web.json_response(out)
-        chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
+        chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                 "service_tier": tier}
         events: list[tuple[str | None, Any]] = [
             (None, {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": w},
                                           "finish_reason": None}]}) for w in ("hel", "lo", " there")]
@@ -120,7 +131,8 @@ class FakeUpstream:
             "output_tokens": self.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": self.prompt_tokens + self.completion_tokens})
         resp = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
-                "model": body.get("model"), "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                "model": body.get("model"), "service_tier": self._tier(request, body),
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
                 "output": [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
                             "content": [{"type": "output_text", "text": "hello", "annotations": []}]}],
                 "usage": usage}

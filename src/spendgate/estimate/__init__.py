@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -43,6 +43,8 @@ class Estimate:
     output_tokens: int
     output_bound_from: str
     cost_nanos: int
+    #: the price variant the request asks for (``{"service_tier": "priority"}``), held at its rates
+    variant: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def model(self) -> str:
@@ -60,6 +62,8 @@ class Estimate:
         p = self.price
         how = {"exact": "listed price", "match": "listed alias", "dated": "base model of a dated id",
                "imported": "imported price", "dearest": "UNPRICED, charged as the dearest model"}[p.how]
+        if p.price.variant:
+            how += f", {p.price.variant} rates"
         return (f"{self.model}: {self.input_tokens} input + {self.output_tokens} output tokens "
                 f"({self.output_bound_from}) at {p.price.provider}/{p.price.model} ({how}) "
                 f"= {fmt_usd(self.cost_nanos)} worst case")
@@ -67,6 +71,11 @@ class Estimate:
 
 class Estimator:
     """Prices request bodies; shared by the engine, the proxy and the SDK."""
+
+    #: The OpenAI tier a request with ``service_tier`` absent or ``"auto"`` is held at: the
+    #: project's default tier, ``default`` unless an admin set the project to ``fast`` (then set
+    #: this to ``"fast"``). Capture always charges the tier the response says it served.
+    openai_auto_tier = "default"
 
     def __init__(self, prices: PriceTable, unpriced: Unpriced = "dearest",
                  anthropic_factor: float = anthropic.DEFAULT_FACTOR) -> None:
@@ -85,10 +94,26 @@ class Estimator:
             raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
         return parser(body)
 
+    def variant(self, provider: str, body: Any) -> dict[str, str]:
+        """The price variant a request body asks for: OpenAI's ``service_tier`` (absent or
+        ``"auto"``: :attr:`openai_auto_tier`), Anthropic's ``speed``."""
+        if not isinstance(body, Mapping):
+            return {}
+        if provider == "openai":
+            tier = body.get("service_tier")
+            if not isinstance(tier, str) or tier == "auto":
+                tier = self.openai_auto_tier
+            return {"service_tier": tier}
+        if provider == "anthropic":
+            speed = body.get("speed")
+            return {"speed": speed} if isinstance(speed, str) else {}
+        return {}
+
     def resolve(self, model: str, provider: str) -> Resolution:
         found = self.prices.resolve(model, provider)
         if found is not None:
-            return found
+            stale = self.prices.stale_note(found.price)
+            return replace(found, warning=stale) if stale else found
         if self.unpriced == "block":
             raise UnpricedModel(f"no price is known for model {model!r} and the policy says "
                                 f"unpriced = \"block\"; import prices with `spendgate prices update`")
@@ -100,20 +125,29 @@ class Estimator:
             log.warning(warning)
         return Resolution(model, dear, "dearest", warning)
 
-    def price(self, provider: str, route: str, shape: TokenShape) -> Estimate:
+    def price(self, provider: str, route: str, shape: TokenShape,
+              variant: Mapping[str, str] | None = None) -> Estimate:
         res = self.resolve(shape.model, provider)
+        if variant:
+            at = res.price.at_variant(variant)
+            if at is not res.price:
+                res = replace(res, price=at, standard=res.price)
         requested = shape.requested_output
         if requested is None and shape.api_default_output is not None:
             bound, why = shape.api_default_output, "API default"
         else:
             bound, why = res.price.output_bound(shape.input_tokens, requested)
         out = bound * max(shape.choices, 1)
+        if shape.cache_write is None and provider == "openai" and res.price.cache_write is not None:
+            # OpenAI writes the prompt cache by itself and bills the write (gpt-5.6, gpt-6): any
+            # input may be a cache write, so it is held at the dearer of the two rates
+            shape = replace(shape, cache_write="5m")
         cost = worst_case_nanos(res.price, shape.input_tokens, out, shape.cache_write)
-        return Estimate(provider, route, shape, res, out, why, cost)
+        return Estimate(provider, route, shape, res, out, why, cost, dict(variant or {}))
 
     def estimate(self, provider: str, route: str, body: Any) -> Estimate:
-        return self.price(provider, route, self.shape(provider, route, body))
+        return self.price(provider, route, self.shape(provider, route, body), self.variant(provider, body))
 
     def with_output(self, est: Estimate, max_output: int) -> Estimate:
         """``est`` re-priced with its per-choice output bound set to ``max_output`` (a clamp)."""
-        return self.price(est.provider, est.route, replace(est.shape, requested_output=max_output))
+        return self.price(est.provider, est.route, replace(est.shape, requested_output=max_output), est.variant)

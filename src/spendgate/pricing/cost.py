@@ -1,13 +1,15 @@
 """Turning token counts into exact nano-dollars: the worst case before send, the actual after.
 
 Where a table lacks a rate the request needs, the fallback is the provider's documented premium
-over the input rate (cache read 1×, 5-minute write 1.25×, 1-hour write 2×) — never zero.
+over the input rate (cache read 1×, 5-minute write 1.25×, 1-hour write 2×), and an audio, image or
+video token without its own rate costs what a text token of the same direction does — never zero.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from spendgate.money import usd_to_nanos
 from spendgate.pricing.table import ModelPrice, Rate
@@ -19,7 +21,12 @@ _MTOK = Decimal(1_000_000)
 class Usage:
     """What a provider billed, in one shape for every provider.
 
-    ``input`` excludes cached reads and cache writes; ``output`` includes ``reasoning``.
+    The input counts are disjoint: ``input`` is uncached text (tool-use prompts included),
+    ``cache_read`` cached text, the writes are cache writes, and audio, image and video tokens are
+    counted apart (``input_audio`` uncached, ``cache_audio_read`` cached). ``output`` is every
+    output token; ``reasoning``, ``output_audio`` and ``output_image`` are parts of it.
+    ``tier`` / ``speed`` / ``processing`` are what the provider says it served (None: not said);
+    ``unknown`` names counts the reader did not know but that look billable.
     """
 
     input: int = 0
@@ -28,10 +35,35 @@ class Usage:
     cache_write_1h: int = 0
     output: int = 0
     reasoning: int = 0
+    input_audio: int = 0
+    cache_audio_read: int = 0
+    input_image: int = 0
+    cache_image_read: int = 0
+    input_video: int = 0
+    output_audio: int = 0
+    output_image: int = 0
+    web_searches: int = 0
+    tier: str | None = field(default=None, compare=False)
+    speed: str | None = field(default=None, compare=False)
+    processing: str | None = field(default=None, compare=False)
+    unknown: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def total_input(self) -> int:
-        return self.input + self.cache_read + self.cache_write_5m + self.cache_write_1h
+        return (self.input + self.cache_read + self.cache_write_5m + self.cache_write_1h
+                + self.input_audio + self.cache_audio_read + self.input_image + self.cache_image_read
+                + self.input_video)
+
+    def served(self) -> dict[str, str]:
+        """The price-variant context the provider reported serving (empty: it did not say)."""
+        out = {"service_tier": self.tier, "speed": self.speed, "processing": self.processing}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def counts(self) -> dict[str, Any]:
+        names = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output", "reasoning",
+                 "input_audio", "cache_audio_read", "input_image", "cache_image_read", "input_video",
+                 "output_audio", "output_image", "web_searches")
+        return {n: getattr(self, n) for n in names if getattr(self, n)}
 
     @property
     def total_tokens(self) -> int:
@@ -74,12 +106,30 @@ def usage_nanos(price: ModelPrice, usage: Usage) -> int:
     base = price.input.at(n)
     out = price.output.at(n)
     reasoning_rate = price.reasoning.at(n) if price.reasoning is not None else out
+    audio_in = _or(price.input_audio, base, n)
+    image_in = _or(price.input_image, base, n)
+    text_out = usage.output - usage.reasoning - usage.output_audio - usage.output_image
     usd = (
         usage.input * base
         + usage.cache_read * _or(price.cache_read, base, n)
         + usage.cache_write_5m * _or(price.cache_write, base * Decimal("1.25"), n)
         + usage.cache_write_1h * _or(price.cache_write_1h, base * 2, n)
-        + (usage.output - usage.reasoning) * out
+        + usage.input_audio * audio_in
+        + usage.cache_audio_read * _or(price.cache_audio_read, audio_in, n)
+        + usage.input_image * image_in
+        + usage.cache_image_read * _or(price.cache_image_read, image_in, n)
+        + usage.input_video * _or(price.input_video, base, n)
+        + max(text_out, 0) * out
         + usage.reasoning * reasoning_rate
+        + usage.output_audio * _or(price.output_audio, out, n)
+        + usage.output_image * _or(price.output_image, out, n)
     ) / _MTOK
+    if usage.web_searches:
+        fee = price.web_search_k.at(n) if price.web_search_k is not None else WEB_SEARCH_K_FALLBACK
+        usd += usage.web_searches * fee / 1000
     return usd_to_nanos(usd)
+
+
+#: A web search on a model whose fee the table does not list is charged the dearest fee listed,
+#: Gemini grounding's $35 per 1,000 (Anthropic and OpenAI charge $10) — never $0.
+WEB_SEARCH_K_FALLBACK = Decimal(35)

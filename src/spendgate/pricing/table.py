@@ -41,6 +41,7 @@ _DATED = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
 #: model allows (128K), so an unbounded request is never priced below what it could cost.
 FALLBACK_MAX_OUTPUT = 128_000
 STALE_AFTER_DAYS = 120
+_IMPORTED_ON = re.compile(r"^imported .* on (\d{4}-\d{2}-\d{2})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,9 @@ class Resolution:
     price: ModelPrice
     how: str  # exact | match | dated | imported | dearest
     warning: str | None = None
+    #: the standard price when ``price`` is a variant's (``service_tier=priority``); capture
+    #: re-prices from it at the tier the provider says it served
+    standard: ModelPrice | None = None
 
     @property
     def estimated_price(self) -> bool:
@@ -410,6 +414,20 @@ class PriceTable:
 
     def age_days(self, today: dt.date | None = None) -> int:
         return ((today or dt.date.today()) - dt.date.fromisoformat(self.built)).days
+
+    def price_date(self, price: ModelPrice) -> str:
+        """When ``price`` was last checked: its import date, or the bundled table's build date."""
+        m = _IMPORTED_ON.search(price.source)
+        return m.group(1) if m else self.built
+
+    def stale_note(self, price: ModelPrice, today: dt.date | None = None) -> str | None:
+        """A note for a decision priced at ``price`` when that price is older than the threshold."""
+        checked = self.price_date(price)
+        age = ((today or dt.date.today()) - dt.date.fromisoformat(checked)).days
+        if age > STALE_AFTER_DAYS:
+            return (f"the price of {price.provider}/{price.model} was last checked {age} days ago ({checked}); "
+                    "import a current table with `spendgate prices update --from FILE`")
+        return None
 
     def stale_warning(self, today: dt.date | None = None) -> str | None:
         age = self.age_days(today)

@@ -37,6 +37,12 @@ def _merge_anthropic(start: dict[str, Any], delta: dict[str, Any]) -> dict[str, 
     return merged
 
 
+def _with_tier(usage: dict[str, Any], outer: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI reports the tier it served beside the usage, not in it: carry it along for capture."""
+    tier = outer.get("service_tier")
+    return {**usage, "service_tier": tier} if isinstance(tier, str) and "service_tier" not in usage else usage
+
+
 class StreamMeter:
     def __init__(self, provider: str, withhold_usage_chunk: bool = False) -> None:
         self.provider = provider
@@ -93,11 +99,11 @@ class StreamMeter:
             if kind in ("response.completed", "response.incomplete", "response.failed"):
                 resp = obj.get("response")
                 if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
-                    self.usage = resp["usage"]
+                    self.usage = _with_tier(resp["usage"], resp)
                     self.complete = True
             return True
         if isinstance(obj.get("usage"), dict):
-            self.usage = obj["usage"]
+            self.usage = _with_tier(obj["usage"], obj)
             self.complete = True
             if self.withhold and obj.get("choices") == []:
                 return False
