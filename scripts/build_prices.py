@@ -247,16 +247,22 @@ def _litellm_rate(entry: dict[str, Any], key: str, suffix: str = "") -> Any:
     return {"base": base, "tiers": sorted(tiers)} if tiers else base
 
 
-def _litellm_row(key: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+def _litellm_row(key: str, entry: dict[str, Any]) -> dict[str, Any] | str:
+    """A table row for a LiteLLM entry, or why it is left out."""
     rates = {}
     for name, field in _LITELLM_RATES.items():
         r = _litellm_rate(entry, field)
-        if r is not None and name != "output_reasoning":
-            rates[name] = r
+        if r is None or name == "output_reasoning":
+            continue
+        if Decimal(_base(r)) == 0:
+            if name == "output" and entry.get("mode") == "embedding":
+                continue  # an embedding has no output tokens; its $0 output is no price at all
+            return f"{entry.get('mode')}: {field} is $0 (a free tier is not a price)"
+        rates[name] = r
     note: list[str] = []
     rates = _complete(rates, note)
     if "input" not in rates or "output" not in rates:
-        return None
+        return f"{entry.get('mode')}: not priced per token"
     variants = []
     for suffix, when in _LITELLM_VARIANTS.items():
         vr = {n: r for n, f in _LITELLM_RATES.items() if n != "output_reasoning"
@@ -299,8 +305,8 @@ def _coverage(table: dict[str, Any], litellm: dict[str, Any]) -> tuple[dict[str,
             continue
         seen.add((prov, model_id))
         row = _litellm_row(key, entry)
-        if row is None:
-            left_out.append(f"{prov}/{model_id} ({entry.get('mode')}: not priced per token)")
+        if isinstance(row, str):
+            left_out.append(f"{prov}/{model_id} ({row})")
         else:
             add.setdefault(prov, []).append(row)
     return add, left_out
@@ -396,7 +402,7 @@ def main() -> None:
     lacking = [r for r in report if r.endswith("left out") or "left out," in r]
     print(f"wrote {n} models from {len(table['providers'])} providers to {args.out}")
     print(f"{added} models only LiteLLM prices were added; {len(lacking)} models the sources have are "
-          "not in the table (not priced per token):")
+          "not in the table (not priced per token, or $0):")
     for line in (report if args.verbose else lacking):
         print(f"  {line}")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from spendgate import ledger
 from spendgate.cli.output import Progress, bar, emit_json, table
+from spendgate.cli.prices import add_parser as prices_parser
 from spendgate.cli.reconcile import add_parser as reconcile_parser
 from spendgate.errors import BadRequest, ConfigError, SpendgateError
 from spendgate.money import fmt_usd, nanos_to_usd
@@ -42,62 +43,6 @@ class Context:
         store = args.store or os.environ.get("SPENDGATE_STORE") or policy.store or ledger.default_url()
         prices = PriceTable.bundled().with_overrides(ledger.home() / "prices.json")
         return cls(policy, store, prices)
-
-
-# -- prices -----------------------------------------------------------------------------------
-
-def cmd_prices_show(args: argparse.Namespace) -> int:
-    ctx = Context.from_args(args)
-    res = ctx.prices.resolve(args.model, args.provider)
-    if res is None:
-        dear = ctx.prices.dearest(args.provider)
-        doc = {"model": args.model, "known": False, "unpriced_policy": ctx.policy.unpriced,
-               "charged_as": f"{dear.provider}/{dear.model}" if ctx.policy.unpriced == "dearest" else None,
-               "rates_usd_per_mtok": dear.rates_json() if ctx.policy.unpriced == "dearest" else None}
-        if args.json:
-            emit_json(doc)
-        else:
-            msg = (f"charged as the dearest known model, {dear.provider}/{dear.model}"
-                   if ctx.policy.unpriced == "dearest" else "refused (unpriced = \"block\")")
-            print(f"{args.model}: no price known; {msg}.")
-        return 1
-    p = res.price
-    doc = {"model": args.model, "known": True, "resolved": f"{p.provider}/{p.model}", "how": res.how,
-           "rates_usd_per_mtok": p.rates_json(), "max_output": p.max_output,
-           "context_window": p.context_window, "source": p.source, "price_since": p.since,
-           "table_built": ctx.prices.built, "warning": ctx.prices.stale_warning()}
-    if args.json:
-        emit_json(doc)
-        return 0
-    print(f"{args.model} -> {p.provider}/{p.model} ({res.how})")
-    rows = []
-    for name, rate in p.rates_json().items():
-        if isinstance(rate, dict):
-            tiers = ", ".join(f"${t[1]} above {int(t[0]):,} tokens" for t in rate["tiers"])
-            rows.append((name, f"${rate['base']}", tiers))
-        else:
-            rows.append((name, f"${rate}", ""))
-    table(("rate", "USD / Mtok", "tiers"), rows)
-    print(f"max output: {p.max_output or 'unknown (bounded by the context window)'}; "
-          f"context window: {p.context_window or 'unknown'}")
-    print(f"source: {p.source}" + (f", price since {p.since}" if p.since else "") +
-          f"; table built {ctx.prices.built}")
-    if doc["warning"]:
-        print(f"warning: {doc['warning']}")
-    return 0
-
-
-def cmd_prices_update(args: argparse.Namespace) -> int:
-    from spendgate.pricing.litellm import import_file
-
-    dest = ledger.home() / "prices.json"
-    n, skipped = import_file(Path(args.source), dest)
-    doc = {"imported": n, "skipped": len(skipped), "skipped_examples": skipped[:10], "path": str(dest)}
-    if args.json:
-        emit_json(doc)
-    else:
-        print(f"imported {n} model prices into {dest}; {len(skipped)} entries skipped (no complete price)")
-    return 0
 
 
 # -- estimate ---------------------------------------------------------------------------------
@@ -416,15 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spendgate", description="A pre-send spend guard for LLM API calls.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    prices = sub.add_parser("prices", help="show or import model prices")
-    psub = prices.add_subparsers(dest="prices_command", required=True, metavar="ACTION")
-    show = psub.add_parser("show", parents=[common], help="a model's rates and where they came from")
-    show.add_argument("model")
-    show.add_argument("--provider", help="search this provider first (openai, anthropic, google, …)")
-    show.set_defaults(func=cmd_prices_show)
-    upd = psub.add_parser("update", parents=[common], help="import a LiteLLM-format price JSON")
-    upd.add_argument("--from", dest="source", required=True, metavar="FILE")
-    upd.set_defaults(func=cmd_prices_update)
+    prices_parser(sub, common)
 
     est = sub.add_parser("estimate", parents=[common], help="price a request body's worst case")
     est.add_argument("file", metavar="FILE.json")

@@ -4,6 +4,12 @@ That file is the community's shared price list; ``spendgate prices update --from
 it into spendgate's own schema and stores it beside the store, where it is consulted before the
 bundled table. Numbers are parsed straight to ``Decimal`` (never through a float), and an entry
 without both an input and an output price is skipped and counted — never imported as free.
+
+An import merges, field by field, over the price in force: a rate the file gives replaces that
+rate's base (and the tiers the file lists), while tiers, cache rates and variants the file lacks
+stay (LiteLLM's claude-sonnet-4-5 row has no >200K tier; the bundled one stays in force). A
+negative price refuses the whole file; a $0 price on a model the table prices does too, unless
+``allow_free``. Every rate that changes is reported, the ones that went down first.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ import datetime as dt
 import hashlib
 import json
 import re
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from spendgate.errors import ConfigError
-from spendgate.pricing.table import ModelPrice, Rate
+from spendgate.pricing.table import RATE_NAMES, ModelPrice, PriceTable, Rate, Variant
 
 _MTOK = Decimal(1_000_000)
 _FIELDS = {
@@ -46,14 +53,39 @@ def _rate(entry: dict[str, Any], key: str) -> Rate | None:
     return Rate(Decimal(base) * _MTOK, tuple(sorted(tiers)))
 
 
-def convert(raw: dict[str, Any], source: str) -> tuple[dict[str, ModelPrice], list[str]]:
-    """LiteLLM rows -> prices keyed by lower-case model id; also the ids skipped, and why."""
+def _check_numbers(model_id: str, entry: dict[str, Any], allow_free: bool) -> str | None:
+    """Refuse a negative price (always) and note a zero one (a reason to skip or refuse the row)."""
+    zero = None
+    for key, v in entry.items():
+        if "cost" not in key or isinstance(v, bool) or not isinstance(v, Decimal | int):
+            continue
+        if v < 0:
+            raise ConfigError(f"{model_id}: {key} is {v}; a price is never negative (nothing imported)")
+        if v == 0 and not allow_free and zero is None and key in _CHECKED_ZERO:
+            if key == "output_cost_per_token" and entry.get("mode") == "embedding":
+                continue  # an embedding bills no output: its $0 output is no price at all
+            zero = key
+    return zero
+
+
+_CHECKED_ZERO = frozenset(_FIELDS.values())
+
+
+def convert(raw: dict[str, Any], source: str, allow_free: bool = False
+            ) -> tuple[dict[str, ModelPrice], list[str], dict[str, str]]:
+    """LiteLLM rows -> prices keyed by lower-case model id; also the ids skipped and why, and the
+    rows priced at $0 (model id -> field), left out unless ``allow_free``."""
     out: dict[str, ModelPrice] = {}
     skipped: list[str] = []
+    free: dict[str, str] = {}
     for model_id, entry in raw.items():
         if not isinstance(entry, dict) or model_id == "sample_spec":
             continue
         if entry.get("mode") not in _PRICED_MODES:
+            continue
+        zero = _check_numbers(model_id, entry, allow_free)
+        if zero is not None:
+            free[model_id.lower()] = zero
             continue
         try:
             rates = {name: _rate(entry, key) for name, key in _FIELDS.items()}
@@ -61,7 +93,9 @@ def convert(raw: dict[str, Any], source: str) -> tuple[dict[str, ModelPrice], li
             skipped.append(f"{model_id}: {exc}")
             continue
         inp, outp = rates["input"], rates["output"]
-        if inp is None or (outp is None and entry.get("mode") != "embedding"):
+        if entry.get("mode") == "embedding" and inp is not None and (outp is None or outp.base == 0):
+            outp = inp  # no output tokens; never a $0 rate
+        if inp is None or outp is None:
             skipped.append(f"{model_id}: no input or output price")
             continue
         max_out = entry.get("max_output_tokens")
@@ -70,7 +104,7 @@ def convert(raw: dict[str, Any], source: str) -> tuple[dict[str, ModelPrice], li
             provider=str(entry.get("litellm_provider") or "unknown"),
             model=model_id,
             input=inp,
-            output=outp if outp is not None else Rate(Decimal(0)),
+            output=outp,
             cache_read=rates["cache_read"],
             cache_write=rates["cache_write"],
             cache_write_1h=rates["cache_write_1h"],
@@ -78,12 +112,107 @@ def convert(raw: dict[str, Any], source: str) -> tuple[dict[str, ModelPrice], li
             max_output=int(max_out) if isinstance(max_out, int | Decimal) else None,
             context_window=int(ctx) if isinstance(ctx, int | Decimal) else None,
             source=source,
+            variants=_variants(entry),
         )
-    return out, skipped
+    return out, skipped, free
 
 
-def import_file(src: Path, dest: Path) -> tuple[int, list[str]]:
-    """Convert ``src`` and write it to ``dest`` atomically; returns (models imported, skipped)."""
+_VARIANT_SUFFIXES = {"priority": (("service_tier", "priority"),), "flex": (("service_tier", "flex"),),
+                     "batches": (("processing", "batch"),)}
+
+
+def _variants(entry: dict[str, Any]) -> tuple[Variant, ...]:
+    out = []
+    for suffix, when in _VARIANT_SUFFIXES.items():
+        rates = {}
+        for name, key in _FIELDS.items():
+            v = entry.get(f"{key}_{suffix}")
+            if isinstance(v, Decimal | int) and not isinstance(v, bool) and v > 0:
+                rates[name] = Rate(Decimal(v) * _MTOK)
+        if rates:
+            out.append(Variant(when, rates))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One rate an import changes: ``old`` None when the rate is new."""
+
+    model: str
+    field: str
+    old: Decimal | None
+    new: Decimal
+
+    @property
+    def down(self) -> bool:
+        return self.old is not None and self.new < self.old
+
+    def describe(self) -> str:
+        if self.old is None:
+            return f"{self.model} {self.field}: new, ${self.new}"
+        arrow = "DOWN" if self.down else "up"
+        return f"{self.model} {self.field}: ${self.old} -> ${self.new} ({arrow})"
+
+
+@dataclass(slots=True)
+class ImportPlan:
+    """What an import would store: every override (earlier imports kept), and what it changes."""
+
+    source: str
+    prices: dict[str, ModelPrice]
+    changes: list[Change] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    free: dict[str, str] = field(default_factory=dict)
+    imported: int = 0
+
+    @property
+    def lowered(self) -> list[Change]:
+        return [c for c in self.changes if c.down]
+
+
+def _merge_rate(old: Rate | None, new: Rate | None) -> Rate | None:
+    """``new``'s base and tiers over ``old``'s: a tier the file lacks stays in force."""
+    if new is None:
+        return old
+    if old is None:
+        return new
+    tiers = dict(old.tiers)
+    tiers.update(new.tiers)
+    return Rate(new.base, tuple(sorted(tiers.items())))
+
+
+def merge(old: ModelPrice, new: ModelPrice) -> ModelPrice:
+    """``new`` (an imported row) over ``old`` (the price in force), field by field: rates, tiers
+    and variants the file lacks are kept; the output bound is the larger of the two."""
+    rates = {name: _merge_rate(getattr(old, name), getattr(new, name)) for name in RATE_NAMES}
+    variants = {v.when: v for v in old.variants}
+    variants.update({v.when: v for v in new.variants})
+    bounds = [b for b in (old.max_output, new.max_output) if b]
+    return replace(old, **rates, variants=tuple(variants.values()),  # type: ignore[arg-type]
+                   max_output=max(bounds) if bounds else None,
+                   context_window=new.context_window or old.context_window, source=new.source)
+
+
+def _changes(key: str, old: ModelPrice | None, new: ModelPrice) -> list[Change]:
+    out = []
+    for name in RATE_NAMES:
+        after: Rate | None = getattr(new, name)
+        if after is None:
+            continue
+        before: Rate | None = getattr(old, name) if old is not None else None
+        points = [("", after.base, before.base if before is not None else None)]
+        old_tiers = dict(before.tiers) if before is not None else {}
+        points += [(f" above {start:,}", p, old_tiers.get(start)) for start, p in after.tiers]
+        out += [Change(key, name + label, was, now) for label, now, was in points if was != now]
+    return out
+
+
+def plan_import(src: Path, table: PriceTable, allow_free: bool = False) -> ImportPlan:
+    """Read ``src`` (LiteLLM format) and merge it over ``table`` (bundled prices and earlier
+    imports). Raises :class:`ConfigError` naming the model and field for a negative price, and for
+    a $0 price (unless ``allow_free``) on a model the table prices — a $0 row for a model it does
+    not know is left out and listed, so that model stays priced as the dearest."""
     blob = src.read_bytes()
     try:
         raw = json.loads(blob, parse_float=Decimal)
@@ -93,33 +222,64 @@ def import_file(src: Path, dest: Path) -> tuple[int, list[str]]:
         raise ConfigError(f"{src}: expected a JSON object of model ids, got {type(raw).__name__}")
     digest = hashlib.sha256(blob).hexdigest()[:12]
     source = f"imported from {src.name} (sha256 {digest}) on {dt.date.today().isoformat()}"
-    prices, skipped = convert(raw, source)
-    if not prices:
+    try:
+        rows, skipped, free = convert(raw, source, allow_free)
+    except ConfigError as exc:
+        raise ConfigError(f"{src}: {exc}") from exc
+    for key, fld in free.items():
+        if table.resolve(key) is not None:
+            raise ConfigError(f"{src}: {key}: {fld} is 0; importing it would make a priced model free "
+                              "(pass --allow-free if it really is; nothing imported)")
+    if not rows:
         raise ConfigError(f"{src}: no model with both an input and an output price")
+    plan = ImportPlan(source, dict(table.overrides), skipped=skipped, free=free, imported=len(rows))
+    for key, row in rows.items():
+        found = table.resolve(key)
+        old = found.price if found is not None else None
+        merged = merge(old, row) if old is not None else row
+        plan.changes += _changes(key, old, merged)
+        if old is None:
+            plan.added.append(key)
+        plan.prices[key] = merged
+    return plan
+
+
+def write_import(plan: ImportPlan, dest: Path) -> None:
     doc = {
-        "source": source,
+        "source": plan.source,
         "models": {
             k: {"provider": p.provider, "model": p.model, "rates": p.rates_json(),
+                "variants": [v.to_json() for v in p.variants], "source": p.source,
                 "max_output": p.max_output, "context_window": p.context_window}
-            for k, p in prices.items()
+            for k, p in plan.prices.items()
         },
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(dest)
-    return len(prices), skipped
+
+
+def import_file(src: Path, dest: Path, table: PriceTable | None = None,
+                allow_free: bool = False) -> tuple[int, list[str]]:
+    """Merge ``src`` over ``table`` (default: the bundled table with ``dest``'s earlier imports)
+    and write ``dest`` atomically; returns (models imported, skipped)."""
+    base = table if table is not None else PriceTable.bundled().with_overrides(dest)
+    plan = plan_import(src, base, allow_free)
+    write_import(plan, dest)
+    return plan.imported, plan.skipped
 
 
 def load_imported(path: Path) -> dict[str, ModelPrice]:
-    """Read what :func:`import_file` wrote."""
+    """Read what :func:`write_import` wrote."""
     from spendgate.pricing.table import _model_price
 
     try:
         doc = json.loads(path.read_text())
         return {
             k: _model_price(m["provider"], m["model"], m["rates"], m.get("max_output"),
-                            m.get("context_window"), doc["source"], None)
+                            m.get("context_window"), m.get("source") or doc["source"], None,
+                            tuple(Variant.from_json(v) for v in m.get("variants", ())))
             for k, m in doc["models"].items()
         }
     except (KeyError, TypeError, json.JSONDecodeError) as exc:

@@ -1,0 +1,127 @@
+"""``spendgate prices show MODEL`` and ``spendgate prices update --from FILE``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from spendgate import ledger
+from spendgate.cli.output import emit_json, table
+from spendgate.pricing.table import FEE_RATES, ModelPrice, Rate
+
+
+def _rate_cells(name: str, rate: Rate) -> tuple[str, str, str]:
+    unit = "per 1,000 requests" if name in FEE_RATES else "per Mtok"
+    tiers = ", ".join(f"${p} above {s:,} tokens" for s, p in rate.tiers)
+    return name, f"${rate.base} {unit}", tiers
+
+
+def _variant_rows(p: ModelPrice) -> list[tuple[str, str, str]]:
+    rows = []
+    for v in p.variants:
+        if not v.rates:
+            rows.append((v.label, "standard rates", v.since or ""))
+            continue
+        rates = ", ".join(f"{n} ${r.base}" + (" (+tiers)" if r.tiers else "") for n, r in v.rates.items())
+        rows.append((v.label, rates, v.since or ""))
+    return rows
+
+
+def cmd_prices_show(args: argparse.Namespace) -> int:
+    from spendgate.cli.main import Context
+
+    ctx = Context.from_args(args)
+    res = ctx.prices.resolve(args.model, args.provider)
+    if res is None:
+        dear = ctx.prices.dearest(args.provider)
+        doc: dict[str, Any] = {
+            "model": args.model, "known": False, "unpriced_policy": ctx.policy.unpriced,
+            "charged_as": f"{dear.provider}/{dear.model}" if ctx.policy.unpriced == "dearest" else None,
+            "rates_usd_per_mtok": dear.rates_json() if ctx.policy.unpriced == "dearest" else None}
+        if args.json:
+            emit_json(doc)
+        else:
+            msg = (f"charged as the dearest known model, {dear.provider}/{dear.model}"
+                   if ctx.policy.unpriced == "dearest" else "refused (unpriced = \"block\")")
+            print(f"{args.model}: no price known; {msg}.")
+        return 1
+    p = res.price
+    warning = ctx.prices.stale_note(p) or ctx.prices.stale_warning()
+    doc = {"model": args.model, "known": True, "resolved": f"{p.provider}/{p.model}", "how": res.how,
+           "rates_usd_per_mtok": p.rates_json(), "max_output": p.max_output,
+           "variants": [v.to_json() for v in p.variants],
+           "context_window": p.context_window, "source": p.source, "price_since": p.since,
+           "price_checked": ctx.prices.price_date(p), "note": p.note or None,
+           "table_built": ctx.prices.built, "warning": warning}
+    if args.json:
+        emit_json(doc)
+        return 0
+    print(f"{args.model} -> {p.provider}/{p.model} ({res.how})")
+    table(("rate", "USD", "tiers"), [_rate_cells(n, r) for n, r in p.rates().items()])
+    if p.variants:
+        print("variants (a request or response naming one is priced at its rates; the rest stay standard):")
+        table(("when", "rates (USD per Mtok)", "since"), _variant_rows(p))
+    print(f"max output: {p.max_output or 'unknown (bounded by the context window)'}; "
+          f"context window: {p.context_window or 'unknown'}")
+    if p.note:
+        print(f"note: {p.note}")
+    print(f"source: {p.source}" + (f", price since {p.since}" if p.since else "") +
+          f"; table built {ctx.prices.built}")
+    if warning:
+        print(f"warning: {warning}")
+    return 0
+
+
+def cmd_prices_update(args: argparse.Namespace) -> int:
+    from spendgate.cli.main import Context
+    from spendgate.pricing.litellm import plan_import, write_import
+
+    ctx = Context.from_args(args)
+    dest = ledger.home() / "prices.json"
+    plan = plan_import(Path(args.source), ctx.prices, allow_free=args.allow_free)
+    if not args.dry_run:
+        write_import(plan, dest)
+    down = plan.lowered
+    doc = {"imported": plan.imported, "added": len(plan.added), "changed": len(plan.changes),
+           "lowered": [{"model": c.model, "field": c.field, "from": str(c.old), "to": str(c.new)} for c in down],
+           "raised_or_new": [{"model": c.model, "field": c.field, "from": None if c.old is None else str(c.old),
+                              "to": str(c.new)} for c in plan.changes if not c.down],
+           "skipped": len(plan.skipped), "skipped_examples": plan.skipped[:10],
+           "free_left_out": sorted(plan.free), "dry_run": args.dry_run, "path": str(dest)}
+    if args.json:
+        emit_json(doc)
+        return 0
+    verb = "would import" if args.dry_run else "imported"
+    print(f"{verb} {plan.imported} model prices into {dest}: {len(plan.added)} new models, "
+          f"{len(plan.changes)} rates changed, {len(down)} of them DOWN; {len(plan.skipped)} entries skipped "
+          f"(no complete price), {len(plan.free)} left out for a $0 price (--allow-free imports them)")
+    if down:
+        print("rates that went DOWN:")
+        for c in down:
+            print(f"  {c.describe()}")
+    ups = [c for c in plan.changes if not c.down and c.old is not None]
+    if ups:
+        print("rates that went up:")
+        for c in ups:
+            print(f"  {c.describe()}")
+    if args.dry_run:
+        print("dry run: nothing written")
+    return 0
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``prices`` command group."""
+    prices = sub.add_parser("prices", help="show or import model prices")
+    psub = prices.add_subparsers(dest="prices_command", required=True, metavar="ACTION")
+    show = psub.add_parser("show", parents=[common], help="a model's rates, variants and where they came from")
+    show.add_argument("model")
+    show.add_argument("--provider", help="search this provider first (openai, anthropic, google, …)")
+    show.set_defaults(func=cmd_prices_show)
+    upd = psub.add_parser("update", parents=[common],
+                          help="merge a LiteLLM-format price JSON over the prices in force")
+    upd.add_argument("--from", dest="source", required=True, metavar="FILE")
+    upd.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
+    upd.add_argument("--allow-free", action="store_true",
+                     help="import $0 prices (refused by default on a priced model, left out otherwise)")
+    upd.set_defaults(func=cmd_prices_update)
