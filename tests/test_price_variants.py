@@ -374,3 +374,10 @@ def test_batch_processing_variant_is_half_price() -> None:
     u = read_usage({"usage": {"input_tokens": 1000, "output_tokens": 100, "service_tier": "batch"}})
     assert u.served() == {"processing": "batch"}
     assert usage_nanos(p.at_variant(u.served()), u) == nanos(mtok(1000, "2.5") + mtok(100, "12.5"))
+
+
+def test_an_unknown_model_is_bounded_by_the_largest_output_of_its_provider() -> None:
+    est = Estimator(PriceTable.bundled()).estimate(
+        "openai", "/v1/chat/completions", {"model": "gpt-99-unknown", "messages": [{"role": "user", "content": "x"}]})
+    assert est.price.how == "dearest"
+    assert est.output_tokens == max(r.max_output or 0 for r in TABLE.entries["openai"]) >= 128_000

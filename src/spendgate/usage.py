@@ -291,7 +291,7 @@ KNOWN = frozenset({
     "cache_write_tokens", "audio_tokens", "image_tokens", "text_tokens", "reasoning_tokens",
     "accepted_prediction_tokens", "rejected_prediction_tokens", "cache_read_input_tokens",
     "cache_creation_input_tokens", "ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens",
-    "web_search_requests", "promptTokenCount", "candidatesTokenCount", "totalTokenCount",
+    "web_search_requests", "web_fetch_requests", "promptTokenCount", "candidatesTokenCount", "totalTokenCount",
     "cachedContentTokenCount", "thoughtsTokenCount", "toolUsePromptTokenCount",
 })
 _BILLABLE = re.compile(r"(?:_tokens|TokenCount|_requests)$")

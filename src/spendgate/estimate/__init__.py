@@ -135,6 +135,9 @@ class Estimator:
         requested = shape.requested_output
         if requested is None and shape.api_default_output is not None:
             bound, why = shape.api_default_output, "API default"
+        elif requested is None and res.how == "dearest":
+            # an unknown model may write as much as any model of its provider, not only the dearest
+            bound, why = self.prices.largest_output(provider), "largest maximum output of the provider"
         else:
             bound, why = res.price.output_bound(shape.input_tokens, requested)
         out = bound * max(shape.choices, 1)

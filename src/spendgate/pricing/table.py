@@ -406,6 +406,13 @@ class PriceTable:
         assert best is not None, "price table is empty"
         return best
 
+    def largest_output(self, provider: str | None) -> int:
+        """The largest maximum output of any model of ``provider`` (all when unknown), at least
+        :data:`FALLBACK_MAX_OUTPUT`: the output bound of an unknown model, which may be any of them."""
+        provs = [provider] if provider in self.entries else list(self.entries)
+        found = [row.max_output for prov in provs for row in self.entries[prov] if row.max_output]
+        return max([FALLBACK_MAX_OUTPUT, *found])
+
     def models(self, provider: str | None = None) -> Iterable[str]:
         for prov, rows in self.entries.items():
             if provider is None or prov == provider:
