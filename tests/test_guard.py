@@ -408,3 +408,165 @@ def test_the_upstream_timeout_is_configurable(serve: Any, how: str) -> None:
                                                   "messages": [{"role": "user", "content": "hi"}]},
                          {"x-mock": "hang"})
     assert status == 504 and err["error"]["code"] == "spendgate_timeout"
+
+
+# -- more ways around, found in review ------------------------------------------------------------
+
+def _raw_http(port: int, head: bytes, body: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        c.settimeout(10)
+        out = b""
+        while b"\r\n\r\n" not in out:
+            out += c.recv(65536)
+        return out
+
+
+def test_a_second_credential_header_is_refused_not_counted_apart_from_the_one_billed(proxy: Any) -> None:
+    s = proxy()
+    body = json.dumps(O1).encode()
+    for name, path in ((b"Authorization: Bearer ", b"/v1/chat/completions"), (b"x-api-key: ", b"/v1/messages")):
+        head = (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                + name + b"sk-junk-1\r\n" + name + b"sk-real\r\n")
+        out = _raw_http(s.port, head, body)
+        assert out.startswith(b"HTTP/1.1 401") and b"more than one" in out, out[:200]
+    assert s.mock.reached() == 0
+
+
+def test_what_a_key_binds_as_tags_beats_the_clients_tags_and_matches_without_them(serve: Any,
+                                                                                monkeypatch: pytest.MonkeyPatch
+                                                                                ) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-provider-key")
+    s = serve(policy='[[budget]]\nname = "ml-team"\nusd = 2\nwindow = "1h"\nper = "team"\naction = "block"\n'
+                     '[[budget]]\nname = "ml-only"\nusd = 3\nwindow = "1h"\nmatch = { tags = { team = "ml" } }\n'
+                     'action = "block"\n')
+    key = json.loads(cli("keys", "create", "--store", s.store_url, "--tag", "team=ml", "--json").stdout)["key"]
+    statuses = [s.post("/v1/chat/completions", O1, {"Authorization": f"Bearer {key}",
+                                                     "X-Spendgate-Tags": f"team=t{i}"})[0] for i in range(4)]
+    assert statuses == [200, 402, 402, 402], "$2 for team ml, whatever team the client names"
+    team = json.loads(cli("keys", "create", "--store", s.store_url, "--team", "ml", "--json").stdout)["key"]
+    store = ledger.open(s.store_url)
+    try:
+        assert s.post("/v1/chat/completions", O1, {"Authorization": f"Bearer {team}"})[0] == 402
+        keys = {b.key for b in store.known_buckets()}
+        assert "ml-only|global=(none)" in keys, "the tag-matched rule applies with no tag sent"
+    finally:
+        store.close()
+
+
+def test_identity_headers_that_are_not_text_are_a_400(proxy: Any) -> None:
+    s = proxy()
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer sk-client\r\nX-Spendgate-Session: caf\xe9\r\nConnection: close\r\n")
+    assert _raw_http(s.port, head, body.encode()).startswith(b"HTTP/1.1 400")
+    status, err = raw_post(s, "/v1/chat/completions", {**json.loads(body), "user": "\udce9"})
+    assert status == 400 and "UTF-8" in err["error"]["message"]
+
+
+@pytest.mark.parametrize("depth", [940, 960, 975, 990])
+def test_a_body_nested_near_the_limit_is_a_400_and_holds_nothing(proxy: Any, depth: int) -> None:
+    s = proxy()
+    nested = "[" * depth + "]" * depth
+    for extra, content in ((',"stream":true', "hi"), ("", "[spendgate: allow=once] hi")):
+        raw = ('{"model":"gpt-4o-mini","max_tokens":5' + extra + ',"x":' + nested +
+               ',"messages":[{"role":"user","content":"' + content + '"}]}').encode()
+        req = urllib.request.Request(s.url + "/v1/chat/completions", data=raw, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": "Bearer sk-x"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status, err = e.code, json.loads(e.read())
+            assert "nests" in err["error"]["message"]
+        assert status in (200, 400)
+    s.settled()
+    assert all(st.held == 0 for st in s.store.states(s.store.known_buckets(), now=time.time()))
+
+
+def test_a_store_failure_on_the_repeat_of_a_held_request_is_a_503(proxy: Any) -> None:
+    from spendgate.errors import StoreError
+
+    s = proxy(SESSION_CAP)
+    assert raw_post(s, "/v1/chat/completions", O1, {"X-Spendgate-Session": "a"})[0] == 402
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("store down")
+
+    s.store.take_record = broken  # type: ignore[method-assign]
+    status, err = raw_post(s, "/v1/chat/completions", O1, {"X-Spendgate-Session": "a"})
+    assert status == 503 and err["error"]["code"] == "spendgate_store_error"
+
+
+def test_an_approval_by_id_answers_only_the_rule_it_was_shown(proxy: Any) -> None:
+    s = proxy({"budget": [{"name": "s-cap", "usd": 1, "window": "1h", "per": "session", "action": "hold"},
+                          {"name": "k-cap", "usd": "1.5", "window": "24h", "per": "key", "action": "hold"}]})
+    small = {**O1, "max_tokens": 1000}  # $0.60, billed in full
+    bill = json.dumps({"prompt_tokens": 10, "completion_tokens": 1000, "total_tokens": 1010})
+    assert raw_post(s, "/v1/chat/completions", small, {"X-Spendgate-Session": "a", "x-mock-usage": bill})[0] == 200
+    assert raw_post(s, "/v1/chat/completions", small, {"X-Spendgate-Session": "b", "x-mock-usage": bill})[0] == 200
+    status, held = raw_post(s, "/v1/chat/completions", small, {"X-Spendgate-Session": "c", "x-mock-usage": bill})
+    assert status == 402 and held["spendgate"]["rule"] == "k-cap"
+    approvals.approve(s.store, held["spendgate"]["decision_id"], None)
+    # meanwhile another key spends in session c: the retry now trips s-cap too, which nobody approved
+    other = {"X-Spendgate-Session": "c", "Authorization": "Bearer sk-other", "x-mock-usage": bill}
+    assert raw_post(s, "/v1/chat/completions", {**small, "max_tokens": 999}, other)[0] == 200
+    status, again = raw_post(s, "/v1/chat/completions", small, {"X-Spendgate-Session": "c", "x-mock-usage": bill})
+    assert status == 402 and again["spendgate"]["rule"] == "s-cap"
+
+
+def test_a_dry_run_spends_no_approval(proxy: Any) -> None:
+    s = proxy({"approvals": {"header_max_usd": 5},
+               "budget": [{"name": "s-cap", "usd": 1, "window": "1h", "per": "session", "action": "hold"}]})
+    for _ in range(3):
+        status, doc = raw_post(s, "/v1/chat/completions", O1, {"X-Spendgate-Session": "a", "X-Spendgate-Estimate": "1",
+                                                               "X-Spendgate-Allow": "max=5"})
+        assert status == 200 and doc["allowed"] is False
+    assert not [e for e in s.store.events(0) if e.kind == "approval"]
+    assert all(st.granted == 0 for st in s.store.states(s.store.known_buckets(), now=time.time()))
+
+
+def test_an_approval_by_id_releases_a_held_request_that_carried_a_directive(proxy: Any) -> None:
+    s = proxy({"approvals": {"inband_max_usd": 0},
+               "budget": [{"name": "soft", "usd": 1, "window": "request", "action": "hold"}]})
+    big = {**O1, "messages": [{"role": "user", "content": "[spendgate: allow=once] go"}]}
+    status, held = raw_post(s, "/v1/chat/completions", big, {"X-Spendgate-Session": "a"})
+    assert status == 402 and "directive was ignored" in held["error"]["message"]
+    approvals.approve(s.store, held["spendgate"]["decision_id"], None)
+    assert raw_post(s, "/v1/chat/completions", big, {"X-Spendgate-Session": "a"})[0] == 200
+    assert "[spendgate" not in s.mock.seen[-1].body.decode(), "the directive is stripped before forwarding"
+
+
+def test_a_stream_cut_after_its_usage_arrived_is_charged_that_usage(proxy: Any) -> None:
+    from aiohttp import web
+
+    usage = {"prompt_tokens": 10, "completion_tokens": 3000, "total_tokens": 3010}
+
+    async def cut_after_usage(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+        await resp.write(b"data: " + json.dumps({**chunk, "choices": [{"index": 0, "delta": {"content": "hi"},
+                                                                        "finish_reason": "stop"}]}).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps({**chunk, "choices": [], "usage": usage}).encode() + b"\n\n")
+        assert request.transport is not None
+        request.transport.close()  # no [DONE], no end of the chunked body
+        return resp
+
+    s = proxy()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", cut_after_usage)
+    s.proxy.config.upstreams["openai"] = f"http://127.0.0.1:{s.bg.serve(app)}"
+    body = {"model": "gpt-4o-mini", "max_tokens": 4000, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hi"}]}
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json",
+                                                                    "Authorization": "Bearer sk-x"})
+    assert b"broke off" in conn.getresponse().read()
+    conn.close()
+    s.settled()
+    [ev] = s.store.events(0)
+    assert ev.cost == 10 * 150 + 3000 * 600, "gpt-4o-mini: $0.15 / $0.60 per Mtok, as billed"

@@ -150,7 +150,7 @@ def approve(store: Ledger, hold_id: str, max_usd: Decimal | None, now: float | N
     p.status = "approved" if max_usd is not None and p.bucket is not None else "approved-once"
     store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
     # the held request's next retry goes through at once (not the 30-second repeat of its refusal)
-    store.put_record(ONCE, once_key(p.ident, p.body), p.id, expires_at=p.expires_at)
+    store.put_record(ONCE, once_key(p.ident, p.body), p.rule, expires_at=p.expires_at)
     granted = usd_to_nanos(max_usd) if p.status == "approved" and max_usd is not None else None
     store.record(approval_event(now, p.id, "operator", by, p.rule, p.bucket[0] if p.bucket else None, granted,
                                 {"session": p.session}))

@@ -79,6 +79,8 @@ class Approval:
     ceiling_usd: Decimal | None = None
     #: already logged by whoever gave it (an approval by id), so the engine logs no second event
     recorded: bool = False
+    #: the one rule it answers (an approval by id answers the hold it was shown), None: any hold
+    rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +443,8 @@ class Engine:
         when its channel's ceiling is used up: the bucket is then checked once more as it stands
         (a request racing this one may just have been granted the headroom). Every approval applied
         is logged as an ``approval`` event."""
+        if approval.rule is not None and approval.rule != trip.rule.name:
+            return False
         ceiling = usd_to_nanos(approval.ceiling_usd) if approval.ceiling_usd is not None else None
         cap = usd_to_nanos(approval.max_usd) if approval.max_usd is not None else None
         if trip.bucket is None:  # a per-call rule: the call itself must fit what was approved

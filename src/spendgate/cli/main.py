@@ -439,7 +439,9 @@ def _seconds(raw: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):  # `spendgate report | head` ends quietly, like any Unix tool
+    if argv is None and hasattr(signal, "SIGPIPE"):
+        # `spendgate report | head` ends quietly, like any Unix tool — only as the command itself:
+        # a program calling main([...]) keeps its own handling of writes to closed sockets
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:

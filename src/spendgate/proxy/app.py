@@ -199,7 +199,11 @@ class Proxy:
             answer = self._answer_in_request(provider, route, raw, body, creds, request.headers)
         except ValueError as exc:
             return error_response(provider, 400, f"spendgate: {exc}")
+        except RecursionError:
+            return error_response(provider, 400, "spendgate: the request body nests too deeply to edit")
         approval, send, body, notes, reply = answer
+        if dry:  # a dry run decides as things stand: it answers no hold and spends no approval
+            approval, reply = None, False
         if reply:
             try:
                 approval, send, body, early = await self._store_io(self._inband_reply, provider, route, raw, body,
@@ -209,22 +213,23 @@ class Proxy:
                                       code="spendgate_store_error")
             if early is not None:
                 return early
-        if approval is None and not dry:
-            repeat = self.recent.get(who, raw, now)
-            if repeat is not None:
-                status, payload, headers, held = repeat
-                if not held or not await self._store_io(self._approved_by_id, who, raw, now):
-                    return web.Response(status=status, body=payload, content_type="application/json",
-                                        headers=headers)
-                approval = Approval(by="spendgate approve", recorded=True)
         req = Request(provider, route, body, ident)
         try:
-            d = await self.engine.adecide(req, now=now, approval=approval)
-            if d.action == "hold" and approval is None and not dry and \
-                    await self._store_io(self._approved_by_id, who, raw, now):
+            by_id: Approval | None = None
+            if approval is None and not dry:
+                repeat = self.recent.get(who, raw, now)
+                if repeat is not None:
+                    status, payload, headers, held = repeat
+                    by_id = await self._store_io(self._approved_by_id, who, send, now) if held else None
+                    if by_id is None:
+                        return web.Response(status=status, body=payload, content_type="application/json",
+                                            headers=headers)
+            d = await self.engine.adecide(req, now=now, approval=by_id or approval)
+            if d.action == "hold" and by_id is None and not dry:
                 # approved by id (on any instance, before or after a restart): the held request's retry passes
-                d = await self.engine.adecide(req, now=now, approval=Approval(by="spendgate approve",
-                                                                               recorded=True))
+                by_id = await self._store_io(self._approved_by_id, who, send, now)
+                if by_id is not None:
+                    d = await self.engine.adecide(req, now=now, approval=by_id)
         except BadRequest as exc:
             return error_response(provider, 400, f"spendgate: {exc}", code="spendgate_unpriceable")
         except UnpricedModel as exc:
@@ -247,7 +252,12 @@ class Proxy:
             except StoreError as exc:
                 return error_response(provider, 503, f"spendgate: the spend store failed: {exc}",
                                       code="spendgate_store_error")
-        out, withhold = outgoing(route, send, d)
+        try:
+            out, withhold = outgoing(route, send, d)
+        except RecursionError:
+            await self._release(d)
+            return error_response(provider, 400, "spendgate: the request body nests too deeply to edit",
+                                  code="spendgate_unpriceable")
         return await self._forward_plain(request, provider, creds, out, d, withhold)
 
     def _answer_in_request(self, provider: str, route: str, raw: bytes, body: dict[str, Any], creds: Credentials,
@@ -309,10 +319,12 @@ class Proxy:
         return (Approval(_capped(ans.max_usd, limits.inband_max_usd), by="in-band yes", channel="inband",
                          ceiling_usd=limits.inband_max_usd), replay, json.loads(replay), None)
 
-    def _approved_by_id(self, who: str, raw: bytes, now: float) -> bool:
-        """Whether an operator approved this very request (same identity, same bytes) by its id;
-        consumed once. Asked only of refused requests, so an allowed one costs no store call."""
-        return self.store.take_record(approvals.ONCE, approvals.once_key(who, raw), now=now) is not None
+    def _approved_by_id(self, who: str, body: bytes, now: float) -> Approval | None:
+        """An operator's approval of this very request (same identity, same bytes) by its id, for
+        the rule it was held by; consumed once. Asked only of held requests, so an allowed one costs
+        no store call."""
+        rule = self.store.take_record(approvals.ONCE, approvals.once_key(who, body), now=now)
+        return Approval(by="spendgate approve", recorded=True, rule=rule) if rule is not None else None
 
     def _refuse(self, request: web.Request, provider: str, route: str, body: bytes, d: Decision, ident: Identity,
                 who: str, now: float, raw: bytes, notes: tuple[str, ...]) -> web.Response:
@@ -471,7 +483,8 @@ class Proxy:
             cut = await self._pump(up, resp, meter)
             if cut is not None:
                 settled = True
-                await self._unknown(d, meter)
+                if d is not None:  # usage that already arrived is the charge; else input + output seen
+                    await self._finish_stream(d, meter)
                 resp.force_close()
                 await resp.write(sse_error(provider, 502, f"spendgate: the {provider} upstream broke off the "
                                                           f"stream ({cut}); the output so far was charged",

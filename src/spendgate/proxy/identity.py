@@ -36,7 +36,16 @@ class Credentials:
     virtual: keys.VirtualKey | None = None
 
 
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+
+
 def credentials(provider: str, headers: Mapping[str, str], store: Ledger) -> Credentials:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        for name in CREDENTIAL_HEADERS:
+            if len(getall(name, ())) > 1:
+                # one copy would be counted and another forwarded: the budget must follow the key billed
+                raise PermissionError(f"the request carries more than one {name} header; send one credential")
     raw = headers.get("x-api-key") if provider == "anthropic" else None
     auth = headers.get("authorization", "")
     if not raw and auth.lower().startswith("bearer "):
@@ -84,14 +93,18 @@ def _client_user(provider: str, headers: Mapping[str, str], body: Mapping[str, A
 def identity(provider: str, headers: Mapping[str, str], body: Mapping[str, Any], creds: Credentials) -> Identity:
     tags = parse_tags(headers.get("x-spendgate-tags", ""))
     vkey = creds.virtual
-    user = vkey.user if vkey is not None and vkey.user else _client_user(provider, headers, body, tags)
-    team = vkey.team if vkey is not None and vkey.team else tags.get("team")
-    # what the key binds wins over any tag of the same name, so a tag-matched rule cannot be dodged
-    tags.update({k: v for k, v in (("user", user), ("team", team)) if v and k in tags})
+    bound: dict[str, str] = {}  # what the key says: it wins over every header, tag and body field
     if vkey is not None:
-        tags.update(vkey.tags)
+        bound.update(vkey.tags)
+        bound.update({k: v for k, v in (("user", vkey.user), ("team", vkey.team)) if v})
+    tags.update(bound)  # so a rule matching a tag sees the key's value whether or not the client sent it
+    user = bound.get("user") or _client_user(provider, headers, body, tags)
     session = next((headers[h] for h in SESSION_HEADERS if headers.get(h)), None)
-    agent = (vkey.tags.get("agent") if vkey is not None else None) or headers.get("x-spendgate-agent") \
-        or tags.get("agent")
-    return Identity(key=creds.key_hash, user=user or None, team=team or None, session=session, agent=agent,
-                    feature=tags.get("feature"), tags=tags)
+    agent = bound.get("agent") or headers.get("x-spendgate-agent") or tags.get("agent")
+    ident = Identity(key=creds.key_hash, user=user or None, team=tags.get("team") or None, session=session,
+                     agent=agent, feature=tags.get("feature"), tags=tags)
+    try:
+        ident.fingerprint().encode()
+    except UnicodeEncodeError:
+        raise ValueError("a session, user, agent or tag value is not valid UTF-8 text") from None
+    return ident
