@@ -381,3 +381,16 @@ def test_an_unknown_model_is_bounded_by_the_largest_output_of_its_provider() -> 
         "openai", "/v1/chat/completions", {"model": "gpt-99-unknown", "messages": [{"role": "user", "content": "x"}]})
     assert est.price.how == "dearest"
     assert est.output_tokens == max(r.max_output or 0 for r in TABLE.entries["openai"]) >= 128_000
+
+
+def test_a_web_search_tool_with_max_uses_is_held_at_its_fee() -> None:
+    body = {"model": "claude-opus-4-8", "max_tokens": 100, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]}
+    e = Estimator(PriceTable.bundled())
+    with_tool = e.estimate("anthropic", "/v1/messages", body)
+    without = e.estimate("anthropic", "/v1/messages", {k: v for k, v in body.items() if k != "tools"})
+    assert with_tool.searches == 5
+    assert with_tool.cost_nanos - e.price("anthropic", "/v1/messages", with_tool.shape).cost_nanos == nanos(
+        5 * Decimal("0.01"))
+    assert with_tool.cost_nanos > without.cost_nanos
+    assert e.with_output(with_tool, 50).searches == 5

@@ -12,7 +12,7 @@ from spendgate.errors import BadRequest, UnpricedModel
 from spendgate.estimate import anthropic, openai
 from spendgate.estimate.shape import TokenShape
 from spendgate.money import fmt_usd
-from spendgate.pricing.cost import worst_case_nanos
+from spendgate.pricing.cost import Usage, usage_nanos, worst_case_nanos
 from spendgate.pricing.table import PriceTable, Resolution
 
 log = logging.getLogger("spendgate.estimate")
@@ -45,6 +45,8 @@ class Estimate:
     cost_nanos: int
     #: the price variant the request asks for (``{"service_tier": "priority"}``), held at its rates
     variant: Mapping[str, str] = field(default_factory=dict)
+    #: web searches the request allows at most (Anthropic's ``max_uses``), held at the model's fee
+    searches: int = 0
 
     @property
     def model(self) -> str:
@@ -125,8 +127,24 @@ class Estimator:
             log.warning(warning)
         return Resolution(model, dear, "dearest", warning)
 
+    @staticmethod
+    def searches(provider: str, body: Any) -> int:
+        """The most web searches a request allows: the sum of its web-search tools' ``max_uses``
+        (Anthropic). A tool without one is not bounded before send; its searches are charged on
+        capture from ``usage.server_tool_use``."""
+        tools = body.get("tools") if isinstance(body, Mapping) else None
+        if provider != "anthropic" or not isinstance(tools, list):
+            return 0
+        n = 0
+        for tool in tools:
+            if isinstance(tool, Mapping) and str(tool.get("type", "")).startswith("web_search"):
+                uses = tool.get("max_uses")
+                if isinstance(uses, int) and not isinstance(uses, bool) and uses > 0:
+                    n += uses
+        return n
+
     def price(self, provider: str, route: str, shape: TokenShape,
-              variant: Mapping[str, str] | None = None) -> Estimate:
+              variant: Mapping[str, str] | None = None, searches: int = 0) -> Estimate:
         res = self.resolve(shape.model, provider)
         if variant:
             at = res.price.at_variant(variant)
@@ -146,11 +164,15 @@ class Estimator:
             # input may be a cache write, so it is held at the dearer of the two rates
             shape = replace(shape, cache_write="5m")
         cost = worst_case_nanos(res.price, shape.input_tokens, out, shape.cache_write)
-        return Estimate(provider, route, shape, res, out, why, cost, dict(variant or {}))
+        if searches:
+            cost += usage_nanos(res.price, Usage(web_searches=searches))
+        return Estimate(provider, route, shape, res, out, why, cost, dict(variant or {}), searches)
 
     def estimate(self, provider: str, route: str, body: Any) -> Estimate:
-        return self.price(provider, route, self.shape(provider, route, body), self.variant(provider, body))
+        return self.price(provider, route, self.shape(provider, route, body), self.variant(provider, body),
+                          self.searches(provider, body))
 
     def with_output(self, est: Estimate, max_output: int) -> Estimate:
         """``est`` re-priced with its per-choice output bound set to ``max_output`` (a clamp)."""
-        return self.price(est.provider, est.route, replace(est.shape, requested_output=max_output), est.variant)
+        return self.price(est.provider, est.route, replace(est.shape, requested_output=max_output), est.variant,
+                          est.searches)
