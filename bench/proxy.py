@@ -190,13 +190,18 @@ def main() -> None:
               f"(including this load generator on the same {os.cpu_count()} cores); "
               f"proxy CPU {cpu / n * 1e6:,.0f} µs per request")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Ask every helper process to stop (SIGINT: aiohttp shuts down cleanly), then make sure."""
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 if __name__ == "__main__":

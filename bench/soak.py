@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import aiohttp
 
+from proxy import stop_all  # bench/proxy.py, beside this script
 from spendgate import ledger
 from spendgate.ledger import Swept
 
@@ -207,13 +207,7 @@ def main() -> int:
         wall = time.perf_counter() - t
         stop.set()
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
     if swept:
         print(f"{len(swept)} sweeps: {sum(s.expired for s in swept)} holds expired, "
               f"{sum(s.pruned for s in swept):,} buckets pruned, {sum(s.events_deleted for s in swept):,} events "

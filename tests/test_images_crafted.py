@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,22 +16,7 @@ from spendgate.errors import BadRequest
 from spendgate.estimate.images import anthropic_tokens, openai_tiles, size_of
 from spendgate.policy import default_policy
 from tests.harness import Servers
-
-
-def png(w: int, h: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-
-
-def jpeg(w: int, h: int) -> bytes:
-    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
-    sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, h, w, 1) + b"\x01\x11\x00"
-    return b"\xff\xd8" + app0 + sof0 + b"\xff\xd9"
-
-
-def gif(w: int, h: int) -> bytes:
-    return b"GIF89a" + struct.pack("<HH", w, h) + b"\x00\x00\x00"
+from tests.test_images import gif, jpeg, png
 
 
 def webp_lossy(w: int, h: int) -> bytes:
