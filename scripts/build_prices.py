@@ -1,16 +1,21 @@
 """Build spendgate's bundled price table (``src/spendgate/pricing/data/prices.json``).
 
 Prices come from pydantic's ``genai-prices`` (Decimal prices, token tiers, 5-minute and
-1-hour cache writes, curated model-id match rules, dated price changes). That package has no
-maximum output per model, which spendgate needs to bound a request that names no
-``max_tokens``; those come from the LiteLLM-format JSON inside the ``litellm`` wheel. Both are
-read as *data* at build time: neither package is a run-time dependency, and the litellm wheel
-is only unzipped, never installed or imported.
+1-hour cache writes, curated model-id match rules, dated price changes, and ``price_variants``:
+service tier, Anthropic speed, batch processing — each with its start date; audio, image and video
+token rates; web-search and file-search fees per 1,000 requests). That package has no maximum
+output per model, which spendgate needs to bound a request that names no ``max_tokens``; those
+come from the LiteLLM-format JSON inside the ``litellm`` wheel and the providers' documented
+limits, whichever is larger. OpenAI, Anthropic and Google models that only LiteLLM prices per
+token are added from it (with its ``_priority`` / ``_flex`` / ``_batches`` rates as variants);
+what neither source prices per token (per image, second or character) or prices at $0 is left
+out and listed. Both are read as *data* at build time: neither package is a run-time dependency,
+and the litellm wheel is only unzipped, never installed or imported.
 
 Run from the repository root (needs network, once, at build time):
 
-    .venv/bin/pip install genai-prices==0.2.3
-    .venv/bin/python scripts/build_prices.py
+    .venv/bin/pip install --target /tmp/gp genai-prices==0.2.3
+    PYTHONPATH=/tmp/gp .venv/bin/python scripts/build_prices.py [-v] [--litellm-json FILE]
 """
 
 from __future__ import annotations
