@@ -394,3 +394,25 @@ def test_a_web_search_tool_with_max_uses_is_held_at_its_fee() -> None:
         5 * Decimal("0.01"))
     assert with_tool.cost_nanos > without.cost_nanos
     assert e.with_output(with_tool, 50).searches == 5
+
+
+def test_openai_web_search_calls_in_a_responses_output_are_charged_per_call() -> None:
+    from spendgate.usage import usage_from_body
+    from spendgate.wire.stream import StreamMeter
+
+    usage = {"input_tokens": 1000, "output_tokens": 100, "total_tokens": 1100,
+             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+    resp = {"id": "resp_1", "object": "response", "service_tier": "default",
+            "output": [{"type": "web_search_call", "id": "ws_1", "status": "completed"},
+                       {"type": "web_search_call", "id": "ws_2", "status": "completed"},
+                       {"type": "message", "content": [{"type": "output_text", "text": "a \"web_search_call\""}]}],
+            "usage": usage}
+    expected = nanos(mtok(1000, "1.25") + mtok(100, "10") + 2 * Decimal("0.01"))
+    p = price("gpt-5", "openai")
+    u = read_usage(usage_from_body(json.dumps(resp).encode()))
+    assert u.web_searches == 2 and usage_nanos(p, u) == expected
+    meter = StreamMeter("openai")
+    meter.feed(b"event: response.completed\ndata: " + json.dumps(
+        {"type": "response.completed", "response": resp}).encode() + b"\n\n")
+    streamed, _ = meter.capture_args(1.0)
+    assert isinstance(streamed, Usage) and usage_nanos(p, streamed) == expected

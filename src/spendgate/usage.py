@@ -187,7 +187,16 @@ def _openai(u: Mapping[str, Any], w: str, inp: int, out: int, in_details: str, o
     return Usage(input=text, cache_read=cached - c_audio - c_image, cache_write_5m=write, output=out,
                  reasoning=reasoning, input_audio=audio - c_audio, cache_audio_read=c_audio,
                  input_image=image - c_image, cache_image_read=c_image, output_audio=o_audio,
-                 output_image=o_image, tier=_tier(u, payload))
+                 output_image=o_image, web_searches=_calls(u, payload), tier=_tier(u, payload))
+
+
+def _calls(u: Mapping[str, Any], payload: Mapping[str, Any] | None) -> int:
+    """OpenAI web search calls, counted from the response's output beside the usage."""
+    for where in (u, payload or {}):
+        v = where.get("web_search_calls")
+        if type(v) is int and v > 0:
+            return v
+    return 0
 
 
 _IN = {"prompt_tokens_details": "prompt_tokens", "input_tokens_details": "input_tokens",
@@ -343,6 +352,11 @@ def usage_from_body(data: bytes) -> Mapping[str, Any] | None:
             tier = _value_of(data, b'"service_tier":')  # OpenAI: the tier served, beside the usage
             if isinstance(tier, str):
                 found["service_tier"] = tier
+            # a Responses output item per web search, each billed per call ("web_search_call"
+            # cannot occur unescaped inside a JSON string, so only a type value matches)
+            calls = data.count(b'"web_search_call"')
+            if calls:
+                found["web_search_calls"] = calls
             return found
     try:
         payload = json.loads(data)

@@ -38,9 +38,18 @@ def _merge_anthropic(start: dict[str, Any], delta: dict[str, Any]) -> dict[str, 
 
 
 def _with_tier(usage: dict[str, Any], outer: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI reports the tier it served beside the usage, not in it: carry it along for capture."""
+    """OpenAI reports the tier it served beside the usage, not in it, and bills each web search
+    call of a Responses output apart from it: carry both along for capture."""
+    extra: dict[str, Any] = {}
     tier = outer.get("service_tier")
-    return {**usage, "service_tier": tier} if isinstance(tier, str) and "service_tier" not in usage else usage
+    if isinstance(tier, str) and "service_tier" not in usage:
+        extra["service_tier"] = tier
+    output = outer.get("output")
+    if isinstance(output, list):
+        calls = sum(1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call")
+        if calls:
+            extra["web_search_calls"] = calls
+    return {**usage, **extra} if extra else usage
 
 
 class StreamMeter:
