@@ -151,3 +151,14 @@ def test_stale_prices_are_noted_in_decisions() -> None:
     fresh = Estimator(PriceTable.bundled()).estimate(
         "openai", "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
     assert fresh.price.warning is None
+
+
+def test_audio_rates_are_imported_and_a_zero_one_means_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = {"acme/voice": {"input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05,
+                           "input_cost_per_audio_token": 3.2e-05, "output_cost_per_audio_token": 0,
+                           "mode": "chat"}}
+    assert run(capsys, "prices", "update", "--from", str(write(tmp_path, rows)))[0] == 0
+    p = table().resolve("acme/voice").price  # type: ignore[union-attr]
+    assert p.input_audio is not None and p.input_audio.base == 32 and p.output_audio is None
+    u = Usage(input_audio=1000, output=1000, output_audio=1000)
+    assert usage_nanos(p, u) == (1000 * 32 + 1000 * 10) * 1000, "no audio-out rate: the text rate, never $0"

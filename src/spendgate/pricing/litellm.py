@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from spendgate.errors import ConfigError
-from spendgate.pricing.table import RATE_NAMES, ModelPrice, PriceTable, Rate, Variant
+from spendgate.pricing.table import RATE_NAMES, UNIT_RATES, ModelPrice, PriceTable, Rate, Variant
 
 _MTOK = Decimal(1_000_000)
 _FIELDS = {
@@ -35,6 +35,16 @@ _FIELDS = {
     "cache_write_1h": "cache_creation_input_token_cost_above_1hr",
     "reasoning": "output_cost_per_reasoning_token",
 }
+#: the rates a $0 price is checked on (a $0 audio rate on a text model means "none")
+_CHECKED_ZERO = frozenset(_FIELDS.values())
+_FIELDS.update({
+    "input_audio": "input_cost_per_audio_token",
+    "output_audio": "output_cost_per_audio_token",
+    "cache_audio_read": "cache_read_input_audio_token_cost",
+    "input_image": "input_cost_per_image_token",
+    "output_image": "output_cost_per_image_token",
+    "cache_image_read": "cache_read_input_image_token_cost",
+})
 _TIER = re.compile(r"^(?P<field>[a-z_]+?)_above_(?P<k>\d+)k_tokens$")
 _PRICED_MODES = {"chat", "completion", "responses", "embedding", None}
 
@@ -67,8 +77,6 @@ def _check_numbers(model_id: str, entry: dict[str, Any], allow_free: bool) -> st
             zero = key
     return zero
 
-
-_CHECKED_ZERO = frozenset(_FIELDS.values())
 
 
 def convert(raw: dict[str, Any], source: str, allow_free: bool = False
@@ -113,6 +121,7 @@ def convert(raw: dict[str, Any], source: str, allow_free: bool = False
             context_window=int(ctx) if isinstance(ctx, int | Decimal) else None,
             source=source,
             variants=_variants(entry),
+            **{name: r for name in UNIT_RATES if (r := rates.get(name)) is not None and r.base > 0},  # type: ignore[arg-type]
         )
     return out, skipped, free
 
