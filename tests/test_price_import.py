@@ -111,8 +111,8 @@ def test_every_rate_that_goes_down_is_listed_and_dry_run_writes_nothing(tmp_path
     src = write(tmp_path, rows)
     code, out, _ = run(capsys, "prices", "update", "--from", str(src), "--dry-run")
     assert code == 0 and "dry run" in out
-    assert "gpt-4o input: $2.5 -> $2.000000 (DOWN)" in out
-    assert "gpt-4o output: $10 -> $12.000000 (up)" in out
+    assert "gpt-4o input: $2.5 -> $2 (DOWN)" in out
+    assert "gpt-4o output: $10 -> $12 (up)" in out
     assert not (ledger.home() / "prices.json").exists()
     code, out, _ = run(capsys, "prices", "update", "--from", str(src), "--json")
     doc = json.loads(out)
@@ -162,3 +162,15 @@ def test_audio_rates_are_imported_and_a_zero_one_means_none(tmp_path: Path, caps
     assert p.input_audio is not None and p.input_audio.base == 32 and p.output_audio is None
     u = Usage(input_audio=1000, output=1000, output_audio=1000)
     assert usage_nanos(p, u) == (1000 * 32 + 1000 * 10) * 1000, "no audio-out rate: the text rate, never $0"
+
+
+def test_skip_free_imports_the_rest_and_keeps_the_price_in_force(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    rows = {"gpt-4o": {"input_cost_per_token": 0, "output_cost_per_token": 0, "mode": "chat"},
+            "claude-sonnet-4-5": SONNET_45}
+    src = write(tmp_path, rows)
+    assert run(capsys, "prices", "update", "--from", str(src))[0] != 0
+    code, out, _ = run(capsys, "prices", "update", "--from", str(src), "--skip-free")
+    assert code == 0 and "1 left out for a $0 price" in out
+    assert table().resolve("gpt-4o", "openai").how == "exact"  # type: ignore[union-attr]
+    assert table().resolve("claude-sonnet-4-5", "anthropic").how == "imported"  # type: ignore[union-attr]

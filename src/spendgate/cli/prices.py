@@ -79,7 +79,7 @@ def cmd_prices_update(args: argparse.Namespace) -> int:
 
     ctx = Context.from_args(args)
     dest = ledger.home() / "prices.json"
-    plan = plan_import(Path(args.source), ctx.prices, allow_free=args.allow_free)
+    plan = plan_import(Path(args.source), ctx.prices, allow_free=args.allow_free, skip_free=args.skip_free)
     if not args.dry_run:
         write_import(plan, dest)
     down = plan.lowered
@@ -93,14 +93,14 @@ def cmd_prices_update(args: argparse.Namespace) -> int:
         emit_json(doc)
         return 0
     verb = "would import" if args.dry_run else "imported"
-    print(f"{verb} {plan.imported} model prices into {dest}: {len(plan.added)} new models, "
-          f"{len(plan.changes)} rates changed, {len(down)} of them DOWN; {len(plan.skipped)} entries skipped "
-          f"(no complete price), {len(plan.free)} left out for a $0 price (--allow-free imports them)")
+    ups = [c for c in plan.changes if not c.down and c.old is not None]
+    print(f"{verb} {plan.imported} model prices into {dest}: {len(plan.added)} new models; "
+          f"{len(down)} rates DOWN, {len(ups)} up, {len(plan.changes) - len(down) - len(ups)} new; "
+          f"{len(plan.skipped)} entries skipped (no complete price), {len(plan.free)} left out for a $0 price")
     if down:
         print("rates that went DOWN:")
         for c in down:
             print(f"  {c.describe()}")
-    ups = [c for c in plan.changes if not c.down and c.old is not None]
     if ups:
         print("rates that went up:")
         for c in ups:
@@ -122,6 +122,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                           help="merge a LiteLLM-format price JSON over the prices in force")
     upd.add_argument("--from", dest="source", required=True, metavar="FILE")
     upd.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
-    upd.add_argument("--allow-free", action="store_true",
-                     help="import $0 prices (refused by default on a priced model, left out otherwise)")
+    free = upd.add_mutually_exclusive_group()
+    free.add_argument("--allow-free", action="store_true",
+                      help="import $0 input/output prices (refused by default on a priced model)")
+    free.add_argument("--skip-free", action="store_true",
+                      help="leave rows with a $0 input/output price out and import the rest")
     upd.set_defaults(func=cmd_prices_update)

@@ -35,8 +35,9 @@ _FIELDS = {
     "cache_write_1h": "cache_creation_input_token_cost_above_1hr",
     "reasoning": "output_cost_per_reasoning_token",
 }
-#: the rates a $0 price is checked on (a $0 audio rate on a text model means "none")
-_CHECKED_ZERO = frozenset(_FIELDS.values())
+#: the rates a $0 price is refused on; a $0 cache, reasoning, audio or image rate means "none"
+#: (LiteLLM writes 0 for DeepSeek's cache write): it is dropped, and the fallback applies
+_CHECKED_ZERO = frozenset({"input_cost_per_token", "output_cost_per_token"})
 _FIELDS.update({
     "input_audio": "input_cost_per_audio_token",
     "output_audio": "output_cost_per_audio_token",
@@ -100,6 +101,9 @@ def convert(raw: dict[str, Any], source: str, allow_free: bool = False
         except ConfigError as exc:
             skipped.append(f"{model_id}: {exc}")
             continue
+        if not allow_free:
+            rates = {name: r if name in ("input", "output") or r is None or r.base > 0 else None
+                     for name, r in rates.items()}
         inp, outp = rates["input"], rates["output"]
         if entry.get("mode") == "embedding" and inp is not None and (outp is None or outp.base == 0):
             outp = inp  # no output tokens; never a $0 rate
@@ -158,9 +162,13 @@ class Change:
 
     def describe(self) -> str:
         if self.old is None:
-            return f"{self.model} {self.field}: new, ${self.new}"
+            return f"{self.model} {self.field}: new, ${_num(self.new)}"
         arrow = "DOWN" if self.down else "up"
-        return f"{self.model} {self.field}: ${self.old} -> ${self.new} ({arrow})"
+        return f"{self.model} {self.field}: ${_num(self.old)} -> ${_num(self.new)} ({arrow})"
+
+
+def _num(d: Decimal) -> str:
+    return format(d.normalize(), "f")
 
 
 @dataclass(slots=True)
@@ -217,11 +225,12 @@ def _changes(key: str, old: ModelPrice | None, new: ModelPrice) -> list[Change]:
     return out
 
 
-def plan_import(src: Path, table: PriceTable, allow_free: bool = False) -> ImportPlan:
+def plan_import(src: Path, table: PriceTable, allow_free: bool = False, skip_free: bool = False) -> ImportPlan:
     """Read ``src`` (LiteLLM format) and merge it over ``table`` (bundled prices and earlier
     imports). Raises :class:`ConfigError` naming the model and field for a negative price, and for
-    a $0 price (unless ``allow_free``) on a model the table prices — a $0 row for a model it does
-    not know is left out and listed, so that model stays priced as the dearest."""
+    a $0 price (unless ``allow_free``) on a model the table prices, unless ``skip_free`` leaves
+    those rows out (the price in force stays). A $0 row for a model it does not know is left out
+    and listed, so that model stays priced as the dearest."""
     blob = src.read_bytes()
     try:
         raw = json.loads(blob, parse_float=Decimal)
@@ -235,10 +244,13 @@ def plan_import(src: Path, table: PriceTable, allow_free: bool = False) -> Impor
         rows, skipped, free = convert(raw, source, allow_free)
     except ConfigError as exc:
         raise ConfigError(f"{src}: {exc}") from exc
-    for key, fld in free.items():
-        if table.resolve(key) is not None:
-            raise ConfigError(f"{src}: {key}: {fld} is 0; importing it would make a priced model free "
-                              "(pass --allow-free if it really is; nothing imported)")
+    priced = [(key, fld) for key, fld in free.items() if table.resolve(key) is not None]
+    if priced and not skip_free:
+        more = f" (and {len(priced) - 1} more)" if len(priced) > 1 else ""
+        key, fld = priced[0]
+        raise ConfigError(f"{src}: {key}: {fld} is 0{more}; importing it would make a priced model free. "
+                          "Nothing imported: pass --skip-free to import the rest and keep those prices, "
+                          "or --allow-free if they really are free")
     if not rows:
         raise ConfigError(f"{src}: no model with both an input and an output price")
     plan = ImportPlan(source, dict(table.overrides), skipped=skipped, free=free, imported=len(rows))
