@@ -2,7 +2,10 @@
 
 No offline tokenizer exists for current Claude models. The text of the request (system, every
 message block, tool definitions) is counted with o200k and multiplied by ``factor`` (default
-:data:`DEFAULT_FACTOR`), a deliberate upward bias: the hold is settled from the response's
+:data:`DEFAULT_FACTOR`); each run of a script that o200k compresses far better than Claude does
+(Cyrillic, Arabic, Devanagari, Thai, …) counts at least its per-script floor
+(:mod:`spendgate.estimate.scripts`), and tool schemas count their ``$ref``-inlined size when that
+is larger (:mod:`spendgate.estimate.schemas`). A deliberate upward bias: the hold is settled from the response's
 ``usage`` anyway, so over-estimating only holds a little more for the duration of one call,
 while under-estimating could let a budget be overrun. See the README for the factor's source
 and error.
@@ -15,7 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from spendgate.errors import BadRequest
-from spendgate.estimate import images
+from spendgate.estimate import images, schemas
+from spendgate.estimate.scripts import Floors
 from spendgate.estimate.shape import TokenShape, dumps, optional_int, require_list, require_model
 from spendgate.estimate.tokens import TokenCounter, counter
 
@@ -30,54 +34,95 @@ IMAGE_WORST = 1600
 PDF_BYTES_PER_TOKEN = 12
 
 
-def _block_tokens(tc: TokenCounter, block: Any) -> tuple[int, int]:
-    """(text tokens to scale, fixed tokens) of one content block."""
+class _Tally:
+    """Input tokens of one request: o200k tokens to scale by the factor, the script floors' excess
+    over that (README: "Anthropic input estimates"), and fixed tokens (images, documents)."""
+
+    __slots__ = ("excess", "factor", "fixed", "floors", "scaled", "tc")
+
+    def __init__(self, tc: TokenCounter, floors: Floors, factor: float) -> None:
+        self.tc, self.floors, self.factor = tc, floors, factor
+        self.scaled = self.fixed = 0
+        self.excess = 0.0
+
+    def text(self, text: str) -> None:
+        self.scaled += self.tc.count(text)
+        if not text.isascii():
+            self.excess += self.floors.excess(text, self.factor)
+
+    def bound(self, text: str) -> float:
+        """``text``'s tokens as this estimate counts them (scaled, floored), not yet added."""
+        return self.factor * self.tc.count(text) + (0.0 if text.isascii() else self.floors.excess(text, self.factor))
+
+    def tools(self, tools: Any) -> None:
+        """The tool list: its JSON, or — when an ``input_schema`` uses ``$ref``s — each tool with
+        its schema's references inlined, if that is longer (:func:`schemas.bound`)."""
+        text = dumps(tools)
+        if not schemas.is_composite(text):
+            self.text(text)
+            return
+        inlined = 0.0
+        for tool in tools if isinstance(tools, list) else [tools]:
+            schema = tool.get("input_schema") if isinstance(tool, Mapping) else None
+            if isinstance(schema, Mapping):
+                rest = {k: v for k, v in tool.items() if k != "input_schema"}
+                inlined += self.bound(dumps(rest)) + schemas.bound(schema, self.bound)
+            else:
+                inlined += self.bound(dumps(tool))
+        self.excess += max(self.bound(text), inlined)
+
+    def total(self) -> int:
+        return math.ceil(self.scaled * self.factor + self.excess) + self.fixed
+
+
+def _block_tokens(t: _Tally, block: Any) -> None:
+    """Adds one content block to ``t``."""
     if isinstance(block, str):
-        return tc.count(block), 0
+        t.text(block)
+        return
     if not isinstance(block, Mapping):
         raise BadRequest(f"a content block must be an object, got {type(block).__name__}")
     kind = block.get("type")
     if kind == "text":
-        return tc.count(str(block.get("text", ""))), 0
-    if kind == "image":
+        t.text(str(block.get("text", "")))
+    elif kind == "image":
         src = block.get("source")
         size = None
         if isinstance(src, Mapping) and src.get("type") == "base64" and isinstance(src.get("data"), str):
             size = images.size_of_data_url(f"data:{src.get('media_type', 'image')};base64,{src['data'][:65536]}")
-        return 0, images.anthropic_tokens(*size) if size else IMAGE_WORST
-    if kind == "document":
+        t.fixed += images.anthropic_tokens(*size) if size else IMAGE_WORST
+    elif kind == "document":
         src = block.get("source")
         if not isinstance(src, Mapping):
-            return tc.count(dumps(block)), 0
-        if src.get("type") == "base64" and isinstance(src.get("data"), str):
-            return 0, math.ceil(len(src["data"]) * 3 / 4 / PDF_BYTES_PER_TOKEN)
-        return tc.count(dumps(src)), 0
-    if kind == "thinking":
-        return tc.count(str(block.get("thinking", ""))), 0
-    if kind == "redacted_thinking":
-        return tc.count(str(block.get("data", ""))), 0
-    if kind == "tool_use":
-        return tc.count(f"{block.get('name', '')}{dumps(block.get('input', {}))}"), 0
-    if kind == "tool_result":
+            t.text(dumps(block))
+        elif src.get("type") == "base64" and isinstance(src.get("data"), str):
+            t.fixed += math.ceil(len(src["data"]) * 3 / 4 / PDF_BYTES_PER_TOKEN)
+        else:
+            t.text(dumps(src))
+    elif kind == "thinking":
+        t.text(str(block.get("thinking", "")))
+    elif kind == "redacted_thinking":
+        t.text(str(block.get("data", "")))
+    elif kind == "tool_use":
+        t.text(f"{block.get('name', '')}{dumps(block.get('input', {}))}")
+    elif kind == "tool_result":
         content = block.get("content")
         if isinstance(content, str | list) or content is None:
-            return _content_tokens(tc, content)
-        return tc.count(dumps(content)), 0
-    return tc.count(dumps(block)), 0
+            _content_tokens(t, content)
+        else:
+            t.text(dumps(content))
+    else:
+        t.text(dumps(block))
 
 
-def _content_tokens(tc: TokenCounter, content: Any) -> tuple[int, int]:
+def _content_tokens(t: _Tally, content: Any) -> None:
     if isinstance(content, str):
-        return tc.count(content), 0
-    if isinstance(content, list):
-        scaled = fixed = 0
+        t.text(content)
+    elif isinstance(content, list):
         for block in content:
-            s, f = _block_tokens(tc, block)
-            scaled, fixed = scaled + s, fixed + f
-        return scaled, fixed
-    if content is None:
-        return 0, 0
-    raise BadRequest(f"message `content` must be a string or a list of blocks, got {type(content).__name__}")
+            _block_tokens(t, block)
+    elif content is not None:
+        raise BadRequest(f"message `content` must be a string or a list of blocks, got {type(content).__name__}")
 
 
 def _cache_ttl(node: Any) -> str | None:
@@ -101,22 +146,34 @@ def _cache_ttl(node: Any) -> str | None:
 def messages(body: Mapping[str, Any], factor: float = DEFAULT_FACTOR) -> TokenShape:
     model = require_model(body)
     tc = counter("o200k_base")
+    t = _Tally(tc, floors(tc), factor)
     msgs = require_list(body, "messages")
-    scaled, fixed = _content_tokens(tc, body.get("system"))
+    _content_tokens(t, body.get("system"))
     for msg in msgs:
         if not isinstance(msg, Mapping):
             raise BadRequest(f"each message must be an object, got {type(msg).__name__}")
-        s, f = _content_tokens(tc, msg.get("content"))
-        scaled, fixed = scaled + s, fixed + f + PER_MESSAGE
+        _content_tokens(t, msg.get("content"))
+        t.fixed += PER_MESSAGE
     tools = body.get("tools")
     if tools:
-        scaled += tc.count(dumps(tools))
-        fixed += TOOL_SYSTEM_PROMPT
+        t.tools(tools)
+        t.fixed += TOOL_SYSTEM_PROMPT
     return TokenShape(
         model=model,
-        input_tokens=math.ceil(scaled * factor) + fixed,
+        input_tokens=t.total(),
         requested_output=optional_int(body, "max_tokens"),
         cache_write=_cache_ttl(body),
         stream=bool(body.get("stream")),
         exact=False,
     )
+
+
+_floors: dict[int, Floors] = {}
+
+
+def floors(tc: TokenCounter) -> Floors:
+    """The process-wide script floors over ``tc`` (shared so their cache is shared)."""
+    got = _floors.get(id(tc))
+    if got is None:
+        got = _floors.setdefault(id(tc), Floors(tc.count))
+    return got

@@ -2,18 +2,21 @@
 
 Chat messages follow the counting OpenAI documents in its cookbook ("How to count tokens with
 tiktoken"): 3 tokens per message, the role and content encoded, 1 more for a ``name``, and 3 to
-prime the reply; function tools by the cookbook's formula. Images whose size is unknown are
+prime the reply; function tools by the cookbook's formula, or — for schemas with ``$ref``,
+``$defs`` or combinators, which that flat formula cannot see into — by their JSON with references
+inlined (:mod:`spendgate.estimate.schemas`), whichever is larger. Images whose size is unknown are
 counted at the most an image can cost. Unknown item and tool types are counted as the tokens of
 their JSON, an upper bound on their rendering.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from spendgate.errors import BadRequest
-from spendgate.estimate import images
+from spendgate.estimate import images, schemas
 from spendgate.estimate.shape import TokenShape, dumps, optional_int, require_list, require_model
 from spendgate.estimate.tokens import TokenCounter, counter, encoding_for_model
 
@@ -67,6 +70,11 @@ def _content_tokens(tc: TokenCounter, model: str, content: Any) -> int:
     return tc.count(dumps(content))
 
 
+def _schema_tokens(tc: TokenCounter, params: Any, text: str | None = None) -> int:
+    """Tokens of a parameters schema as JSON, ``$ref``s inlined when that is longer (schemas.bound)."""
+    return math.ceil(schemas.bound(params, tc.count, text))
+
+
 def _function_tools(tc: TokenCounter, tools: list[Any], func_init: int) -> int:
     total = 0
     for tool in tools:
@@ -74,28 +82,46 @@ def _function_tools(tc: TokenCounter, tools: list[Any], func_init: int) -> int:
         if not isinstance(fn, Mapping) or tool.get("type", "function") != "function":
             total += tc.count(dumps(tool))
             continue
-        total += func_init
         desc = str(fn.get("description") or "").removesuffix(".")
-        total += tc.count(f"{fn.get('name', '')}:{desc}")
+        head = func_init + tc.count(f"{fn.get('name', '')}:{desc}")
         params = fn.get("parameters")
         props = params.get("properties") if isinstance(params, Mapping) else None
         if not isinstance(props, Mapping):
             props = {}
+        body = 0
         if props:
-            total += PROP_INIT
+            body += PROP_INIT
             for key, prop in props.items():
                 prop = prop if isinstance(prop, Mapping) else {}
-                total += PROP_KEY
+                body += PROP_KEY
                 if isinstance(prop.get("enum"), list):
-                    total += ENUM_INIT
+                    body += ENUM_INIT
                     for item in prop["enum"]:
-                        total += ENUM_ITEM + tc.count(str(item))
+                        body += ENUM_ITEM + tc.count(str(item))
                 pdesc = str(prop.get("description") or "").removesuffix(".")
-                total += tc.count(f"{key}:{prop.get('type', '')}:{pdesc}")
+                body += tc.count(f"{key}:{prop.get('type', '')}:{pdesc}")
                 nested = {k: v for k, v in prop.items() if k in ("properties", "items", "anyOf", "oneOf")}
                 if nested:  # beyond the cookbook's flat formula: count nested schemas as JSON
-                    total += tc.count(dumps(nested))
+                    body += tc.count(dumps(nested))
+        text = dumps(params) if isinstance(params, Mapping) else ""
+        if schemas.is_composite(text):
+            # $ref / $defs / allOf / anyOf / oneOf: the cookbook's flat formula sees only the top
+            # level; the provider renders what the references point to
+            body = max(body, _schema_tokens(tc, params, text))
+        total += head + body
     return total + FUNC_END if tools else 0
+
+
+def _responses_tools(tc: TokenCounter, tools: Any) -> int:
+    total = 0
+    for tool in tools or ():
+        if isinstance(tool, Mapping) and tool.get("type") == "function":
+            desc = str(tool.get("description") or "")
+            total += FUNC_INIT_O200K + tc.count(f"{tool.get('name', '')}:{desc}")
+            total += _schema_tokens(tc, tool.get("parameters") or {})
+        else:
+            total += tc.count(dumps(tool))
+    return total
 
 
 def _messages_tokens(tc: TokenCounter, model: str, messages: list[Any]) -> int:
@@ -169,13 +195,7 @@ def responses(body: Mapping[str, Any]) -> TokenShape:
     n_in = _response_items_tokens(tc, model, body.get("input", ""))
     if isinstance(body.get("instructions"), str):
         n_in += PER_MESSAGE + tc.count(body["instructions"])
-    for tool in body.get("tools") or ():
-        if isinstance(tool, Mapping) and tool.get("type") == "function":
-            desc = str(tool.get("description") or "")
-            n_in += FUNC_INIT_O200K + tc.count(f"{tool.get('name', '')}:{desc}")
-            n_in += tc.count(dumps(tool.get("parameters") or {}))
-        else:
-            n_in += tc.count(dumps(tool))
+    n_in += _responses_tools(tc, body.get("tools"))
     if isinstance(body.get("text"), Mapping) and body["text"].get("format"):
         n_in += tc.count(dumps(body["text"]["format"]))
     return TokenShape(
