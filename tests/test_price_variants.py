@@ -416,3 +416,25 @@ def test_openai_web_search_calls_in_a_responses_output_are_charged_per_call() ->
         {"type": "response.completed", "response": resp}).encode() + b"\n\n")
     streamed, _ = meter.capture_args(1.0)
     assert isinstance(streamed, Usage) and usage_nanos(p, streamed) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(inp=counts, out=counts, read=counts, searches=counts,
+       tier=st.sampled_from(["standard", "priority", "batch", None]), speed=st.sampled_from(["fast", "standard", None]))
+def test_anthropic_usage_reads_searches_tier_and_speed(inp: int, out: int, read: int, searches: int,
+                                                       tier: str | None, speed: str | None) -> None:
+    u: dict[str, Any] = {"input_tokens": inp, "output_tokens": out, "cache_read_input_tokens": read,
+                         "server_tool_use": {"web_search_requests": searches}}
+    if tier:
+        u["service_tier"] = tier
+    if speed:
+        u["speed"] = speed
+    got = read_usage({"usage": u})
+    assert got == Usage(input=inp, cache_read=read, output=out, web_searches=searches)
+    assert got.served() == {k: v for k, v in (("service_tier", None if tier == "batch" else tier),
+                                              ("speed", speed),
+                                              ("processing", "batch" if tier == "batch" else None)) if v}
+    u["server_tool_use"]["web_search_requests"] = -1
+    with pytest.raises(UnreadableUsage) as err:
+        read_usage({"usage": u})
+    assert err.value.field == "usage.server_tool_use.web_search_requests"
