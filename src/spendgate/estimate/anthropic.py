@@ -175,5 +175,5 @@ def floors(tc: TokenCounter) -> Floors:
     """The process-wide script floors over ``tc`` (shared so their cache is shared)."""
     got = _floors.get(id(tc))
     if got is None:
-        got = _floors.setdefault(id(tc), Floors(tc.count))
+        got = _floors.setdefault(id(tc), Floors(tc.count_uncached))
     return got

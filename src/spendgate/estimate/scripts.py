@@ -3,8 +3,9 @@
 The Anthropic estimate is ``factor × o200k``. o200k was trained on far more non-Latin text than
 Claude's tokenizer: on Cyrillic, Greek, Arabic, Hebrew, Indic, Thai and similar scripts Claude
 spends two to five times the tokens o200k does, so the factor alone under-estimates. Each run of
-such a script is therefore also bounded from below by ``floor × characters``. A run counts
-``max(factor × o200k(run), floor × chars)``; text in scripts without a floor (ASCII, Latin, the
+such a script is therefore also bounded from below by ``floor × characters``: the runs of one
+script in a text count ``max(factor × o200k(runs), floor × chars)``, the rest of the text
+``factor × o200k`` as before; text in scripts without a floor (ASCII, Latin, the
 common punctuation and symbol blocks) counts exactly as before, at no extra cost.
 
 Where the floors come from (README: "Anthropic input estimates"): Anthropic's legacy tokenizer
@@ -112,10 +113,11 @@ def _cls(ranges: tuple[tuple[int, int], ...]) -> str:
 
 
 _ALL = "".join(_cls(r) for r in RANGES.values())
-_RUNS = re.compile("|".join(
+# the look-ahead lets the scan pass ASCII and Latin at one class test a character
+_RUNS = re.compile(f"(?=[^{_FREE}])(?:" + "|".join(
     [f"(?P<{name}>[{_cls(r)}](?:[{_cls(r)}]|[{_NEUTRAL}])*)" for name, r in RANGES.items()]
     + [f"(?P<other>[^{_FREE}{_ALL}{_NEUTRAL}]+)"]
-))
+) + ")")
 _NEUTRAL_CHAR = re.compile(f"[{_NEUTRAL}]")
 
 
@@ -137,10 +139,10 @@ def runs(text: str) -> list[tuple[str, str, int]]:
 class Floors:
     """The per-script floors of texts, cached per text.
 
-    ``parts(text)`` is a tuple of (floor tokens, o200k tokens) per floored run; the excess of a
-    run over ``factor × o200k`` is ``max(0, floor − factor × o200k)``. Cached by the text itself,
-    bounded by total characters held (oldest first), so a conversation's old messages cost a
-    dictionary lookup."""
+    ``parts(text)`` is a tuple of (floor tokens, o200k tokens) per floored script, over all its
+    runs in the text; the excess over ``factor × o200k`` is ``max(0, floor − factor × o200k)``.
+    Cached by the text itself, bounded by total characters held (oldest first), so a
+    conversation's old messages cost a dictionary lookup."""
 
     def __init__(self, count: Callable[[str], int], floors: dict[str, float] | None = None,
                  max_chars: int = 16_000_000) -> None:
@@ -157,11 +159,15 @@ class Floors:
         got = self._cache.get(text)
         if got is not None:
             return got
-        found = []
+        # the runs of one script are counted together (joined by newlines, which o200k never
+        # merges across): one encoder call per script, not one per run
+        groups: dict[str, tuple[list[str], list[int]]] = {}
         for kind, span, n in runs(text):
-            floor = n if kind == "other" else self._floors[kind] * n
-            found.append((floor, self._count(span)))
-        got = tuple(found)
+            spans, chars = groups.setdefault(kind, ([], [0]))
+            spans.append(span)
+            chars[0] += n
+        got = tuple(((n[0] if kind == "other" else self._floors[kind] * n[0]), self._count("\n".join(spans)))
+                    for kind, (spans, n) in groups.items())
         with self._lock:
             self._cache[text] = got
             self._chars += len(text)

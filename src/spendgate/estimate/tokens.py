@@ -99,6 +99,10 @@ class TokenCounter:
         self._max_chars = max_chars
         self._lock = threading.Lock()
 
+    def count_uncached(self, text: str) -> int:
+        """The count of a text not worth remembering on its own (a fragment of a cached one)."""
+        return len(self._enc.encode_ordinary(text)) if text else 0
+
     def count(self, text: str) -> int:
         if len(text) < 16:
             # short strings: encoding is cheaper than the bookkeeping
