@@ -570,3 +570,19 @@ def test_a_stream_cut_after_its_usage_arrived_is_charged_that_usage(proxy: Any) 
     s.settled()
     [ev] = s.store.events(0)
     assert ev.cost == 10 * 150 + 3000 * 600, "gpt-4o-mini: $0.15 / $0.60 per Mtok, as billed"
+
+
+def test_serve_prices_with_what_prices_update_imported(serve: Any, tmp_path: Path) -> None:
+    dear = {"gpt-4o-mini": {"input_cost_per_token": 1e-3, "output_cost_per_token": 2e-3,
+                            "litellm_provider": "openai", "mode": "chat"}}
+    (tmp_path / "dear.json").write_text(json.dumps(dear))
+    env = {**__import__("os").environ, "SPENDGATE_HOME": str(tmp_path / ".spendgate")}
+    done = subprocess.run([sys.executable, "-m", "spendgate.cli.main", "prices", "update", "--from",
+                           str(tmp_path / "dear.json")], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    s = serve()
+    status, doc = s.post("/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 5,
+                                                  "messages": [{"role": "user", "content": "hi"}]},
+                         {"X-Spendgate-Estimate": "1"})
+    assert status == 200 and Decimal(doc["spendgate"]["estimate_usd"]) >= Decimal("0.01"), \
+        "5 output tokens at the imported $2,000 / Mtok, not the bundled $0.60"

@@ -181,11 +181,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                      "limit": (str(nanos_to_usd(limit)) if money else limit) if limit is not None else None,
                      "granted": str(nanos_to_usd(st.granted)) if money else st.granted})
     if args.json:
-        emit_json({"store": ctx.store_url, "buckets": docs})
+        emit_json({"store": ctx.store_url, "buckets": docs,
+                   "price_table": {"built": ctx.prices.built, "warning": ctx.prices.stale_warning()}})
     elif not docs:
         print(f"no budgets have been used yet in {ctx.store_url}")
     else:
         table(("bucket", "spent", "held", "limit", "use"), rows_out)
+    if not args.json and ctx.prices.stale_warning():
+        print(f"warning: {ctx.prices.stale_warning()}")
     return 0
 
 
@@ -232,10 +235,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ctx = Context.from_args(args)
     token = args.admin_token or os.environ.get("SPENDGATE_ADMIN_TOKEN")
-    proxy = build(ctx.policy, ctx.store_url, token, upstream_timeout_s=args.upstream_timeout)
+    proxy = build(ctx.policy, ctx.store_url, token, upstream_timeout_s=args.upstream_timeout, prices=ctx.prices)
     ups = ", ".join(f"{k} -> {v}" for k, v in proxy.config.upstreams.items())
     print(f"spendgate: guarding http://{args.host}:{args.port} (store {ctx.store_url}; policy {ctx.policy.source}; "
           f"upstreams {ups}; admin API {'on' if token else 'off'})", file=sys.stderr, flush=True)
+    stale = ctx.prices.stale_warning()
+    if stale:
+        print(f"spendgate: warning: {stale}", file=sys.stderr, flush=True)
     web.run_app(proxy.app(), host=args.host, port=args.port, print=None, access_log=None,
                 handle_signals=True, loop=_fast_loop())
     return 0

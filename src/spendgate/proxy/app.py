@@ -29,6 +29,7 @@ from spendgate.errors import BadRequest, StoreError, UnpricedModel
 from spendgate.estimate.tokens import preload
 from spendgate.money import nanos_to_usd
 from spendgate.policy import Policy
+from spendgate.pricing.table import PriceTable
 from spendgate.proxy import admin
 from spendgate.proxy.envelope import error_response, sse_error
 from spendgate.proxy.identity import Credentials, credentials, identity
@@ -546,6 +547,8 @@ class Proxy:
 
 
 def build(policy: Policy, store_url: str, admin_token: str | None = None,
-          upstream_timeout_s: float | None = None) -> Proxy:
+          upstream_timeout_s: float | None = None, prices: PriceTable | None = None) -> Proxy:
+    """The proxy over ``store_url``, pricing with ``prices`` (the bundled table and the prices
+    imported with ``spendgate prices update``, as the CLI resolves them)."""
     store = ledger_mod.open(store_url)
-    return Proxy(Engine(policy, store), ProxyConfig.from_policy(policy, admin_token, upstream_timeout_s))
+    return Proxy(Engine(policy, store, prices), ProxyConfig.from_policy(policy, admin_token, upstream_timeout_s))

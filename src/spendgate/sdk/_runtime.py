@@ -14,6 +14,7 @@ from pathlib import Path
 from spendgate import ledger
 from spendgate.engine import Engine
 from spendgate.policy import Policy, default_policy, load
+from spendgate.pricing.table import PriceTable
 
 _lock = threading.Lock()
 _first_use = threading.Lock()
@@ -27,7 +28,8 @@ def configure(store: str | None = None, policy: str | Path | Policy | None = Non
     pol = policy if isinstance(policy, Policy) else load(policy) if policy is not None else (
         load(os.environ["SPENDGATE_CONFIG"]) if os.environ.get("SPENDGATE_CONFIG") else default_policy())
     url = store or os.environ.get("SPENDGATE_STORE") or pol.store or ledger.default_url()
-    new = Engine(pol, ledger.open(url))
+    # the prices in force are the bundled table and those imported with `spendgate prices update`
+    new = Engine(pol, ledger.open(url), PriceTable.bundled().with_overrides(ledger.home() / "prices.json"))
     with _lock:
         old, _engine = _engine, new
     if old is not None:
