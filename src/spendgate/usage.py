@@ -309,11 +309,11 @@ _BILLABLE = re.compile(r"(?:_tokens|TokenCount|_requests)$")
 def _unknown(u: Mapping[str, Any], prefix: str, depth: int = 0) -> list[str]:
     out = []
     for k, v in u.items():
-        if not isinstance(k, str):
+        if k in KNOWN:  # the common case, first: a set lookup, no pattern
             continue
-        if isinstance(v, Mapping) and depth < 3:
+        if isinstance(v, dict) and depth < 3:
             out.extend(_unknown(v, f"{prefix}.{k}", depth + 1))
-        elif _BILLABLE.search(k) and k not in KNOWN and type(v) is int and v > 0:
+        elif type(v) is int and v > 0 and isinstance(k, str) and _BILLABLE.search(k):
             out.append(f"{prefix}.{k}")
     return out
 
