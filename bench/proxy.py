@@ -140,6 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000, help="requests per measurement")
     ap.add_argument("--store", help="spendgate's store URL (default: a fresh SQLite file, the embedded default)")
+    ap.add_argument("--sustain", type=int, default=0, metavar="N",
+                    help="then N more requests at c=16 through each proxy: CPU per request under sustained load")
     ap.add_argument("--role", choices=("upstream", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -189,6 +191,14 @@ def main() -> None:
         print(f"\nthroughput through spendgate at c=16: {n / wall:,.0f} requests/s "
               f"(including this load generator on the same {os.cpu_count()} cores); "
               f"proxy CPU {cpu / n * 1e6:,.0f} µs per request")
+        if args.sustain:  # a store's costs that grow with its size (WAL, indexes) show only over time
+            for name, proc in (("bare passthrough", procs[1]), ("spendgate", procs[2])):
+                before = cpu_seconds(proc.pid)
+                t = time.perf_counter()
+                asyncio.run(drive({name: paths[name]}, path, body, args.sustain, 16))
+                wall = time.perf_counter() - t
+                print(f"sustained, {args.sustain:,} requests at c=16 through {name}: {args.sustain / wall:,.0f} "
+                      f"requests/s, CPU {(cpu_seconds(proc.pid) - before) / args.sustain * 1e6:,.0f} µs per request")
     finally:
         stop_all(procs)
 
