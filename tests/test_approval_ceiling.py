@@ -64,3 +64,17 @@ def test_an_inband_once_approval_spends_from_the_same_ceiling(backend_url: str) 
     kinds = [(e.dims["channel"], e.dims["granted_usd"]) for e in store.events(0) if e.kind == "approval"]
     assert sorted(kinds) == [("inband", "once"), ("inband", "once"), ("operator", "once")]
     store.close()
+
+
+def test_a_ceiling_on_a_calendar_budget_ends_with_its_period(backend_url: str) -> None:
+    store = ledger.open(backend_url)
+    day = {"budget": [{"name": "day-cap", "usd": 1, "window": "day", "per": "session", "action": "hold"}]}
+    engine = Engine(parse(day), store)
+    assert engine.decide(request(), now=T0).allowed
+    header = Approval(Decimal(2), by="X-Spendgate-Allow", channel="header", ceiling_usd=Decimal(2))
+    assert engine.decide(request(), now=T0, approval=header).allowed
+    buckets = {b.key: b for b in store.known_buckets()}
+    [cap] = [b for k, b in buckets.items() if k.startswith("approval:header|")]
+    [budget] = [b for k, b in buckets.items() if k.startswith("day-cap|")]
+    assert cap.ends_at is not None and cap.ends_at == budget.ends_at, "pruned with the day it caps"
+    store.close()

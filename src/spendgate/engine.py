@@ -487,7 +487,8 @@ class Engine:
         authorize-then-capture on a ceiling bucket makes this atomic across instances, and the
         capture logs the approval event with it."""
         assert trip.bucket is not None
-        cap_bucket = Bucket(f"approval:{approval.channel}|{trip.bucket.key}", ceiling, trip.bucket.window_s, "usd")
+        b = trip.bucket
+        cap_bucket = Bucket(f"approval:{approval.channel}|{b.key}", ceiling, b.window_s, "usd", b.ends_at)
         amount = min(want, ceiling)
         for _ in range(2):  # what is asked, then what is left
             if amount <= 0 or (once and amount < want):
