@@ -515,6 +515,9 @@ def test_an_approval_by_id_answers_only_the_rule_it_was_shown(proxy: Any) -> Non
     assert raw_post(s, "/v1/chat/completions", {**small, "max_tokens": 999}, other)[0] == 200
     status, again = raw_post(s, "/v1/chat/completions", small, {"X-Spendgate-Session": "c", "x-mock-usage": bill})
     assert status == 402 and again["spendgate"]["rule"] == "s-cap"
+    approvals.approve(s.store, again["spendgate"]["decision_id"], None)
+    status, _ = raw_post(s, "/v1/chat/completions", small, {"X-Spendgate-Session": "c", "x-mock-usage": bill})
+    assert status == 200, "both holds approved by their ids: the first approval was kept, not lost"
 
 
 def test_a_dry_run_spends_no_approval(proxy: Any) -> None:

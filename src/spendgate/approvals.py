@@ -150,7 +150,9 @@ def approve(store: Ledger, hold_id: str, max_usd: Decimal | None, now: float | N
     p.status = "approved" if max_usd is not None and p.bucket is not None else "approved-once"
     store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
     # the held request's next retry goes through at once (not the 30-second repeat of its refusal)
-    store.put_record(ONCE, once_key(p.ident, p.body), p.rule, expires_at=p.expires_at)
+    key = once_key(p.ident, p.body)
+    rules = approved_rules(store.get_record(ONCE, key, now=now)) | {p.rule}
+    store.put_record(ONCE, key, json.dumps(sorted(rules)), expires_at=p.expires_at)
     granted = usd_to_nanos(max_usd) if p.status == "approved" and max_usd is not None else None
     store.record(approval_event(now, p.id, "operator", by, p.rule, p.bucket[0] if p.bucket else None, granted,
                                 {"session": p.session}))
@@ -165,6 +167,17 @@ def deny(store: Ledger, hold_id: str, now: float | None = None) -> Pending:
     p.status = "denied"
     store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
     return p
+
+
+def approved_rules(record: str | None) -> frozenset[str]:
+    """The rules an approval-by-id record lets this request pass (a JSON list of rule names)."""
+    if not record:
+        return frozenset()
+    try:
+        names = json.loads(record)
+    except ValueError:
+        return frozenset()
+    return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
 
 
 def once_key(ident: str, body: bytes) -> str:

@@ -79,8 +79,8 @@ class Approval:
     ceiling_usd: Decimal | None = None
     #: already logged by whoever gave it (an approval by id), so the engine logs no second event
     recorded: bool = False
-    #: the one rule it answers (an approval by id answers the hold it was shown), None: any hold
-    rule: str | None = None
+    #: the rules it answers (an approval by id answers the holds it was shown), None: any hold
+    rules: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,7 +443,7 @@ class Engine:
         when its channel's ceiling is used up: the bucket is then checked once more as it stands
         (a request racing this one may just have been granted the headroom). Every approval applied
         is logged as an ``approval`` event."""
-        if approval.rule is not None and approval.rule != trip.rule.name:
+        if approval.rules is not None and trip.rule.name not in approval.rules:
             return False
         ceiling = usd_to_nanos(approval.ceiling_usd) if approval.ceiling_usd is not None else None
         cap = usd_to_nanos(approval.max_usd) if approval.max_usd is not None else None

@@ -231,6 +231,9 @@ class Proxy:
                 by_id = await self._store_io(self._approved_by_id, who, send, now)
                 if by_id is not None:
                     d = await self.engine.adecide(req, now=now, approval=by_id)
+            if by_id is not None and not d.allowed:
+                # another rule refused it: the operator's approval stays for the retry after that is settled
+                await self._store_io(self._keep_approval, who, send, by_id, now)
         except BadRequest as exc:
             return error_response(provider, 400, f"spendgate: {exc}", code="spendgate_unpriceable")
         except UnpricedModel as exc:
@@ -324,8 +327,14 @@ class Proxy:
         """An operator's approval of this very request (same identity, same bytes) by its id, for
         the rule it was held by; consumed once. Asked only of held requests, so an allowed one costs
         no store call."""
-        rule = self.store.take_record(approvals.ONCE, approvals.once_key(who, body), now=now)
-        return Approval(by="spendgate approve", recorded=True, rule=rule) if rule is not None else None
+        rules = approvals.approved_rules(self.store.take_record(approvals.ONCE, approvals.once_key(who, body),
+                                                                now=now))
+        return Approval(by="spendgate approve", recorded=True, rules=rules) if rules else None
+
+    def _keep_approval(self, who: str, body: bytes, by_id: Approval, now: float) -> None:
+        key = approvals.once_key(who, body)
+        rules = approvals.approved_rules(self.store.get_record(approvals.ONCE, key, now=now)) | (by_id.rules or set())
+        self.store.put_record(approvals.ONCE, key, json.dumps(sorted(rules)), expires_at=now + approvals.HOLD_TTL_S)
 
     def _refuse(self, request: web.Request, provider: str, route: str, body: bytes, d: Decision, ident: Identity,
                 who: str, now: float, raw: bytes, notes: tuple[str, ...]) -> web.Response:
