@@ -348,6 +348,8 @@ def usage_from_body(data: bytes) -> Mapping[str, Any] | None:
         except (UnicodeDecodeError, ValueError):
             break
         if isinstance(value, dict):
+            if data.count(b'"service_tier":') > 1:
+                break  # one is nested (a Responses output item can echo a client's JSON): parse it all
             found: dict[str, Any] = {wrap: value}
             tier = _value_of(data, b'"service_tier":')  # OpenAI: the tier served, beside the usage
             if isinstance(tier, str):

@@ -146,10 +146,7 @@ class Estimator:
     def price(self, provider: str, route: str, shape: TokenShape,
               variant: Mapping[str, str] | None = None, searches: int = 0) -> Estimate:
         res = self.resolve(shape.model, provider)
-        if variant:
-            at = res.price.at_variant(variant)
-            if at is not res.price:
-                res = replace(res, price=at, standard=res.price)
+        at = res.price.at_variant(variant) if variant else res.price
         requested = shape.requested_output
         if requested is None and shape.api_default_output is not None:
             bound, why = shape.api_default_output, "API default"
@@ -164,6 +161,13 @@ class Estimator:
             # input may be a cache write, so it is held at the dearer of the two rates
             shape = replace(shape, cache_write="5m")
         cost = worst_case_nanos(res.price, shape.input_tokens, out, shape.cache_write)
+        if at is not res.price:
+            # a dearer variant (priority, fast) is held at its rates; a cheaper one (flex) at the
+            # standard rates, since the provider may serve and bill the standard tier instead, and
+            # capture re-prices at the tier the response says it served
+            dearer = worst_case_nanos(at, shape.input_tokens, out, shape.cache_write)
+            if dearer >= cost:
+                res, cost = replace(res, price=at, standard=res.price), dearer
         if searches:
             cost += usage_nanos(res.price, Usage(web_searches=searches))
         return Estimate(provider, route, shape, res, out, why, cost, dict(variant or {}), searches)

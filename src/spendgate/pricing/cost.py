@@ -85,11 +85,12 @@ def input_rate(price: ModelPrice, input_tokens: int, cache_write: str | None) ->
 
 
 def output_rate(price: ModelPrice, input_tokens: int) -> Decimal:
-    """Output rate at the request's tier; a dearer reasoning rate bounds it, since reasoning tokens
-    are part of the output bound."""
+    """Output rate at the request's tier; a dearer reasoning, audio or image output rate bounds it,
+    since any of those tokens may fill the output bound (gpt-audio: audio out at $64 vs text $10)."""
     rate = price.output.at(input_tokens)
-    if price.reasoning is not None:
-        rate = max(rate, price.reasoning.at(input_tokens))
+    for other in (price.reasoning, price.output_audio, price.output_image):
+        if other is not None:
+            rate = max(rate, other.at(input_tokens))
     return rate
 
 
