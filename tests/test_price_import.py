@@ -174,3 +174,26 @@ def test_skip_free_imports_the_rest_and_keeps_the_price_in_force(tmp_path: Path,
     assert code == 0 and "1 left out for a $0 price" in out
     assert table().resolve("gpt-4o", "openai").how == "exact"  # type: ignore[union-attr]
     assert table().resolve("claude-sonnet-4-5", "anthropic").how == "imported"  # type: ignore[union-attr]
+
+
+def test_an_import_merges_variants_rate_by_rate_and_lists_the_variant_rates_it_lowers(tmp_path: Path) -> None:
+    from spendgate.pricing.litellm import plan_import, write_import
+
+    src = write(tmp_path, {
+        "gpt-5": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1.25e-06,
+                  "output_cost_per_token": 1e-05, "input_cost_per_token_priority": 1.5e-06,
+                  "output_cost_per_token_priority": 1.2e-05},
+        "gpt-5.4": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 2.5e-06,
+                    "output_cost_per_token": 1.5e-05, "input_cost_per_token_flex": 1.25e-06,
+                    "output_cost_per_token_flex": 7.5e-06}})
+    bundled = PriceTable.bundled()
+    plan = plan_import(src, bundled)
+    lowered = {c.describe() for c in plan.lowered}
+    assert "gpt-5 input [service_tier=priority]: $2.5 -> $1.5 (DOWN)" in lowered
+    dest = tmp_path / "imported.json"
+    write_import(plan, dest)
+    after = PriceTable.bundled().with_overrides(dest)
+    priority = after.resolve("gpt-5", "openai").price.at_variant({"service_tier": "priority"})  # type: ignore[union-attr]
+    assert priority.cache_read is not None and priority.cache_read.base == Decimal("0.25"), "kept: the file lacks it"
+    flex = after.resolve("gpt-5.4", "openai").price.at_variant({"service_tier": "flex"})  # type: ignore[union-attr]
+    assert dict(flex.input.tiers) == {272_000: Decimal("2.5")}, "the variant's >272K tier stays in force"

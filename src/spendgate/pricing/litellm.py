@@ -204,7 +204,13 @@ def merge(old: ModelPrice, new: ModelPrice) -> ModelPrice:
     and variants the file lacks are kept; the output bound is the larger of the two."""
     rates = {name: _merge_rate(getattr(old, name), getattr(new, name)) for name in RATE_NAMES}
     variants = {v.when: v for v in old.variants}
-    variants.update({v.when: v for v in new.variants})
+    for v in new.variants:  # a variant is merged rate by rate too: its tiers and rates the file lacks stay
+        was = variants.get(v.when)
+        if was is not None:
+            names = {*was.rates, *v.rates}
+            merged = {n: _merge_rate(was.rates.get(n), v.rates.get(n)) for n in names}
+            v = Variant(v.when, {n: r for n, r in merged.items() if r is not None}, v.since or was.since)
+        variants[v.when] = v
     bounds = [b for b in (old.max_output, new.max_output) if b]
     return replace(old, **rates, variants=tuple(variants.values()),  # type: ignore[arg-type]
                    max_output=max(bounds) if bounds else None,
@@ -212,17 +218,25 @@ def merge(old: ModelPrice, new: ModelPrice) -> ModelPrice:
 
 
 def _changes(key: str, old: ModelPrice | None, new: ModelPrice) -> list[Change]:
+    """Every rate (and tier, and variant's rate) ``new`` sets differently from ``old``."""
     out = []
     for name in RATE_NAMES:
-        after: Rate | None = getattr(new, name)
-        if after is None:
-            continue
-        before: Rate | None = getattr(old, name) if old is not None else None
-        points = [("", after.base, before.base if before is not None else None)]
-        old_tiers = dict(before.tiers) if before is not None else {}
-        points += [(f" above {start:,}", p, old_tiers.get(start)) for start, p in after.tiers]
-        out += [Change(key, name + label, was, now) for label, now, was in points if was != now]
+        out += _rate_changes(key, name, getattr(old, name) if old is not None else None, getattr(new, name))
+    before = {v.when: v for v in old.variants} if old is not None else {}
+    for v in new.variants:
+        was = before.get(v.when)
+        for name, after in v.rates.items():
+            out += _rate_changes(key, f"{name} [{v.label}]", was.rates.get(name) if was else None, after)
     return out
+
+
+def _rate_changes(key: str, name: str, before: Rate | None, after: Rate | None) -> list[Change]:
+    if after is None:
+        return []
+    points = [("", after.base, before.base if before is not None else None)]
+    old_tiers = dict(before.tiers) if before is not None else {}
+    points += [(f" above {start:,}", p, old_tiers.get(start)) for start, p in after.tiers]
+    return [Change(key, name + label, was, now) for label, now, was in points if was != now]
 
 
 def plan_import(src: Path, table: PriceTable, allow_free: bool = False, skip_free: bool = False) -> ImportPlan:
