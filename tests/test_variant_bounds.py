@@ -71,3 +71,15 @@ def test_a_service_tier_nested_in_a_responses_output_does_not_choose_the_tier() 
             "service_tier": "priority",
             "usage": {"input_tokens": 1000, "output_tokens": 2000, "total_tokens": 3000}}
     assert read_usage(usage_from_body(json.dumps(body).encode())).tier == "priority"
+
+
+def test_a_flat_variant_keeps_the_long_context_step_of_the_standard_rate() -> None:
+    from spendgate.pricing import PriceTable
+    from spendgate.pricing.cost import Usage, usage_nanos
+
+    standard = PriceTable.bundled().resolve("gpt-5.5-pro", "openai").price  # type: ignore[union-attr]
+    flex = standard.at_variant({"service_tier": "flex"})
+    assert (flex.input.base, dict(flex.input.tiers)) == (Decimal(15), {272_000: Decimal(30)})
+    long = Usage(input=300_000, output=10_000)
+    # half the standard price above 272K ($60 / $270): 300K × $30 + 10K × $135 per Mtok
+    assert usage_nanos(flex, long) == usage_nanos(standard, long) // 2 == 300_000 * 30_000 + 10_000 * 135_000

@@ -116,6 +116,16 @@ class Variant:
                    {k: Rate.from_json(v) for k, v in raw["rates"].items()}, raw.get("since"))
 
 
+def _keep_tiers(rate: Rate, standard: Rate | None) -> Rate:
+    """A variant's flat rate over a tiered standard one keeps the standard's steps in proportion
+    (gpt-5.5-pro flex is listed flat, but a long prompt costs more at every tier): never a price
+    that ignores the long-context step the standard rate has."""
+    if rate.tiers or standard is None or not standard.tiers or standard.base <= 0:
+        return rate
+    ratio = rate.base / standard.base
+    return Rate(rate.base, tuple((start, price * ratio) for start, price in standard.tiers))
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
     """Everything spendgate needs to price one model, and where it came from."""
@@ -196,7 +206,7 @@ class ModelPrice:
             if all(ctx.get(k) == val for k, val in v.when):
                 labels.append(v.label)
                 for name, rate in v.rates.items():
-                    overrides.setdefault(name, rate)
+                    overrides.setdefault(name, _keep_tiers(rate, getattr(self, name, None)))
         if not labels:
             return self
         return replace(self, variant=", ".join(labels), **overrides)  # type: ignore[arg-type]
