@@ -84,6 +84,11 @@ class ProxyConfig:
                    retention_days=policy.retention_days)
 
 
+def _store_failed(provider: str, exc: StoreError) -> web.Response:
+    return error_response(provider, 503, f"spendgate: the spend store failed, so the request was not sent: {exc}",
+                          code="spendgate_store_error")
+
+
 def _capped(asked: Decimal | None, ceiling: Decimal) -> Decimal | None:
     return min(asked, ceiling) if asked is not None else None
 
@@ -185,8 +190,7 @@ class Proxy:
         except (LookupError, ValueError) as exc:
             return error_response(provider, 400, f"spendgate: {exc}")
         except StoreError as exc:
-            return error_response(provider, 503, f"spendgate: the spend store failed, so the request was not "
-                                                 f"sent: {exc}", code="spendgate_store_error")
+            return _store_failed(provider, exc)
         if route == "/v1/messages/count_tokens":
             return await self._forward_plain(request, provider, creds, raw, None)
         return await self._decide_and_forward(request, provider, route, raw, body, creds, ident)
@@ -195,6 +199,11 @@ class Proxy:
                                   body: dict[str, Any], creds: Credentials, ident: Identity) -> web.StreamResponse:
         now = time.time()
         who = ident.fingerprint()
+        try:
+            who.encode()
+        except UnicodeEncodeError:
+            return error_response(provider, 400, "spendgate: a session, user, agent or tag value is not valid "
+                                                 "UTF-8 text")
         dry = request.headers.get("x-spendgate-estimate") == "1"
         try:
             answer = self._answer_in_request(provider, route, raw, body, creds, request.headers)
@@ -204,14 +213,13 @@ class Proxy:
             return error_response(provider, 400, "spendgate: the request body nests too deeply to edit")
         approval, send, body, notes, reply = answer
         if dry:  # a dry run decides as things stand: it answers no hold and spends no approval
-            approval, reply = None, False
-        if reply:
+            approval, reply = None, None
+        if reply is not None:
             try:
-                approval, send, body, early = await self._store_io(self._inband_reply, provider, route, raw, body,
+                approval, send, body, early = await self._store_io(self._inband_reply, provider, reply, raw, body,
                                                                    who, now)
             except StoreError as exc:
-                return error_response(provider, 503, f"spendgate: the spend store failed: {exc}",
-                                      code="spendgate_store_error")
+                return _store_failed(provider, exc)
             if early is not None:
                 return early
         req = Request(provider, route, body, ident)
@@ -242,8 +250,7 @@ class Proxy:
             return error_response(provider, 400, "spendgate: the request body nests too deeply to price",
                                   code="spendgate_unpriceable")
         except StoreError as exc:
-            return error_response(provider, 503, f"spendgate: the spend store failed, so the request was not "
-                                                 f"sent: {exc}", code="spendgate_store_error")
+            return _store_failed(provider, exc)
         if dry:
             await self.engine.arelease(d, now=now)
             return web.json_response({"spendgate": d.to_dict(), "allowed": d.allowed,
@@ -254,8 +261,7 @@ class Proxy:
                 return await self._store_io(self._refuse, request, provider, route, send, d, ident, who, now, raw,
                                             notes)
             except StoreError as exc:
-                return error_response(provider, 503, f"spendgate: the spend store failed: {exc}",
-                                      code="spendgate_store_error")
+                return _store_failed(provider, exc)
         try:
             out, withhold = outgoing(route, send, d)
         except RecursionError:
@@ -266,11 +272,11 @@ class Proxy:
 
     def _answer_in_request(self, provider: str, route: str, raw: bytes, body: dict[str, Any], creds: Credentials,
                            headers: Mapping[str, str]
-                           ) -> tuple[Approval | None, bytes, dict[str, Any], tuple[str, ...], bool]:
+                           ) -> tuple[Approval | None, bytes, dict[str, Any], tuple[str, ...], approvals.Answer | None]:
         """An approval the request carries by itself — a directive typed in the latest user turn, or
         the X-Spendgate-Allow header — capped by what the policy or the virtual key allows that
-        channel. Returns (approval, bytes to send, body, notes for a refusal, whether the latest
-        turn is a bare yes/no that answers a held request). No store call."""
+        channel. Returns (approval, bytes to send, body, notes for a refusal, the bare yes/no of the
+        latest turn that answers a held request). No store call."""
         limits = self.engine.policy.approvals
         text, handle = approvals.latest_user_text(provider, route, body)
         ans = approvals.read_answer(text)
@@ -279,14 +285,14 @@ class Proxy:
             send = json.dumps(stripped).encode()
             if limits.inband_max_usd <= 0:
                 return None, send, stripped, ("the [spendgate: allow=…] directive was ignored: in-band approvals "
-                                              "are off ([approvals] inband_max_usd = 0)",), False
+                                              "are off ([approvals] inband_max_usd = 0)",), None
             return (Approval(_capped(ans.max_usd, limits.inband_max_usd), by="in-band directive", channel="inband",
-                             ceiling_usd=limits.inband_max_usd), send, stripped, (), False)
+                             ceiling_usd=limits.inband_max_usd), send, stripped, (), None)
         if ans is not None:
-            return None, raw, body, (), True
+            return None, raw, body, (), ans
         allow = headers.get("x-spendgate-allow")
         if allow is None:
-            return None, raw, body, (), False
+            return None, raw, body, (), None
         asked = approvals.parse_allow_header(allow)
         vkey = creds.virtual
         ceiling = vkey.preapprove_max_usd if vkey is not None and vkey.preapprove_max_usd is not None \
@@ -294,19 +300,17 @@ class Proxy:
         if ceiling <= 0:
             return None, raw, body, ("X-Spendgate-Allow was ignored: a client's header may pre-approve only up "
                                      "to [approvals] header_max_usd (0 here) or its virtual key's --preapprove-max",
-                                     ), False
+                                     ), None
         note = (f"X-Spendgate-Allow: max=${asked} was cut to this key's ceiling of ${ceiling} per budget and "
                 "window",) if asked > ceiling else ()
         return (Approval(min(asked, ceiling), by="X-Spendgate-Allow", channel="header", ceiling_usd=ceiling),
-                raw, body, note, False)
+                raw, body, note, None)
 
-    def _inband_reply(self, provider: str, route: str, raw: bytes, body: dict[str, Any], who: str, now: float
-                      ) -> tuple[Approval | None, bytes, dict[str, Any], web.StreamResponse | None]:
+    def _inband_reply(self, provider: str, ans: approvals.Answer, raw: bytes, body: dict[str, Any], who: str,
+                      now: float) -> tuple[Approval | None, bytes, dict[str, Any], web.StreamResponse | None]:
         """A yes or no typed in the latest user turn, answering this identity's latest held request."""
-        text, _ = approvals.latest_user_text(provider, route, body)
-        ans = approvals.read_answer(text)
         held = approvals.latest_for(self.store, who, now)
-        if ans is None or held is None:
+        if held is None:
             return None, raw, body, None
         if not ans.yes:
             approvals.deny(self.store, held.id, now)

@@ -101,10 +101,5 @@ def identity(provider: str, headers: Mapping[str, str], body: Mapping[str, Any],
     user = bound.get("user") or _client_user(provider, headers, body, tags)
     session = next((headers[h] for h in SESSION_HEADERS if headers.get(h)), None)
     agent = bound.get("agent") or headers.get("x-spendgate-agent") or tags.get("agent")
-    ident = Identity(key=creds.key_hash, user=user or None, team=tags.get("team") or None, session=session,
-                     agent=agent, feature=tags.get("feature"), tags=tags)
-    try:
-        ident.fingerprint().encode()
-    except UnicodeEncodeError:
-        raise ValueError("a session, user, agent or tag value is not valid UTF-8 text") from None
-    return ident
+    return Identity(key=creds.key_hash, user=user or None, team=tags.get("team") or None, session=session,
+                    agent=agent, feature=tags.get("feature"), tags=tags)
