@@ -12,6 +12,7 @@ from pathlib import Path
 
 from spendgate.errors import StoreError
 from spendgate.ledger.base import (
+    AlertMark,
     Authorization,
     Bucket,
     BucketState,
@@ -19,6 +20,7 @@ from spendgate.ledger.base import (
     ExpiredHold,
     Ledger,
     Line,
+    OutboxAlert,
     Swept,
 )
 
@@ -75,6 +77,7 @@ def open(url: str | None = None, *, create: bool = True) -> Ledger:
 __all__ = [
     "BACKENDS",
     "DEFAULT_URL",
+    "AlertMark",
     "Authorization",
     "Bucket",
     "BucketState",
@@ -82,6 +85,7 @@ __all__ = [
     "ExpiredHold",
     "Ledger",
     "Line",
+    "OutboxAlert",
     "Swept",
     "default_url",
     "home",

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Unit = Literal["usd", "tokens"]
 #: Rolling windows are counted in this many slots; a charge counts while any part of its slot is
@@ -68,12 +68,30 @@ class Bucket:
         return self.ends_at is not None and self.ends_at <= cutoff
 
 
+@dataclass(frozen=True, slots=True)
+class AlertMark:
+    """An alert the ledger writes into its outbox inside the operation that causes it, so a crash
+    can never keep the cause and lose the alert (or the reverse).
+
+    ``key`` makes it once-only: a key already in the outbox (pending, sent or failed) is never
+    written again, by any process. In :meth:`Ledger.authorize`, a line's marks fire when the
+    bucket's spent + held after the hold reaches ``at`` — or, with ``on_refusal``, when that bucket
+    refuses the request; marks given to :meth:`Ledger.record` / :meth:`Ledger.put_record` are written
+    unconditionally (if absent). ``body`` is JSON text for the sender; the ledger never reads it."""
+
+    key: str
+    body: str
+    at: int = 0
+    on_refusal: bool = False
+
+
 @dataclass(slots=True)
 class Line:
-    """One bucket's share of a hold."""
+    """One bucket's share of a hold, with the alerts crossing a mark on that bucket would fire."""
 
     bucket: Bucket
     amount: int
+    alerts: tuple[AlertMark, ...] = ()
 
 
 @dataclass(slots=True)
@@ -106,6 +124,8 @@ class Authorization:
     hold_id: str | None
     states: tuple[BucketState, ...]
     refused: tuple[str, ...] = ()
+    #: stale holds this call expired (and charged at their worst case) before deciding
+    expired: tuple[ExpiredHold, ...] = ()
 
     def state(self, key: str) -> BucketState:
         return next(s for s in self.states if s.key == key)
@@ -125,13 +145,26 @@ class Event:
     output_tokens: int = 0
     estimated: bool = False
     dims: Mapping[str, str] = field(default_factory=dict)
+    #: the rule and bucket a refusal, approval or alert is about ("" for a plain charge)
+    rule: str = ""
+    bucket: str = ""
+    #: named amounts (nano-dollars, or tokens for names ending in ``_tokens``): estimate, limit,
+    #: used, granted, held … — what a refusal or approval weighed; empty for a plain charge
+    amounts: Mapping[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         # by hand: dataclasses.asdict deep-copies, and this runs twice on every request
-        return json.dumps({"ts": self.ts, "kind": self.kind, "decision_id": self.decision_id, "model": self.model,
-                           "provider": self.provider, "cost": self.cost, "input_tokens": self.input_tokens,
-                           "output_tokens": self.output_tokens, "estimated": self.estimated,
-                           "dims": dict(self.dims)}, separators=(",", ":"))
+        doc: dict[str, Any] = {"ts": self.ts, "kind": self.kind, "decision_id": self.decision_id,
+                               "model": self.model, "provider": self.provider, "cost": self.cost,
+                               "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                               "estimated": self.estimated, "dims": dict(self.dims)}
+        if self.rule:
+            doc["rule"] = self.rule
+        if self.bucket:
+            doc["bucket"] = self.bucket
+        if self.amounts:
+            doc["amounts"] = dict(self.amounts)
+        return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str) -> Event:
@@ -160,6 +193,28 @@ class _Hold:
     expires_at: float
     lines: list[Line]
     event: Event | None
+
+
+#: What an outbox alert may be: waiting (or retrying), delivered to every destination, given up on,
+#: or kept with nowhere to send it (no destination configured).
+ALERT_STATUSES = ("pending", "sent", "failed", "logged")
+
+
+@dataclass(slots=True)
+class OutboxAlert:
+    """One alert in the store's outbox, as the sender sees it."""
+
+    key: str
+    created: float
+    body: str
+    status: str = "pending"
+    attempts: int = 0
+    #: when the sender may next try it (a claim pushes this to the end of its lease)
+    next_at: float = 0.0
+    error: str = ""
+    sent_at: float | None = None
+    #: the destinations (the sender's ids for them) that already took it
+    done: tuple[str, ...] = ()
 
 
 #: A bucket is pruned only once it has been over for this long, so a process sharing the store whose
@@ -191,8 +246,11 @@ class Ledger(ABC):
                   event: Event | None = None, hold_id: str | None = None) -> Authorization:
         """Hold every line's amount on its bucket, or refuse with the overflowing buckets.
 
-        Stale holds are expired first, so a crashed caller cannot pin a budget past its TTL.
-        ``event`` is kept with the hold so an expiry can be logged with its origin.
+        Stale holds are expired first, so a crashed caller cannot pin a budget past its TTL (they
+        are returned in :attr:`Authorization.expired`). ``event`` is kept with the hold so an expiry
+        can be logged with its origin. Each line's :class:`AlertMark`\ s are written to the outbox,
+        in the same transaction, when the hold takes the bucket's spent + held to ``at`` or more —
+        or, for an ``on_refusal`` mark, when that bucket is one of those refused.
         """
 
     @abstractmethod
@@ -202,8 +260,9 @@ class Ledger(ABC):
         ``event``, when given, is logged atomically with the charge."""
 
     @abstractmethod
-    def release(self, hold_id: str, *, now: float) -> bool:
-        """Drop a hold without charging (the request was never sent)."""
+    def release(self, hold_id: str, *, now: float, event: Event | None = None) -> bool:
+        """Drop a hold without charging (the request was never sent); ``event``, when given, is
+        logged in the same transaction if the hold was still there."""
 
     @abstractmethod
     def expire(self, now: float) -> list[ExpiredHold]:
@@ -241,13 +300,16 @@ class Ledger(ABC):
         them: a bucket that lived for one ``with spendgate.budget()`` block must not stay forever."""
 
     @abstractmethod
-    def record(self, event: Event) -> None:
-        """Log a spend event without a hold."""
+    def record(self, event: Event, *, alerts: Sequence[AlertMark] = ()) -> None:
+        """Log an event without a hold (a refusal, an approval, a charge made elsewhere), with the
+        alerts it causes written to the outbox (each only if its key is new) in the same transaction."""
 
     @abstractmethod
-    def put_record(self, kind: str, key: str, value: str, *, expires_at: float | None = None) -> None:
+    def put_record(self, kind: str, key: str, value: str, *, expires_at: float | None = None,
+                   alerts: Sequence[AlertMark] = ()) -> None:
         """Store ``value`` under (kind, key), replacing what was there: shared state of the doors
-        (held requests, virtual keys) that every process on the store must see."""
+        (held requests, virtual keys) that every process on the store must see. ``alerts`` as in
+        :meth:`record` (a held request's notification is written with the hold it announces)."""
 
     @abstractmethod
     def get_record(self, kind: str, key: str, *, now: float) -> str | None: ...
@@ -270,6 +332,51 @@ class Ledger(ABC):
     @abstractmethod
     def known_buckets(self) -> list[Bucket]:
         """Every bucket a hold or grant has touched, for ``spendgate status``."""
+
+    # -- the alert outbox: written by authorize / record / put_record, drained by a sender --------
+
+    @abstractmethod
+    def claim_alerts(self, now: float, owner: str, lease_s: float, limit: int) -> list[OutboxAlert]:
+        """Atomically take up to ``limit`` pending alerts due by ``now`` (``next_at <= now``) that
+        no other owner holds a live claim on, oldest first, and claim them for ``owner`` until
+        ``now + lease_s`` (their ``next_at`` moves there): across processes and instances, each
+        alert goes to one sender at a time, and to another only once the claim lapses."""
+
+    @abstractmethod
+    def update_alert(self, key: str, owner: str, *, status: str, attempts: int, next_at: float,
+                     error: str = "", done: Sequence[str] = (), sent_at: float | None = None) -> bool:
+        """Record a delivery attempt's outcome and drop the claim — only if ``owner`` still holds
+        it (False otherwise: the claim lapsed and another sender may have it)."""
+
+    @abstractmethod
+    def alerts(self, limit: int = 1000) -> list[OutboxAlert]:
+        """The outbox, newest first: pending, sent, failed and logged alerts with their attempts."""
+
+    # -- the audit log: one hash chain per writer, and signed checkpoints of each chain's head -----
+
+    @abstractmethod
+    def append_audit(self, chain: str, first_seq: int, entries: Sequence[str]) -> None:
+        """Append ``entries`` (JSON text, seq ``first_seq``, ``first_seq + 1`` …) to ``chain``.
+        Idempotent: when the chain already holds these very entries at those seqs (an earlier
+        attempt whose answer was lost), nothing changes; any other mismatch with the chain's length
+        raises :class:`~spendgate.errors.StoreError` and writes nothing."""
+
+    @abstractmethod
+    def put_checkpoint(self, chain: str, checkpoint: str) -> None:
+        """Keep a signed checkpoint (JSON text) of ``chain``'s head, apart from its entries."""
+
+    @abstractmethod
+    def audit_chains(self) -> list[str]:
+        """Every chain id with an entry or a checkpoint, sorted."""
+
+    @abstractmethod
+    def audit_entries(self, chain: str, after_seq: int = 0, limit: int | None = None) -> list[str]:
+        """``chain``'s entries with seq above ``after_seq``, in the order they were appended
+        (exactly as stored: a verifier must see what is there, not a re-sorted copy)."""
+
+    @abstractmethod
+    def audit_checkpoints(self, chain: str) -> list[str]:
+        """``chain``'s checkpoints, oldest first."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources."""
