@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 Action = Literal["block", "hold", "downgrade", "clamp", "alert"]
@@ -114,6 +115,29 @@ class ApprovalLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The signed decision log (``[audit]``, ``audit_key``): on unless ``enabled = false``.
+
+    ``key`` is where the Ed25519 signing key is read (``file:/path``); None means spendgate's home,
+    where it is created on first use. Checkpoints of the chain's head are signed every
+    ``checkpoint_entries`` entries and every ``checkpoint_seconds`` (when there is something new)."""
+
+    enabled: bool = True
+    key: str | None = None
+    checkpoint_entries: int = 64
+    checkpoint_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """Where alerts go (``[alerts]``): Slack-compatible webhooks, and the base URL a notification
+    names for the admin API (None: the address the server listens on)."""
+
+    webhooks: tuple[str, ...] = ()
+    admin_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     rules: tuple[Rule, ...]
     store: str | None = None
@@ -129,4 +153,29 @@ class Policy:
     retention_days: int | None = 90
     #: how long the proxy waits for an upstream's next bytes before charging the worst case
     upstream_timeout_s: float = 600.0
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     source: str = "built-in defaults"
+
+
+def policy_hash(policy: Policy) -> str:
+    """Hex SHA-256 of the policy's canonical JSON (RFC 8785): what every audit entry names, so a
+    decision can be matched to the exact rules in force. Where the policy was read from is left
+    out — the same rules from another path are the same policy."""
+    import hashlib
+
+    import rfc8785
+
+    doc = _plain(dataclasses.asdict(policy))
+    doc.pop("source", None)
+    return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
+
+
+def _plain(value: object) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)  # Decimal, float: their exact text

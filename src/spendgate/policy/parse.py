@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from spendgate.errors import ConfigError
@@ -24,7 +25,9 @@ from spendgate.policy.model import (
     CALENDAR,
     SCOPES,
     Action,
+    AlertSettings,
     ApprovalLimits,
+    AuditSettings,
     Match,
     Policy,
     Rule,
@@ -33,8 +36,13 @@ from spendgate.policy.model import (
 )
 
 TOP_KEYS = {"store", "unpriced", "on_store_error", "upstream", "tiers", "budget", "timezone", "hold_ttl",
-            "anthropic_token_factor", "approvals", "retention_days", "upstream_timeout_s", "defaults"}
+            "anthropic_token_factor", "approvals", "retention_days", "upstream_timeout_s", "defaults",
+            "audit", "audit_key", "alerts"}
 APPROVAL_KEYS = {"header_max_usd", "inband_max_usd"}
+AUDIT_KEYS = {"enabled", "checkpoint_entries", "checkpoint_seconds"}
+ALERT_KEYS = {"webhooks", "admin_url"}
+#: alert_at fractions above this are surely a typo (50 for 0.5): a threshold is a share of the limit
+MAX_ALERT_AT = Decimal(10)
 BUDGET_KEYS = {"name", "usd", "tokens", "window", "timezone", "per", "match", "action", "downgrade",
                "alert_at", "immutable", "min_output"}
 MATCH_KEYS = {"model", "provider", "tier", "tags"}
@@ -178,8 +186,9 @@ def _rule(raw: Any, index: int, default_tz: str) -> Rule:
         if not isinstance(vals, list) or not vals:
             raise _fail(f"{where}.alert_at", f"expected a list of fractions such as [0.5, 0.8, 1.0], got {vals!r}")
         alert_at = tuple(sorted(parse_usd(v, f"{where}.alert_at[{i}]") for i, v in enumerate(vals)))
-        if any(a <= 0 for a in alert_at):
-            raise _fail(f"{where}.alert_at", f"fractions must be above 0, got {vals!r}")
+        if any(a <= 0 or a > MAX_ALERT_AT for a in alert_at):
+            raise _fail(f"{where}.alert_at", f"fractions must be above 0 and at most {MAX_ALERT_AT} "
+                                             f"(0.8 is 80 % of the limit), got {vals!r}")
     immutable = raw.get("immutable", False)
     if not isinstance(immutable, bool):
         raise _fail(f"{where}.immutable", f"expected true or false, got {immutable!r}")
@@ -221,6 +230,49 @@ def _approvals(raw: Any) -> ApprovalLimits:
         if "header_max_usd" in raw else base.header_max_usd,
         inband_max_usd=parse_usd(raw["inband_max_usd"], "approvals.inband_max_usd")
         if "inband_max_usd" in raw else base.inband_max_usd)
+
+
+def _http_url(value: Any, where: str) -> str:
+    """An absolute http(s) URL with a host: a webhook that cannot be reached is a config error now,
+    not an alert lost later."""
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+        raise _fail(where, f"expected an http(s) URL such as https://hooks.slack.com/services/…, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise _fail(where, f"expected an http(s) URL with a numeric port, got {value!r}") from None
+    return cast(str, value)
+
+
+def _alerts(raw: Any) -> AlertSettings:
+    if not isinstance(raw, Mapping):
+        raise _fail("alerts", f"expected a table such as {{ webhooks = [\"https://…\"] }}, got {raw!r}")
+    _unknown(raw, ALERT_KEYS, "alerts")
+    hooks = raw.get("webhooks", [])
+    if isinstance(hooks, str) or not isinstance(hooks, list):
+        raise _fail("alerts.webhooks", f"expected a list of http(s) URLs, got {hooks!r}")
+    webhooks = tuple(_http_url(h, f"alerts.webhooks[{i}]") for i, h in enumerate(hooks))
+    admin_url = _http_url(raw["admin_url"], "alerts.admin_url").rstrip("/") if "admin_url" in raw else None
+    return AlertSettings(webhooks, admin_url)
+
+
+def _audit(raw: Any, key: Any) -> AuditSettings:
+    if not isinstance(raw, Mapping):
+        raise _fail("audit", f"expected a table such as {{ enabled = true }}, got {raw!r}")
+    _unknown(raw, AUDIT_KEYS, "audit")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise _fail("audit.enabled", f"expected true or false, got {enabled!r}")
+    if key is not None and (not isinstance(key, str) or not key.startswith("file:") or len(key) <= len("file:")):
+        raise _fail("audit_key", f"expected file:/path/to/audit.key, got {key!r}")
+    base = AuditSettings()
+    return AuditSettings(
+        enabled=enabled, key=key,
+        checkpoint_entries=parse_int(raw["checkpoint_entries"], "audit.checkpoint_entries", 1)
+        if "checkpoint_entries" in raw else base.checkpoint_entries,
+        checkpoint_seconds=_positive_seconds(raw["checkpoint_seconds"], "audit.checkpoint_seconds")
+        if "checkpoint_seconds" in raw else base.checkpoint_seconds)
 
 
 def _retention(value: Any) -> int | None:
@@ -282,6 +334,8 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bo
         retention_days=_retention(doc.get("retention_days", 90)),
         upstream_timeout_s=_positive_seconds(doc["upstream_timeout_s"], "upstream_timeout_s")
         if "upstream_timeout_s" in doc else 600.0,
+        audit=_audit(doc.get("audit", {}), doc.get("audit_key")),
+        alerts=_alerts(doc["alerts"]) if "alerts" in doc else AlertSettings(),
         source=source,
     )
 
