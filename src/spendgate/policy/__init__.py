@@ -14,5 +14,5 @@ from spendgate.policy.model import (
 )
 from spendgate.policy.parse import load, parse
 
-__all__ = ["AlertSettings", "ApprovalLimits", "AuditSettings", "Match", "Policy", "Rule", "Tiers", "Window", "default_policy",
-           "load", "parse", "policy_hash"]
+__all__ = ["AlertSettings", "ApprovalLimits", "AuditSettings", "Match", "Policy", "Rule", "Tiers", "Window",
+           "default_policy", "load", "parse", "policy_hash"]
