@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from spendgate import ledger
+from spendgate.cli.alerts import add_parser as alerts_parser
+from spendgate.cli.audit import add_parser as audit_parser
 from spendgate.cli.output import Progress, bar, emit_json, table
 from spendgate.cli.prices import add_parser as prices_parser
 from spendgate.cli.reconcile import add_parser as reconcile_parser
@@ -431,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     kr.set_defaults(func=cmd_keys)
 
     reconcile_parser(sub, common)
+    audit_parser(sub, common)
+    alerts_parser(sub, common)
     return p
 
 
