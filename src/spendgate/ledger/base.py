@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from spendgate.errors import StoreError
 
 Unit = Literal["usd", "tokens"]
 #: Rolling windows are counted in this many slots; a charge counts while any part of its slot is
@@ -75,9 +78,11 @@ class AlertMark:
 
     ``key`` makes it once-only: a key already in the outbox (pending, sent or failed) is never
     written again, by any process. In :meth:`Ledger.authorize`, a line's marks fire when the
-    bucket's spent + held after the hold reaches ``at`` — or, with ``on_refusal``, when that bucket
-    refuses the request; marks given to :meth:`Ledger.record` / :meth:`Ledger.put_record` are written
-    unconditionally (if absent). ``body`` is JSON text for the sender; the ledger never reads it."""
+    bucket's spent + held after the hold reaches ``at`` (``at`` > 0) — or, with ``on_refusal``, only
+    when that bucket refuses the request (``at`` is then ignored); marks given to :meth:`Ledger.record`
+    / :meth:`Ledger.put_record` are written unconditionally (if absent). ``body`` is JSON text for the
+    sender; the ledger never reads it. (A key comes back only after :meth:`Ledger.sweep` deleted the
+    settled alert past its retention.)"""
 
     key: str
     body: str
@@ -148,8 +153,9 @@ class Event:
     #: the rule and bucket a refusal, approval or alert is about ("" for a plain charge)
     rule: str = ""
     bucket: str = ""
-    #: named amounts (nano-dollars, or tokens for names ending in ``_tokens``): estimate, limit,
-    #: used, granted, held … — what a refusal or approval weighed; empty for a plain charge
+    #: named amounts, the unit in the name: ``…_usd`` in nano-dollars, ``…_tokens`` in tokens
+    #: (``estimate_usd``, ``limit_usd``, ``used_tokens`` …) — what a refusal or approval weighed;
+    #: empty for a plain charge
     amounts: Mapping[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -168,7 +174,12 @@ class Event:
 
     @classmethod
     def from_json(cls, raw: str) -> Event:
-        return cls(**json.loads(raw))
+        """Read a row written by :meth:`to_json`, by this version or an earlier one (rows from before
+        ``rule``, ``bucket`` and ``amounts`` lack them: they read as a plain charge)."""
+        doc = json.loads(raw)
+        return cls(doc["ts"], doc["kind"], doc["decision_id"], doc["model"], doc["provider"], doc["cost"],
+                   doc.get("input_tokens", 0), doc.get("output_tokens", 0), doc.get("estimated", False),
+                   doc.get("dims") or {}, doc.get("rule", ""), doc.get("bucket", ""), doc.get("amounts") or {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +196,8 @@ class Swept:
     expired: int = 0
     pruned: int = 0
     events_deleted: int = 0
+    #: settled (sent, failed, logged) outbox alerts past the retention; pending ones are never deleted
+    alerts_deleted: int = 0
 
 
 @dataclass(slots=True)
@@ -198,6 +211,24 @@ class _Hold:
 #: What an outbox alert may be: waiting (or retrying), delivered to every destination, given up on,
 #: or kept with nowhere to send it (no destination configured).
 ALERT_STATUSES = ("pending", "sent", "failed", "logged")
+#: The statuses a sweep may delete once past the retention (never "pending": it is still owed).
+SETTLED_ALERT_STATUSES = ("sent", "failed", "logged")
+
+
+def check_alert_status(status: str) -> None:
+    """Refuse a status outside :data:`ALERT_STATUSES` before anything is written."""
+    if status not in ALERT_STATUSES:
+        raise ValueError(f"alert status {status!r}: expected one of {', '.join(ALERT_STATUSES)}")
+
+
+def fired(lines: Sequence[Line], totals: Sequence[int], refused: Sequence[str]) -> list[AlertMark]:
+    """The marks an authorize fires, given each line's bucket spent + held after the hold (when it
+    was placed) and the refused bucket keys (when it was not): the rule :class:`AlertMark` states,
+    in one place for the backends that evaluate it in Python."""
+    if refused:
+        return [m for ln in lines if ln.bucket.key in refused for m in ln.alerts if m.on_refusal]
+    return [m for ln, total in zip(lines, totals, strict=True) for m in ln.alerts
+            if not m.on_refusal and 0 < m.at <= total]
 
 
 @dataclass(slots=True)
@@ -248,9 +279,9 @@ class Ledger(ABC):
 
         Stale holds are expired first, so a crashed caller cannot pin a budget past its TTL (they
         are returned in :attr:`Authorization.expired`). ``event`` is kept with the hold so an expiry
-        can be logged with its origin. Each line's :class:`AlertMark`\ s are written to the outbox,
-        in the same transaction, when the hold takes the bucket's spent + held to ``at`` or more —
-        or, for an ``on_refusal`` mark, when that bucket is one of those refused.
+        can be logged with its origin. Each line's alert marks (:class:`AlertMark`) are written to
+        the outbox, in the same transaction, when the hold takes the bucket's spent + held to ``at`` or
+        more — or, for an ``on_refusal`` mark, only when that bucket is one of those refused.
         """
 
     @abstractmethod
@@ -391,8 +422,9 @@ class TransactionalLedger(Ledger):
     def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,
                   event: Event | None = None, hold_id: str | None = None) -> Authorization:
         hid = hold_id or new_hold_id()
+        marked = any(line.alerts for line in lines)  # no marks: not one more statement
         with self._transaction():
-            self._expire_locked(now)
+            expired = tuple(self._expire_locked(now))
             states = [self._state(line.bucket, now) for line in lines]
             refused = tuple(
                 s.key for s, line in zip(states, lines, strict=True)
@@ -400,13 +432,17 @@ class TransactionalLedger(Ledger):
                 and s.spent + s.held + line.amount > s.limit + s.granted
             )
             if refused:
-                return Authorization(False, None, tuple(states), refused)
+                if marked and (marks := fired(lines, (), refused)):
+                    self._add_alerts(marks, now)
+                return Authorization(False, None, tuple(states), refused, expired)
             self._put_hold(_Hold(hid, now + ttl, list(lines), event))
             after = tuple(
                 BucketState(s.key, s.unit, s.limit, s.spent, s.held + line.amount, s.granted, s.frees_at)
                 for s, line in zip(states, lines, strict=True)
             )
-        return Authorization(True, hid, after)
+            if marked and (marks := fired(lines, [s.used for s in after], ())):
+                self._add_alerts(marks, now)
+        return Authorization(True, hid, after, (), expired)
 
     def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
                 event: Event | None = None) -> bool:
@@ -420,9 +456,13 @@ class TransactionalLedger(Ledger):
                 self._add_event(event)
         return True
 
-    def release(self, hold_id: str, *, now: float) -> bool:
+    def release(self, hold_id: str, *, now: float, event: Event | None = None) -> bool:
         with self._transaction():
-            return self._pop_hold(hold_id) is not None
+            if self._pop_hold(hold_id) is None:
+                return False
+            if event is not None:
+                self._add_event(event)
+        return True
 
     def expire(self, now: float) -> list[ExpiredHold]:
         with self._transaction():
@@ -440,7 +480,7 @@ class TransactionalLedger(Ledger):
             if last is None:
                 break
             after = last
-        deleted = 0
+        deleted = alerts_deleted = 0
         if retention_s is not None:
             while True:
                 with self._transaction():
@@ -448,7 +488,13 @@ class TransactionalLedger(Ledger):
                 deleted += n
                 if n < SWEEP_BATCH:
                     break
-        return Swept(expired, pruned, deleted)
+            while True:
+                with self._transaction():
+                    n = self._delete_alerts(now - retention_s, SWEEP_BATCH)
+                alerts_deleted += n
+                if n < SWEEP_BATCH:
+                    break
+        return Swept(expired, pruned, deleted, alerts_deleted)
 
     def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
         with self._transaction():
@@ -468,15 +514,21 @@ class TransactionalLedger(Ledger):
     @abstractmethod
     def _forget(self, key: str) -> None: ...
 
-    def record(self, event: Event) -> None:
+    def record(self, event: Event, *, alerts: Sequence[AlertMark] = ()) -> None:
         with self._transaction():
             self._add_event(event)
+            if alerts:
+                self._add_alerts(alerts, event.ts)
 
     # -- records shared by every process on the store (approvals, virtual keys) ----------------
 
-    def put_record(self, kind: str, key: str, value: str, *, expires_at: float | None = None) -> None:
+    def put_record(self, kind: str, key: str, value: str, *, expires_at: float | None = None,
+                   alerts: Sequence[AlertMark] = ()) -> None:
+        now = time.time() if alerts else 0.0
         with self._transaction():
             self._put_record(kind, key, value, expires_at)
+            if alerts:
+                self._add_alerts(alerts, now)
 
     def get_record(self, kind: str, key: str, *, now: float) -> str | None:
         with self._transaction():
@@ -501,6 +553,40 @@ class TransactionalLedger(Ledger):
 
     @abstractmethod
     def _delete_record(self, kind: str, key: str) -> None: ...
+
+    # -- the audit log ---------------------------------------------------------------------------
+
+    def append_audit(self, chain: str, first_seq: int, entries: Sequence[str]) -> None:
+        if first_seq < 1:
+            raise ValueError(f"audit seqs start at 1, not {first_seq}")
+        with self._transaction():
+            have = self._audit_len(chain)
+            if have == first_seq - 1:
+                if entries:
+                    self._audit_add(chain, first_seq, entries)
+                return
+            if have >= first_seq - 1 + len(entries) and self._audit_range(chain, first_seq - 1, len(entries)) == list(
+                    entries):
+                return  # a retry of an append that went through
+            raise audit_conflict(chain, have, first_seq, len(entries))
+
+    def put_checkpoint(self, chain: str, checkpoint: str) -> None:
+        with self._transaction():
+            self._add_checkpoint(chain, checkpoint)
+
+    @abstractmethod
+    def _audit_len(self, chain: str) -> int:
+        """How many entries ``chain`` holds (its seqs are 1 … that, with no gap)."""
+
+    @abstractmethod
+    def _audit_range(self, chain: str, after_seq: int, limit: int | None) -> list[str]:
+        """Up to ``limit`` entries of ``chain`` with seq above ``after_seq``, in seq order."""
+
+    @abstractmethod
+    def _audit_add(self, chain: str, first_seq: int, entries: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    def _add_checkpoint(self, chain: str, checkpoint: str) -> None: ...
 
     # -- primitives a backend provides (called inside _transaction) ---------------------------
 
@@ -550,6 +636,17 @@ class TransactionalLedger(Ledger):
     def _delete_events(self, before: float, n: int) -> int:
         """Delete up to ``n`` of the oldest events with ``ts < before``; how many went."""
 
+    @abstractmethod
+    def _add_alerts(self, marks: Sequence[AlertMark], now: float) -> None:
+        """Write each mark to the outbox as a new pending alert (created and due at ``now``) unless
+        an alert with its key is there already, whatever its status: insert-if-absent, so a key is
+        written once however many requests, processes and instances cross the same mark."""
+
+    @abstractmethod
+    def _delete_alerts(self, before: float, n: int) -> int:
+        """Delete up to ``n`` of the oldest settled (:data:`SETTLED_ALERT_STATUSES`) alerts created
+        before ``before``; how many went. Pending alerts stay, however old."""
+
     # -- shared logic -------------------------------------------------------------------------
 
     def _expire_locked(self, now: float) -> list[ExpiredHold]:
@@ -570,6 +667,13 @@ class TransactionalLedger(Ledger):
                 self._add_event(ev)
             out.append(ExpiredHold(hid, charged, ev))
         return out
+
+
+def audit_conflict(chain: str, have: int, first_seq: int, n: int) -> StoreError:
+    """The error of an append that neither extends the chain nor repeats what it holds: two writers
+    on one chain, or a writer that lost track of its own length."""
+    return StoreError(f"audit chain {chain!r} holds {have} entries: cannot append {n} at seq {first_seq} "
+                      f"(expected seq {have + 1}, or a repeat of entries already there)")
 
 
 def serialize_hold(hold: _Hold) -> tuple[str, str | None]:

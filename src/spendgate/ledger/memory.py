@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 
-from spendgate.ledger.base import Bucket, BucketState, Event, TransactionalLedger, _Hold
+from spendgate.ledger.base import (
+    SETTLED_ALERT_STATUSES,
+    AlertMark,
+    Bucket,
+    BucketState,
+    Event,
+    OutboxAlert,
+    TransactionalLedger,
+    _Hold,
+    check_alert_status,
+)
 
 
 class MemoryLedger(TransactionalLedger):
@@ -25,6 +36,11 @@ class MemoryLedger(TransactionalLedger):
         self._events: list[Event] = []
         self._buckets: dict[str, Bucket] = {}
         self._records: dict[tuple[str, str], tuple[str, float | None]] = {}
+        #: the outbox by key, and who holds a claim on which key
+        self._alerts: dict[str, OutboxAlert] = {}
+        self._claims: dict[str, str] = {}
+        self._audit: dict[str, list[str]] = defaultdict(list)
+        self._checkpoints: dict[str, list[str]] = defaultdict(list)
 
     def _transaction(self) -> AbstractContextManager[None]:
         return _Locked(self._lock)
@@ -104,6 +120,72 @@ class MemoryLedger(TransactionalLedger):
         for i in reversed(old):
             del self._events[i]
         return len(old)
+
+    def _add_alerts(self, marks: Sequence[AlertMark], now: float) -> None:
+        for m in marks:
+            if m.key not in self._alerts:
+                self._alerts[m.key] = OutboxAlert(m.key, now, m.body, "pending", 0, now)
+
+    def _delete_alerts(self, before: float, n: int) -> int:
+        old = sorted((a for a in self._alerts.values() if a.created < before and a.status in SETTLED_ALERT_STATUSES),
+                     key=lambda a: (a.created, a.key))[:n]
+        for a in old:
+            del self._alerts[a.key]
+            self._claims.pop(a.key, None)
+        return len(old)
+
+    # (copies go out, so a caller changing what it got cannot change the outbox)
+
+    def claim_alerts(self, now: float, owner: str, lease_s: float, limit: int) -> list[OutboxAlert]:
+        with self._lock:
+            due = sorted((a for a in self._alerts.values() if a.status == "pending" and a.next_at <= now),
+                         key=lambda a: (a.created, a.key))[:max(0, limit)]
+            for a in due:
+                a.next_at = now + lease_s
+                self._claims[a.key] = owner
+            return [replace(a) for a in due]
+
+    def update_alert(self, key: str, owner: str, *, status: str, attempts: int, next_at: float,
+                     error: str = "", done: Sequence[str] = (), sent_at: float | None = None) -> bool:
+        check_alert_status(status)
+        with self._lock:
+            a = self._alerts.get(key)
+            if a is None or self._claims.get(key) != owner:
+                return False
+            a.status, a.attempts, a.next_at, a.error, a.done, a.sent_at = (status, attempts, next_at, error,
+                                                                           tuple(done), sent_at)
+            del self._claims[key]
+            return True
+
+    def alerts(self, limit: int = 1000) -> list[OutboxAlert]:
+        with self._lock:
+            newest = sorted(self._alerts.values(), key=lambda a: (a.created, a.key), reverse=True)
+            return [replace(a) for a in newest[:max(0, limit)]]
+
+    def _audit_len(self, chain: str) -> int:
+        return len(self._audit.get(chain, ()))
+
+    def _audit_range(self, chain: str, after_seq: int, limit: int | None) -> list[str]:
+        entries = self._audit.get(chain, [])
+        return entries[after_seq:] if limit is None else entries[after_seq:after_seq + max(0, limit)]
+
+    def _audit_add(self, chain: str, first_seq: int, entries: Sequence[str]) -> None:
+        self._audit[chain].extend(entries)
+
+    def _add_checkpoint(self, chain: str, checkpoint: str) -> None:
+        self._checkpoints[chain].append(checkpoint)
+
+    def audit_chains(self) -> list[str]:
+        with self._lock:
+            return sorted({c for c, e in self._audit.items() if e} | {c for c, k in self._checkpoints.items() if k})
+
+    def audit_entries(self, chain: str, after_seq: int = 0, limit: int | None = None) -> list[str]:
+        with self._lock:
+            return self._audit_range(chain, max(0, after_seq), limit)
+
+    def audit_checkpoints(self, chain: str) -> list[str]:
+        with self._lock:
+            return list(self._checkpoints.get(chain, ()))
 
     def check(self, now: float) -> None:
         """Memory cannot fail a write."""

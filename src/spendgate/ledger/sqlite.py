@@ -26,7 +26,7 @@ import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from time import monotonic
@@ -34,12 +34,16 @@ from typing import Any
 
 from spendgate.errors import StoreError
 from spendgate.ledger.base import (
+    SETTLED_ALERT_STATUSES,
     SLOTS_PER_WINDOW,
+    AlertMark,
     Bucket,
     BucketState,
     Event,
+    OutboxAlert,
     TransactionalLedger,
     _Hold,
+    check_alert_status,
     deserialize_hold,
     serialize_hold,
 )
@@ -59,7 +63,9 @@ CHECKPOINT_BUSY_MS = 20
 VERIFY_EVERY_S = 0.5
 #: entries of the per-bucket "slots already pruned" memo before it is dropped (memory stays bounded)
 PRUNED_MEMO_MAX = 10_000
-SCHEMA_VERSION = 1
+#: 1: held amounts and hold counts on ``buckets``; 2: the alert outbox and the audit log (new tables,
+#: which ``_SCHEMA`` creates in an older file as in a new one)
+SCHEMA_VERSION = 2
 
 # ``buckets`` lists every bucket with its limit and window, what is held on it and by how many holds:
 # placing a hold updates its row (one upsert per bucket), so the listing is current in every process
@@ -79,7 +85,18 @@ CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL
 CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
 CREATE TABLE IF NOT EXISTS records(kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, expires_at REAL,
                                    PRIMARY KEY(kind, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts(key TEXT PRIMARY KEY, created REAL NOT NULL, body TEXT NOT NULL,
+                                  status TEXT NOT NULL, attempts INTEGER NOT NULL, next_at REAL NOT NULL,
+                                  error TEXT NOT NULL DEFAULT '', sent_at REAL, done TEXT NOT NULL DEFAULT '[]',
+                                  claimed_by TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS alerts_due ON alerts(status, next_at);
+CREATE INDEX IF NOT EXISTS alerts_created ON alerts(created);
+CREATE TABLE IF NOT EXISTS audit(chain TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+                                 PRIMARY KEY(chain, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_checkpoints(chain TEXT NOT NULL, n INTEGER NOT NULL, body TEXT NOT NULL,
+                                             PRIMARY KEY(chain, n)) WITHOUT ROWID;
 """
+_ALERT_COLS = "key, created, body, status, attempts, next_at, error, sent_at, done"
 
 # a bucket may be pruned (see Bucket.ended): nothing held, no hold, no grant live after the cutoff
 # (?1), and no slot inside its rolling window at the cutoff (one slot earlier than Python's floor,
@@ -161,7 +178,8 @@ class SQLiteLedger(TransactionalLedger):
             return  # (a read-only copy of a current store opens without a write)
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if self._db.execute("PRAGMA user_version").fetchone()[0] < 1:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version < 1:
                 cols = {r[1] for r in self._db.execute("PRAGMA table_info(buckets)")}
                 if "held" not in cols:  # v0: held amounts in a table of their own, no hold counts
                     for col in ("ends_at REAL", "held INTEGER NOT NULL DEFAULT 0",
@@ -174,6 +192,8 @@ class SQLiteLedger(TransactionalLedger):
                     self._db.executemany("UPDATE buckets SET holds = ? WHERE key = ?",
                                          [(n, k) for k, n in counts.items()])
                     self._db.execute("DROP TABLE held")
+            # v1 -> v2: the alerts, audit and audit_checkpoints tables, already made by _SCHEMA
+            if version < SCHEMA_VERSION:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._db.execute("COMMIT")
         except BaseException:
@@ -355,6 +375,72 @@ class SQLiteLedger(TransactionalLedger):
         return self._db.execute("DELETE FROM events WHERE seq IN "
                                 "(SELECT seq FROM events WHERE ts < ? ORDER BY ts LIMIT ?)", (before, n)).rowcount
 
+    def _add_alerts(self, marks: Sequence[AlertMark], now: float) -> None:
+        self._db.executemany("INSERT INTO alerts(key, created, body, status, attempts, next_at) "
+                             "VALUES (?, ?, ?, 'pending', 0, ?) ON CONFLICT(key) DO NOTHING",
+                             [(m.key, now, m.body, now) for m in marks])
+
+    def _delete_alerts(self, before: float, n: int) -> int:
+        settled = ",".join("?" * len(SETTLED_ALERT_STATUSES))
+        return self._db.execute(f"DELETE FROM alerts WHERE key IN (SELECT key FROM alerts WHERE created < ? AND "
+                                f"status IN ({settled}) ORDER BY created, key LIMIT ?)",
+                                (before, *SETTLED_ALERT_STATUSES, n)).rowcount
+
+    def claim_alerts(self, now: float, owner: str, lease_s: float, limit: int) -> list[OutboxAlert]:
+        with self._txn():
+            rows = self._db.execute(
+                f"UPDATE alerts SET claimed_by = ?, next_at = ? WHERE key IN (SELECT key FROM alerts "
+                f"WHERE status = 'pending' AND next_at <= ? ORDER BY created, key LIMIT ?) RETURNING {_ALERT_COLS}",
+                (owner, now + lease_s, now, max(0, limit))).fetchall()
+        return sorted((_alert(r) for r in rows), key=lambda a: (a.created, a.key))
+
+    def update_alert(self, key: str, owner: str, *, status: str, attempts: int, next_at: float,
+                     error: str = "", done: Sequence[str] = (), sent_at: float | None = None) -> bool:
+        check_alert_status(status)
+        with self._txn():
+            n = self._db.execute(
+                "UPDATE alerts SET status = ?, attempts = ?, next_at = ?, error = ?, done = ?, sent_at = ?, "
+                "claimed_by = '' WHERE key = ? AND claimed_by = ? AND claimed_by != ''",
+                (status, attempts, next_at, error, json.dumps(list(done)), sent_at, key, owner)).rowcount
+        return n == 1
+
+    def alerts(self, limit: int = 1000) -> list[OutboxAlert]:
+        rows = self._read(f"SELECT {_ALERT_COLS} FROM alerts ORDER BY created DESC, key DESC LIMIT ?",
+                          (max(0, limit),))
+        return [_alert(r) for r in rows]
+
+    def _audit_len(self, chain: str) -> int:
+        # seqs run 1 … n with no gap (append_audit only ever extends), so the last one is the count
+        row = self._db.execute("SELECT MAX(seq) FROM audit WHERE chain = ?", (chain,)).fetchone()
+        return int(row[0] or 0)
+
+    def _audit_range(self, chain: str, after_seq: int, limit: int | None) -> list[str]:
+        rows = self._db.execute("SELECT body FROM audit WHERE chain = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                (chain, after_seq, -1 if limit is None else max(0, limit))).fetchall()
+        return [r[0] for r in rows]
+
+    def _audit_add(self, chain: str, first_seq: int, entries: Sequence[str]) -> None:
+        self._db.executemany("INSERT INTO audit(chain, seq, body) VALUES (?, ?, ?)",
+                             [(chain, first_seq + i, body) for i, body in enumerate(entries)])
+
+    def _add_checkpoint(self, chain: str, checkpoint: str) -> None:
+        self._db.execute("INSERT INTO audit_checkpoints(chain, n, body) SELECT ?1, COALESCE(MAX(n), 0) + 1, ?2 "
+                         "FROM audit_checkpoints WHERE chain = ?1", (chain, checkpoint))
+
+    def audit_chains(self) -> list[str]:
+        rows = self._read("SELECT DISTINCT chain FROM audit UNION SELECT DISTINCT chain FROM audit_checkpoints "
+                          "ORDER BY 1", ())
+        return [r[0] for r in rows]
+
+    def audit_entries(self, chain: str, after_seq: int = 0, limit: int | None = None) -> list[str]:
+        rows = self._read("SELECT body FROM audit WHERE chain = ? AND seq > ? ORDER BY seq LIMIT ?",
+                          (chain, after_seq, -1 if limit is None else max(0, limit)))
+        return [r[0] for r in rows]
+
+    def audit_checkpoints(self, chain: str) -> list[str]:
+        rows = self._read("SELECT body FROM audit_checkpoints WHERE chain = ? ORDER BY n", (chain,))
+        return [r[0] for r in rows]
+
     def _add_event(self, event: Event) -> None:
         self._db.execute("INSERT INTO events(ts, body) VALUES (?,?)", (event.ts, event.to_json()))
 
@@ -397,3 +483,8 @@ class SQLiteLedger(TransactionalLedger):
                 return self._db.execute(query, args).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+
+def _alert(row: tuple[Any, ...]) -> OutboxAlert:
+    key, created, body, status, attempts, next_at, error, sent_at, done = row
+    return OutboxAlert(key, created, body, status, attempts, next_at, error, sent_at, tuple(json.loads(done)))
