@@ -19,14 +19,14 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from spendgate.engine import Decision, approval_event
-from spendgate.ledger import Bucket, Ledger
+from spendgate.ledger import AlertMark, Bucket, Event, Ledger
 from spendgate.money import usd_to_nanos
 
 HOLD_TTL_S = 600
@@ -108,9 +108,23 @@ def keep(store: Ledger, decision: Decision, session: str, ident: str, provider: 
     p = Pending(decision.id, session, provider, route, strip_query(query), base64.b64encode(body).decode(),
                 dict(headers), now, now + HOLD_TTL_S, t.rule.name if t else "", est, decision.message, bucket,
                 t.resets_at if t else None, ident=ident)
-    store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
+    store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at, alerts=(_notice(p, decision),))
     store.put_record(LATEST, ident, p.id, expires_at=p.expires_at)
     return p
+
+
+def _notice(p: Pending, decision: Decision) -> AlertMark:
+    """"An agent is waiting for your approval", written with the hold it announces. One per
+    identity and rule every :data:`HOLD_TTL_S`: an agent that keeps sending while held is not one
+    page per request (``spendgate approvals`` lists every hold)."""
+    t = decision.trip
+    scope = t.scope if t is not None else ""
+    key = f"hold|{hashlib.sha256(p.ident.encode()).hexdigest()[:16]}|{p.rule}|{int(p.created // HOLD_TTL_S)}"
+    body = {"type": "hold", "decision_id": p.id, "rule": p.rule, "bucket": p.bucket[0] if p.bucket else "",
+            "scope": scope, "window": t.rule.window.text if t is not None else "", "estimate_usd": p.estimate_usd,
+            "model": decision.estimate.model if decision.estimate is not None else "", "session": p.session,
+            "message": p.message, "expires_at": p.expires_at, "ts": p.created}
+    return AlertMark(key, json.dumps(body))
 
 
 def pending(store: Ledger, now: float | None = None) -> list[Pending]:
@@ -133,7 +147,7 @@ def latest_for(store: Ledger, ident: str, now: float) -> Pending | None:
 
 
 def approve(store: Ledger, hold_id: str, max_usd: Decimal | None, now: float | None = None,
-            by: str = "spendgate approve") -> Pending:
+            by: str = "spendgate approve", on_event: Callable[[Event], None] | None = None) -> Pending:
     """An operator's approval of a held request (not capped): with a max, grant that headroom to
     its bucket now; without, let the held request through once (its retry, or a "yes" replaying
     it). Logged as an ``approval`` event."""
@@ -154,18 +168,29 @@ def approve(store: Ledger, hold_id: str, max_usd: Decimal | None, now: float | N
     rules = approved_rules(store.get_record(ONCE, key, now=now)) | {p.rule}
     store.put_record(ONCE, key, json.dumps(sorted(rules)), expires_at=p.expires_at)
     granted = usd_to_nanos(max_usd) if p.status == "approved" and max_usd is not None else None
-    store.record(approval_event(now, p.id, "operator", by, p.rule, p.bucket[0] if p.bucket else None, granted,
-                                {"session": p.session}))
+    event = approval_event(now, p.id, "operator", by, p.rule, p.bucket[0] if p.bucket else None, granted,
+                           {"session": p.session})
+    store.record(event)
+    if on_event is not None:
+        on_event(event)
     return p
 
 
-def deny(store: Ledger, hold_id: str, now: float | None = None) -> Pending:
+def deny(store: Ledger, hold_id: str, now: float | None = None, by: str = "spendgate deny",
+         on_event: Callable[[Event], None] | None = None) -> Pending:
+    """An operator's no: the held request's retries are refused until the hold expires. Logged as
+    a ``deny`` event."""
     now = time.time() if now is None else now
     p = find(store, hold_id, now)
     if p is None:
         raise KeyError(f"no pending hold {hold_id!r}")
     p.status = "denied"
     store.put_record(KIND, p.id, p.to_json(), expires_at=p.expires_at)
+    event = Event(now, "deny", p.id, "", p.provider, 0, dims={"session": p.session, "by": by}, rule=p.rule,
+                  bucket=p.bucket[0] if p.bucket else "")
+    store.record(event)
+    if on_event is not None:
+        on_event(event)
     return p
 
 

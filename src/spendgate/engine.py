@@ -13,21 +13,22 @@ The engine knows nothing of HTTP; the proxy and the SDK turn a :class:`Decision`
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import secrets
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar, cast
 
 from spendgate.errors import StoreError
 from spendgate.estimate import FREE_ROUTES, Estimate, Estimator
-from spendgate.ledger import Authorization, Bucket, BucketState, Event, Ledger, Line
+from spendgate.ledger import AlertMark, Authorization, Bucket, BucketState, Event, Ledger, Line
 from spendgate.ledger.spool import Spool
 from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
-from spendgate.policy.model import SEVERITY, Policy, Rule
+from spendgate.policy.model import SEVERITY, Policy, Rule, policy_hash
 from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_nanos
 from spendgate.pricing.table import ModelPrice, PriceTable
 from spendgate.request import NONE, Request
@@ -37,6 +38,11 @@ log = logging.getLogger("spendgate.engine")
 T = TypeVar("T")
 #: A ledger call a decision step needs: (method name, keyword arguments).
 LedgerCall = tuple[str, dict[str, Any]]
+#: Hears every decision, approval and settlement as it happens: (the event, the hash of the policy
+#: that decided it, the raw request body for decisions). Called on the request path: must be O(1).
+Observer = Callable[[Event, str, "bytes | None"], None]
+#: The outcomes a decision event can have (an allowed request's, then a refused one's).
+ALLOWED_KINDS = ("allow", "downgrade", "clamp", "alert")
 
 
 class AsyncLedger(Protocol):
@@ -220,6 +226,15 @@ class Engine:
         # immutable rules are weighed first (SPEC §3)
         self._rules = sorted(policy.rules, key=lambda r: not r.immutable)
         self._usd_limit = {r.name: usd_to_nanos(r.usd) for r in policy.rules if r.usd is not None}
+        #: names the policy in every audit entry
+        self.policy_hash = policy_hash(policy)
+        #: told of every decision, approval and settlement (the audit log, metrics)
+        self.observers: list[Observer] = []
+
+    def emit(self, event: Event, request: bytes | None = None) -> None:
+        """Tell every observer of ``event`` (cheap when there are none)."""
+        for observer in self.observers:
+            observer(event, self.policy_hash, request)
 
     # -- deciding -----------------------------------------------------------------------------
 
@@ -292,7 +307,7 @@ class Engine:
             rules = [r for r in (*self._rules, *extra_rules)
                      if r.match.matches(est.model, request.provider, tier, request.identity.tags)]
             request_trips, alerts = self._request_trips(rules, est, bypass)
-            lines, owners = self._lines(rules, request, est, tier, now, bypass)
+            lines, owners = self._lines(rules, request, est, tier, now, bypass, did)
             trips = [t for t in request_trips if t.rule.action != "alert"]
             hold_id = None
             states: tuple[BucketState, ...] = ()
@@ -306,9 +321,12 @@ class Engine:
                         raise StoreError(f"{exc}; refusing because on_store_error = \"block\"") from exc
                     log.warning("store unavailable, request allowed unmetered (on_store_error = allow): %s", exc)
                     notes.append(f"store unavailable ({exc}); allowed unmetered because on_store_error = \"allow\"")
-                    return Decision(did, "allow", True, est, body, edits, None, None, None, (), tuple(notes),
-                                    "store unavailable: allowed unmetered", original, dims, now, tuple(applied))
+                    unmetered = Decision(did, "allow", True, est, body, edits, None, None, None, (), tuple(notes),
+                                         "store unavailable: allowed unmetered", original, dims, now, tuple(applied))
+                    self.emit(self.decision_event(unmetered, request.provider), request.raw)
+                    return unmetered
                 states = auth.states
+                self._emit_expired(auth)
                 if auth.ok:
                     hold_id = auth.hold_id
                 else:
@@ -317,9 +335,12 @@ class Engine:
                 alerts += self._alerts(rules, lines, owners, states)
                 action = "alert" if alerts else ("downgrade" if "model" in edits else
                                                  "clamp" if edits else "allow")
-                return Decision(did, action, True, est, body, edits, hold_id, None,
-                                _tightest(states), tuple(alerts), tuple(notes), "", original, dims, now,
-                                tuple(applied))
+                allowed = Decision(did, action, True, est, body, edits, hold_id, None,
+                                   _tightest(states), tuple(alerts), tuple(notes), "", original, dims, now,
+                                   tuple(applied))
+                if self.observers:
+                    self.emit(self.decision_event(allowed, request.provider), request.raw)
+                return allowed
             trip = self._worst(trips)
             # an immutable hold could never be approved: it is a block
             act = "block" if trip.rule.immutable and trip.rule.action == "hold" else trip.rule.action
@@ -355,8 +376,49 @@ class Engine:
                     continue
                 notes.append(f"{trip.rule.name}: fewer than {trip.rule.min_output} output tokens fit; refused")
                 act = "block"
-            return self._refusal(did, act, est, body, trip, states, notes, original, dims, now)
+            refused = self._refusal(did, act, est, body, trip, states, notes, original, dims, now)
+            yield from self._log_refusal(refused, request)
+            return refused
         raise RuntimeError("policy remedies did not converge")  # pragma: no cover - bounded chains
+
+    def _log_refusal(self, d: Decision, request: Request) -> Generator[LedgerCall, Any, None]:
+        """A refusal is an event in the store (``/spendgate/decisions``, ``report``) and for the
+        observers. A store that fails here only loses the row: the refusal itself stands."""
+        event = self.decision_event(d, request.provider)
+        try:
+            yield ("record", {"event": event})
+        except StoreError as exc:
+            log.warning("refusal %s not logged in the store: %s", d.id, exc)
+        self.emit(event, request.raw)
+
+    def _emit_expired(self, auth: Authorization) -> None:
+        for gone in auth.expired:
+            if gone.event is not None:
+                self.emit(gone.event)
+
+    def decision_event(self, d: Decision, provider: str) -> Event:
+        """The event of one decision: its outcome, the rule and bucket that decided it, and the
+        amounts weighed (what the request may cost; for a refusal, the limit and what was used)."""
+        est = d.estimate
+        t = d.trip
+        amounts: dict[str, int] = {}
+        rule = bucket = ""
+        if est is not None:
+            amounts["estimate_usd"] = est.cost_nanos
+            if d.original is not None and d.original is not est:
+                amounts["original_estimate_usd"] = d.original.cost_nanos
+        if t is not None:
+            rule, bucket = t.rule.name, t.bucket.key if t.bucket is not None else ""
+            unit = "_usd" if t.unit == "usd" else "_tokens"
+            amounts.update({f"limit{unit}": t.limit, f"used{unit}": t.used, f"request{unit}": t.amount})
+        elif d.applied:
+            rule = ",".join(d.applied)
+        dims = dict(d.dims)
+        if d.edits:
+            dims["edits"] = ",".join(f"{k}={v}" for k, v in d.edits.items())
+        return Event(d.at, d.action, d.id, est.model if est else "", provider, 0,
+                     est.input_tokens if est else 0, est.output_tokens if est else 0,
+                     est.price.estimated_price if est else False, dims, rule, bucket, amounts)
 
     def _hold_ttl(self, est: Estimate) -> float:
         """How long a hold may live: the policy's TTL, or long enough to generate the request's whole
@@ -395,7 +457,7 @@ class Engine:
         return trips, alerts
 
     def _lines(self, rules: Sequence[Rule], request: Request, est: Estimate, tier: str, now: float,
-               bypass: set[str]) -> tuple[list[Line], dict[str, tuple[Rule, str, float | None]]]:
+               bypass: set[str], did: str) -> tuple[list[Line], dict[str, tuple[Rule, str, float | None]]]:
         """One ledger line per (rule, unit) of every windowed rule, with who owns each bucket."""
         lines: list[Line] = []
         owners: dict[str, tuple[Rule, str, float | None]] = {}
@@ -406,12 +468,13 @@ class Engine:
             value = {"model": est.model, "provider": request.provider, "tier": tier}.get(r.per) \
                 or request.identity.value(r.per)
             scope = f"{r.per}={value}"
-            key, resets, window_s = bucket_key(r.name, scope), None, None
+            key, resets, window_s, period = bucket_key(r.name, scope), None, None, ""
             if w.kind == "calendar":
-                label, resets = w.period_of(now, r.tz)
-                key = bucket_key(r.name, scope, label)
+                period, resets = w.period_of(now, r.tz)
+                key = bucket_key(r.name, scope, period)
             elif w.kind == "rolling":
                 window_s = w.seconds
+                period = str(int(now // w.seconds))
             enforce = r.action != "alert" and r.name not in bypass
             for unit, limit, amount in (("usd", self._usd(r), est.cost_nanos),
                                         ("tokens", r.tokens, est.tokens)):
@@ -419,7 +482,10 @@ class Engine:
                     continue
                 lim = int(limit)
                 k = key if unit == "usd" else tokens_key(key)
-                lines.append(Line(Bucket(k, lim if enforce else None, window_s, unit, resets), amount))  # type: ignore[arg-type]
+                marks = _marks(r, k, unit, lim, scope, period, now, did, est.model) \
+                    if r.alert_at or r.action == "alert" else ()
+                lines.append(Line(Bucket(k, lim if enforce else None, window_s, unit, resets), amount,  # type: ignore[arg-type]
+                                  marks))
                 owners[k] = (r, scope, resets)
         return lines, owners
 
@@ -494,9 +560,11 @@ class Engine:
             if amount <= 0 or (once and amount < want):
                 return 0
             auth = yield ("authorize", {"lines": [Line(cap_bucket, amount)], "now": now, "ttl": 60.0})
+            self._emit_expired(auth)
             if auth.ok:
                 event = self._approval_event(approval, trip, None if once else amount, now, did, dims)
                 yield ("capture", {"hold_id": auth.hold_id, "actual": {"usd": amount}, "now": now, "event": event})
+                self.emit(event)
                 return amount
             amount = auth.states[0].remaining or 0
         return 0
@@ -504,7 +572,9 @@ class Engine:
     def _log_approval(self, approval: Approval, trip: Trip, est: Estimate, amount: int | None, now: float,
                       did: str, dims: Mapping[str, str]) -> Generator[LedgerCall, Any, None]:
         if not approval.recorded:
-            yield ("record", {"event": self._approval_event(approval, trip, amount, now, did, dims, est)})
+            event = self._approval_event(approval, trip, amount, now, did, dims, est)
+            yield ("record", {"event": event})
+            self.emit(event)
 
     @staticmethod
     def _approval_event(approval: Approval, trip: Trip, amount: int | None, now: float, did: str,
@@ -661,13 +731,18 @@ class Engine:
         case, which over-counts and never under-counts — no reason to fail the caller's reply."""
         if decision.hold_id is None:
             return False
+        now = time.time() if now is None else now
+        est = decision.estimate
+        event = Event(now, "released", decision.id, est.model if est else "", est.provider if est else "", 0,
+                      dims=dict(decision.dims), amounts={"held_usd": est.cost_nanos} if est else {})
         try:
-            released: bool = yield ("release", {"hold_id": decision.hold_id,
-                                                "now": time.time() if now is None else now})
+            released: bool = yield ("release", {"hold_id": decision.hold_id, "now": now, "event": event})
         except StoreError as exc:
             log.warning("the store failed to release the hold of decision %s (%s); it will expire and be "
                         "charged its worst case", decision.id, exc)
             return False
+        if released:
+            self.emit(event)
         return released
 
     def _settle(self, decision: Decision, cost: int, tokens: int, usage: Usage | None, now: float | None,
@@ -687,8 +762,12 @@ class Engine:
         except StoreError as exc:
             # the provider answered and bills it: the answer must still reach the client, and the
             # charge waits on local disk for drain_spool rather than be lost
-            return Charge(cost, usage, estimated or usage is None, False,
-                          spooled=self._spool(decision, actual, event, exc))
+            spooled = self._spool(decision, actual, event, exc)
+            if spooled:
+                self.emit(event)
+            return Charge(cost, usage, estimated or usage is None, False, spooled=spooled)
+        if captured:  # else the hold had expired: its expiry was the charge, and was logged then
+            self.emit(event)
         return Charge(cost, usage, estimated or usage is None, captured)
 
     def _spool(self, decision: Decision, actual: Mapping[str, int], event: Event, exc: StoreError) -> bool:
@@ -719,6 +798,34 @@ def approval_event(now: float, decision_id: str, channel: str, by: str, rule: st
     extra = {"channel": channel, "by": by, "rule": rule, "bucket": bucket or "(request)",
              "granted_usd": str(nanos_to_usd(granted)) if granted is not None else "once"}
     return Event(now, "approval", decision_id, model, provider, 0, dims={**(dims or {}), **extra})
+
+
+def _marks(rule: Rule, key: str, unit: str, limit: int, scope: str, period: str, now: float, did: str,
+           model: str) -> tuple[AlertMark, ...]:
+    """The alerts a bucket of ``rule`` may fire, each once per bucket, period and threshold (the key
+    says which): every ``alert_at`` fraction when spent + held reaches it — the 1.0 one also when the
+    bucket refuses a request, as a budget rarely lands on exactly 100 % — and, for an
+    ``action = "alert"`` rule, going over the limit."""
+    if limit <= 0:
+        return ()
+    base = {"rule": rule.name, "bucket": key, "scope": scope, "window": rule.window.text, "period": period,
+            "decision_id": did, "model": model, "ts": now}
+    if unit == "usd":
+        base["limit_usd"] = str(nanos_to_usd(limit))
+    else:
+        base["limit_tokens"] = str(limit)
+    marks = []
+    for frac in rule.alert_at:
+        text = format(frac.normalize(), "f")
+        fkey = f"{key}|{period}|{text}"
+        at = max(1, math.ceil(Decimal(limit) * frac))
+        marks.append(AlertMark(fkey, json.dumps({"type": "threshold", "threshold": text, **base}), at))
+        if frac == 1:
+            marks.append(AlertMark(fkey, json.dumps({"type": "refused", "threshold": "1", **base}),
+                                   on_refusal=True))
+    if rule.action == "alert":
+        marks.append(AlertMark(f"{key}|{period}|over", json.dumps({"type": "over", **base}), limit + 1))
+    return tuple(marks)
 
 
 def bucket_key(rule_name: str, scope: str, period: str | None = None) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spendgate.errors import StoreError
-from spendgate.ledger import Bucket, BucketState, Ledger
+from spendgate.ledger import Bucket, BucketState, Event, Ledger
 from spendgate.money import nanos_to_usd
 from spendgate.policy.parse import parse_duration
 
@@ -17,6 +17,10 @@ log = logging.getLogger("spendgate.report")
 #: Fields of an event that are not in its ``dims``.
 EVENT_FIELDS = ("model", "provider", "kind")
 APPROVAL = "approval"
+#: events that charge a budget: what the provider billed, an unknown outcome, an expired hold
+SPEND_KINDS = frozenset({"capture", "unknown", "expired"})
+#: decisions that kept a request from being sent
+REFUSAL_KINDS = frozenset({"block", "hold", "deny"})
 APPROVAL_FIELDS = ("channel", "by", "rule", "bucket", "granted_usd", "session")
 
 
@@ -38,11 +42,13 @@ class Row:
     input_tokens: int
     output_tokens: int
     estimated: int
+    #: requests refused (blocked, held, denied) in this group: money the guard kept
+    refused: int = 0
 
     def as_dict(self, by: Sequence[str]) -> dict[str, Any]:
         d: dict[str, Any] = dict(zip(by, self.group, strict=True))
         d.update(requests=self.requests, usd=str(nanos_to_usd(self.cost)), input_tokens=self.input_tokens,
-                 output_tokens=self.output_tokens, estimated=self.estimated)
+                 output_tokens=self.output_tokens, estimated=self.estimated, refused=self.refused)
         return d
 
 
@@ -53,10 +59,14 @@ def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: fl
     _expire(store, now)
     groups: dict[tuple[str, ...], list[int]] = {}
     for e in store.events(start):
-        if e.kind == APPROVAL:
-            continue  # an approval lifts a limit; it spends nothing (see approvals())
+        spend, refusal = e.kind in SPEND_KINDS, e.kind in REFUSAL_KINDS
+        if not spend and not refusal:
+            continue  # an approval lifts a limit, a release gives a hold back: neither spends (see approvals())
         key = tuple(str(getattr(e, f)) if f in EVENT_FIELDS else e.dims.get(f, "(none)") for f in by)
-        g = groups.setdefault(key, [0, 0, 0, 0, 0])
+        g = groups.setdefault(key, [0, 0, 0, 0, 0, 0])
+        if refusal:
+            g[5] += 1
+            continue
         g[0] += 1
         g[1] += e.cost
         g[2] += e.input_tokens
@@ -73,6 +83,22 @@ def approvals(store: Ledger, since: str | float = "24h", now: float | None = Non
     start = now - parse_duration(since, "--since") if isinstance(since, str) else since
     return [{"ts": e.ts, "decision_id": e.decision_id, **{k: e.dims.get(k, "") for k in APPROVAL_FIELDS}}
             for e in store.events(start) if e.kind == APPROVAL]
+
+
+def event_dict(e: Event) -> dict[str, Any]:
+    """An event as the admin API and ``--json`` show it: amounts in dollars as strings (tokens as
+    integers), never nano-dollar integers a reader would have to know to divide."""
+    out: dict[str, Any] = {"ts": e.ts, "kind": e.kind, "decision_id": e.decision_id, "model": e.model,
+                           "provider": e.provider, "estimated": e.estimated, "dims": dict(e.dims)}
+    if e.kind in SPEND_KINDS:
+        out.update(cost_usd=str(nanos_to_usd(e.cost)), input_tokens=e.input_tokens, output_tokens=e.output_tokens)
+    if e.rule:
+        out["rule"] = e.rule
+    if e.bucket:
+        out["bucket"] = e.bucket
+    if e.amounts:
+        out["amounts"] = {k: str(nanos_to_usd(v)) if k.endswith("_usd") else v for k, v in e.amounts.items()}
+    return out
 
 
 def status(store: Ledger, now: float | None = None) -> list[tuple[Bucket, BucketState]]:

@@ -70,3 +70,5 @@ class Request:
     identity: Identity = field(default_factory=Identity)
     #: token counts already known (a replayed trace, an SDK estimate): skips parsing ``body``
     shape: TokenShape | None = None
+    #: the body as sent, when the door has it: the audit log keeps its hash, never the bytes
+    raw: bytes | None = None

@@ -72,7 +72,7 @@ class Guard:
         engine = self._engine()
         scopes = active_scopes()
         rules = [s.rule for s in scopes]
-        req = Request(self.provider, route, body, self._identity(request))
+        req = Request(self.provider, route, body, self._identity(request), raw=raw)
         try:
             d = engine.decide(req, extra_rules=rules)
             if not d.allowed:
