@@ -372,3 +372,49 @@ def test_a_version_1_sqlite_store_gains_the_outbox_and_audit_tables(tmp_path: Pa
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     db.close()
+
+
+def test_sweep_steps_past_old_pending_alerts_batch_by_batch(store: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spendgate.ledger import base, redis
+
+    monkeypatch.setattr(base, "SWEEP_BATCH", 2)
+    monkeypatch.setattr(redis, "SWEEP_BATCH", 2)
+    fill(store, 9)
+    for a in store.claim_alerts(T0 + 10, "s", 60, 100):
+        if a.key not in ("a000", "a001", "a004"):  # those stay pending, at the front of the oldest
+            assert store.update_alert(a.key, "s", status="logged", attempts=0, next_at=T0 + 10)
+    assert store.sweep(T0 + 100, retention_s=50).alerts_deleted == 6
+    assert keys(store) == ["a000", "a001", "a004"]
+
+
+# -- no marks, no extra work on the request path ----------------------------------------------------
+
+def test_sqlite_requests_without_marks_never_touch_the_outbox(tmp_path: Path) -> None:
+    from spendgate.ledger.sqlite import SQLiteLedger
+
+    store = ledger.open(f"sqlite:///{tmp_path / 's.db'}")
+    assert isinstance(store, SQLiteLedger)
+    seen: list[str] = []
+    store._db.set_trace_callback(seen.append)
+    try:
+        b = Bucket("b", 100)
+        auth = store.authorize([Line(b, 10)], now=T0, ttl=60)
+        assert auth.hold_id and store.capture(auth.hold_id, {"usd": 5}, now=T0)
+        assert not store.authorize([Line(b, 1000)], now=T0, ttl=60).ok
+        assert seen and not [q for q in seen if "alerts" in q]
+        store.authorize([Line(b, 10, (mark("b:1", 1),))], now=T0, ttl=60)
+        assert [q for q in seen if "alerts" in q]
+    finally:
+        store._db.set_trace_callback(None)
+        store.close()
+
+
+def test_redis_marks_travel_apart_from_the_lines_and_only_when_there_are_some() -> None:
+    from spendgate.ledger.redis import _authorize_args
+
+    b = Bucket("b", 100)
+    plain = _authorize_args([Line(b, 10)], T0, 60, None, "h")
+    assert len(plain) == 6, "no marks: not one more argument"
+    marked = _authorize_args([Line(b, 10), Line(Bucket("c", None), 1, (mark("c:1", 1),))], T0, 60, None, "h")
+    assert marked[:6] == _authorize_args([Line(b, 10), Line(Bucket("c", None), 1)], T0, 60, None, "h")
+    assert json.loads(marked[6]) == [[2, "c:1", '{"alert": "c:1"}', 1, False]]

@@ -176,10 +176,15 @@ class Event:
     def from_json(cls, raw: str) -> Event:
         """Read a row written by :meth:`to_json`, by this version or an earlier one (rows from before
         ``rule``, ``bucket`` and ``amounts`` lack them: they read as a plain charge)."""
-        doc = json.loads(raw)
-        return cls(doc["ts"], doc["kind"], doc["decision_id"], doc["model"], doc["provider"], doc["cost"],
-                   doc.get("input_tokens", 0), doc.get("output_tokens", 0), doc.get("estimated", False),
-                   doc.get("dims") or {}, doc.get("rule", ""), doc.get("bucket", ""), doc.get("amounts") or {})
+        return event_of_doc(json.loads(raw))
+
+
+def event_of_doc(doc: Mapping[str, Any]) -> Event:
+    """An :class:`Event` from its parsed JSON (see :meth:`Event.from_json`), for a backend that has
+    already parsed the row."""
+    return Event(doc["ts"], doc["kind"], doc["decision_id"], doc["model"], doc["provider"], doc["cost"],
+                 doc.get("input_tokens", 0), doc.get("output_tokens", 0), doc.get("estimated", False),
+                 doc.get("dims") or {}, doc.get("rule", ""), doc.get("bucket", ""), doc.get("amounts") or {})
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ Any Redis failure is raised once as :class:`~spendgate.errors.StoreError`, namin
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
@@ -24,6 +25,7 @@ from spendgate.ledger.base import (
     PRUNE_GRACE_S,
     SLOTS_PER_WINDOW,
     SWEEP_BATCH,
+    AlertMark,
     Authorization,
     Bucket,
     BucketState,
@@ -31,7 +33,11 @@ from spendgate.ledger.base import (
     ExpiredHold,
     Ledger,
     Line,
+    OutboxAlert,
     Swept,
+    audit_conflict,
+    check_alert_status,
+    event_of_doc,
     new_hold_id,
 )
 
@@ -94,24 +100,17 @@ class RedisLedger(Ledger):
     def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,
                   event: Event | None = None, hold_id: str | None = None) -> Authorization:
         hid = hold_id or new_hold_id()
-        return _authorization(lines, hid, self._run(*_authorize_args(lines, now, ttl, event, hid)))
+        return _authorization(lines, hid, now, self._run(*_authorize_args(lines, now, ttl, event, hid)))
 
     def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
                 event: Event | None = None) -> bool:
         return bool(self._run(*_capture_args(hold_id, actual, now, event)))
 
-    def release(self, hold_id: str, *, now: float) -> bool:
-        return bool(self._run("release", hold_id))
+    def release(self, hold_id: str, *, now: float, event: Event | None = None) -> bool:
+        return bool(self._run(*_release_args(hold_id, now, event)))
 
     def expire(self, now: float) -> list[ExpiredHold]:
-        flat = self._run("expire", repr(now))
-        out = []
-        for i in range(0, len(flat), 4):
-            hid, usd, tokens, raw = flat[i: i + 4]
-            charged = {k: int(v) for k, v in (("usd", usd), ("tokens", tokens)) if int(v)}
-            ev = _expired_event(now, int(usd), raw) if raw else None
-            out.append(ExpiredHold(hid, charged, ev))
-        return out
+        return _expired_holds(now, self._run("expire", repr(now)))
 
     def sweep(self, now: float, *, retention_s: float | None = None) -> Swept:
         """Expiry, then pruning in HSCAN batches, then retention in batches: each one script call,
@@ -123,14 +122,21 @@ class RedisLedger(Ledger):
             pruned += int(n)
             if cursor == "0":
                 break
-        deleted = 0
+        deleted = alerts_deleted = 0
         if retention_s is not None:
             while True:
                 n = int(self._run("trim", repr(now - retention_s), str(SWEEP_BATCH)))
                 deleted += n
                 if n < SWEEP_BATCH:
                     break
-        return Swept(expired, pruned, deleted)
+            kept = 0  # old pending alerts stay at the front of the batches: step past them
+            while True:
+                gone, looked = self._run("trim_alerts", repr(now - retention_s), str(SWEEP_BATCH), str(kept))
+                alerts_deleted += int(gone)
+                kept += int(looked) - int(gone)
+                if int(looked) < SWEEP_BATCH:
+                    break
+        return Swept(expired, pruned, deleted, alerts_deleted)
 
     def check(self, now: float) -> None:
         """A SET with a short expiry: fails on a read-only replica, at maxmemory, or unreachable."""
@@ -147,8 +153,11 @@ class RedisLedger(Ledger):
     def forget(self, keys: Sequence[str]) -> None:
         self._run("forget", *keys)
 
-    def record(self, event: Event) -> None:
-        self._cmd("ZADD", self._keys[3], repr(event.ts), event.to_json())
+    def record(self, event: Event, *, alerts: Sequence[AlertMark] = ()) -> None:
+        if alerts:
+            self._run("record", repr(event.ts), event.to_json(), _marks(alerts))
+        else:
+            self._cmd("ZADD", self._keys[3], repr(event.ts), event.to_json())
 
     def events(self, since: float, until: float | None = None) -> list[Event]:
         hi = f"({until!r}" if until is not None else "+inf"
@@ -164,8 +173,13 @@ class RedisLedger(Ledger):
 
     # -- records ------------------------------------------------------------------------------
 
-    def put_record(self, kind: str, key: str, value: str, *, expires_at: float | None = None) -> None:
-        self._cmd("HSET", self._p + "rec:" + kind, key, json.dumps([expires_at, value]))
+    def put_record(self, kind: str, key: str, value: str, *, expires_at: float | None = None,
+                   alerts: Sequence[AlertMark] = ()) -> None:
+        if alerts:
+            self._run("put_record", self._p + "rec:" + kind, key, json.dumps([expires_at, value]), repr(time.time()),
+                      _marks(alerts))
+        else:
+            self._cmd("HSET", self._p + "rec:" + kind, key, json.dumps([expires_at, value]))
 
     def get_record(self, kind: str, key: str, *, now: float) -> str | None:
         raw = self._cmd("HGET", self._p + "rec:" + kind, key)
@@ -188,6 +202,47 @@ class RedisLedger(Ledger):
             else:
                 out.append((k, value))
         return out
+
+    # -- the alert outbox ---------------------------------------------------------------------
+
+    def claim_alerts(self, now: float, owner: str, lease_s: float, limit: int) -> list[OutboxAlert]:
+        if limit <= 0:
+            return []
+        return _alerts(self._run("claim", repr(now), owner, repr(now + lease_s), str(limit)))
+
+    def update_alert(self, key: str, owner: str, *, status: str, attempts: int, next_at: float,
+                     error: str = "", done: Sequence[str] = (), sent_at: float | None = None) -> bool:
+        check_alert_status(status)
+        return bool(self._run("update_alert", key, owner, status, str(attempts), repr(next_at), error,
+                              json.dumps(list(done)), "" if sent_at is None else repr(sent_at)))
+
+    def alerts(self, limit: int = 1000) -> list[OutboxAlert]:
+        return _alerts(self._run("alerts", str(limit))) if limit > 0 else []
+
+    # -- the audit log ------------------------------------------------------------------------
+
+    def append_audit(self, chain: str, first_seq: int, entries: Sequence[str]) -> None:
+        if first_seq < 1:
+            raise ValueError(f"audit seqs start at 1, not {first_seq}")
+        ok, have = self._run("append_audit", chain, str(first_seq), *entries)
+        if not ok:
+            raise audit_conflict(chain, int(have), first_seq, len(entries))
+
+    def put_checkpoint(self, chain: str, checkpoint: str) -> None:
+        self._run("checkpoint", chain, checkpoint)
+
+    def audit_chains(self) -> list[str]:
+        return sorted(self._cmd("SMEMBERS", self._p + "audit:chains"))
+
+    def audit_entries(self, chain: str, after_seq: int = 0, limit: int | None = None) -> list[str]:
+        start = max(0, after_seq)
+        if limit is not None and limit <= 0:
+            return []
+        stop = -1 if limit is None else start + limit - 1
+        return list(self._cmd("LRANGE", self._p + "audit:e:" + chain, start, stop))
+
+    def audit_checkpoints(self, chain: str) -> list[str]:
+        return list(self._cmd("LRANGE", self._p + "audit:c:" + chain, 0, -1))
 
 
 class AsyncRedisLedger:
@@ -212,14 +267,14 @@ class AsyncRedisLedger:
     async def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,
                         event: Event | None = None, hold_id: str | None = None) -> Authorization:
         hid = hold_id or new_hold_id()
-        return _authorization(lines, hid, await self._run(*_authorize_args(lines, now, ttl, event, hid)))
+        return _authorization(lines, hid, now, await self._run(*_authorize_args(lines, now, ttl, event, hid)))
 
     async def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
                       event: Event | None = None) -> bool:
         return bool(await self._run(*_capture_args(hold_id, actual, now, event)))
 
-    async def release(self, hold_id: str, *, now: float) -> bool:
-        return bool(await self._run("release", hold_id))
+    async def release(self, hold_id: str, *, now: float, event: Event | None = None) -> bool:
+        return bool(await self._run(*_release_args(hold_id, now, event)))
 
     async def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
         await self._run(*_grant_args(bucket, amount, until))
@@ -252,14 +307,49 @@ def _lua() -> str:
 
 def _authorize_args(lines: Sequence[Line], now: float, ttl: float, event: Event | None, hid: str) -> list[str]:
     payload = json.dumps([_line(ln.bucket, ln.amount) for ln in lines])
-    return ["authorize", repr(now), repr(ttl), hid, payload, event.to_json() if event else ""]
+    args = ["authorize", repr(now), repr(ttl), hid, payload, event.to_json() if event else ""]
+    if any(ln.alerts for ln in lines):  # marks go apart from the lines: never stored with the hold
+        args.append(json.dumps([[i, m.key, m.body, m.at, m.on_refusal]
+                                for i, ln in enumerate(lines, 1) for m in ln.alerts]))
+    return args
 
 
-def _authorization(lines: Sequence[Line], hid: str, res: Sequence[str]) -> Authorization:
-    states = _states(lines, res[1:-1])
+def _authorization(lines: Sequence[Line], hid: str, now: float, res: Sequence[str]) -> Authorization:
+    n = 4 * len(lines)
+    states = _states(lines, res[1:1 + n])
+    expired = tuple(_expired_holds(now, res[2 + n:])) if len(res) > 2 + n else ()
     if res[0] == "1":
-        return Authorization(True, hid, states)
-    return Authorization(False, None, states, tuple(json.loads(res[-1])))
+        return Authorization(True, hid, states, (), expired)
+    return Authorization(False, None, states, tuple(json.loads(res[1 + n])), expired)
+
+
+def _expired_holds(now: float, flat: Sequence[str]) -> list[ExpiredHold]:
+    """The script's expired holds, 4 items each: hold id, usd and tokens charged, the hold's event."""
+    out = []
+    for i in range(0, len(flat), 4):
+        hid, usd, tokens, raw = flat[i: i + 4]
+        charged = {k: int(v) for k, v in (("usd", usd), ("tokens", tokens)) if int(v)}
+        out.append(ExpiredHold(hid, charged, _expired_event(now, int(usd), raw) if raw else None))
+    return out
+
+
+def _release_args(hold_id: str, now: float, event: Event | None) -> list[str]:
+    return ["release", hold_id, repr(now), event.to_json() if event else ""]
+
+
+def _marks(alerts: Sequence[AlertMark]) -> str:
+    return json.dumps([[m.key, m.body] for m in alerts])
+
+
+def _alerts(flat: Sequence[str]) -> list[OutboxAlert]:
+    """The script's alerts, 9 items each: key, created, body, status, attempts, next_at, error,
+    sent_at ('' for none), done (JSON)."""
+    out = []
+    for i in range(0, len(flat), 9):
+        key, created, body, status, attempts, next_at, error, sent_at, done = flat[i: i + 9]
+        out.append(OutboxAlert(key, float(created), body, status, int(attempts), float(next_at), error,
+                               float(sent_at) if sent_at else None, tuple(json.loads(done or "[]"))))
+    return out
 
 
 def _capture_args(hold_id: str, actual: Mapping[str, int], now: float, event: Event | None) -> list[str]:
@@ -299,4 +389,4 @@ def _event_of(raw: str) -> Event:
     doc = json.loads(raw)
     if "expired_at" in doc:
         return _expired_event(doc["expired_at"], doc["cost"], json.dumps(doc["event"]))
-    return Event(**doc)
+    return event_of_doc(doc)

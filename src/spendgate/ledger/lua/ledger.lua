@@ -3,6 +3,9 @@
 -- KEYS: held (hash bucket -> held amount), holds (zset id -> expires_at), buckets (hash bucket -> meta
 --       JSON [limit, window_s, unit, ends_at], kept as the policy says now: the sweep prunes by it),
 --       events (zset ts -> event JSON).
+-- Derived from the prefix P: the alert outbox (a hash P..'alert:'..key per alert; zsets P..'alerts:due'
+-- of pending keys by next_at and P..'alerts:created' of every key by created) and the audit log (a
+-- list P..'audit:e:'..chain of entries, P..'audit:c:'..chain of checkpoints, a set P..'audit:chains').
 -- ARGV[1] = operation, ARGV[2] = key prefix; every key shares the prefix's {hash tag}, so a Redis
 -- Cluster keeps them in one slot and the keys derived from bucket names below are local to it.
 -- Amounts are integers (nano-dollars, tokens); Lua numbers are doubles, exact up to 2^53 (~$9M).
@@ -111,6 +114,35 @@ end
 
 local function is_set(x) return x ~= nil and x ~= cjson.null end
 
+-- the outbox: an alert is written once per key, ever (until a sweep deletes it settled); `now` is the
+-- client's number as text, kept exactly
+local ALERT_FIELDS = {'created', 'body', 'status', 'attempts', 'next_at', 'error', 'sent_at', 'done'}
+local DUE, CREATED = P .. 'alerts:due', P .. 'alerts:created'
+
+local function add_alert(key, body, now)
+  local akey = P .. 'alert:' .. key
+  if redis.call('EXISTS', akey) == 1 then return end
+  redis.call('HSET', akey, 'created', now, 'body', body, 'status', 'pending', 'attempts', '0', 'next_at', now,
+             'error', '', 'sent_at', '', 'done', '[]', 'claimed_by', '')
+  redis.call('ZADD', DUE, now, key)
+  redis.call('ZADD', CREATED, now, key)
+end
+
+-- marks JSON [[key, body], ...], written unconditionally (if absent)
+local function add_alerts(raw, now)
+  if raw and raw ~= '' then
+    for _, m in ipairs(cjson.decode(raw)) do add_alert(m[1], m[2], now) end
+  end
+end
+
+-- an alert as the client parses it: key, then ALERT_FIELDS in order
+local function push_alert(out, key)
+  table.insert(out, key)
+  for _, v in ipairs(redis.call('HMGET', P .. 'alert:' .. key, unpack(ALERT_FIELDS))) do
+    table.insert(out, v or '')
+  end
+end
+
 -- nothing the bucket counted can count from `cutoff` on (Bucket.ended in base.py; the first live
 -- slot one earlier than the exact floor, so rounding can only keep a bucket, never drop a live one)
 local function ended(key, meta, cutoff, per_window)
@@ -156,10 +188,12 @@ local function flat_states(lines, now)
 end
 
 if op == 'authorize' then
-  -- ARGV: now, ttl, hold id, lines JSON, event JSON or ''
+  -- ARGV: now, ttl, hold id, lines JSON, event JSON or '', and only when a line has alert marks:
+  -- marks JSON [[line index (1-based), key, body, at, on_refusal], ...] (never stored with the hold).
+  -- Returns ok, 4 numbers per line, refused JSON, then the holds expired first (4 items each, as 'expire')
   local now, ttl, id = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
   local lines = cjson.decode(ARGV[6])
-  expire(now)
+  local expired = expire(now)
   local states, refused = {}, {}
   for i, l in ipairs(lines) do
     local s, h, g, frees = state_of(l, now)
@@ -179,6 +213,19 @@ if op == 'authorize' then
   else
     table.insert(out, '0')
   end
+  if ARGV[8] then
+    -- placed: a mark fires once spent + held reaches it; refused: the refusing buckets' on_refusal marks
+    local no = {}
+    for _, k in ipairs(refused) do no[k] = true end
+    for _, m in ipairs(cjson.decode(ARGV[8])) do
+      local st = states[m[1]]
+      if #refused == 0 then
+        if not m[5] and m[4] > 0 and st[1] + st[2] >= m[4] then add_alert(m[2], m[3], ARGV[3]) end
+      elseif m[5] and no[lines[m[1]][1]] then
+        add_alert(m[2], m[3], ARGV[3])
+      end
+    end
+  end
   for _, st in ipairs(states) do
     table.insert(out, num(st[1]))
     table.insert(out, num(st[2]))
@@ -186,6 +233,7 @@ if op == 'authorize' then
     table.insert(out, fnum(st[4]))
   end
   table.insert(out, cjson.encode(refused))
+  for _, x in ipairs(expired) do table.insert(out, x) end
   return out
 
 elseif op == 'capture' then
@@ -203,8 +251,102 @@ elseif op == 'capture' then
   return 1
 
 elseif op == 'release' then
-  if pop_hold(ARGV[3]) then return 1 end
+  -- ARGV: hold id, now, event JSON or '' (logged only when the hold was there)
+  if pop_hold(ARGV[3]) then
+    if ARGV[5] and ARGV[5] ~= '' then redis.call('ZADD', EVENTS, ARGV[4], ARGV[5]) end
+    return 1
+  end
   return 0
+
+elseif op == 'record' then
+  -- ARGV: ts, event JSON, marks JSON [[key, body], ...]
+  redis.call('ZADD', EVENTS, ARGV[3], ARGV[4])
+  add_alerts(ARGV[5], ARGV[3])
+  return 1
+
+elseif op == 'put_record' then
+  -- ARGV: records hash, field, value, now, marks JSON [[key, body], ...]
+  redis.call('HSET', ARGV[3], ARGV[4], ARGV[5])
+  add_alerts(ARGV[7], ARGV[6])
+  return 1
+
+elseif op == 'claim' then
+  -- ARGV: now, owner, lease end, limit: the due pending alerts, oldest (created, then key) first
+  local now, owner, lease_end, limit = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+  local due = {}
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', DUE, '-inf', now)) do
+    local created = redis.call('ZSCORE', CREATED, key)
+    if created then table.insert(due, {tonumber(created), key}) else redis.call('ZREM', DUE, key) end
+  end
+  table.sort(due, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return a[2] < b[2]
+  end)
+  local out = {}
+  for i = 1, math.min(limit, #due) do
+    local key = due[i][2]
+    redis.call('HSET', P .. 'alert:' .. key, 'claimed_by', owner, 'next_at', lease_end)
+    redis.call('ZADD', DUE, lease_end, key)
+    push_alert(out, key)
+  end
+  return out
+
+elseif op == 'update_alert' then
+  -- ARGV: key, owner, status, attempts, next_at, error, done JSON, sent_at or '': only the claim's owner
+  local akey = P .. 'alert:' .. ARGV[3]
+  local owner = redis.call('HGET', akey, 'claimed_by')
+  if not owner or owner == '' or owner ~= ARGV[4] then return 0 end
+  redis.call('HSET', akey, 'status', ARGV[5], 'attempts', ARGV[6], 'next_at', ARGV[7], 'error', ARGV[8],
+             'done', ARGV[9], 'sent_at', ARGV[10], 'claimed_by', '')
+  if ARGV[5] == 'pending' then redis.call('ZADD', DUE, ARGV[7], ARGV[3]) else redis.call('ZREM', DUE, ARGV[3]) end
+  return 1
+
+elseif op == 'alerts' then
+  -- ARGV: limit (> 0): the newest alerts
+  local out = {}
+  for _, key in ipairs(redis.call('ZREVRANGE', CREATED, 0, tonumber(ARGV[3]) - 1)) do push_alert(out, key) end
+  return out
+
+elseif op == 'trim_alerts' then
+  -- ARGV: before, batch size, offset (the old pending alerts earlier batches kept): delete the settled
+  -- alerts among the next batch of the oldest created before `before`; returns {deleted, looked at}
+  local keys = redis.call('ZRANGEBYSCORE', CREATED, '-inf', '(' .. ARGV[3], 'LIMIT', ARGV[5], ARGV[4])
+  local deleted = 0
+  for _, key in ipairs(keys) do
+    local status = redis.call('HGET', P .. 'alert:' .. key, 'status')
+    if status ~= 'pending' then
+      redis.call('DEL', P .. 'alert:' .. key)
+      redis.call('ZREM', CREATED, key)
+      redis.call('ZREM', DUE, key)
+      deleted = deleted + 1
+    end
+  end
+  return {deleted, #keys}
+
+elseif op == 'append_audit' then
+  -- ARGV: chain, first seq, entries...: append when the chain holds first - 1 entries; a repeat of
+  -- entries already there changes nothing; returns {1 (done) or 0 (conflict), the chain's length}
+  local chain, first, n = ARGV[3], tonumber(ARGV[4]), #ARGV - 4
+  local lkey = P .. 'audit:e:' .. chain
+  local have = redis.call('LLEN', lkey)
+  if have == first - 1 then
+    for i = 5, #ARGV, 1000 do redis.call('RPUSH', lkey, unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+    if n > 0 then redis.call('SADD', P .. 'audit:chains', chain) end
+    return {1, have}
+  end
+  if have < first - 1 + n then return {0, have} end
+  if n == 0 then return {1, have} end
+  local got = redis.call('LRANGE', lkey, first - 1, first - 2 + n)
+  for i = 1, n do
+    if got[i] ~= ARGV[4 + i] then return {0, have} end
+  end
+  return {1, have}
+
+elseif op == 'checkpoint' then
+  -- ARGV: chain, checkpoint JSON
+  redis.call('RPUSH', P .. 'audit:c:' .. ARGV[3], ARGV[4])
+  redis.call('SADD', P .. 'audit:chains', ARGV[3])
+  return 1
 
 elseif op == 'expire' then
   return expire(tonumber(ARGV[3]))
