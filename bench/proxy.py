@@ -1,6 +1,6 @@
 """Proxy overhead: added latency against a direct call and against a bare passthrough, and throughput.
 
-    .venv/bin/python bench/proxy.py [--n 2000]
+    .venv/bin/python bench/proxy.py [--n 2000] [--audit-off]
 
 Starts three processes on loopback — the fake upstream, a bare aiohttp passthrough (a pooled
 aiohttp client relaying bytes, no guard), and ``spendgate serve`` on the embedded defaults (SQLite
@@ -8,6 +8,9 @@ store, default policy: the full guard) — and drives each from this process wit
 client. Prints one table: p50/p99 latency per path and the overhead the proxy adds, at concurrency
 1 and 8, streaming and not, OpenAI and Anthropic shapes; then requests/s through spendgate at
 concurrency 16 and its CPU time per request. Targets: SPEC §11.
+
+``--audit-off`` adds a fourth process, the same build with ``[audit] enabled = false``, measured in
+the same alternating blocks: the last column is what the signed audit log adds to the p50.
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ def main() -> None:
     ap.add_argument("--store", help="spendgate's store URL (default: a fresh SQLite file, the embedded default)")
     ap.add_argument("--sustain", type=int, default=0, metavar="N",
                     help="then N more requests at c=16 through each proxy: CPU per request under sustained load")
+    ap.add_argument("--audit-off", action="store_true",
+                    help="also measure the same build with the audit log off, side by side")
     ap.add_argument("--role", choices=("upstream", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -163,13 +168,24 @@ def main() -> None:
         subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(sg_port),
                           "--store", args.store or f"sqlite:///{tmp}/bench.db"], env=env, stderr=subprocess.DEVNULL),
     ]
+    ports = [up_port, bare_port, sg_port]
+    if args.audit_off:
+        off_port = free_port()
+        Path(tmp, "audit-off.toml").write_text("[audit]\nenabled = false\n")
+        procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(off_port),
+                                       "--config", f"{tmp}/audit-off.toml", "--store",
+                                       f"sqlite:///{tmp}/bench-off.db"], env=env, stderr=subprocess.DEVNULL))
+        ports.append(off_port)
     try:
-        for p in (up_port, bare_port, sg_port):
+        for p in ports:
             wait_listening(p)
         paths = {"direct": upstream, "bare passthrough": f"http://127.0.0.1:{bare_port}",
                  "spendgate": f"http://127.0.0.1:{sg_port}"}
+        if args.audit_off:
+            paths["audit off"] = f"http://127.0.0.1:{ports[3]}"
         print(f"{'case':34} {'c':>2} {'direct p50/p99 µs':>18} {'bare p50/p99':>16} {'spendgate p50/p99':>18} "
-              f"{'added vs direct p50/p99':>24} {'vs bare p50':>12}")
+              f"{'added vs direct p50/p99':>24} {'vs bare p50':>12}"
+              + (f" {'audit off p50':>14} {'audit adds p50':>15}" if args.audit_off else ""))
         for name, (path, body) in CASES.items():
             for stream in (False, True):
                 for c in (1, 8):
@@ -179,8 +195,12 @@ def main() -> None:
                     b50, b99 = pct(res["bare passthrough"], .5), pct(res["bare passthrough"], .99)
                     s50, s99 = pct(res["spendgate"], .5), pct(res["spendgate"], .99)
                     label = f"{name}{' stream' if stream else ''}"
+                    off = ""
+                    if args.audit_off:
+                        o50 = pct(res["audit off"], .5)
+                        off = f" {o50:14.0f} {s50 - o50:15.0f}"
                     print(f"{label:34} {c:2d} {d50:8.0f}/{d99:<9.0f} {b50:7.0f}/{b99:<8.0f} {s50:8.0f}/{s99:<9.0f} "
-                          f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}")
+                          f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{off}")
         path, body = CASES["openai chat"]
         before = cpu_seconds(procs[2].pid)
         t = time.perf_counter()
@@ -191,6 +211,13 @@ def main() -> None:
         print(f"\nthroughput through spendgate at c=16: {n / wall:,.0f} requests/s "
               f"(including this load generator on the same {os.cpu_count()} cores); "
               f"proxy CPU {cpu / n * 1e6:,.0f} µs per request")
+        if args.audit_off:
+            before = cpu_seconds(procs[3].pid)
+            t = time.perf_counter()
+            asyncio.run(drive({"audit off": paths["audit off"]}, path, body, n, 16))
+            wall = time.perf_counter() - t
+            print(f"the same with the audit log off: {n / wall:,.0f} requests/s, proxy CPU "
+                  f"{(cpu_seconds(procs[3].pid) - before) / n * 1e6:,.0f} µs per request")
         if args.sustain:  # a store's costs that grow with its size (WAL, indexes) show only over time
             for name, proc in (("bare passthrough", procs[1]), ("spendgate", procs[2])):
                 before = cpu_seconds(proc.pid)
