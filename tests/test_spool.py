@@ -132,10 +132,10 @@ class Flaky(MemoryLedger):
             raise Crash  # applied in the store, not yet deleted from the spool
         return ok
 
-    def release(self, hold_id: str, *, now: float) -> bool:
+    def release(self, hold_id: str, *, now: float, event: Event | None = None) -> bool:
         if self.down:
             raise StoreError("store down")
-        return super().release(hold_id, now=now)
+        return super().release(hold_id, now=now, event=event)
 
 
 def _hold(store: Ledger, amount: int = 1000, ttl: float = 600) -> str:
