@@ -1,0 +1,140 @@
+"""The audit entry format: one JSON object per decision, approval or charge, hash-chained and signed.
+
+An entry's ``hash`` is the SHA-256 of the RFC 8785 (JCS) canonical JSON of the entry without ``hash``
+and ``sig``; ``sig`` is the Ed25519 signature of those same bytes; ``prev_hash`` is the previous
+entry's ``hash`` (:data:`GENESIS` for seq 1). JCS is used because it is specified byte for byte, so
+any language can recompute the hash from the parsed object (``scripts/verify-audit.mjs`` does, in
+Node) — the stored text's own spacing and key order never matter.
+
+Every value in an entry is a string, an integer, a bool or null — never a float — so canonical
+bytes cannot depend on how a language prints numbers. Money is a dollar string made from integer
+nano-dollars (:func:`spendgate.money.nanos_to_usd`), exact.
+
+A checkpoint (``kind`` "checkpoint") signs a chain's head (its seq and hash); it is kept apart from
+the entries, so cutting entries off the end of the log is caught by a checkpoint naming a later seq.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import rfc8785
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from spendgate.ledger.base import Event
+from spendgate.money import nanos_to_usd
+
+#: the ``prev_hash`` of a chain's first entry
+GENESIS = "0" * 64
+
+#: kinds that answer a request: they carry the request body's hash
+DECISION_KINDS = frozenset({"allow", "downgrade", "clamp", "alert", "block", "hold", "deny"})
+#: kinds that charge a budget: they carry the cost and token counts
+CHARGE_KINDS = frozenset({"capture", "unknown", "expired"})
+KINDS = DECISION_KINDS | CHARGE_KINDS | {"approval", "released"}
+
+#: every field of an entry, in the order a person reads them (the canonical order is JCS's)
+ENTRY_FIELDS = ("chain", "seq", "ts", "kind", "decision_id", "request_hash", "rule", "bucket", "amounts",
+                "model", "provider", "dims", "estimated", "policy_hash", "prev_hash", "hash", "sig")
+CHECKPOINT_FIELDS = ("kind", "chain", "seq", "head", "ts", "sig")
+#: the fields a signature does not cover (the hash and the signature themselves)
+UNSIGNED_FIELDS = ("hash", "sig")
+
+
+def rfc3339(ts: float) -> str:
+    """Epoch seconds as RFC 3339 UTC with milliseconds ("2026-12-03T11:34:03.123Z").
+
+    Whole milliseconds are computed first and split after, so rounding never prints ".1000"."""
+    ms = round(ts * 1000)
+    secs, frac = divmod(ms, 1000)
+    return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:03d}Z"
+
+
+def canonical(doc: Mapping[str, Any]) -> bytes:
+    """The RFC 8785 canonical JSON of ``doc`` (UTF-8): the bytes that are hashed and signed."""
+    return rfc8785.dumps(doc)
+
+
+def signed_body(doc: Mapping[str, Any]) -> bytes:
+    """The canonical bytes of an entry or checkpoint without ``hash`` and ``sig``."""
+    return canonical({k: v for k, v in doc.items() if k not in UNSIGNED_FIELDS})
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    """Lowercase hex SHA-256 of the entry's canonical bytes without ``hash`` and ``sig``."""
+    return hashlib.sha256(signed_body(entry)).hexdigest()
+
+
+def _amount(name: str, value: int) -> str:
+    if name.endswith("_tokens"):
+        return str(int(value))
+    # every other name is nano-dollars (Event.amounts' rule); ``_usd`` names say so explicitly
+    return str(nanos_to_usd(int(value)))
+
+
+def entry_from_event(event: Event, *, chain: str, seq: int, prev_hash: str, policy_hash: str,
+                     request: bytes | None) -> dict[str, Any]:
+    """The unsealed entry (no ``hash``/``sig``) for ``event`` at ``seq`` of ``chain``.
+
+    ``request`` is the raw request body: only its SHA-256 is kept, and only for decision kinds, so
+    a decision can be matched to the request a client kept without the log holding any prompt."""
+    amounts = {str(k): _amount(str(k), v) for k, v in event.amounts.items()}
+    if event.kind in CHARGE_KINDS:
+        amounts["cost_usd"] = str(nanos_to_usd(int(event.cost)))
+        amounts["input_tokens"] = str(int(event.input_tokens))
+        amounts["output_tokens"] = str(int(event.output_tokens))
+    request_hash = (hashlib.sha256(request).hexdigest()
+                    if request is not None and event.kind in DECISION_KINDS else None)
+    return {
+        "chain": chain,
+        "seq": seq,
+        "ts": rfc3339(event.ts),
+        "kind": event.kind,
+        "decision_id": event.decision_id,
+        "request_hash": request_hash,
+        "rule": event.rule or None,
+        "bucket": event.bucket or None,
+        "amounts": amounts,
+        "model": event.model or None,
+        "provider": event.provider or None,
+        "dims": {str(k): str(v) for k, v in event.dims.items()},
+        "estimated": bool(event.estimated),
+        "policy_hash": policy_hash,
+        "prev_hash": prev_hash,
+    }
+
+
+def seal_text(entry: Mapping[str, Any], key: Ed25519PrivateKey) -> tuple[str, str]:
+    """Hash and sign ``entry``: its ``hash`` and the JSON text to store (one line).
+
+    The text is the canonical body with ``hash`` and ``sig`` appended, so sealing costs one
+    canonicalization; it is not itself canonical (the two keys come last), which no reader needs."""
+    body = signed_body(entry)
+    digest = hashlib.sha256(body).hexdigest()
+    sig = key.sign(body).hex()
+    return digest, body.decode()[:-1] + f',"hash":"{digest}","sig":"{sig}"}}'
+
+
+def seal(entry: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """``entry`` with its ``hash`` and ``sig`` (replacing any it had)."""
+    body = signed_body(entry)
+    doc = {k: v for k, v in entry.items() if k not in UNSIGNED_FIELDS}
+    doc["hash"] = hashlib.sha256(body).hexdigest()
+    doc["sig"] = key.sign(body).hex()
+    return doc
+
+
+def checkpoint(chain: str, seq: int, head: str, ts: float, key: Ed25519PrivateKey) -> dict[str, Any]:
+    """A signed statement that ``chain`` had ``seq`` entries ending in ``head`` at ``ts`` (epoch s)."""
+    doc: dict[str, Any] = {"kind": "checkpoint", "chain": chain, "seq": seq, "head": head, "ts": rfc3339(ts)}
+    doc["sig"] = key.sign(canonical(doc)).hex()
+    return doc
+
+
+def dumps(doc: Mapping[str, Any]) -> str:
+    """One JSONL line for an entry or checkpoint (non-ASCII kept as is, no spaces)."""
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
