@@ -48,10 +48,11 @@ def key_path(spec: str | None) -> tuple[Path, bool]:
     return Path(rest).expanduser(), False
 
 
-def load_key(spec: str | None = None) -> Ed25519PrivateKey:
-    """The signing key ``spec`` names (``file:/path``), or the default one, created if absent."""
+def load_key(spec: str | None = None, *, create: bool = True) -> Ed25519PrivateKey:
+    """The signing key ``spec`` names (``file:/path``), or the default one, created if absent
+    (unless ``create`` is False: a verifier reads a key, it never makes one)."""
     path, may_create = key_path(spec)
-    if may_create and not path.exists():
+    if create and may_create and not path.exists():
         return _create(path)
     return _read(path)
 
@@ -61,8 +62,8 @@ def _read(path: Path) -> Ed25519PrivateKey:
         data = path.read_bytes()
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise AuditKeyError(f"audit key {path}: no such file (an audit_key is never created; "
-                            f"make one with: openssl genpkey -algorithm ed25519 -out {path})") from None
+        raise AuditKeyError(f"audit key {path}: no such file (make one with: "
+                            f"openssl genpkey -algorithm ed25519 -out {path})") from None
     except OSError as exc:
         raise AuditKeyError(f"audit key {path}: cannot read ({exc.strerror})") from None
     try:
