@@ -25,6 +25,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -42,7 +43,8 @@ class AuditLog:
     new random one (16 hex digits) is started, one per process, so writers never share a chain."""
 
     def __init__(self, store: Ledger, key: Ed25519PrivateKey, *, chain: str | None = None, flush_s: float = 0.1,
-                 checkpoint_entries: int = 64, checkpoint_seconds: float = 5.0) -> None:
+                 checkpoint_entries: int = 64, checkpoint_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if flush_s <= 0 or checkpoint_entries < 1 or checkpoint_seconds <= 0:
             raise ValueError("flush_s and checkpoint_seconds must be above 0, checkpoint_entries at least 1")
         self.store = store
@@ -51,6 +53,8 @@ class AuditLog:
         self.flush_s = flush_s
         self.checkpoint_entries = checkpoint_entries
         self.checkpoint_seconds = checkpoint_seconds
+        #: measures checkpoint_seconds (a test passes its own)
+        self._clock = clock
         #: entries this writer has stored
         self.written = 0
         #: checkpoints this writer has stored
@@ -62,7 +66,7 @@ class AuditLog:
         #: sealed and not yet stored: (first seq, entry texts, last hash) — retried before anything newer
         self._batch: tuple[int, list[str], str] | None = None
         self._cp_seq = 0
-        self._cp_at = time.monotonic()
+        self._cp_at = clock()
         self._failing = False
         self._closed = False
         if chain is not None:
@@ -175,13 +179,13 @@ class AuditLog:
 
     def _maybe_checkpoint(self) -> None:
         new = self._seq - self._cp_seq
-        if new >= self.checkpoint_entries or (new > 0 and time.monotonic() - self._cp_at >= self.checkpoint_seconds):
+        if new >= self.checkpoint_entries or (new > 0 and self._clock() - self._cp_at >= self.checkpoint_seconds):
             self._checkpoint()
 
     def _checkpoint(self) -> None:
         doc = checkpoint(self.chain, self._seq, self._head, time.time(), self.key)
         self.store.put_checkpoint(self.chain, dumps(doc))
-        self._cp_seq, self._cp_at = self._seq, time.monotonic()
+        self._cp_seq, self._cp_at = self._seq, self._clock()
         self.checkpoints += 1
 
     def _resume(self) -> None:
