@@ -12,6 +12,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 fi
+# The audit log's cross-language check runs the Node.js verifier (scripts/verify-audit.mjs); without
+# node the run fails (it never skips it).
+if ! command -v node >/dev/null 2>&1; then
+    echo "installing nodejs (Debian package) for the audit verifier tests" >&2
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs >/dev/null
+fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check src tests bench scripts
