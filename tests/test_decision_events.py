@@ -118,9 +118,9 @@ def test_an_approval_and_a_release_are_events(make: Any) -> None:
     engine, heard = make(budget(0.001, action="hold"))
     held = engine.decide(chat(), now=T0)
     assert held.action == "hold"
-    d = engine.decide(chat(), now=T0, approval=Approval(Decimal(1), by="ops"))
+    d = engine.decide(chat(), now=T0 + 1, approval=Approval(Decimal(1), by="ops"))
     assert d.allowed
-    assert engine.release(d, now=T0 + 1)
+    assert engine.release(d, now=T0 + 2)
     assert heard.kinds() == ["hold", "approval", "allow", "released"]
     approval = heard.events[1][0]
     assert approval.dims["by"] == "ops" and approval.dims["granted_usd"] == "1"

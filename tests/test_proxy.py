@@ -20,6 +20,7 @@ from spendgate.cli.main import main
 from spendgate.money import usd_to_nanos
 from spendgate.policy import default_policy, parse
 from spendgate.policy.model import Policy
+from spendgate.report import SPEND_KINDS
 from tests.conftest import store_url
 from tests.harness import COMPLETION_TOKENS, PROMPT_TOKENS, Servers
 
@@ -57,7 +58,8 @@ def events(s: Servers) -> list[Any]:
 
 
 def charged(s: Servers) -> list[int]:
-    return [e.cost for e in events(s)]
+    """What was charged: the spend events (refusals and released holds are events too, of no cost)."""
+    return [e.cost for e in events(s) if e.kind in SPEND_KINDS]
 
 
 def states(s: Servers) -> list[Any]:

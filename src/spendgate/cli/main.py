@@ -15,8 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spendgate import ledger
 from spendgate.cli.alerts import add_parser as alerts_parser
@@ -26,8 +27,11 @@ from spendgate.cli.prices import add_parser as prices_parser
 from spendgate.cli.reconcile import add_parser as reconcile_parser
 from spendgate.errors import BadRequest, ConfigError, SpendgateError
 from spendgate.money import fmt_usd, nanos_to_usd
-from spendgate.policy import Policy, default_policy, load
+from spendgate.policy import Policy, default_policy, load, policy_hash
 from spendgate.pricing.table import PriceTable
+
+if TYPE_CHECKING:
+    from spendgate.events.chain import AuditLog
 
 
 @dataclass
@@ -220,9 +224,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no spend in the last {args.since}")
         return 0
-    table((*by, "requests", "spent", "in tok", "out tok", "estimated"),
+    table((*by, "requests", "spent", "in tok", "out tok", "estimated", "refused"),
           [(*r.group, r.requests, fmt_usd(r.cost), f"{r.input_tokens:,}", f"{r.output_tokens:,}",
-            r.estimated or "") for r in rows])
+            r.estimated or "", r.refused or "") for r in rows])
     print(f"total {fmt_usd(sum(r.cost for r in rows))} since {time.strftime('%Y-%m-%d %H:%M', time.localtime())}"
           f" minus {args.since}")
     return 0
@@ -237,7 +241,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ctx = Context.from_args(args)
     token = args.admin_token or os.environ.get("SPENDGATE_ADMIN_TOKEN")
-    proxy = build(ctx.policy, ctx.store_url, token, upstream_timeout_s=args.upstream_timeout, prices=ctx.prices)
+    proxy = build(ctx.policy, ctx.store_url, token, upstream_timeout_s=args.upstream_timeout, prices=ctx.prices,
+                  admin_base=f"http://{args.host}:{args.port}")
     ups = ", ".join(f"{k} -> {v}" for k, v in proxy.config.upstreams.items())
     print(f"spendgate: guarding http://{args.host}:{args.port} (store {ctx.store_url}; policy {ctx.policy.source}; "
           f"upstreams {ups}; admin API {'on' if token else 'off'})", file=sys.stderr, flush=True)
@@ -302,12 +307,18 @@ def cmd_approve(args: argparse.Namespace) -> int:
         max_usd = approvals.parse_max(args.max) if args.max is not None else None
     except ValueError as exc:
         raise ConfigError(f"--max: {exc}") from None
+    ctx = Context.from_args(args)
     store = _open_store(args, create=False)
+    audit = _audit_log(ctx.policy, store)
+    on_event = None if audit is None else partial(audit.add, policy_hash=policy_hash(ctx.policy))
     try:
-        p = approvals.approve(store, args.id, max_usd) if not args.deny else approvals.deny(store, args.id)
+        p = approvals.approve(store, args.id, max_usd, on_event=on_event) if not args.deny \
+            else approvals.deny(store, args.id, on_event=on_event)
     except (KeyError, ValueError) as exc:
         raise SpendgateError(str(exc.args[0])) from None
     finally:
+        if audit is not None:
+            audit.close()
         store.close()
     if args.json:
         emit_json({"id": p.id, "status": p.status, "max_usd": args.max})
@@ -318,6 +329,17 @@ def cmd_approve(args: argparse.Namespace) -> int:
     else:
         print(f"approved {p.id} once: its next retry (or a 'yes' reply) goes through")
     return 0
+
+
+def _audit_log(policy: Policy, store: ledger.Ledger) -> AuditLog | None:
+    """A chain of the signed log for this one command (an operator's approval is a decision too)."""
+    from spendgate.events.chain import AuditLog
+    from spendgate.events.signing import load_key
+
+    if not policy.audit.enabled:
+        return None
+    return AuditLog(store, load_key(policy.audit.key), checkpoint_entries=policy.audit.checkpoint_entries,
+                    checkpoint_seconds=policy.audit.checkpoint_seconds)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

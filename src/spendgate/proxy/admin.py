@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -15,7 +14,7 @@ from spendgate import approvals
 from spendgate.errors import SpendgateError
 from spendgate.money import nanos_to_usd
 from spendgate.report import approvals as approvals_since
-from spendgate.report import report, status
+from spendgate.report import event_dict, report, status
 
 if TYPE_CHECKING:
     from spendgate.proxy.app import Proxy
@@ -85,7 +84,7 @@ async def _decisions(request: web.Request, proxy: Proxy) -> web.Response:
         return _err(400, f"seconds: expected a non-negative number of seconds, got {raw!r}")
     since = time.time() - seconds
     events = proxy.store.events(since)
-    return web.json_response({"events": [json.loads(e.to_json()) for e in events[-500:]]})
+    return web.json_response({"events": [event_dict(e) for e in events[-500:]]})
 
 
 async def _approvals(request: web.Request, proxy: Proxy) -> web.Response:
@@ -103,14 +102,16 @@ async def _answer(request: web.Request, proxy: Proxy) -> web.Response:
         return _err(400, f"body must be a JSON object such as {shape}, got {type(doc).__name__}")
     try:
         if doc.get("deny"):
-            p = await asyncio.to_thread(approvals.deny, proxy.store, hold_id)
+            p = await asyncio.to_thread(approvals.deny, proxy.store, hold_id, None, "admin API",
+                                        proxy.engine.emit)
         else:
             raw = doc.get("max_usd")
             try:
                 max_usd = approvals.parse_max(raw) if raw is not None else None
             except ValueError as exc:
                 return _err(400, f"max_usd: {exc}")
-            p = await asyncio.to_thread(approvals.approve, proxy.store, hold_id, max_usd, None, "admin API")
+            p = await asyncio.to_thread(approvals.approve, proxy.store, hold_id, max_usd, None, "admin API",
+                                        proxy.engine.emit)
     except KeyError as exc:
         return _err(404, str(exc.args[0]))
     except ValueError as exc:

@@ -27,6 +27,9 @@ from spendgate import ledger as ledger_mod
 from spendgate.engine import Approval, Decision, Engine
 from spendgate.errors import BadRequest, StoreError, UnpricedModel
 from spendgate.estimate.tokens import preload
+from spendgate.events.chain import AuditLog
+from spendgate.events.sender import AlertSender
+from spendgate.events.signing import load_key
 from spendgate.money import nanos_to_usd
 from spendgate.policy import Policy
 from spendgate.pricing.table import PriceTable
@@ -60,6 +63,8 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie
 #: how often the store's upkeep runs (stale holds, ended buckets, old events) and spooled charges are applied
 UPKEEP_EVERY_S = 60.0
 SPOOL_DRAIN_EVERY_S = 5.0
+#: how often the alert outbox is looked at (a due alert waits at most this long)
+ALERT_POLL_S = 1.0
 
 
 @dataclass
@@ -69,6 +74,8 @@ class ProxyConfig:
     upstream_timeout_s: float = 600.0
     admin_token: str | None = None
     retention_days: int | None = 90
+    #: where the admin API is reached, for the approve link in a hold's notification
+    admin_base: str | None = None
 
     @classmethod
     def from_policy(cls, policy: Policy, admin_token: str | None = None,
@@ -81,7 +88,7 @@ class ProxyConfig:
                 ups[provider] = env
         return cls(upstreams={k: _base(v) for k, v in ups.items()}, admin_token=admin_token,
                    upstream_timeout_s=upstream_timeout_s or policy.upstream_timeout_s,
-                   retention_days=policy.retention_days)
+                   retention_days=policy.retention_days, admin_base=policy.alerts.admin_url)
 
 
 def _store_failed(provider: str, exc: StoreError) -> web.Response:
@@ -101,10 +108,14 @@ def _base(url: str) -> str:
 class Proxy:
     """Everything a request needs, built once per server."""
 
-    def __init__(self, engine: Engine, config: ProxyConfig) -> None:
+    def __init__(self, engine: Engine, config: ProxyConfig, audit: AuditLog | None = None) -> None:
         self.engine = engine
         self.store = engine.ledger
         self.config = config
+        #: this server's chain of the signed decision log (None: ``[audit] enabled = false``)
+        self.audit = audit
+        if audit is not None:
+            engine.observers.append(audit.add)
         self.recent = approvals.RecentRefusals()
         self.client: aiohttp.ClientSession | None = None
         self._settling: set[asyncio.Task[None]] = set()
@@ -136,8 +147,11 @@ class Proxy:
             auto_decompress=False,
         )
         loop = asyncio.get_running_loop()
+        sender = AlertSender(self.store, self.engine.policy.alerts.webhooks, store_url=self.store.url,
+                             admin_base=self.config.admin_base)
         self._background = [loop.create_task(self._every(UPKEEP_EVERY_S, self.upkeep)),
-                             loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool))]
+                            loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool)),
+                            loop.create_task(sender.run(ALERT_POLL_S))]
 
     async def _stop(self, _: web.Application) -> None:
         for task in self._background:
@@ -145,6 +159,8 @@ class Proxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.settled()
+        if self.audit is not None:  # after the last capture: the final checkpoint names it
+            await asyncio.to_thread(self.audit.close)
         if self.client is not None:
             await self.client.close()
         close = getattr(self.engine.aledger, "close", None)
@@ -222,7 +238,7 @@ class Proxy:
                 return _store_failed(provider, exc)
             if early is not None:
                 return early
-        req = Request(provider, route, body, ident)
+        req = Request(provider, route, body, ident, raw=send)
         try:
             by_id: Approval | None = None
             if approval is None and not dry:
@@ -313,7 +329,7 @@ class Proxy:
         if held is None:
             return None, raw, body, None
         if not ans.yes:
-            approvals.deny(self.store, held.id, now)
+            approvals.deny(self.store, held.id, now, by="in-band no", on_event=self.engine.emit)
             return None, raw, body, error_response(
                 provider, 402, f"spendgate: you declined held request {held.id}; it was not sent. The "
                                f"session's budget \"{held.rule}\" stays in force.",
@@ -465,6 +481,10 @@ class Proxy:
         """Charge stale holds their worst case, prune buckets whose window is over and drop events
         past the retention — on a worker thread, in small batches, so requests go between them."""
         retention = self.config.retention_days * 86400.0 if self.config.retention_days else None
+        # expiry first, on its own, so each expired hold's event reaches the audit log
+        for gone in await asyncio.to_thread(self.store.expire, time.time()):
+            if gone.event is not None:
+                self.engine.emit(gone.event)
         swept = await asyncio.to_thread(self.store.sweep, time.time(), retention_s=retention)
         if swept.expired or swept.pruned or swept.events_deleted:
             log.info("store upkeep: %d stale holds charged, %d ended buckets pruned, %d old events deleted",
@@ -560,8 +580,19 @@ class Proxy:
 
 
 def build(policy: Policy, store_url: str, admin_token: str | None = None,
-          upstream_timeout_s: float | None = None, prices: PriceTable | None = None) -> Proxy:
+          upstream_timeout_s: float | None = None, prices: PriceTable | None = None,
+          admin_base: str | None = None) -> Proxy:
     """The proxy over ``store_url``, pricing with ``prices`` (the bundled table and the prices
-    imported with ``spendgate prices update``, as the CLI resolves them)."""
+    imported with ``spendgate prices update``, as the CLI resolves them). The audit log's signing key
+    is read (or created) here, so a missing or unreadable key stops the server before it serves —
+    never an unsigned log."""
+    key = load_key(policy.audit.key) if policy.audit.enabled else None
     store = ledger_mod.open(store_url)
-    return Proxy(Engine(policy, store, prices), ProxyConfig.from_policy(policy, admin_token, upstream_timeout_s))
+    config = ProxyConfig.from_policy(policy, admin_token, upstream_timeout_s)
+    if config.admin_base is None:
+        config.admin_base = admin_base
+    audit = None
+    if key is not None:
+        audit = AuditLog(store, key, checkpoint_entries=policy.audit.checkpoint_entries,
+                         checkpoint_seconds=policy.audit.checkpoint_seconds)
+    return Proxy(Engine(policy, store, prices), config, audit)

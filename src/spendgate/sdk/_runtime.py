@@ -7,34 +7,61 @@ defaults (the SQLite file and the built-in policy), opened on first use.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spendgate import ledger
 from spendgate.engine import Engine
 from spendgate.policy import Policy, default_policy, load
 from spendgate.pricing.table import PriceTable
 
+if TYPE_CHECKING:
+    from spendgate.events.chain import AuditLog
+
 _lock = threading.Lock()
 _first_use = threading.Lock()
 _engine: Engine | None = None
+_audits: list[AuditLog] = []  # this process's chain (one, or none with [audit] enabled = false)
 
 
 def configure(store: str | None = None, policy: str | Path | Policy | None = None) -> Engine:
     """Set the store URL and the policy (a file path or a :class:`~spendgate.policy.Policy`) for
     every wrapped client of this process; returns the engine."""
     global _engine
+    from spendgate.events.chain import AuditLog
+    from spendgate.events.signing import load_key
+
     pol = policy if isinstance(policy, Policy) else load(policy) if policy is not None else (
         load(os.environ["SPENDGATE_CONFIG"]) if os.environ.get("SPENDGATE_CONFIG") else default_policy())
     url = store or os.environ.get("SPENDGATE_STORE") or pol.store or ledger.default_url()
+    # a missing or unreadable signing key fails here, before any request is decided unlogged
+    key = load_key(pol.audit.key) if pol.audit.enabled else None
+    store_ = ledger.open(url)
     # the prices in force are the bundled table and those imported with `spendgate prices update`
-    new = Engine(pol, ledger.open(url), PriceTable.bundled().with_overrides(ledger.home() / "prices.json"))
+    new = Engine(pol, store_, PriceTable.bundled().with_overrides(ledger.home() / "prices.json"))
+    # this process's own chain of the signed decision log
+    audit = None if key is None else AuditLog(store_, key, checkpoint_entries=pol.audit.checkpoint_entries,
+                                              checkpoint_seconds=pol.audit.checkpoint_seconds)
+    if audit is not None:
+        new.observers.append(audit.add)
     with _lock:
         old, _engine = _engine, new
+        old_audit, _audits[:] = list(_audits), [audit] if audit is not None else []
+    for log in old_audit:
+        log.close()
     if old is not None:
         old.ledger.close()
     return new
+
+
+@atexit.register
+def _close_audit() -> None:
+    """The last entries and a checkpoint naming them are written as the process exits."""
+    for log in list(_audits):
+        log.close()
 
 
 def engine() -> Engine:
