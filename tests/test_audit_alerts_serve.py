@@ -337,3 +337,17 @@ def test_a_hold_notifies_with_an_approve_command_that_works_as_printed(tmp_path:
         s.stop()
     finally:
         rx.stop()
+
+
+@pytest.mark.parametrize("content", [None, "not a key\n"])
+def test_serve_stops_rather_than_write_an_unsigned_log(tmp_path: Path, content: str | None) -> None:
+    key = tmp_path / "ops" / "audit.key"
+    if content is not None:
+        key.parent.mkdir()
+        key.write_text(content)
+    (tmp_path / "spendgate.toml").write_text(f'audit_key = "file:{key}"\n')
+    done = cli(tmp_path, "serve", "--port", str(free_port()), "--config", str(tmp_path / "spendgate.toml"),
+               "--store", f"sqlite:///{tmp_path / 'spend.db'}")
+    assert done.returncode == 2
+    assert str(key) in done.stderr and "guarding" not in done.stderr
+    assert done.stderr.count("\n") == 1, "one line, no traceback"

@@ -73,6 +73,18 @@ def _budget(**kw: object) -> dict:
     ({"upstream": {"cohere": "https://x"}}, "upstream.cohere"),
     ({"tiers": {"small": ["*-mini"], "strict": "tiny"}}, "tiers.strict"),
     ({"hold_ttl": "forever"}, "hold_ttl"),
+    (_budget(alert_at=[0.5, 80]), 'budget[0] "b".alert_at'),
+    (_budget(alert_at=[0]), 'budget[0] "b".alert_at'),
+    ({"alerts": {"webhooks": ["hooks.slack.com/services/x"]}}, "alerts.webhooks[0]"),
+    ({"alerts": {"webhooks": ["https://ok.example/x", "ftp://files.example/x"]}}, "alerts.webhooks[1]"),
+    ({"alerts": {"webhooks": ["https://host:port/x"]}}, "alerts.webhooks[0]"),
+    ({"alerts": {"webhooks": "https://one.example/x"}}, "alerts.webhooks"),
+    ({"alerts": {"webhook": ["https://one.example/x"]}}, "alerts.webhook"),
+    ({"alerts": {"admin_url": "localhost:8787"}}, "alerts.admin_url"),
+    ({"audit_key": "/etc/spendgate/audit.key"}, "audit_key"),
+    ({"audit": {"enabled": "no"}}, "audit.enabled"),
+    ({"audit": {"checkpoint_entries": 0}}, "audit.checkpoint_entries"),
+    ({"audit": {"checkpoint_seconds": -1}}, "audit.checkpoint_seconds"),
     ({"budget": [{"name": "x", "usd": 1, "window": "day"}, {"name": "x", "usd": 2, "window": "day"}]}, '"x"'),
 ])
 def test_a_bad_key_or_value_is_an_error_that_names_it(doc: dict, key: str) -> None:

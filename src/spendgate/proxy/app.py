@@ -160,7 +160,8 @@ class Proxy:
                 await task
         await self.settled()
         if self.audit is not None:  # after the last capture: the final checkpoint names it
-            await asyncio.to_thread(self.audit.close)
+            with contextlib.suppress(StoreError):  # the writer logs what it could not store
+                await asyncio.to_thread(self.audit.close)
         if self.client is not None:
             await self.client.close()
         close = getattr(self.engine.aledger, "close", None)

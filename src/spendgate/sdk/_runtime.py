@@ -8,6 +8,7 @@ defaults (the SQLite file and the built-in policy), opened on first use.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from spendgate import ledger
 from spendgate.engine import Engine
+from spendgate.errors import StoreError
 from spendgate.policy import Policy, default_policy, load
 from spendgate.pricing.table import PriceTable
 
@@ -51,7 +53,8 @@ def configure(store: str | None = None, policy: str | Path | Policy | None = Non
         old, _engine = _engine, new
         old_audit, _audits[:] = list(_audits), [audit] if audit is not None else []
     for log in old_audit:
-        log.close()
+        with contextlib.suppress(StoreError):  # logged by the writer itself
+            log.close()
     if old is not None:
         old.ledger.close()
     return new
@@ -61,7 +64,8 @@ def configure(store: str | None = None, policy: str | Path | Policy | None = Non
 def _close_audit() -> None:
     """The last entries and a checkpoint naming them are written as the process exits."""
     for log in list(_audits):
-        log.close()
+        with contextlib.suppress(StoreError):  # logged by the writer, naming what was lost
+            log.close()
 
 
 def engine() -> Engine:
