@@ -119,6 +119,31 @@ def test_canonical_bytes_are_rfc8785() -> None:
     assert canonical(doc) == '{"a":{"z":"1","€":"4","😀":"3","ｍ":"2"},"b":[1,null,true,"é"]}'.encode()
 
 
+_JSON_LEAF = st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text()
+_JSON = st.recursive(_JSON_LEAF, lambda inner: st.dictionaries(st.text(), inner, max_size=6), max_leaves=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(), _JSON, max_size=8))
+def test_the_fast_canonical_path_is_byte_for_byte_rfc8785(doc: dict[str, Any]) -> None:
+    """Any entry-shaped document (strings with every kind of character — controls, U+2028, lone
+    surrogates, astral keys —, safe integers, bools, null, nested objects) canonicalizes to exactly
+    what rfc8785 writes, or fails as it does."""
+    try:
+        expected = rfc8785.dumps(doc)
+    except Exception as exc:  # whatever rfc8785 refuses, canonical refuses too
+        with pytest.raises(type(exc)):
+            canonical(doc)
+        return
+    assert canonical(doc) == expected
+
+
+def test_a_float_or_an_unsafe_integer_goes_to_rfc8785() -> None:
+    assert canonical({"a": 1.5, "b": 1e21}) == rfc8785.dumps({"a": 1.5, "b": 1e21})
+    with pytest.raises(rfc8785.IntegerDomainError):
+        canonical({"n": 2**60})
+
+
 def test_hash_and_sig_cover_the_entry_without_hash_and_sig() -> None:
     entry = _entry()
     sealed = seal(entry, KEY)

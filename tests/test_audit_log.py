@@ -97,7 +97,7 @@ class Recording:
 
 
 def test_eight_threads_of_adds_make_one_chain_that_verifies(store: Ledger) -> None:
-    log = AuditLog(store, KEY, flush_s=0.005, checkpoint_seconds=IDLE)
+    log = AuditLog(store, KEY, flush_s=0.005, checkpoint_entries=64, checkpoint_seconds=IDLE)
     counter = iter(range(10**9))
     lock = threading.Lock()
 

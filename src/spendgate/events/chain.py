@@ -43,7 +43,7 @@ class AuditLog:
     new random one (16 hex digits) is started, one per process, so writers never share a chain."""
 
     def __init__(self, store: Ledger, key: Ed25519PrivateKey, *, chain: str | None = None, flush_s: float = 0.1,
-                 checkpoint_entries: int = 64, checkpoint_seconds: float = 5.0,
+                 checkpoint_entries: int = 256, checkpoint_seconds: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if flush_s <= 0 or checkpoint_entries < 1 or checkpoint_seconds <= 0:
             raise ValueError("flush_s and checkpoint_seconds must be above 0, checkpoint_entries at least 1")
@@ -59,7 +59,7 @@ class AuditLog:
         self.written = 0
         #: checkpoints this writer has stored
         self.checkpoints = 0
-        self._queue: deque[tuple[Event, str, bytes | None]] = deque()
+        self._queue: deque[tuple[Event, str, bytes | str | None]] = deque()
         #: one drainer at a time (the thread, or a caller of flush/close); add() never takes it
         self._lock = threading.Lock()
         self._seq, self._head = 0, GENESIS  # the stored head
@@ -77,8 +77,9 @@ class AuditLog:
 
     # -- the request path ------------------------------------------------------------------------
 
-    def add(self, event: Event, policy_hash: str, request: bytes | None = None) -> None:
-        """Queue ``event`` for the log (O(1); never blocks, never touches the store)."""
+    def add(self, event: Event, policy_hash: str, request: bytes | str | None = None) -> None:
+        """Queue ``event`` for the log (O(1); never blocks, never touches the store). ``request`` is
+        the raw body of a decision's request, or its SHA-256 in hex."""
         self._queue.append((event, policy_hash, request))
 
     # -- writing -----------------------------------------------------------------------------------

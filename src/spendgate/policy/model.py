@@ -124,7 +124,7 @@ class AuditSettings:
 
     enabled: bool = True
     key: str | None = None
-    checkpoint_entries: int = 64
+    checkpoint_entries: int = 256
     checkpoint_seconds: float = 5.0
 
 

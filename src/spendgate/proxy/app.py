@@ -28,6 +28,7 @@ from spendgate.engine import Approval, Decision, Engine
 from spendgate.errors import BadRequest, StoreError, UnpricedModel
 from spendgate.estimate.tokens import preload
 from spendgate.events.chain import AuditLog
+from spendgate.events.process import AuditChild
 from spendgate.events.sender import AlertSender
 from spendgate.events.signing import load_key
 from spendgate.money import nanos_to_usd
@@ -108,7 +109,7 @@ def _base(url: str) -> str:
 class Proxy:
     """Everything a request needs, built once per server."""
 
-    def __init__(self, engine: Engine, config: ProxyConfig, audit: AuditLog | None = None) -> None:
+    def __init__(self, engine: Engine, config: ProxyConfig, audit: AuditLog | AuditChild | None = None) -> None:
         self.engine = engine
         self.store = engine.ledger
         self.config = config
@@ -147,11 +148,15 @@ class Proxy:
             auto_decompress=False,
         )
         loop = asyncio.get_running_loop()
+        if isinstance(self.audit, AuditChild):
+            await self.audit.start()
         sender = AlertSender(self.store, self.engine.policy.alerts.webhooks, store_url=self.store.url,
                              admin_base=self.config.admin_base)
         self._background = [loop.create_task(self._every(UPKEEP_EVERY_S, self.upkeep)),
                             loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool)),
                             loop.create_task(sender.run(ALERT_POLL_S))]
+        if isinstance(self.audit, AuditChild):
+            self._background.append(loop.create_task(self.audit.run()))
 
     async def _stop(self, _: web.Application) -> None:
         for task in self._background:
@@ -159,7 +164,10 @@ class Proxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.settled()
-        if self.audit is not None:  # after the last capture: the final checkpoint names it
+        # after the last capture, so the final checkpoint names it
+        if isinstance(self.audit, AuditChild):
+            await self.audit.close()
+        elif self.audit is not None:
             with contextlib.suppress(StoreError):  # the writer logs what it could not store
                 await asyncio.to_thread(self.audit.close)
         if self.client is not None:
@@ -592,8 +600,11 @@ def build(policy: Policy, store_url: str, admin_token: str | None = None,
     config = ProxyConfig.from_policy(policy, admin_token, upstream_timeout_s)
     if config.admin_base is None:
         config.admin_base = admin_base
-    audit = None
-    if key is not None:
+    audit: AuditLog | AuditChild | None = None
+    if key is not None and store.url.startswith("memory:"):  # no other process can reach this store
         audit = AuditLog(store, key, checkpoint_entries=policy.audit.checkpoint_entries,
                          checkpoint_seconds=policy.audit.checkpoint_seconds)
+    elif key is not None:  # signed in a child process, off this event loop's interpreter
+        audit = AuditChild(store.url, policy.audit.key, checkpoint_entries=policy.audit.checkpoint_entries,
+                           checkpoint_seconds=policy.audit.checkpoint_seconds)
     return Proxy(Engine(policy, store, prices), config, audit)

@@ -1,0 +1,156 @@
+"""A server's audit chain, written by a child process: the signing stays off the server's interpreter.
+
+Sealing an entry (canonical JSON, SHA-256, an Ed25519 signature) costs tens of microseconds of
+CPU with the GIL held; a thread doing that beside an event loop makes every request wait for the
+GIL each time the loop comes back from I/O. So ``spendgate serve`` only queues events
+(:meth:`AuditChild.add`, one deque append) and, every :data:`PUMP_EVERY_S`, writes them as one
+batch of JSON lines to a child process (``python -m spendgate.events.process``), which runs an
+:class:`~spendgate.events.chain.AuditLog` over its own connection to the same store. Only the
+request body's digest crosses the pipe, never the body.
+
+What a crash can lose: the events queued in the server since the last pump (at most
+:data:`PUMP_EVERY_S` of them) if the server dies, and those the child had not stored if the child
+dies (it stores every ~0.1 s). When the server stops cleanly, or merely dies, the child reads the
+end of its input, stores everything it was sent and writes a final checkpoint. A child that dies
+is started again on the same chain, which it continues from the stored head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections import deque
+from collections.abc import Sequence
+
+from spendgate.ledger.base import Event, event_of_doc
+
+log = logging.getLogger("spendgate.audit")
+#: how often the server hands its queued events to the child
+PUMP_EVERY_S = 0.1
+#: the environment variable the child reads its store URL from
+STORE_ENV = "SPENDGATE_AUDIT_STORE"
+
+
+class AuditChild:
+    """The server side: queue events on the request path, hand them to the child in batches."""
+
+    def __init__(self, store_url: str, key_spec: str | None, *, checkpoint_entries: int,
+                 checkpoint_seconds: float, chain: str | None = None) -> None:
+        self.store_url = store_url
+        self.key_spec = key_spec
+        self.chain = chain or secrets.token_hex(8)
+        self.checkpoint_entries = checkpoint_entries
+        self.checkpoint_seconds = checkpoint_seconds
+        self._queue: deque[tuple[Event, str, bytes | None]] = deque()
+        self._proc: asyncio.subprocess.Process | None = None
+        #: events the child was sent
+        self.sent = 0
+
+    def add(self, event: Event, policy_hash: str, request: bytes | None = None) -> None:
+        """Queue ``event`` (O(1); the request path never waits for the child)."""
+        self._queue.append((event, policy_hash, request))
+
+    async def start(self) -> None:
+        # the store URL may carry a password: it goes in the environment, never on a command line
+        env = {**os.environ, STORE_ENV: self.store_url}
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "spendgate.events.process", "--chain", self.chain,
+            "--key", self.key_spec or "", "--checkpoint-entries", str(self.checkpoint_entries),
+            "--checkpoint-seconds", repr(self.checkpoint_seconds), stdin=asyncio.subprocess.PIPE, env=env)
+
+    async def run(self) -> None:
+        """Pump every :data:`PUMP_EVERY_S` until cancelled."""
+        while True:
+            await asyncio.sleep(PUMP_EVERY_S)
+            await self.pump()
+
+    async def pump(self) -> None:
+        """Hand everything queued to the child (one write); start it again if it died."""
+        if not self._queue:
+            return
+        n = len(self._queue)
+        data = b"".join(_line(*self._queue.popleft()) for _ in range(n))
+        proc = self._proc
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            log.error("the audit log's writer process exited (status %s); starting it again on chain %s",
+                      None if proc is None else proc.returncode, self.chain)
+            await self.start()
+            proc = self._proc
+            assert proc is not None and proc.stdin is not None
+        try:
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            log.error("audit chain %s: %d events lost: the writer process stopped reading (%s)", self.chain, n, exc)
+            return
+        self.sent += n
+
+    async def close(self) -> None:
+        """Hand over what is left, then let the child store it, checkpoint the head and exit."""
+        await self.pump()
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return
+        proc.stdin.close()
+        code = await proc.wait()
+        if code != 0:
+            log.error("audit chain %s: the writer process exited with status %d", self.chain, code)
+
+
+def _line(event: Event, policy_hash: str, request: bytes | None) -> bytes:
+    digest = hashlib.sha256(request).hexdigest() if request is not None else None
+    return f"[{event.to_json()},{json.dumps(policy_hash)},{json.dumps(digest)}]\n".encode()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The child: read event lines from stdin until its end, write them to the chain, checkpoint."""
+    from spendgate import ledger
+    from spendgate.errors import SpendgateError
+    from spendgate.events.chain import AuditLog
+    from spendgate.events.signing import load_key
+
+    ap = argparse.ArgumentParser(prog="python -m spendgate.events.process")
+    ap.add_argument("--chain", required=True)
+    ap.add_argument("--key", default="")
+    ap.add_argument("--checkpoint-entries", type=int, required=True)
+    ap.add_argument("--checkpoint-seconds", type=float, required=True)
+    args = ap.parse_args(argv)
+    # the server's end of the pipe decides when this ends: a Ctrl-C or SIGTERM sent to the whole
+    # process group must not stop the writer before the server has handed over its last events
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="spendgate audit: %(message)s")
+    try:
+        store = ledger.open(os.environ[STORE_ENV])
+        audit = AuditLog(store, load_key(args.key or None), chain=args.chain,
+                         checkpoint_entries=args.checkpoint_entries, checkpoint_seconds=args.checkpoint_seconds)
+    except SpendgateError as exc:
+        print(f"spendgate audit: {exc}", file=sys.stderr)
+        return 2
+    try:
+        for raw in sys.stdin.buffer:
+            try:
+                doc, policy_hash, digest = json.loads(raw)
+                audit.add(event_of_doc(doc), policy_hash, digest)
+            except (ValueError, TypeError, KeyError) as exc:  # a bug in the server, never a reason to stop logging
+                log.error("audit chain %s: an unreadable event line was skipped (%s)", args.chain, exc)
+    finally:
+        try:
+            audit.close()
+        except SpendgateError as exc:
+            print(f"spendgate audit: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
