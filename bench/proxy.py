@@ -193,7 +193,7 @@ def main() -> None:
             paths["audit off"] = f"http://127.0.0.1:{ports[3]}"
         print(f"{'case':34} {'c':>2} {'direct p50/p99 µs':>18} {'bare p50/p99':>16} {'spendgate p50/p99':>18} "
               f"{'added vs direct p50/p99':>24} {'vs bare p50':>12}"
-              + (f" {'audit off p50':>14} {'audit adds p50':>15}" if args.audit_off else ""))
+              + (f" {'audit off p50/p99':>18} {'audit adds p50/p99':>19}" if args.audit_off else ""))
         for name, (path, body) in CASES.items():
             for stream in (False, True):
                 for c in (1, 8):
@@ -205,8 +205,8 @@ def main() -> None:
                     label = f"{name}{' stream' if stream else ''}"
                     off = ""
                     if args.audit_off:
-                        o50 = pct(res["audit off"], .5)
-                        off = f" {o50:14.0f} {s50 - o50:15.0f}"
+                        o50, o99 = pct(res["audit off"], .5), pct(res["audit off"], .99)
+                        off = f" {o50:8.0f}/{o99:<9.0f} {s50 - o50:9.0f}/{s99 - o99:<9.0f}"
                     print(f"{label:34} {c:2d} {d50:8.0f}/{d99:<9.0f} {b50:7.0f}/{b99:<8.0f} {s50:8.0f}/{s99:<9.0f} "
                           f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{off}")
         path, body = CASES["openai chat"]

@@ -13,7 +13,7 @@ import json
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +29,6 @@ from spendgate.events.sender import MAX_BACKOFF_S, AlertSender, backoff
 from spendgate.ledger import AlertMark, Event, Ledger, OutboxAlert
 from spendgate.policy import parse
 from spendgate.request import Identity, Request
-from tests.conftest import store_url
 
 T0 = 1_800_000_000.0
 T = TypeVar("T")
@@ -44,16 +43,10 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 # -- fixtures and helpers -----------------------------------------------------------------------
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return store_url(request.param, tmp_path, request)
-
-
 @pytest.fixture
-def store(url: str) -> Iterator[Ledger]:
-    led = ledger.open(url)
-    yield led
-    led.close()
+def url(backend_url: str) -> str:
+    """The store's URL (conftest's ``store`` is opened on it: memory, SQLite, a real Redis)."""
+    return backend_url
 
 
 def threshold_body(rule: str = "team-month", scope: str = "team=ml", threshold: str = "0.8",

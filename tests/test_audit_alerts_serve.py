@@ -351,3 +351,11 @@ def test_serve_stops_rather_than_write_an_unsigned_log(tmp_path: Path, content: 
     assert done.returncode == 2
     assert str(key) in done.stderr and "guarding" not in done.stderr
     assert done.stderr.count("\n") == 1, "one line, no traceback"
+
+
+def test_config_check_reads_an_operators_signing_key(tmp_path: Path) -> None:
+    key = tmp_path / "missing.key"
+    (tmp_path / "spendgate.toml").write_text(f'audit_key = "file:{key}"\n')
+    done = cli(tmp_path, "config", "check", str(tmp_path / "spendgate.toml"))
+    assert done.returncode == 2 and str(key) in done.stderr
+    assert not key.exists(), "an operator's key is never created"

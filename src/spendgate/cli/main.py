@@ -109,7 +109,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 # -- config -----------------------------------------------------------------------------------
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from spendgate.events.signing import load_key
+
     policy = load(args.file)
+    if policy.audit.enabled and policy.audit.key is not None:
+        load_key(policy.audit.key)  # an operator's key must be readable now, not when serve starts
     doc = {"ok": True, "file": args.file, "budgets": [
         {"name": r.name, "usd": str(r.usd) if r.usd is not None else None, "tokens": r.tokens,
          "window": r.window.text, "per": r.per, "action": r.action, "immutable": r.immutable}

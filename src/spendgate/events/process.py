@@ -9,8 +9,8 @@ batch of JSON lines to a child process (``python -m spendgate.events.process``),
 request body's digest crosses the pipe, never the body.
 
 What a crash can lose: the events queued in the server since the last pump (at most
-:data:`PUMP_EVERY_S` of them) if the server dies, and those the child had not stored if the child
-dies (it stores every ~0.1 s). When the server stops cleanly, or merely dies, the child reads the
+:data:`PUMP_EVERY_S` worth) if the server dies, and those the child had not stored if the child
+dies (it stores as often). When the server stops cleanly, or merely dies, the child reads the
 end of its input, stores everything it was sent and writes a final checkpoint. A child that dies
 is started again on the same chain, which it continues from the stored head.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,8 +33,11 @@ from collections.abc import Sequence
 from spendgate.ledger.base import Event, event_of_doc
 
 log = logging.getLogger("spendgate.audit")
-#: how often the server hands its queued events to the child
+#: how often the server hands its queued events to the child, and the child stores them (measured:
+#: every 10 ms instead cost the server more, in wake-ups, than the smaller rounds saved)
 PUMP_EVERY_S = 0.1
+#: how much lower than the server's the writer's CPU priority is
+WRITER_NICENESS = 10
 #: the environment variable the child reads its store URL from
 STORE_ENV = "SPENDGATE_AUDIT_STORE"
 
@@ -126,10 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # process group must not stop the writer before the server has handed over its last events
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the log may lag a little; the server's requests must not: the scheduler serves them first, and
+    # this writer takes the CPU they leave (its input waits in the pipe and the server's queue)
+    with contextlib.suppress(OSError):
+        os.nice(WRITER_NICENESS)
     logging.basicConfig(level=logging.WARNING, format="spendgate audit: %(message)s")
     try:
         store = ledger.open(os.environ[STORE_ENV])
-        audit = AuditLog(store, load_key(args.key or None), chain=args.chain,
+        audit = AuditLog(store, load_key(args.key or None), chain=args.chain, flush_s=PUMP_EVERY_S,
                          checkpoint_entries=args.checkpoint_entries, checkpoint_seconds=args.checkpoint_seconds)
     except SpendgateError as exc:
         print(f"spendgate audit: {exc}", file=sys.stderr)
