@@ -510,3 +510,12 @@ def test_alerts_cli_table(outbox: str, capsys: pytest.CaptureFixture[str]) -> No
     assert sent.split()[2:] == ["sent", "1", "threshold", "team-month", "team=ml", "80%", "-", "-"]
     code, out = _cli(capsys, "alerts", "--store", outbox, "--status", "logged")
     assert (code, out) == (0, "no logged alerts\n")
+
+
+def test_client_chosen_text_cannot_page_a_channel_or_forge_a_link() -> None:
+    body = json.loads(threshold_body())
+    body["scope"] = "session=<!channel> <https://evil.example|Approve> & more"
+    out = A.webhook_body(OutboxAlert("k", T0, json.dumps(body)), store_url="memory://", admin_base=None)
+    assert "<" not in out["text"] and ">" not in out["text"]
+    assert "&lt;!channel&gt; &lt;https://evil.example|Approve&gt; &amp; more" in out["text"]
+    assert out["spendgate"]["scope"] == body["scope"], "the structured facts stay as they are"

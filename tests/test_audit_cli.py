@@ -157,3 +157,56 @@ def test_export_of_a_missing_store_creates_nothing(tmp_path: Path, capsys: pytes
     path = tmp_path / "none.db"
     assert main(["audit", "export", "--store", f"sqlite:///{path}"]) == 1
     assert not path.exists()
+
+
+class _Growing:
+    """A store whose chain grows (entries, then a checkpoint naming them) while it is being read:
+    a server still writing while an operator verifies or exports."""
+
+    def __init__(self, store: ledger.Ledger, log: AuditLog) -> None:
+        self._store, self._log = store, log
+
+    def audit_entries(self, chain: str, after_seq: int = 0, limit: int | None = None) -> list[str]:
+        out = self._store.audit_entries(chain, after_seq, limit)
+        for i in range(4):
+            self._log.add(Event(time.time(), "allow", f"late-{i}", "gpt-4o", "openai", 0), "ab" * 32)
+        self._log.close()  # the entries, then a checkpoint naming them
+        return out
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def test_a_chain_that_grows_while_it_is_verified_is_not_called_truncated(url: str) -> None:
+    from spendgate.events.verify import verify_store
+
+    key = load_key()
+    store = ledger.open(url)
+    log = AuditLog(store, key, flush_s=60, checkpoint_entries=4)
+    for i in range(4):
+        log.add(Event(time.time(), "allow", f"d-{i}", "gpt-4o", "openai", 0), "ab" * 32)
+    log.flush()
+    report = verify_store(_Growing(store, log), [key.public_key()])  # type: ignore[arg-type]
+    assert report.ok, [str(p) for p in report.problems]
+    store.close()
+
+
+def test_status_writes_the_holds_it_expires_to_the_audit_log(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from spendgate.engine import Engine
+    from spendgate.policy import default_policy
+    from spendgate.request import Identity, Request
+
+    store = ledger.open(url)
+    engine = Engine(default_policy(), store)
+    body = {"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+    d = engine.decide(Request("openai", "/v1/chat/completions", body, Identity(session="s1")), now=1_000_000.0)
+    assert d.allowed  # its hold is long stale by now: nobody captured it
+    store.close()
+    assert main(["status", "--store", url]) == 0
+    store = ledger.open(url)
+    try:
+        (chain,) = store.audit_chains()
+        (entry,) = [json.loads(t) for t in store.audit_entries(chain)]
+        assert (entry["kind"], entry["decision_id"], entry["estimated"]) == ("expired", d.id, True)
+    finally:
+        store.close()

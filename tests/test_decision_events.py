@@ -230,3 +230,45 @@ def test_operator_answers_are_events(make: Any) -> None:
     approvals.deny(store, d2.id, now=T0 + 2, by="ops", on_event=told.append)
     assert [(e.kind, e.decision_id) for e in told] == [("approval", d1.id), ("deny", d2.id)]
     assert [e.kind for e in store.events(T0 - 1)] == ["hold", "hold", "approval", "deny"]
+
+
+def test_a_dry_run_fires_no_alert_and_leaves_no_event(make: Any) -> None:
+    engine, heard = make(budget(0.015, alert_at=[0.5, 1.0]))
+    dry = Request("openai", CHAT, chat().body, Identity(user="alice"), raw=b"{}", dry=True)
+    d = engine.decide(dry, now=T0)
+    assert d.allowed and d.dry
+    engine.release(d, now=T0)
+    assert engine.decide(chat(), now=T0).allowed  # a real one: $0.01002, past 50 %
+    heard.events.clear()
+    refused = engine.decide(dry, now=T0 + 1)
+    assert not refused.allowed
+    assert heard.events == [] and [e.kind for e in engine.ledger.events(T0 - 1)] == []
+    assert [json.loads(a.body)["threshold"] for a in engine.ledger.alerts()] == ["0.5"]
+
+
+def test_a_denial_is_not_counted_as_a_second_refusal(make: Any) -> None:
+    engine, _ = make(budget(0.001, action="hold"))
+    d = engine.decide(chat(), now=T0)
+    approvals.keep(engine.ledger, d, "s1", "ident-a", "openai", CHAT, "", b"{}", {}, T0)
+    approvals.deny(engine.ledger, d.id, now=T0 + 1)
+    rows = report(engine.ledger, ["user"], since=T0 - 10, now=T0 + 10)
+    assert sum(r.refused for r in rows) == 1
+
+
+def test_a_lone_surrogate_in_a_model_name_cannot_keep_a_decision_out_of_the_log(make: Any) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from spendgate.events.chain import AuditLog
+    from spendgate.events.verify import verify_store
+
+    engine, _ = make(budget(5))
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(engine.ledger, key, flush_s=60)
+    engine.observers.append(log.add)
+    d = engine.decide(chat(model="gpt-4o\ud800"), now=T0)
+    assert d.allowed
+    engine.capture(d, Usage(input=8, output=10), now=T0 + 1)
+    log.close()
+    kinds = [json.loads(t)["kind"] for t in engine.ledger.audit_entries(log.chain)]
+    assert kinds == ["allow", "capture"]
+    assert verify_store(engine.ledger, [key.public_key()]).ok

@@ -418,3 +418,13 @@ def test_redis_marks_travel_apart_from_the_lines_and_only_when_there_are_some() 
     marked = _authorize_args([Line(b, 10), Line(Bucket("c", None), 1, (mark("c:1", 1),))], T0, 60, None, "h")
     assert marked[:6] == _authorize_args([Line(b, 10), Line(Bucket("c", None), 1)], T0, 60, None, "h")
     assert json.loads(marked[6]) == [[2, "c:1", '{"alert": "c:1"}', 1, False]]
+
+
+def test_sweep_returns_the_holds_it_expired_with_their_events(store: Ledger) -> None:
+    ev = Event(T0, "capture", "d-stale", "gpt-4o", "openai", 700)
+    store.authorize([Line(Bucket("b", 10_000), 700)], now=T0, ttl=10, event=ev)
+    swept = store.sweep(T0 + 60)
+    assert swept.expired == 1
+    (gone,) = swept.gone
+    assert gone.event is not None and (gone.event.kind, gone.event.decision_id, gone.event.cost) == \
+        ("expired", "d-stale", 700)

@@ -131,6 +131,8 @@ class Decision:
     at: float = 0.0
     #: rules whose remedy (downgrade, clamp) or approval shaped this decision, in order
     applied: tuple[str, ...] = ()
+    #: decided for a dry run: its hold is released unlogged
+    dry: bool = False
 
     @property
     def retryable(self) -> bool:
@@ -279,12 +281,16 @@ class Engine:
     def decide(self, request: Request, *, now: float | None = None, approval: Approval | None = None,
                extra_rules: Sequence[Rule] = ()) -> Decision:
         """Decide ``request`` under the policy plus ``extra_rules`` (the SDK's active budgets)."""
-        return self._run(self._decide(request, now, approval, extra_rules))
+        d = self._run(self._decide(request, now, approval, extra_rules))
+        d.dry = request.dry
+        return d
 
     async def adecide(self, request: Request, *, now: float | None = None, approval: Approval | None = None,
                       extra_rules: Sequence[Rule] = ()) -> Decision:
         """:meth:`decide` for an event loop: ledger calls go through :attr:`aledger` when one is set."""
-        return await self._arun(self._decide(request, now, approval, extra_rules))
+        d = await self._arun(self._decide(request, now, approval, extra_rules))
+        d.dry = request.dry
+        return d
 
     def _decide(self, request: Request, now: float | None, approval: Approval | None,
                 extra_rules: Sequence[Rule]) -> Generator[LedgerCall, Any, Decision]:
@@ -307,7 +313,7 @@ class Engine:
             rules = [r for r in (*self._rules, *extra_rules)
                      if r.match.matches(est.model, request.provider, tier, request.identity.tags)]
             request_trips, alerts = self._request_trips(rules, est, bypass)
-            lines, owners = self._lines(rules, request, est, tier, now, bypass, did)
+            lines, owners = self._lines(rules, request, est, tier, now, bypass, did, marks=not request.dry)
             trips = [t for t in request_trips if t.rule.action != "alert"]
             hold_id = None
             states: tuple[BucketState, ...] = ()
@@ -323,7 +329,8 @@ class Engine:
                     notes.append(f"store unavailable ({exc}); allowed unmetered because on_store_error = \"allow\"")
                     unmetered = Decision(did, "allow", True, est, body, edits, None, None, None, (), tuple(notes),
                                          "store unavailable: allowed unmetered", original, dims, now, tuple(applied))
-                    self.emit(self.decision_event(unmetered, request.provider), request.raw)
+                    if not request.dry:
+                        self.emit(self.decision_event(unmetered, request.provider), request.raw)
                     return unmetered
                 states = auth.states
                 self._emit_expired(auth)
@@ -338,7 +345,7 @@ class Engine:
                 allowed = Decision(did, action, True, est, body, edits, hold_id, None,
                                    _tightest(states), tuple(alerts), tuple(notes), "", original, dims, now,
                                    tuple(applied))
-                if self.observers:
+                if self.observers and not request.dry:
                     self.emit(self.decision_event(allowed, request.provider), request.raw)
                 return allowed
             trip = self._worst(trips)
@@ -377,7 +384,8 @@ class Engine:
                 notes.append(f"{trip.rule.name}: fewer than {trip.rule.min_output} output tokens fit; refused")
                 act = "block"
             refused = self._refusal(did, act, est, body, trip, states, notes, original, dims, now)
-            yield from self._log_refusal(refused, request)
+            if not request.dry:
+                yield from self._log_refusal(refused, request)
             return refused
         raise RuntimeError("policy remedies did not converge")  # pragma: no cover - bounded chains
 
@@ -457,7 +465,8 @@ class Engine:
         return trips, alerts
 
     def _lines(self, rules: Sequence[Rule], request: Request, est: Estimate, tier: str, now: float,
-               bypass: set[str], did: str) -> tuple[list[Line], dict[str, tuple[Rule, str, float | None]]]:
+               bypass: set[str], did: str, marks: bool = True
+               ) -> tuple[list[Line], dict[str, tuple[Rule, str, float | None]]]:
         """One ledger line per (rule, unit) of every windowed rule, with who owns each bucket."""
         lines: list[Line] = []
         owners: dict[str, tuple[Rule, str, float | None]] = {}
@@ -482,10 +491,10 @@ class Engine:
                     continue
                 lim = int(limit)
                 k = key if unit == "usd" else tokens_key(key)
-                marks = _marks(r, k, unit, lim, scope, period, now, did, est.model) \
-                    if r.alert_at or r.action == "alert" else ()
+                fire = _marks(r, k, unit, lim, scope, period, now, did, est.model) \
+                    if marks and (r.alert_at or r.action == "alert") else ()
                 lines.append(Line(Bucket(k, lim if enforce else None, window_s, unit, resets), amount,  # type: ignore[arg-type]
-                                  marks))
+                                  fire))
                 owners[k] = (r, scope, resets)
         return lines, owners
 
@@ -733,15 +742,16 @@ class Engine:
             return False
         now = time.time() if now is None else now
         est = decision.estimate
-        event = Event(now, "released", decision.id, est.model if est else "", est.provider if est else "", 0,
-                      dims=dict(decision.dims), amounts={"held_usd": est.cost_nanos} if est else {})
+        event = None if decision.dry else Event(
+            now, "released", decision.id, est.model if est else "", est.provider if est else "", 0,
+            dims=dict(decision.dims), amounts={"held_usd": est.cost_nanos} if est else {})
         try:
             released: bool = yield ("release", {"hold_id": decision.hold_id, "now": now, "event": event})
         except StoreError as exc:
             log.warning("the store failed to release the hold of decision %s (%s); it will expire and be "
                         "charged its worst case", decision.id, exc)
             return False
-        if released:
+        if released and event is not None:
             self.emit(event)
         return released
 

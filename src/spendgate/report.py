@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,19 +19,27 @@ EVENT_FIELDS = ("model", "provider", "kind")
 APPROVAL = "approval"
 #: events that charge a budget: what the provider billed, an unknown outcome, an expired hold
 SPEND_KINDS = frozenset({"capture", "unknown", "expired"})
-#: decisions that kept a request from being sent
-REFUSAL_KINDS = frozenset({"block", "hold", "deny"})
+#: decisions that kept a request from being sent (a denial answers a hold already counted)
+REFUSAL_KINDS = frozenset({"block", "hold"})
 APPROVAL_FIELDS = ("channel", "by", "rule", "bucket", "granted_usd", "session")
 
 
-def _expire(store: Ledger, now: float) -> None:
+#: told of each hold a read expires (its charge, for the audit log)
+OnExpired = Callable[[Event], None] | None
+
+
+def _expire(store: Ledger, now: float, on_expired: OnExpired = None) -> None:
     """Charge holds past their TTL before reading: after a crash with no traffic since, nothing else
     would, and status would show the holds forever and report $0 (no expiry event yet). On a store
     that takes no writes (a read-only copy) the report still reads what is there."""
     try:
-        store.expire(now)
+        gone = store.expire(now)
     except StoreError as exc:
         log.warning("stale holds not expired before reading: %s", exc)
+        return
+    for hold in gone:
+        if on_expired is not None and hold.event is not None:
+            on_expired(hold.event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +60,12 @@ class Row:
         return d
 
 
-def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: float | None = None) -> list[Row]:
+def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: float | None = None,
+           on_expired: OnExpired = None) -> list[Row]:
     """Spend since ``since`` (a duration such as 7d, or epoch seconds) grouped by ``by``, dearest first."""
     now = time.time() if now is None else now
     start = now - parse_duration(since, "--since") if isinstance(since, str) else since
-    _expire(store, now)
+    _expire(store, now, on_expired)
     groups: dict[tuple[str, ...], list[int]] = {}
     for e in store.events(start):
         spend, refusal = e.kind in SPEND_KINDS, e.kind in REFUSAL_KINDS
@@ -101,10 +110,11 @@ def event_dict(e: Event) -> dict[str, Any]:
     return out
 
 
-def status(store: Ledger, now: float | None = None) -> list[tuple[Bucket, BucketState]]:
+def status(store: Ledger, now: float | None = None,
+           on_expired: OnExpired = None) -> list[tuple[Bucket, BucketState]]:
     """Every bucket the store knows, with its current state. A calendar bucket's key carries its
     period (``…|2026-11``), so past periods are listed too, with what they spent."""
     now = time.time() if now is None else now
-    _expire(store, now)
+    _expire(store, now, on_expired)
     buckets = store.known_buckets()
     return list(zip(buckets, store.states(buckets, now=now), strict=True))

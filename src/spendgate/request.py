@@ -72,3 +72,6 @@ class Request:
     shape: TokenShape | None = None
     #: the body as sent, when the door has it: the audit log keeps its hash, never the bytes
     raw: bytes | None = None
+    #: a dry run (``X-Spendgate-Estimate: 1``): decided as things stand, never sent — so it fires
+    #: no alert and leaves no event: nothing happened
+    dry: bool = False

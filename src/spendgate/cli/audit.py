@@ -61,10 +61,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                 if cutoff is not None and not _active_since(store, chain, cutoff):
                     continue
                 chains.append(chain)
+                cps = store.audit_checkpoints(chain)  # first: then every one is covered by the entries read
                 for page in _chain_pages(store, chain):
                     out.write("".join(_line(t) + "\n" for t in page))
                     entries += len(page)
-                cps = store.audit_checkpoints(chain)
                 out.write("".join(_line(t) + "\n" for t in cps))
                 checkpoints += len(cps)
             out.flush()

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,9 +170,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     ctx = Context.from_args(args)
     store = ledger.open(ctx.store_url, create=False)
+    expired = _ExpiryLog(ctx.policy, store)
     try:
-        rows = status(store)
+        rows = status(store, on_expired=expired)
     finally:
+        expired.close()
         store.close()
     docs: list[dict[str, Any]] = []
     rows_out: list[tuple[str, ...]] = []
@@ -210,10 +212,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not by:
         raise ConfigError("--by: name at least one field, such as user,model")
     store = ledger.open(ctx.store_url, create=False)
+    expired = _ExpiryLog(ctx.policy, store)
     try:
-        rows = report(store, by, args.since)
+        rows = report(store, by, args.since, on_expired=expired)
         granted = approvals(store, args.since)
     finally:
+        expired.close()
         store.close()
     if args.json:
         emit_json({"since": args.since, "by": by, "rows": [r.as_dict(by) for r in rows],
@@ -344,6 +348,30 @@ def _audit_log(policy: Policy, store: ledger.Ledger) -> AuditLog | None:
         return None
     return AuditLog(store, load_key(policy.audit.key), checkpoint_entries=policy.audit.checkpoint_entries,
                     checkpoint_seconds=policy.audit.checkpoint_seconds)
+
+
+class _ExpiryLog:
+    """``status`` and ``report`` charge stale holds before reading; each such charge is a decision
+    the audit log must hold, so a chain is written for it — only when a hold did expire."""
+
+    def __init__(self, policy: Policy, store: ledger.Ledger) -> None:
+        self.policy, self.store = policy, store
+        self.log: AuditLog | None = None
+
+    def __call__(self, event: ledger.Event) -> None:
+        if self.log is None:
+            try:
+                self.log = _audit_log(self.policy, self.store)
+            except ConfigError as exc:  # the read goes on; the charge is in the ledger all the same
+                print(f"spendgate: warning: an expired hold is not in the audit log: {exc}", file=sys.stderr)
+                self.policy = replace(self.policy, audit=replace(self.policy.audit, enabled=False))
+                return
+        if self.log is not None:
+            self.log.add(event, policy_hash(self.policy))
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

@@ -193,4 +193,11 @@ def webhook_body(row: OutboxAlert, *, store_url: str, admin_base: str | None) ->
         did = _s(doc, "decision_id")
         facts["approve_command"] = approve_command(did, store_url)
         facts["approve_url"] = approve_url(did, admin_base)
-    return {"text": text_of(row, store_url=store_url, admin_base=admin_base), "spendgate": facts}
+    return {"text": slack_escape(text_of(row, store_url=store_url, admin_base=admin_base)), "spendgate": facts}
+
+
+def slack_escape(text: str) -> str:
+    """``&``, ``<`` and ``>`` as Slack's entities: the text carries values a client chose (a session,
+    a tag), and unescaped ``<!channel>`` or ``<https://…|Approve>`` would page a channel or show a
+    link spendgate never wrote."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -106,6 +106,19 @@ def _amount(name: str, value: int) -> str:
     return str(nanos_to_usd(int(value)))
 
 
+def _text(value: str) -> str:
+    """``value`` as text every JSON reader accepts: a lone surrogate (a client's model name or tag
+    can carry one, as JSON ``"\\ud800"``) becomes U+FFFD. Without this the entry could not be
+    canonicalized, and a client could keep its own decision out of the log."""
+    if value.isascii():
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
 def entry_from_event(event: Event, *, chain: str, seq: int, prev_hash: str, policy_hash: str,
                      request: bytes | str | None) -> dict[str, Any]:
     """The unsealed entry (no ``hash``/``sig``) for ``event`` at ``seq`` of ``chain``.
@@ -125,15 +138,15 @@ def entry_from_event(event: Event, *, chain: str, seq: int, prev_hash: str, poli
         "chain": chain,
         "seq": seq,
         "ts": rfc3339(event.ts),
-        "kind": event.kind,
-        "decision_id": event.decision_id,
+        "kind": _text(event.kind),
+        "decision_id": _text(event.decision_id),
         "request_hash": request_hash,
-        "rule": event.rule or None,
-        "bucket": event.bucket or None,
+        "rule": _text(event.rule) or None,
+        "bucket": _text(event.bucket) or None,
         "amounts": amounts,
-        "model": event.model or None,
-        "provider": event.provider or None,
-        "dims": {str(k): str(v) for k, v in event.dims.items()},
+        "model": _text(event.model) or None,
+        "provider": _text(event.provider) or None,
+        "dims": {_text(str(k)): _text(str(v)) for k, v in event.dims.items()},
         "estimated": bool(event.estimated),
         "policy_hash": policy_hash,
         "prev_hash": prev_hash,

@@ -73,28 +73,34 @@ class AuditChild:
         """Pump every :data:`PUMP_EVERY_S` until cancelled."""
         while True:
             await asyncio.sleep(PUMP_EVERY_S)
-            await self.pump()
+            try:
+                await self.pump()
+            except Exception:  # the writer could not be started: say so, keep the queue, try again
+                log.exception("audit chain %s: handing events to the writer process failed", self.chain)
 
     async def pump(self) -> None:
         """Hand everything queued to the child (one write); start it again if it died."""
         if not self._queue:
             return
-        n = len(self._queue)
-        data = b"".join(_line(*self._queue.popleft()) for _ in range(n))
         proc = self._proc
         if proc is None or proc.returncode is not None or proc.stdin is None:
             log.error("the audit log's writer process exited (status %s); starting it again on chain %s",
                       None if proc is None else proc.returncode, self.chain)
-            await self.start()
+            await self.start()  # may raise: the queue is still whole
             proc = self._proc
             assert proc is not None and proc.stdin is not None
+        batch = [self._queue.popleft() for _ in range(len(self._queue))]
         try:
-            proc.stdin.write(data)
+            proc.stdin.write(b"".join(_line(*item) for item in batch))
             await proc.stdin.drain()
         except (BrokenPipeError, ConnectionResetError) as exc:
-            log.error("audit chain %s: %d events lost: the writer process stopped reading (%s)", self.chain, n, exc)
+            # back to the front of the queue for the next writer: the log may then hold a decision
+            # twice (if the dying writer stored part of the batch), never miss one
+            self._queue.extendleft(reversed(batch))
+            log.error("audit chain %s: the writer process stopped reading (%s); %d events kept for the next one",
+                      self.chain, exc, len(batch))
             return
-        self.sent += n
+        self.sent += len(batch)
 
     async def close(self) -> None:
         """Hand over what is left, then let the child store it, checkpoint the head and exit."""

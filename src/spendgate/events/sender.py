@@ -156,7 +156,7 @@ class AlertSender:
                     if 200 <= resp.status < 300:
                         out[row.key] = _Outcome(True)
                         continue
-                    detail = _scrub((await resp.text(errors="replace"))[:80], url)
+                    detail = _scrub(await resp.text(errors="replace"), url)[:80]  # scrubbed whole, then cut
                     out[row.key] = _Outcome(False, f"{redact_url(url)}: HTTP {resp.status}"
                                                    + (f" {detail}" if detail else ""))
             except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:

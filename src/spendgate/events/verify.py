@@ -278,11 +278,16 @@ def verify(lines: Iterable[Mapping[str, Any]], keys: Sequence[Ed25519PublicKey])
 
 
 def store_lines(store: Ledger, chain: str | None = None) -> Iterable[dict[str, Any]]:
-    """Every entry then every checkpoint of each chain (or of ``chain``), parsed, in stored order."""
+    """Every entry then every checkpoint of each chain (or of ``chain``), parsed, in stored order.
+
+    The checkpoints are read first: a writer stores entries before the checkpoint naming them, so
+    every checkpoint read is covered by the entries read after it — a chain growing while it is read
+    (a live server) is never mistaken for a truncated one."""
     for c in [chain] if chain is not None else store.audit_chains():
+        cps = store.audit_checkpoints(c)
         for text in store.audit_entries(c):
             yield json.loads(text)
-        for text in store.audit_checkpoints(c):
+        for text in cps:
             yield json.loads(text)
 
 

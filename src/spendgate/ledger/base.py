@@ -203,6 +203,8 @@ class Swept:
     events_deleted: int = 0
     #: settled (sent, failed, logged) outbox alerts past the retention; pending ones are never deleted
     alerts_deleted: int = 0
+    #: the stale holds it expired, with their events (for the audit log)
+    gone: tuple[ExpiredHold, ...] = ()
 
 
 @dataclass(slots=True)
@@ -474,7 +476,7 @@ class TransactionalLedger(Ledger):
             return self._expire_locked(now)
 
     def sweep(self, now: float, *, retention_s: float | None = None) -> Swept:
-        expired = len(self.expire(now))
+        gone = tuple(self.expire(now))
         pruned, after, cutoff = 0, "", now - PRUNE_GRACE_S
         while True:
             with self._transaction():
@@ -499,7 +501,7 @@ class TransactionalLedger(Ledger):
                 alerts_deleted += n
                 if n < SWEEP_BATCH:
                     break
-        return Swept(expired, pruned, deleted, alerts_deleted)
+        return Swept(len(gone), pruned, deleted, alerts_deleted, gone)
 
     def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
         with self._transaction():

@@ -115,7 +115,7 @@ class RedisLedger(Ledger):
     def sweep(self, now: float, *, retention_s: float | None = None) -> Swept:
         """Expiry, then pruning in HSCAN batches, then retention in batches: each one script call,
         so Redis serves requests between them."""
-        expired = len(self.expire(now))
+        gone = tuple(self.expire(now))
         cursor, pruned, cutoff = "0", 0, repr(now - PRUNE_GRACE_S)
         while True:
             cursor, n = self._run("prune", cursor, cutoff, str(SWEEP_BATCH), str(SLOTS_PER_WINDOW))
@@ -131,12 +131,12 @@ class RedisLedger(Ledger):
                     break
             kept = 0  # old pending alerts stay at the front of the batches: step past them
             while True:
-                gone, looked = self._run("trim_alerts", repr(now - retention_s), str(SWEEP_BATCH), str(kept))
-                alerts_deleted += int(gone)
-                kept += int(looked) - int(gone)
+                trimmed, looked = self._run("trim_alerts", repr(now - retention_s), str(SWEEP_BATCH), str(kept))
+                alerts_deleted += int(trimmed)
+                kept += int(looked) - int(trimmed)
                 if int(looked) < SWEEP_BATCH:
                     break
-        return Swept(expired, pruned, deleted, alerts_deleted)
+        return Swept(len(gone), pruned, deleted, alerts_deleted, gone)
 
     def check(self, now: float) -> None:
         """A SET with a short expiry: fails on a read-only replica, at maxmemory, or unreachable."""

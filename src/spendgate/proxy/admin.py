@@ -59,7 +59,7 @@ def _err(status_code: int, message: str) -> web.Response:
 
 
 async def _status(request: web.Request, proxy: Proxy) -> web.Response:
-    rows = status(proxy.store)
+    rows = status(proxy.store, on_expired=proxy.engine.emit)
     return web.json_response({"buckets": [
         {"bucket": b.key, "unit": b.unit, "spent": _amt(st.spent, b.unit), "held": _amt(st.held, b.unit),
          "limit": _amt(st.limit + st.granted, b.unit) if st.limit is not None else None,
@@ -69,7 +69,7 @@ async def _status(request: web.Request, proxy: Proxy) -> web.Response:
 async def _spend(request: web.Request, proxy: Proxy) -> web.Response:
     by = [f for f in request.query.get("by", "model").split(",") if f]
     since = request.query.get("since", "24h")
-    rows = report(proxy.store, by, since)
+    rows = report(proxy.store, by, since, on_expired=proxy.engine.emit)
     return web.json_response({"by": by, "rows": [r.as_dict(by) for r in rows],
                               "approvals": approvals_since(proxy.store, since)})
 

@@ -150,19 +150,24 @@ class Proxy:
         loop = asyncio.get_running_loop()
         if isinstance(self.audit, AuditChild):
             await self.audit.start()
-        sender = AlertSender(self.store, self.engine.policy.alerts.webhooks, store_url=self.store.url,
-                             admin_base=self.config.admin_base)
         self._background = [loop.create_task(self._every(UPKEEP_EVERY_S, self.upkeep)),
-                            loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool)),
-                            loop.create_task(sender.run(ALERT_POLL_S))]
+                            loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool))]
+        webhooks = self.engine.policy.alerts.webhooks
+        if webhooks:  # an instance with nowhere to send leaves the outbox to those that have somewhere
+            sender = AlertSender(self.store, webhooks, store_url=self.store.url, admin_base=self.config.admin_base)
+            self._background.append(loop.create_task(sender.run(ALERT_POLL_S)))
         if isinstance(self.audit, AuditChild):
             self._background.append(loop.create_task(self.audit.run()))
 
     async def _stop(self, _: web.Application) -> None:
         for task in self._background:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a background job that died must not keep the rest from closing
+                log.exception("a background job had failed")
         await self.settled()
         # after the last capture, so the final checkpoint names it
         if isinstance(self.audit, AuditChild):
@@ -247,7 +252,7 @@ class Proxy:
                 return _store_failed(provider, exc)
             if early is not None:
                 return early
-        req = Request(provider, route, body, ident, raw=send)
+        req = Request(provider, route, body, ident, raw=send, dry=dry)
         try:
             by_id: Approval | None = None
             if approval is None and not dry:
@@ -490,11 +495,10 @@ class Proxy:
         """Charge stale holds their worst case, prune buckets whose window is over and drop events
         past the retention — on a worker thread, in small batches, so requests go between them."""
         retention = self.config.retention_days * 86400.0 if self.config.retention_days else None
-        # expiry first, on its own, so each expired hold's event reaches the audit log
-        for gone in await asyncio.to_thread(self.store.expire, time.time()):
+        swept = await asyncio.to_thread(self.store.sweep, time.time(), retention_s=retention)
+        for gone in swept.gone:  # each expired hold's charge reaches the audit log
             if gone.event is not None:
                 self.engine.emit(gone.event)
-        swept = await asyncio.to_thread(self.store.sweep, time.time(), retention_s=retention)
         if swept.expired or swept.pruned or swept.events_deleted:
             log.info("store upkeep: %d stale holds charged, %d ended buckets pruned, %d old events deleted",
                      swept.expired, swept.pruned, swept.events_deleted)
