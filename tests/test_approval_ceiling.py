@@ -45,7 +45,11 @@ def test_racing_header_approvals_on_two_engines_grant_at_most_the_ceiling(backen
     state = stores[0].states([b for b in stores[0].known_buckets() if b.key == "cap|session=s1"], now=T0)[0]
     assert state.granted == usd_to_nanos(3), "one grant of the $3 ceiling, however many raced"
     assert state.used <= usd_to_nanos(1) + usd_to_nanos(3)
-    assert len(admitted) == (usd_to_nanos(4) - first.estimate.cost_nanos) // first.estimate.cost_nanos
+    # every racer that got in fits in the $1 + $3; one that re-checks in the instant between another's
+    # taking the ceiling and its grant landing is refused (conservative: it may retry), so not
+    # every slot need be filled
+    fit = (usd_to_nanos(4) - first.estimate.cost_nanos) // first.estimate.cost_nanos
+    assert 1 <= len(admitted) <= fit
     grants = [e for e in stores[0].events(0) if e.kind == "approval"]
     assert [e.dims["granted_usd"] for e in grants] == ["3"] and grants[0].dims["channel"] == "header"
     for s in set(map(id, stores)):
