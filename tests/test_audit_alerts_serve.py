@@ -149,12 +149,14 @@ def test_a_served_day_exports_and_verifies_and_every_tampering_is_named(
     swapped[idx[2]], swapped[idx[3]] = swapped[idx[3]], swapped[idx[2]]
     deleted = [x for i, x in enumerate(lines) if i != idx[4]]
     cut = [x for i, x in enumerate(lines) if i not in idx[-5:]]
-    for name, new, seq, reason in (("edited", edited, capture["seq"], "edited"), ("swapped", swapped, 3, "reordered"),
-                                   ("deleted", deleted, 5, "missing"), ("cut", cut, 3, "truncated")):
+    for name, new, expected in (("edited", edited, f"seq {capture['seq']}: edited"),
+                                ("swapped", swapped, "seq 3: reordered"),
+                                ("deleted", deleted, "seq 5: missing"),
+                                ("cut", cut, "seq 8: truncated after seq 3")):
         bad = tampered(name, new)
         said = bad.stdout + bad.stderr
         assert bad.returncode == 1, (name, said)
-        assert reason in said and str(seq) in said, (name, said)
+        assert f"chain {chain}: {expected}" in said, (name, said)
 
     node = shutil.which("node")
     assert node is not None, "Node.js is needed for the cross-language check (scripts/test.sh installs it)"
