@@ -44,7 +44,8 @@ def main() -> None:
         else:
             cached, written = context, new
         context += new
-        output = rng.randint(4_000, 18_000)
+        max_tokens = 32_000 if i % 4 else 16_384
+        output = rng.randint(4_000, min(18_000, max_tokens))  # a model never writes past max_tokens
         u = Usage(input=rng.randint(3, 40), cache_read=cached, cache_write_5m=written, output=output)
         cost = usage_nanos(price.price, u)
         total += cost
@@ -52,7 +53,7 @@ def main() -> None:
             "timestamp": dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z"),
             "model": MODEL, "provider": "anthropic", "session_id": "agent-7f3a", "user": "dev@laptop",
             "input_tokens": u.input, "cache_read_tokens": u.cache_read, "cache_creation_tokens": u.cache_write_5m,
-            "output_tokens": u.output, "max_tokens": 32_000 if i % 4 else 8_192,
+            "output_tokens": u.output, "max_tokens": max_tokens,
             "cost_usd": str(Decimal(cost) / Decimal(10**9)),
         })
     OUT.parent.mkdir(exist_ok=True)

@@ -91,3 +91,12 @@ def test_generic_and_event_formats_and_bad_lines(tmp_path: Path) -> None:
     trace.write_text('{"timestamp": 1, "model": "gpt-4o", "input_tokens": -1, "output_tokens": 1}\n')
     with pytest.raises(ConfigError, match="input_tokens"):
         list(read_trace(trace, PRICES))
+
+
+def test_the_example_trace_is_possible() -> None:
+    """No request in the example produced more output than its max_tokens allowed."""
+    import json
+
+    rows = [json.loads(line) for line in TRACE.read_text().splitlines()]
+    assert len(rows) == 384
+    assert [r for r in rows if r["output_tokens"] > r["max_tokens"]] == []
