@@ -71,14 +71,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from spendgate.estimate import ROUTES, Estimator
 
     ctx = Context.from_args(args)
+    name = "stdin" if args.file == "-" else args.file
     try:
-        body = json.loads(Path(args.file).read_text())
+        # "-" reads the body from stdin, so a request can be piped in (`… | spendgate estimate -`)
+        body = json.loads(sys.stdin.read() if args.file == "-" else Path(args.file).read_text())
     except OSError as exc:
-        raise ConfigError(f"{args.file}: cannot read ({exc.strerror})") from exc
+        raise ConfigError(f"{name}: cannot read ({exc.strerror})") from exc
     except json.JSONDecodeError as exc:
-        raise BadRequest(f"{args.file}: not JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise BadRequest(f"{name}: not JSON ({exc.msg} at line {exc.lineno})") from exc
     if not isinstance(body, dict):
-        raise BadRequest(f"{args.file}: expected a JSON object (a request body)")
+        raise BadRequest(f"{name}: expected a JSON object (a request body)")
     provider, route = _infer_route(body, ctx.prices)
     if args.route:
         matches = [k for k in ROUTES if k[1] == args.route and (args.provider in (None, k[0]))]
@@ -421,12 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="policy file (spendgate.toml); env SPENDGATE_CONFIG")
     common.add_argument("--json", action="store_true", help="print one JSON document")
     p = argparse.ArgumentParser(prog="spendgate", description="A pre-send spend guard for LLM API calls.")
+    p.add_argument("--version", action="version", version=f"spendgate {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prices_parser(sub, common)
 
     est = sub.add_parser("estimate", parents=[common], help="price a request body's worst case")
-    est.add_argument("file", metavar="FILE.json")
+    est.add_argument("file", metavar="FILE.json", help="the request body; - reads it from stdin")
     est.add_argument("--provider", choices=("openai", "anthropic"))
     est.add_argument("--route", help="e.g. /v1/chat/completions (inferred from the body when absent)")
     est.set_defaults(func=cmd_estimate)
@@ -490,6 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit_parser(sub, common)
     alerts_parser(sub, common)
     return p
+
+
+def _version() -> str:
+    """The installed distribution's version, so ``--version`` names what pip installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spendgate")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _seconds(raw: str) -> float:
