@@ -46,3 +46,85 @@ def test_estimate_reads_the_body_from_stdin() -> None:
     assert doc["model"] == "gpt-4o" and doc["output_tokens"] == 100 and doc["route"] == "/v1/chat/completions"
     bad = sg("estimate", "-", stdin="not json")
     assert bad.returncode != 0 and bad.stderr.startswith("spendgate: error: stdin: not JSON")
+
+
+# -- item 1: the approve hint works as printed -------------------------------------------------
+
+HOLD_POLICY = '''\
+defaults = false
+
+[[budget]]
+name = "tiny"
+usd = 0.000001
+window = "1h"
+per = "session"
+action = "hold"
+'''
+
+
+def _post(port: int, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": "Bearer sk-x",
+                                          "X-Spendgate-Session": "s1"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_402_hint_approves_from_another_shell(tmp_path: Path) -> None:
+    """``serve --store sqlite:///rel.db`` from one directory; the hint run verbatim from another."""
+    import shlex
+
+    from tests.harness import start_serve
+
+    server_dir, other_dir = tmp_path / "server", tmp_path / "elsewhere"
+    server_dir.mkdir()
+    other_dir.mkdir()
+    (server_dir / "policy.toml").write_text(HOLD_POLICY)
+    cwd = Path.cwd()
+    os.chdir(server_dir)  # the relative store path is the server's, as a user would start it
+    try:
+        proc, port = start_serve(tmp_path, 9, "--store", "sqlite:///spend.db", "--config", "policy.toml")
+    finally:
+        os.chdir(cwd)
+    try:
+        status, doc = _post(port, {"model": "gpt-4o-mini", "max_tokens": 50,
+                                   "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 402, doc
+        message = str(doc["error"]["message"])  # type: ignore[index]
+        hint = message.split("run `", 1)[1].split("`", 1)[0]
+        assert hint.startswith("spendgate approve ") and "--store sqlite:////" in hint, hint
+        argv = shlex.split(hint)[1:]
+        done = sg(*argv, cwd=other_dir, env={"SPENDGATE_HOME": str(tmp_path / "other-home")})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("approved ")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_memory_store_hint_names_the_admin_api_not_the_command() -> None:
+    """A hold in memory:// cannot be reached by a command in another process: no command is offered."""
+    import tomllib
+
+    from spendgate import ledger
+    from spendgate.engine import Engine
+    from spendgate.policy import parse
+    from spendgate.request import Identity, Request
+
+    store = ledger.open("memory://")
+    try:
+        d = Engine(parse(tomllib.loads(HOLD_POLICY)), store).decide(
+            Request("openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 50,
+                                                       "messages": [{"role": "user", "content": "hi"}]},
+                    Identity(session="s1")))
+    finally:
+        store.close()
+    assert d.action == "hold"
+    assert "run `spendgate approve" not in d.message
+    assert f"approve it through the admin API (POST /spendgate/approvals/{d.id})" in d.message

@@ -654,7 +654,7 @@ class Engine:
         tight = next((s for s in states if trip.bucket is not None and s.key == trip.bucket.key), None)
         d = Decision(did, act, False, est, body, {}, None, trip, tight, (), tuple(notes), "", original,
                      dims, now)
-        return replace(d, message=refusal_message(d))
+        return replace(d, message=refusal_message(d, self.ledger.url))
 
     # -- settling -----------------------------------------------------------------------------
 
@@ -859,8 +859,33 @@ def _tightest(states: Sequence[BucketState]) -> BucketState | None:
     return min(money, key=lambda s: s.remaining or 0) if money else None
 
 
-def refusal_message(d: Decision) -> str:
-    """Written for the person and for the agent reading it: what tripped, how much, what to do."""
+def approve_command(hold_id: str, store_url: str | None) -> str | None:
+    """The ``spendgate approve`` command that reaches this hold from any shell, or ``None`` when no
+    command can (an in-memory store lives only in the process that holds it).
+
+    A hold lives in the store that refused it, so a command run without that store would look in
+    the default one and report the hold missing: the hint names ``--store`` whenever the store is
+    not the default (as the alerts do), password redacted, with a SQLite path made absolute since
+    the other shell has another working directory."""
+    import os
+
+    from spendgate.events.alerts import approve_command as command
+
+    if not store_url:
+        return f"spendgate approve {hold_id}"
+    if store_url.startswith("memory://"):
+        return None
+    if store_url.startswith("sqlite:///"):
+        path = os.path.expanduser(store_url.removeprefix("sqlite:///"))
+        store_url = f"sqlite:///{os.path.abspath(path)}" if path else store_url
+    return command(hold_id, store_url)
+
+
+def refusal_message(d: Decision, store_url: str | None = None) -> str:
+    """Written for the person and for the agent reading it: what tripped, how much, what to do.
+
+    ``store_url`` is the store holding the request, so the approve command it prints works as
+    printed (see :func:`approve_command`)."""
     t = d.trip
     est = d.estimate
     assert t is not None and est is not None
@@ -875,8 +900,14 @@ def refusal_message(d: Decision) -> str:
     where = f" ({t.scope}, window {t.rule.window.text})" if t.bucket is not None else ""
     parts = [f"spendgate: this {est.model} request {verb} by budget \"{t.rule.name}\"{where}: {amount}."]
     if d.action == "hold":
-        parts.append(f"To approve it, run `spendgate approve {d.id}` (add --max 5 to allow $5 more "
-                     "without asking again), or answer yes in your next message.")
+        cmd = approve_command(d.id, store_url)
+        if cmd is None:
+            parts.append(f"This hold is kept in memory, so `spendgate approve {d.id}` in another shell cannot "
+                         f"reach it: approve it through the admin API (POST /spendgate/approvals/{d.id}) or answer "
+                         "yes in your next message.")
+        else:
+            parts.append(f"To approve it, run `{cmd}` (add --max 5 to allow $5 more "
+                         "without asking again), or answer yes in your next message.")
     elif t.rule.immutable:
         parts.append("This limit is immutable; no approval can lift it. Lower max_tokens or pick a "
                      "cheaper model.")
