@@ -128,3 +128,19 @@ def test_a_memory_store_hint_names_the_admin_api_not_the_command() -> None:
     assert d.action == "hold"
     assert "run `spendgate approve" not in d.message
     assert f"approve it through the admin API (POST /spendgate/approvals/{d.id})" in d.message
+
+
+# -- item 2: one flag for the policy -----------------------------------------------------------
+
+TRACE = Path(__file__).parent.parent / "examples" / "runaway-agent.jsonl"
+
+
+@pytest.mark.parametrize("flag", ["--config", "--policy"])
+def test_replay_judges_by_the_policy_given_with_either_flag(tmp_path: Path, flag: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "strict.toml"
+    policy.write_text(HOLD_POLICY)
+    code, out, err = run(capsys, "replay", str(TRACE), flag, str(policy))
+    assert code == 0, err
+    assert f"under {policy}" in out.splitlines()[0] and "built-in" not in out
+    assert "tiny" in out  # the file's only rule is what fired

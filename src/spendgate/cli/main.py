@@ -43,8 +43,8 @@ class Context:
     prices: PriceTable
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, policy_flag: str = "config") -> Context:
-        path = getattr(args, policy_flag, None) or os.environ.get("SPENDGATE_CONFIG")
+    def from_args(cls, args: argparse.Namespace) -> Context:
+        path = getattr(args, "config", None) or os.environ.get("SPENDGATE_CONFIG")
         policy = load(path) if path else default_policy()
         store = args.store or os.environ.get("SPENDGATE_STORE") or policy.store or ledger.default_url()
         prices = PriceTable.bundled().with_overrides(ledger.home() / "prices.json")
@@ -137,7 +137,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from spendgate.replay import read_trace, replay
 
-    ctx = Context.from_args(args, policy_flag="policy")
+    ctx = Context.from_args(args)
     path = Path(args.trace)
     total = sum(1 for line in path.open() if line.strip()) if path.exists() else 0
     result = replay(read_trace(path, ctx.prices), ctx.policy, ctx.prices, approve=args.approve,
@@ -442,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("replay", parents=[common], help="what a policy would have saved on a trace")
     rep.add_argument("trace")
-    rep.add_argument("--policy", help="policy file to judge the trace by (default: the built-in one)")
+    # --config is the policy flag everywhere; --policy stays as replay's older name for the same thing
+    rep.add_argument("--policy", dest="config", default=argparse.SUPPRESS,
+                     help="the same as --config: the policy file to judge the trace by (default: the built-in one)")
     rep.add_argument("--approve", action="store_true", help="answer every hold yes (once)")
     rep.add_argument("--persist", action="store_true",
                      help="a refused session keeps sending (default: a 'no' ends the session)")
