@@ -144,3 +144,26 @@ def test_replay_judges_by_the_policy_given_with_either_flag(tmp_path: Path, flag
     assert code == 0, err
     assert f"under {policy}" in out.splitlines()[0] and "built-in" not in out
     assert "tiny" in out  # the file's only rule is what fired
+
+
+# -- item 5: the common flags on either side of the command ------------------------------------
+
+def test_common_flags_before_the_command(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'spend.db'}"
+    assert sg("keys", "create", "--user", "ana", "--store", store).returncode == 0
+    before = sg("--store", store, "--json", "keys", "list")
+    assert before.returncode == 0, before.stderr
+    assert [k["user"] for k in json.loads(before.stdout)["keys"]] == ["ana"]
+    after = sg("keys", "list", "--store", store, "--json")
+    assert json.loads(after.stdout) == json.loads(before.stdout)
+    # a flag after the command wins over the same flag before it, and an omitted one resets nothing
+    other = sg("--store", store, "status", "--store", "memory://", "--json")
+    assert other.returncode == 0 and json.loads(other.stdout)["store"] == "memory://"
+
+
+def test_config_before_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "strict.toml"
+    policy.write_text(HOLD_POLICY)
+    code, out, err = run(capsys, "--config", str(policy), "replay", str(TRACE))
+    assert code == 0, err
+    assert f"under {policy}" in out.splitlines()[0]

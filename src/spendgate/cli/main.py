@@ -417,13 +417,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 # -- wiring -----------------------------------------------------------------------------------
 
+def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The flags people put either side of the command: ``spendgate --store URL status`` and
+    ``spendgate status --store URL`` mean the same.
+
+    The top-level parser holds the defaults; each command's copy defaults to ``SUPPRESS`` so that
+    argparse, which copies a subcommand's namespace over the top-level one, only overwrites a
+    value given after the command (the later flag wins) and never resets one given before it."""
+    parser.add_argument("--store", default=default(None),
+                        help="store URL (memory://, sqlite:///path, redis://host/db); env SPENDGATE_STORE")
+    parser.add_argument("--config", default=default(None), help="policy file (spendgate.toml); env SPENDGATE_CONFIG")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print one JSON document")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", help="store URL (memory://, sqlite:///path); env SPENDGATE_STORE")
-    common.add_argument("--config", help="policy file (spendgate.toml); env SPENDGATE_CONFIG")
-    common.add_argument("--json", action="store_true", help="print one JSON document")
+    _add_common(common, lambda _: argparse.SUPPRESS)
     p = argparse.ArgumentParser(prog="spendgate", description="A pre-send spend guard for LLM API calls.")
     p.add_argument("--version", action="version", version=f"spendgate {_version()}")
+    _add_common(p, lambda value: value)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prices_parser(sub, common)
