@@ -167,3 +167,42 @@ def test_config_before_the_command(tmp_path: Path, capsys: pytest.CaptureFixture
     code, out, err = run(capsys, "--config", str(policy), "replay", str(TRACE))
     assert code == 0, err
     assert f"under {policy}" in out.splitlines()[0]
+
+
+# -- item 3: an expected failure is one line; --debug shows the traceback ----------------------
+
+def _one_error_line(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("spendgate: error: ")
+    return lines[0]
+
+
+def test_serve_on_a_busy_port_is_one_line_and_never_says_guarding(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = sg("serve", "--port", str(port), "--store", "memory://", env={"SPENDGATE_HOME": str(tmp_path)})
+        line = _one_error_line(r)
+        assert line == (f"spendgate: error: cannot listen on 127.0.0.1:{port}: address already in use "
+                        "(is another server on that port? choose one with --port)")
+        debug = sg("--debug", "serve", "--port", str(port), "--store", "memory://",
+                   env={"SPENDGATE_HOME": str(tmp_path)})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "guarding" not in debug.stderr
+
+
+def test_prices_update_from_a_missing_file(tmp_path: Path) -> None:
+    r = sg("prices", "update", "--from", "missing.json", cwd=tmp_path, env={"SPENDGATE_HOME": str(tmp_path)})
+    assert _one_error_line(r) == "spendgate: error: prices update: missing.json: No such file or directory"
+    assert "Traceback" in sg("prices", "update", "--from", "missing.json", "--debug", cwd=tmp_path,
+                             env={"SPENDGATE_HOME": str(tmp_path)}).stderr
+
+
+def test_replay_chart_into_a_missing_directory(tmp_path: Path) -> None:
+    r = sg("replay", str(TRACE), "--chart", "/no/such/dir/x.html", env={"SPENDGATE_HOME": str(tmp_path)})
+    assert _one_error_line(r) == ("spendgate: error: --chart /no/such/dir/x.html: cannot write the chart "
+                                  "(no directory /no/such/dir)")

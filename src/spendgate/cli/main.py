@@ -7,6 +7,7 @@ Settings come from flags first, then the environment (``SPENDGATE_STORE``, ``SPE
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -138,6 +139,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from spendgate.replay import read_trace, replay
 
     ctx = Context.from_args(args)
+    if args.chart and not Path(args.chart).parent.is_dir():  # said now, not after the whole replay
+        raise ConfigError(f"--chart {args.chart}: cannot write the chart (no directory {Path(args.chart).parent})")
     path = Path(args.trace)
     total = sum(1 for line in path.open() if line.strip()) if path.exists() else 0
     result = replay(read_trace(path, ctx.prices), ctx.policy, ctx.prices, approve=args.approve,
@@ -145,7 +148,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.chart:
         from spendgate.chart import write_chart
 
-        write_chart(result, Path(args.chart))
+        try:
+            write_chart(result, Path(args.chart))
+        except OSError as exc:
+            raise ConfigError(f"--chart {args.chart}: cannot write the chart ({exc.strerror or exc})") from exc
     if args.json:
         emit_json(result.as_dict())
         return 0
@@ -254,14 +260,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     proxy = build(ctx.policy, ctx.store_url, token, upstream_timeout_s=args.upstream_timeout, prices=ctx.prices,
                   admin_base=f"http://{args.host}:{args.port}")
     ups = ", ".join(f"{k} -> {v}" for k, v in proxy.config.upstreams.items())
-    print(f"spendgate: guarding http://{args.host}:{args.port} (store {ctx.store_url}; policy {ctx.policy.source}; "
-          f"upstreams {ups}; admin API {'on' if token else 'off'})", file=sys.stderr, flush=True)
-    stale = ctx.prices.stale_warning()
-    if stale:
-        print(f"spendgate: warning: {stale}", file=sys.stderr, flush=True)
-    web.run_app(proxy.app(), host=args.host, port=args.port, print=None, access_log=None,
-                handle_signals=True, loop=_fast_loop())
+    listening = False
+
+    def started(_aiohttp_banner: str) -> None:
+        """aiohttp calls its ``print`` once every socket is bound: only then is "guarding" true."""
+        nonlocal listening
+        listening = True
+        print(f"spendgate: guarding http://{args.host}:{args.port} (store {ctx.store_url}; policy "
+              f"{ctx.policy.source}; upstreams {ups}; admin API {'on' if token else 'off'})",
+              file=sys.stderr, flush=True)
+        stale = ctx.prices.stale_warning()
+        if stale:
+            print(f"spendgate: warning: {stale}", file=sys.stderr, flush=True)
+
+    try:
+        web.run_app(proxy.app(), host=args.host, port=args.port, print=started, access_log=None,
+                    handle_signals=True, loop=_fast_loop())
+    except OSError as exc:
+        if listening:
+            raise
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {_os_reason(exc)} "
+                          "(is another server on that port? choose one with --port)") from exc
     return 0
+
+
+def _os_reason(exc: OSError) -> str:
+    """The reason alone, without the errno number or a repeat of the address."""
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    return exc.strerror or str(exc)
 
 
 def _fast_loop() -> Any:
@@ -428,6 +455,8 @@ def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
                         help="store URL (memory://, sqlite:///path, redis://host/db); env SPENDGATE_STORE")
     parser.add_argument("--config", default=default(None), help="policy file (spendgate.toml); env SPENDGATE_CONFIG")
     parser.add_argument("--json", action="store_true", default=default(False), help="print one JSON document")
+    parser.add_argument("--debug", action="store_true", default=default(False),
+                        help="on an error, show the traceback instead of one line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -537,13 +566,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
-        print(f"spendgate: error: {exc}", file=sys.stderr)
-        return 2
-    except SpendgateError as exc:
-        print(f"spendgate: error: {exc}", file=sys.stderr)
-        return 1
+    except (SpendgateError, OSError) as exc:
+        # an expected failure (a bad file, flag or store, a busy port, a disk) is one line that
+        # names what and where; --debug shows the traceback instead, for a bug report
+        if args.debug:
+            raise
+        print(f"spendgate: error: {_one_line(exc, args)}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
     return code
+
+
+def _one_line(exc: BaseException, args: argparse.Namespace) -> str:
+    if not isinstance(exc, OSError) or isinstance(exc, SpendgateError):
+        return str(exc)
+    command = " ".join(str(c) for c in (args.command, *(getattr(args, a, None) for a in _ACTIONS)) if c)
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    return f"{command}: {where}{_os_reason(exc)}"
+
+
+#: the attributes holding a command group's action (``prices update``, ``keys create``, …)
+_ACTIONS = ("prices_command", "config_command", "keys_command", "audit_command")
 
 
 if __name__ == "__main__":
