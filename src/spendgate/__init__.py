@@ -5,13 +5,23 @@ In-process use wraps the official clients::
     client = spendgate.wrap(OpenAI())
     with spendgate.budget(usd=0.50), spendgate.tags(feature="support"):
         client.chat.completions.create(...)
+
+``import spendgate`` loads nothing of the provider SDKs (``openai``, ``anthropic``, ``httpx2``): the
+proxy and the CLI run on a plain install. ``wrap`` is loaded on first use and imports them when
+called; without them it says which extra to install (``pip install 'spendgate[clients]'``).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from spendgate.errors import BudgetExceeded, ConfigError, SpendgateError, StoreError
 from spendgate.sdk._api import Report, estimate, report
 from spendgate.sdk._context import bind, budget, tags
 from spendgate.sdk._runtime import configure
-from spendgate.sdk._wrap import wrap
+
+if TYPE_CHECKING:
+    from spendgate.sdk._wrap import wrap
 
 __all__ = [
     "BudgetExceeded",
@@ -27,3 +37,14 @@ __all__ = [
     "tags",
     "wrap",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``spendgate.wrap``, loaded when first asked for (PEP 562), so ``import spendgate`` stays free
+    of the SDK binding's modules."""
+    if name == "wrap":
+        from spendgate.sdk._wrap import wrap
+
+        globals()["wrap"] = wrap
+        return wrap
+    raise AttributeError(f"module 'spendgate' has no attribute {name!r}")

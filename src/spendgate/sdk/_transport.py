@@ -4,6 +4,11 @@ The client builds its request as usual; the transport prices it, holds its worst
 active budgets and the policy, raises :class:`spendgate.BudgetExceeded` instead of sending when it
 does not fit, forwards it to the client's own transport when it does, and settles from the
 response's ``usage`` — for streams, as the caller reads the last event.
+
+The transports are built per HTTP library (:func:`transports`): the ``openai`` SDK runs on
+``httpx2`` but still takes a legacy ``httpx`` client, and a response's stream must be that library's
+own ``SyncByteStream`` / ``AsyncByteStream``. Nothing here imports either library: the module is
+loaded by :func:`spendgate.wrap` only, so ``import spendgate`` works without the clients extra.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import httpx2
+from functools import cache
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from spendgate.engine import Approval, Decision, Engine
 from spendgate.errors import BadRequest, BudgetExceeded, StoreError, UnpricedModel
@@ -24,6 +29,9 @@ from spendgate.sdk._context import active_scopes, active_tags
 from spendgate.usage import usage_from_body
 from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
+
+if TYPE_CHECKING:  # the annotations name httpx2's types; legacy httpx has the same interface
+    import httpx2
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +52,16 @@ class Prepared:
 
 
 class Guard:
-    """Everything the sync and async transports share: decide before, settle after."""
+    """Everything the sync and async transports share: decide before, settle after.
 
-    def __init__(self, provider: str, errors: Errors, engine: Callable[[], Engine] = _runtime.engine) -> None:
+    ``http`` is the HTTP library of the client being guarded (``httpx2`` or legacy ``httpx``): the
+    requests and responses the guard builds must be that library's, or the client rejects them."""
+
+    def __init__(self, provider: str, errors: Errors, http: ModuleType,
+                 engine: Callable[[], Engine] = _runtime.engine) -> None:
         self.provider = provider
         self.errors = errors
+        self.http = http
         self._engine = engine
         self._routes = sorted((r for p, r in (*ROUTES, *FREE_ROUTES) if p == provider), key=len, reverse=True)
         self._last_auth: str | None = None
@@ -86,7 +99,7 @@ class Guard:
         out, withhold = outgoing(route, raw, d)
         if out is not raw:
             headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
-            request = httpx2.Request(request.method, request.url, headers=headers, content=out,
+            request = self.http.Request(request.method, request.url, headers=headers, content=out,
                                      extensions=request.extensions)
         return Prepared(request, d, withhold)
 
@@ -132,7 +145,7 @@ class Guard:
         """The transport raised: nothing sent (release) or an unknown outcome (worst case)."""
         if d is None:
             return
-        if isinstance(exc, httpx2.ConnectError):
+        if isinstance(exc, self.http.ConnectError):
             self._engine().release(d)
         else:
             self._engine().charge_unknown(d)
@@ -148,7 +161,9 @@ class Guard:
         meter = StreamMeter(self.provider, p.withhold)
         stream = stream_cls(response.stream, meter, lambda: self.settle_stream(d, meter))
         headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-length"]
-        return httpx2.Response(response.status_code, headers=headers, stream=stream, extensions=response.extensions)
+        new: httpx2.Response = self.http.Response(response.status_code, headers=headers, stream=stream,
+                                                  extensions=response.extensions)
+        return new
 
 
 class _Metering:
@@ -164,81 +179,98 @@ class _Metering:
             self._settle()
 
 
-class _MeteredStream(_Metering, httpx2.SyncByteStream):
-    def __init__(self, inner: httpx2.SyncByteStream, meter: StreamMeter, settle: Callable[[], None]) -> None:
-        super().__init__(meter, settle)
-        self._inner = inner
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._inner:
-            if out := self._meter.feed(chunk):
-                yield out
-        if tail := self._meter.flush():
-            yield tail
-        self._finish()
-
-    def close(self) -> None:
-        self._finish()
-        self._inner.close()
+class Guarded:
+    """What every guard transport is, whichever library it was built for: ``wrap`` of a wrapped
+    client finds one and returns the client as it is."""
 
 
-class _AsyncMeteredStream(_Metering, httpx2.AsyncByteStream):
-    def __init__(self, inner: httpx2.AsyncByteStream, meter: StreamMeter, settle: Callable[[], None]) -> None:
-        super().__init__(meter, settle)
-        self._inner = inner
+@dataclass(frozen=True, slots=True)
+class Transports:
+    """One HTTP library's guard transports: ``sync(inner, guard)`` and ``async_(inner, guard)``."""
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            if out := self._meter.feed(chunk):
-                yield out
-        if tail := self._meter.flush():
-            yield tail
-        self._finish()
-
-    async def aclose(self) -> None:
-        self._finish()
-        await self._inner.aclose()
+    sync: type[Any]
+    async_: type[Any]
 
 
-class GuardTransport(httpx2.BaseTransport):
-    def __init__(self, inner: httpx2.BaseTransport, guard: Guard) -> None:
-        self.inner, self.guard = inner, guard
+@cache
+def transports(http: ModuleType) -> Transports:
+    """The guard transports for the HTTP library ``http`` (the ``httpx2`` or ``httpx`` module), built
+    once per library: their streams subclass that library's byte streams, which its responses check."""
 
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        p = self.guard.before(request)
-        try:
-            response = self.inner.handle_request(p.request)
-        except BaseException as exc:
-            self.guard.failed(p.decision, exc)
-            raise
-        if p.decision is None:
+    class MeteredStream(_Metering, http.SyncByteStream):  # type: ignore[misc, name-defined]
+        def __init__(self, inner: httpx2.SyncByteStream, meter: StreamMeter, settle: Callable[[], None]) -> None:
+            super().__init__(meter, settle)
+            self._inner = inner
+
+        def __iter__(self) -> Iterator[bytes]:
+            for chunk in self._inner:
+                if out := self._meter.feed(chunk):
+                    yield out
+            if tail := self._meter.flush():
+                yield tail
+            self._finish()
+
+        def close(self) -> None:
+            self._finish()
+            self._inner.close()
+
+    class AsyncMeteredStream(_Metering, http.AsyncByteStream):  # type: ignore[misc, name-defined]
+        def __init__(self, inner: httpx2.AsyncByteStream, meter: StreamMeter, settle: Callable[[], None]) -> None:
+            super().__init__(meter, settle)
+            self._inner = inner
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            async for chunk in self._inner:
+                if out := self._meter.feed(chunk):
+                    yield out
+            if tail := self._meter.flush():
+                yield tail
+            self._finish()
+
+        async def aclose(self) -> None:
+            self._finish()
+            await self._inner.aclose()
+
+    class GuardTransport(Guarded, http.BaseTransport):  # type: ignore[misc, name-defined]
+        def __init__(self, inner: httpx2.BaseTransport, guard: Guard) -> None:
+            self.inner, self.guard = inner, guard
+
+        def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+            p = self.guard.before(request)
+            try:
+                response = self.inner.handle_request(p.request)
+            except BaseException as exc:
+                self.guard.failed(p.decision, exc)
+                raise
+            if p.decision is None:
+                return response
+            if self.guard.is_stream(response) and response.status_code < 400:
+                return self.guard.metered(response, p, MeteredStream)
+            self.guard.settle_body(p.decision, response.status_code, response.read())
             return response
-        if self.guard.is_stream(response) and response.status_code < 400:
-            return self.guard.metered(response, p, _MeteredStream)
-        self.guard.settle_body(p.decision, response.status_code, response.read())
-        return response
 
-    def close(self) -> None:
-        self.inner.close()
+        def close(self) -> None:
+            self.inner.close()
 
+    class AsyncGuardTransport(Guarded, http.AsyncBaseTransport):  # type: ignore[misc, name-defined]
+        def __init__(self, inner: httpx2.AsyncBaseTransport, guard: Guard) -> None:
+            self.inner, self.guard = inner, guard
 
-class AsyncGuardTransport(httpx2.AsyncBaseTransport):
-    def __init__(self, inner: httpx2.AsyncBaseTransport, guard: Guard) -> None:
-        self.inner, self.guard = inner, guard
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        p = self.guard.before(request)
-        try:
-            response = await self.inner.handle_async_request(p.request)
-        except BaseException as exc:
-            self.guard.failed(p.decision, exc)
-            raise
-        if p.decision is None:
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            p = self.guard.before(request)
+            try:
+                response = await self.inner.handle_async_request(p.request)
+            except BaseException as exc:
+                self.guard.failed(p.decision, exc)
+                raise
+            if p.decision is None:
+                return response
+            if self.guard.is_stream(response) and response.status_code < 400:
+                return self.guard.metered(response, p, AsyncMeteredStream)
+            self.guard.settle_body(p.decision, response.status_code, await response.aread())
             return response
-        if self.guard.is_stream(response) and response.status_code < 400:
-            return self.guard.metered(response, p, _AsyncMeteredStream)
-        self.guard.settle_body(p.decision, response.status_code, await response.aread())
-        return response
 
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    return Transports(GuardTransport, AsyncGuardTransport)

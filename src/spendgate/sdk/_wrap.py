@@ -4,25 +4,35 @@ No global is patched: the client is copied with ``with_options(http_client=…)`
 way to swap the HTTP client — around a guard transport that forwards to the client's original
 transport (so a custom transport, a proxy or a test's ``MockTransport`` keeps working). The
 result is the original client's type.
+
+The guard sits on whichever HTTP library the client holds: ``httpx2`` (the SDKs' own) or a legacy
+``httpx`` client, which the ``openai`` SDK still takes as ``http_client``. Nothing of the provider
+SDKs or their HTTP libraries is imported until ``wrap`` is called, so the CLI and the proxy run on
+an install without the ``clients`` extra.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from functools import cache
-from typing import Any, TypeVar, cast
-
-import httpx2
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from spendgate.errors import BadRequest, BudgetExceeded, StoreError
-from spendgate.sdk._transport import AsyncGuardTransport, Errors, Guard, GuardTransport
+
+if TYPE_CHECKING:
+    from spendgate.sdk._transport import Errors
 
 C = TypeVar("C")
 _SDKS = {"openai": "OpenAIError", "anthropic": "AnthropicError"}
+EXTRA_HINT = "pip install 'spendgate[clients]'"
 
 
 @cache
 def errors_for(sdk: str) -> Errors:
+    from spendgate.sdk._transport import Errors
+
     base = getattr(importlib.import_module(sdk), _SDKS[sdk])
 
     def sub(cls: type[Exception]) -> Any:
@@ -31,22 +41,47 @@ def errors_for(sdk: str) -> Errors:
     return Errors(sub(BudgetExceeded), sub(BadRequest), sub(StoreError))
 
 
+def _http_library(http: object) -> ModuleType | None:
+    """The module (``httpx2`` or legacy ``httpx``) whose ``Client`` / ``AsyncClient`` ``http`` is.
+
+    Legacy ``httpx`` is looked up among the loaded modules only: a client of it exists only if it
+    was imported, and a plain install need not have it."""
+    try:
+        import httpx2
+    except ImportError:  # the SDKs depend on it: without it no client can be guarded
+        raise ImportError(f"spendgate.wrap needs the provider SDKs (openai, anthropic): {EXTRA_HINT}") from None
+    for lib in (httpx2, sys.modules.get("httpx")):
+        if lib is not None and isinstance(http, lib.Client | lib.AsyncClient):
+            return lib
+    return None
+
+
 def wrap(client: C) -> C:
-    """Guard an ``OpenAI``, ``AsyncOpenAI``, ``Anthropic`` or ``AsyncAnthropic`` client."""
+    """Guard an ``OpenAI``, ``AsyncOpenAI``, ``Anthropic`` or ``AsyncAnthropic`` client, on whichever
+    HTTP client it holds (an ``httpx2`` one, or a legacy ``httpx`` one given as ``http_client``).
+
+    Raises :class:`ImportError` naming the ``clients`` extra when the provider SDKs are not installed."""
     sdk = type(client).__module__.split(".", 1)[0]
-    http = getattr(client, "_client", None)
-    if sdk not in _SDKS or not isinstance(http, httpx2.Client | httpx2.AsyncClient):
+    http: Any = getattr(client, "_client", None)
+    lib = _http_library(http)
+    if sdk not in _SDKS or lib is None:
         raise TypeError(f"spendgate.wrap: expected an OpenAI, AsyncOpenAI, Anthropic or AsyncAnthropic client, "
                         f"got {type(client).__name__}")
-    inner = http._transport  # the client's own transport: kept underneath the guard
-    if isinstance(inner, GuardTransport | AsyncGuardTransport):
+    from spendgate.sdk._transport import Guard, Guarded, transports
+
+    inner = http._transport  # the client's own transport, kept underneath the guard
+    if isinstance(inner, Guarded):
         return client  # already guarded
-    module = importlib.import_module(sdk)
-    guard = Guard(sdk, errors_for(sdk))
-    if isinstance(http, httpx2.AsyncClient):
-        new_http: Any = module.DefaultAsyncHttpxClient(
-            transport=AsyncGuardTransport(cast(httpx2.AsyncBaseTransport, inner), guard))
-    else:
-        new_http = module.DefaultHttpxClient(transport=GuardTransport(cast(httpx2.BaseTransport, inner), guard))
+    guard = Guard(sdk, errors_for(sdk), lib)
+    kit = transports(lib)
+    is_async = isinstance(http, lib.AsyncClient)
+    transport = kit.async_(inner, guard) if is_async else kit.sync(inner, guard)
+    cls: Any = lib.AsyncClient if is_async else lib.Client
+    if lib.__name__ == "httpx2":  # the SDK's own defaults (connection limits) for its own library
+        module = importlib.import_module(sdk)
+        cls = getattr(module, "DefaultAsyncHttpxClient" if is_async else "DefaultHttpxClient", cls)
+    # the caller's own client settings come along; its connection pool lives in ``inner``, kept
+    new_http: Any = cls(transport=transport, timeout=http.timeout, headers=http.headers,
+                        follow_redirects=http.follow_redirects, event_hooks=http.event_hooks)
     wrapped: C = client.with_options(http_client=new_http)  # type: ignore[attr-defined]
     return wrapped
