@@ -206,3 +206,56 @@ def test_replay_chart_into_a_missing_directory(tmp_path: Path) -> None:
     r = sg("replay", str(TRACE), "--chart", "/no/such/dir/x.html", env={"SPENDGATE_HOME": str(tmp_path)})
     assert _one_error_line(r) == ("spendgate: error: --chart /no/such/dir/x.html: cannot write the chart "
                                   "(no directory /no/such/dir)")
+
+
+# -- item 4: loose input refused --------------------------------------------------------------
+
+def _spend(store_url: str) -> None:
+    """One priced request on a store, tagged project=apollo, as the proxy would record it."""
+    from spendgate import ledger
+    from spendgate.engine import Engine
+    from spendgate.policy import default_policy
+    from spendgate.pricing.cost import Usage
+    from spendgate.request import Identity, Request
+
+    store = ledger.open(store_url)
+    try:
+        engine = Engine(default_policy(), store)
+        d = engine.decide(Request("openai", "/v1/chat/completions",
+                                  {"model": "gpt-4o-mini", "max_tokens": 10,
+                                   "messages": [{"role": "user", "content": "hi"}]},
+                                  Identity(user="ana", tags={"project": "apollo"})))
+        engine.capture(d, Usage(input=8, output=10))
+    finally:
+        store.close()
+
+
+def test_report_by_an_unknown_field_names_the_allowed_ones(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'spend.db'}"
+    _spend(store)
+    bad = sg("report", "--by", "colour", "--store", store)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == (
+        "spendgate: error: --by colour: not a field spendgate records, nor a tag on any request in the window; "
+        "fields: model, provider, kind, key, user, team, session, agent, feature, route, tier; "
+        "tags seen: project")
+    by_tag = sg("report", "--by", "project,user", "--store", store, "--json")
+    assert by_tag.returncode == 0, by_tag.stderr
+    assert [(r["project"], r["user"]) for r in json.loads(by_tag.stdout)["rows"]] == [("apollo", "ana")]
+
+
+@pytest.mark.parametrize(("toml", "error"), [
+    ('store = "postgres://x"\n',
+     "store: spendgate serves memory://, redis://, rediss://, sqlite://; got 'postgres://x'"),
+    ('[tiers]\nfrontier = ["gpt-5*"]\nsmall = ["*-mini"]\n\n[[budget]]\nname = "b"\nusd = 1\nwindow = "day"\n'
+     'match = { tier = "nonexistent" }\n',
+     "budget[0] \"b\".match.tier: names no declared tier (frontier, small); got 'nonexistent'"),
+])
+def test_config_check_refuses_what_no_command_could_run(tmp_path: Path, toml: str, error: str) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(toml)
+    r = sg("config", "check", str(policy))
+    assert r.returncode == 2 and r.stderr.strip() == f"spendgate: error: {policy}: {error}"
+    as_json = sg("config", "check", str(policy), "--json")
+    assert as_json.returncode == 2
+    assert json.loads(as_json.stdout) == {"ok": False, "file": str(policy), "errors": [f"{policy}: {error}"]}

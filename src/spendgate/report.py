@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from spendgate.errors import StoreError
+from spendgate.errors import ConfigError, StoreError
 from spendgate.ledger import Bucket, BucketState, Event, Ledger
 from spendgate.money import nanos_to_usd
 from spendgate.policy.parse import parse_duration
@@ -22,6 +22,11 @@ SPEND_KINDS = frozenset({"capture", "unknown", "expired"})
 #: decisions that kept a request from being sent (a denial answers a hold already counted)
 REFUSAL_KINDS = frozenset({"block", "hold"})
 APPROVAL_FIELDS = ("channel", "by", "rule", "bucket", "granted_usd", "session")
+#: What ``report --by`` groups on without looking at the data: the event's own fields, the identity
+#: dimensions and what the engine adds (route, tier). Any other name must be a tag that a spend or
+#: refusal in the window carries; else it is a typo, and grouping on it would put every request
+#: under "(none)" and look like an answer.
+KNOWN_FIELDS = (*EVENT_FIELDS, "key", "user", "team", "session", "agent", "feature", "route", "tier")
 
 
 #: told of each hold a read expires (its charge, for the audit log)
@@ -67,10 +72,12 @@ def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: fl
     start = now - parse_duration(since, "--since") if isinstance(since, str) else since
     _expire(store, now, on_expired)
     groups: dict[tuple[str, ...], list[int]] = {}
+    seen: set[str] = set()
     for e in store.events(start):
         spend, refusal = e.kind in SPEND_KINDS, e.kind in REFUSAL_KINDS
         if not spend and not refusal:
             continue  # an approval lifts a limit, a release gives a hold back: neither spends (see approvals())
+        seen.update(e.dims)
         key = tuple(str(getattr(e, f)) if f in EVENT_FIELDS else e.dims.get(f, "(none)") for f in by)
         g = groups.setdefault(key, [0, 0, 0, 0, 0, 0])
         if refusal:
@@ -81,6 +88,11 @@ def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: fl
         g[2] += e.input_tokens
         g[3] += e.output_tokens
         g[4] += int(e.estimated)
+    unknown = [f for f in by if f not in KNOWN_FIELDS and f not in seen]
+    if unknown:
+        tags = sorted(seen - set(KNOWN_FIELDS) - {"edits"})
+        raise ConfigError(f"--by {unknown[0]}: not a field spendgate records, nor a tag on any request in the "
+                          f"window; fields: {', '.join(KNOWN_FIELDS)}; tags seen: {', '.join(tags) or 'none'}")
     rows = [Row(k, *v) for k, v in groups.items()]
     return sorted(rows, key=lambda r: (-r.cost, r.group))
 

@@ -114,9 +114,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     from spendgate.events.signing import load_key
 
-    policy = load(args.file)
-    if policy.audit.enabled and policy.audit.key is not None:
-        load_key(policy.audit.key)  # an operator's key must be readable now, not when serve starts
+    try:
+        policy = load(args.file)
+        if policy.audit.enabled and policy.audit.key is not None:
+            load_key(policy.audit.key)  # an operator's key must be readable now, not when serve starts
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        # a script reading --json gets its one document on a failure too, and the exit status
+        emit_json({"ok": False, "file": args.file, "errors": [str(exc)]})
+        return 2
     doc = {"ok": True, "file": args.file, "budgets": [
         {"name": r.name, "usd": str(r.usd) if r.usd is not None else None, "tokens": r.tokens,
          "window": r.window.text, "per": r.per, "action": r.action, "immutable": r.immutable}

@@ -220,6 +220,26 @@ def _tiers(raw: Any) -> Tiers:
     return Tiers(globs, strict)
 
 
+def _declared_tiers(rules: tuple[Rule, ...], tiers: Tiers) -> None:
+    """A rule matching a tier the file does not declare would never match (every model falls into a
+    declared tier): a typo, refused like any other. Only the file's own rules are checked."""
+    for i, rule in enumerate(rules):
+        for tier in rule.match.tiers:
+            if tier not in tiers.globs:
+                raise _fail(f'budget[{i}] "{rule.name}".match.tier',
+                            f"names no declared tier ({', '.join(tiers.globs)}); got {tier!r}")
+
+
+def _store_scheme(url: str) -> None:
+    """Refused here, not by the first command that opens it: a policy that passes ``config check``
+    must be one every command can run."""
+    from spendgate.ledger import BACKENDS
+
+    scheme = url.split("://", 1)[0]
+    if scheme not in BACKENDS:
+        raise _fail("store", f"spendgate serves {', '.join(f'{s}://' for s in sorted(BACKENDS))}; got {url!r}")
+
+
 def _approvals(raw: Any) -> ApprovalLimits:
     if not isinstance(raw, Mapping):
         raise _fail("approvals", f"expected a table such as {{ header_max_usd = 0, inband_max_usd = 50 }}, got {raw!r}")
@@ -296,6 +316,8 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bo
     if not isinstance(budgets, list):
         raise _fail("budget", "expected [[budget]] tables")
     rules = tuple(_rule(b, i, tz) for i, b in enumerate(budgets))
+    if "tiers" in doc:
+        _declared_tiers(rules, _tiers(doc["tiers"]))
     defaults = doc.get("defaults", True)
     if not isinstance(defaults, bool):
         raise _fail("defaults", f"expected true or false, got {defaults!r}")
@@ -316,6 +338,8 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bo
     store = doc.get("store")
     if store is not None and (not isinstance(store, str) or "://" not in store):
         raise _fail("store", f"expected a store URL such as sqlite:///spend.db, got {store!r}")
+    if store is not None:
+        _store_scheme(store)
     factor = doc.get("anthropic_token_factor")
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 1):
         raise _fail("anthropic_token_factor", f"expected a number ≥ 1 (an upward bias), got {factor!r}")
