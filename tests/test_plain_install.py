@@ -139,3 +139,22 @@ def test_demo_runs_and_holds_the_agent(plain: Install) -> None:
     assert "requests sent to the provider  85\n" in out
     assert "refused answers                4 (one hold: 1 decision id)\n" in out
     assert "To approve it" not in out and "admin API" not in out, "no approve hint the demo cannot honour"
+
+
+def test_demo_json_is_one_document_with_the_summary() -> None:
+    """``spendgate demo --json`` calls ``run(json=True)``: stdout is one JSON document, nothing else."""
+    import io
+
+    from spendgate.demo.run import IN_MEMORY_NOTE, run
+
+    out = io.StringIO()
+    result = run(out, json=True)
+    doc = json.loads(out.getvalue())
+    assert doc == result.as_dict()
+    assert list(doc) == ["model", "session", "budget", "budget_usd", "planned_turns", "requests_sent", "spent_usd",
+                         "refused", "decision_ids", "held_at_turn", "held_message", "would_have_cost_usd"]
+    assert (doc["requests_sent"], doc["refused"], doc["held_at_turn"], len(doc["decision_ids"])) == (85, 4, 86, 1)
+    assert doc["spent_usd"] == "9.87270125" and doc["would_have_cost_usd"] == "85.96784625"
+    assert doc["held_message"].startswith('spendgate: this gpt-5 request is held for approval by budget "session-hour"')
+    assert "approve" not in doc["held_message"], "no approve hint the demo cannot honour"
+    assert IN_MEMORY_NOTE not in out.getvalue()
