@@ -259,3 +259,80 @@ def test_config_check_refuses_what_no_command_could_run(tmp_path: Path, toml: st
     as_json = sg("config", "check", str(policy), "--json")
     assert as_json.returncode == 2
     assert json.loads(as_json.stdout) == {"ok": False, "file": str(policy), "errors": [f"{policy}: {error}"]}
+
+
+# -- item 6: messages written for people -------------------------------------------------------
+
+def test_a_refusal_says_all_requests_and_when_room_frees_up() -> None:
+    import calendar
+    import tomllib
+
+    from spendgate import ledger
+    from spendgate.engine import Engine
+    from spendgate.policy import parse
+    from spendgate.request import Identity, Request
+
+    policy = parse(tomllib.loads('defaults = false\n[[budget]]\nname = "daily"\nusd = 0.000001\n'
+                                 'window = "day"\ntimezone = "UTC"\naction = "block"\n'))
+    now = calendar.timegm((2026, 12, 3, 8, 3, 0))  # 15 h 57 min before midnight UTC
+    store = ledger.open("memory://")
+    try:
+        d = Engine(policy, store).decide(
+            Request("openai", "/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 50,
+                                                       "messages": [{"role": "user", "content": "hi"}]},
+                    Identity(user="ana")), now=now)
+    finally:
+        store.close()
+    assert not d.allowed
+    assert 'by budget "daily" (all requests, window day)' in d.message and "(none)" not in d.message
+    assert "Room frees up in 15 h 57 min (at 2026-12-04 00:00 UTC)." in d.message
+
+
+def test_keys_create_shows_the_id_and_list_leaves_unset_fields_blank(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'spend.db'}"
+    made = sg("keys", "create", "--user", "ana", "--preapprove-max", "2.5", "--store", store)
+    assert made.returncode == 0, made.stderr
+    secret, note = made.stdout.splitlines()
+    key_id = json.loads(sg("keys", "list", "--store", store, "--json").stdout)["keys"][0]["id"]
+    assert secret.startswith("sg-") and note.startswith(f"(key id {key_id}, ")
+    listing = sg("keys", "list", "--store", store).stdout.splitlines()
+    assert listing[0].split() == ["id", "user", "team", "tags", "preapprove", "max", "created"]
+    row = listing[2]
+    assert "None" not in row and row.split()[:3] == [key_id, "ana", "$2.50"]
+
+
+def test_report_footer_names_the_start_and_the_window(tmp_path: Path) -> None:
+    import re
+
+    store = f"sqlite:///{tmp_path / 'spend.db'}"
+    _spend(store)
+    r = sg("report", "--since", "7d", "--store", store)
+    assert r.returncode == 0, r.stderr
+    footer = r.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"total \$0\.0000\d+ since \d{4}-\d\d-\d\d \d\d:\d\d \S+ \(7d\)", footer), footer
+
+
+def test_status_on_a_fresh_store_lists_the_limits_in_force(tmp_path: Path) -> None:
+    from spendgate import ledger
+
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    ledger.open(fresh).close()  # what serve leaves before its first request
+    (tmp_path / "p.toml").write_text('defaults = false\n[[budget]]\nname = "team-month"\nusd = 200\n'
+                                     'window = "month"\nper = "team"\n[[budget]]\nname = "per-call"\n'
+                                     'usd = 0.5\nwindow = "request"\n')
+    r = sg("status", "--store", fresh, "--config", str(tmp_path / "p.toml"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"no budget has been used yet in {fresh}; the limits in force:"
+    assert lines[3].split()[:6] == ["team-month", "(each", "team,", "month)", "$0.00", "$0.00"]
+    assert lines[3].split()[6] == "$200.00"
+    assert lines[4].split() == ["per-call", "(each", "request)", "-", "-", "$0.50"]
+    doc = json.loads(sg("status", "--store", fresh, "--config", str(tmp_path / "p.toml"), "--json").stdout)
+    assert doc["buckets"] == [] and [u["rule"] for u in doc["unused_budgets"]] == ["team-month", "per-call"]
+
+
+def test_estimate_warns_once(tmp_path: Path) -> None:
+    body = {"model": "acme/unknown", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    r = sg("estimate", "-", stdin=json.dumps(body), env={"SPENDGATE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("no price is known for 'acme/unknown'") == 1

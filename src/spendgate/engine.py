@@ -859,6 +859,36 @@ def _tightest(states: Sequence[BucketState]) -> BucketState | None:
     return min(money, key=lambda s: s.remaining or 0) if money else None
 
 
+def scope_text(scope: str) -> str:
+    """A bucket's scope as a person says it: ``global=(none)`` is every request, ``user=(none)``
+    the requests that name no user; ``session=s1`` stays as it is (it names the one it counts)."""
+    name, _, value = scope.partition("=")
+    if name == "global":
+        return "all requests"
+    if value == NONE:
+        return f"requests with no {name}"
+    return scope
+
+
+def wait_text(seconds: float) -> str:
+    """``15 h 57 min``, ``12 min``, ``40 s``: rounded up, so waiting that long is always enough."""
+    wait = max(0, math.ceil(seconds))
+    if wait < 60:
+        return f"{wait} s"
+    minutes = math.ceil(wait / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes % 60 else f"{minutes // 60} h"
+
+
+def clock_text(at: float, now: float) -> str:
+    """When, in UTC (the server's clock zone is nobody's in particular), with the date once it is
+    not today."""
+    when, today = time.gmtime(math.ceil(at / 60) * 60), time.gmtime(now)  # rounded up, like wait_text
+    same_day = when[:3] == today[:3]
+    return time.strftime("%H:%M UTC" if same_day else "%Y-%m-%d %H:%M UTC", when)
+
+
 def approve_command(hold_id: str, store_url: str | None) -> str | None:
     """The ``spendgate approve`` command that reaches this hold from any shell, or ``None`` when no
     command can (an in-memory store lives only in the process that holds it).
@@ -897,7 +927,7 @@ def refusal_message(d: Decision, store_url: str | None = None) -> str:
     else:
         amount = f"this request could use {t.amount:,} tokens; {t.used:,} of {t.limit:,} are used"
     verb = {"hold": "is held for approval", "block": "was refused"}.get(d.action, "was refused")
-    where = f" ({t.scope}, window {t.rule.window.text})" if t.bucket is not None else ""
+    where = f" ({scope_text(t.scope)}, window {t.rule.window.text})" if t.bucket is not None else ""
     parts = [f"spendgate: this {est.model} request {verb} by budget \"{t.rule.name}\"{where}: {amount}."]
     if d.action == "hold":
         cmd = approve_command(d.id, store_url)
@@ -912,8 +942,7 @@ def refusal_message(d: Decision, store_url: str | None = None) -> str:
         parts.append("This limit is immutable; no approval can lift it. Lower max_tokens or pick a "
                      "cheaper model.")
     if t.resets_at is not None:
-        wait = max(0, math.ceil(t.resets_at - d.at))
-        parts.append(f"Room frees up in about {wait // 60} min {wait % 60} s.")
+        parts.append(f"Room frees up in {wait_text(t.resets_at - d.at)} (at {clock_text(t.resets_at, d.at)}).")
     parts.append("Do not retry this request unchanged.")
     parts.extend(d.notes)
     return " ".join(parts)

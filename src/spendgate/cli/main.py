@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
+import logging
 import math
 import os
 import signal
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from spendgate import ledger
 from spendgate.cli.alerts import add_parser as alerts_parser
 from spendgate.cli.audit import add_parser as audit_parser
-from spendgate.cli.output import Progress, bar, emit_json, table
+from spendgate.cli.output import Progress, bar, emit_json, table, usd, when
 from spendgate.cli.prices import add_parser as prices_parser
 from spendgate.cli.reconcile import add_parser as reconcile_parser
 from spendgate.errors import BadRequest, ConfigError, SpendgateError
@@ -93,7 +95,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         provider = args.provider
         route = "/v1/messages" if provider == "anthropic" else route
     kwargs = {"anthropic_factor": ctx.policy.anthropic_token_factor} if ctx.policy.anthropic_token_factor else {}
-    est = Estimator(ctx.prices, ctx.policy.unpriced, **kwargs).estimate(provider, route, body)
+    # the estimator logs an unpriced model's warning for servers; here the command prints it once itself
+    quiet, est_log = logging.NullHandler(), logging.getLogger("spendgate.estimate")
+    est_log.addHandler(quiet)
+    try:
+        est = Estimator(ctx.prices, ctx.policy.unpriced, **kwargs).estimate(provider, route, body)
+    finally:
+        est_log.removeHandler(quiet)
     doc = {"provider": provider, "route": route, "model": est.model,
            "priced_as": f"{est.price.price.provider}/{est.price.price.model}", "how": est.price.how,
            "input_tokens": est.input_tokens, "input_exact": est.shape.exact,
@@ -133,7 +141,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     else:
         print(f"{args.file}: OK, {len(policy.rules)} budget(s)")
         table(("name", "limit", "window", "per", "action"),
-              [(r.name, " / ".join(x for x in (f"${r.usd}" if r.usd is not None else "",
+              [(r.name, " / ".join(x for x in (usd(r.usd) if r.usd is not None else "",
                                                 f"{r.tokens:,} tokens" if r.tokens is not None else "") if x),
                 r.window.text, r.per, r.action + (" (immutable)" if r.immutable else ""))
                for r in policy.rules])
@@ -207,12 +215,28 @@ def cmd_status(args: argparse.Namespace) -> int:
                      "held": str(nanos_to_usd(st.held)) if money else st.held,
                      "limit": (str(nanos_to_usd(limit)) if money else limit) if limit is not None else None,
                      "granted": str(nanos_to_usd(st.granted)) if money else st.granted})
+    # a budget no request has reached yet has no bucket in the store; it is in force all the same,
+    # so it is listed at $0 (a fresh store would otherwise look unguarded)
+    used = {b.key.split("|", 1)[0] for b, _ in rows}
+    idle = [r for r in ctx.policy.rules if r.name not in used and (r.usd is not None or r.tokens is not None)]
+    for r in idle:
+        per_call = r.window.kind == "request"
+        zero = "-" if per_call else "$0.00" if r.usd is not None else "0 tok"
+        scope = "each request" if per_call else \
+            f"{'all requests' if r.per == 'global' else 'each ' + r.per}, {r.window.text}"
+        rows_out.append((f"{r.name} ({scope})", zero, zero,
+                         " / ".join(x for x in (usd(r.usd) if r.usd is not None else "",
+                                                f"{r.tokens:,} tok" if r.tokens is not None else "") if x),
+                         "" if per_call else bar(0)))
     if args.json:
         emit_json({"store": ctx.store_url, "buckets": docs,
+                   "unused_budgets": [{"rule": r.name, "per": r.per, "window": r.window.text,
+                                       "limit_usd": str(r.usd) if r.usd is not None else None,
+                                       "limit_tokens": r.tokens} for r in idle],
                    "price_table": {"built": ctx.prices.built, "warning": ctx.prices.stale_warning()}})
-    elif not docs:
-        print(f"no budgets have been used yet in {ctx.store_url}")
     else:
+        if not docs:
+            print(f"no budget has been used yet in {ctx.store_url}; the limits in force:")
         table(("bucket", "spent", "held", "limit", "use"), rows_out)
     if not args.json and ctx.prices.stale_warning():
         print(f"warning: {ctx.prices.stale_warning()}")
@@ -220,6 +244,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from spendgate.policy.parse import parse_duration
     from spendgate.report import approvals, report
 
     ctx = Context.from_args(args)
@@ -241,7 +266,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if granted:
         table(("approved at", "channel", "by", "rule", "bucket", "granted"),
               [(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["ts"])), a["channel"], a["by"], a["rule"],
-                a["bucket"], a["granted_usd"] if a["granted_usd"] == "once" else f"${a['granted_usd']}")
+                a["bucket"], a["granted_usd"] if a["granted_usd"] in ("once", "") else usd(a["granted_usd"]))
                for a in granted])
         print()
     if not rows:
@@ -250,8 +275,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     table((*by, "requests", "spent", "in tok", "out tok", "estimated", "refused"),
           [(*r.group, r.requests, fmt_usd(r.cost), f"{r.input_tokens:,}", f"{r.output_tokens:,}",
             r.estimated or "", r.refused or "") for r in rows])
-    print(f"total {fmt_usd(sum(r.cost for r in rows))} since {time.strftime('%Y-%m-%d %H:%M', time.localtime())}"
-          f" minus {args.since}")
+    start = time.time() - parse_duration(args.since, "--since")
+    print(f"total {fmt_usd(sum(r.cost for r in rows))} since {when(start)} ({args.since})")
     return 0
 
 
@@ -339,7 +364,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         print("no held requests")
     else:
         table(("id", "session", "rule", "estimate", "status", "expires"),
-              [(p.id, p.session, p.rule, f"${p.estimate_usd}", p.status, f"{int(p.expires_at - now)} s")
+              [(p.id, p.session, p.rule, usd(p.estimate_usd), p.status, f"{int(p.expires_at - now)} s")
                for p in items])
     return 0
 
@@ -369,7 +394,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
     elif p.status == "denied":
         print(f"denied {p.id}")
     elif p.status == "approved":
-        print(f"approved {p.id}: ${max_usd} more for {p.rule}; the session will not be asked again until it is used")
+        print(f"approved {p.id}: {usd(max_usd or 0)} more for {p.rule}; the session will not be asked again until "
+              "it is used")
     else:
         print(f"approved {p.id} once: its next retry (or a 'yes' reply) goes through")
     return 0
@@ -428,14 +454,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.keys_command == "create":
             secret, key = keys.create(store, user=args.user, team=args.team, tags=tags, preapprove_max_usd=pre)
             doc: Any = {"key": secret, **key.as_dict()}
-            text = f"{secret}\n(shown once; spendgate stores only its hash)"
+            text = (f"{secret}\n(key id {key.id}, for keys list and keys revoke; the key itself is shown once: "
+                    "spendgate stores only its hash)")
         elif args.keys_command == "list":
-            doc = {"keys": [k.as_dict() for k in keys.list_keys(store)]}
-            text = "\n".join(
-                f"{k.id}  user={k.user}  team={k.team}"
-                + (f"  tags={','.join(f'{a}={b}' for a, b in k.tags.items())}" if k.tags else "")
-                + (f"  preapprove-max=${k.preapprove_max_usd}" if k.preapprove_max_usd is not None else "")
-                for k in keys.list_keys(store)) or "no keys"
+            found = keys.list_keys(store)
+            doc = {"keys": [k.as_dict() for k in found]}
+            listing = io.StringIO()
+            table(("id", "user", "team", "tags", "preapprove max", "created"),
+                  [(k.id, k.user or "", k.team or "", ",".join(f"{a}={b}" for a, b in k.tags.items()),
+                    usd(k.preapprove_max_usd) if k.preapprove_max_usd is not None else "",
+                    when(k.created) if k.created else "") for k in sorted(found, key=lambda k: k.created)],
+                  out=listing)
+            text = listing.getvalue().rstrip("\n") if found else "no keys"
         else:
             if not keys.revoke(store, args.id):
                 raise SpendgateError(f"no key with id {args.id!r}; see spendgate keys list")

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, TextIO
 
+from spendgate.money import fmt_usd, usd_to_nanos
+
 
 def emit_json(doc: Any, out: TextIO | None = None) -> None:
     out = out or sys.stdout
@@ -24,6 +26,20 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO | N
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
         if n == 0:
             out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+def usd(value: Decimal | str | int) -> str:
+    """A dollar amount kept as a decimal (a policy's limit, a key's ceiling, an import's price) as
+    people read money: ``$2.50``, not ``$2.5000000``; small amounts keep their digits."""
+    d = Decimal(str(value))
+    if d == d.quantize(Decimal("0.01")):  # whole cents: $0.50, $2.50, $1,000.00
+        return f"${d:,.2f}"
+    return fmt_usd(usd_to_nanos(d))
+
+
+def when(ts: float) -> str:
+    """A timestamp in the reader's own zone, named: ``2026-12-03 14:32 CET``."""
+    return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(ts))
 
 
 def bar(fraction: float, width: int = 20) -> str:
