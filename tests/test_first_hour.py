@@ -336,3 +336,13 @@ def test_estimate_warns_once(tmp_path: Path) -> None:
     r = sg("estimate", "-", stdin=json.dumps(body), env={"SPENDGATE_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert (r.stdout + r.stderr).count("no price is known for 'acme/unknown'") == 1
+
+
+# -- item 7: demo --json ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [("demo", "--json"), ("--json", "demo")])
+def test_demo_json_prints_one_document(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    r = sg(*argv, env={"SPENDGATE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)  # the whole of stdout is the one document
+    assert doc["budget"] == "session-hour" and doc["refused"] >= 1 and doc["requests_sent"] > 20

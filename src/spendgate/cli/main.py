@@ -338,7 +338,7 @@ def _fast_loop() -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     from spendgate.demo.run import run
 
-    result = run()
+    result = run(json=args.json)
     return 0 if result.turns_sent and result.refused else 1
 
 
@@ -543,7 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for an upstream's next bytes (default: the policy's upstream_timeout_s, 600)")
     sv.set_defaults(func=cmd_serve)
 
-    sub.add_parser("demo", help="a runaway agent held by the guard, offline, no API key").set_defaults(func=cmd_demo)
+    demo = sub.add_parser("demo", help="a runaway agent held by the guard, offline, no API key")
+    demo.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                      help="print only one JSON document with the summary")
+    demo.set_defaults(func=cmd_demo)
 
     ap = sub.add_parser("approvals", parents=[common], help="requests held for approval")
     ap.set_defaults(func=cmd_approvals)
