@@ -346,3 +346,28 @@ def test_demo_json_prints_one_document(tmp_path: Path, argv: tuple[str, ...]) ->
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)  # the whole of stdout is the one document
     assert doc["budget"] == "session-hour" and doc["refused"] >= 1 and doc["requests_sent"] > 20
+
+
+def test_approvals_list_the_model_held(tmp_path: Path) -> None:
+    import tomllib
+
+    from spendgate import approvals, ledger
+    from spendgate.engine import Engine
+    from spendgate.policy import parse
+    from spendgate.request import Identity, Request
+
+    url = f"sqlite:///{tmp_path / 'spend.db'}"
+    body = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    store = ledger.open(url)
+    try:
+        d = Engine(parse(tomllib.loads(HOLD_POLICY)), store).decide(
+            Request("openai", "/v1/chat/completions", body, Identity(session="s1")))
+        approvals.keep(store, d, "s1", "who", "openai", "/v1/chat/completions", "", json.dumps(body).encode(), {},
+                       d.at)
+    finally:
+        store.close()
+    listing = sg("approvals", "--store", url).stdout.splitlines()
+    assert listing[0].split()[:3] == ["id", "session", "model"]
+    assert listing[2].split()[:4] == [d.id, "s1", "gpt-4o-mini", "tiny"]
+    doc = json.loads(sg("approvals", "--store", url, "--json").stdout)
+    assert [p["model"] for p in doc["pending"]] == ["gpt-4o-mini"]

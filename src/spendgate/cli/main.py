@@ -358,15 +358,25 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         store.close()
     now = time.time()
     if args.json:
-        emit_json({"pending": [{"id": p.id, "session": p.session, "rule": p.rule, "estimate_usd": p.estimate_usd,
-                                "status": p.status, "expires_in_s": int(p.expires_at - now)} for p in items]})
+        emit_json({"pending": [{"id": p.id, "session": p.session, "model": _held_model(p), "rule": p.rule,
+                                "estimate_usd": p.estimate_usd, "status": p.status,
+                                "expires_in_s": int(p.expires_at - now)} for p in items]})
     elif not items:
         print("no held requests")
     else:
-        table(("id", "session", "rule", "estimate", "status", "expires"),
-              [(p.id, p.session, p.rule, usd(p.estimate_usd), p.status, f"{int(p.expires_at - now)} s")
-               for p in items])
+        table(("id", "session", "model", "rule", "estimate", "status", "expires"),
+              [(p.id, p.session, _held_model(p), p.rule, usd(p.estimate_usd), p.status,
+                f"{int(p.expires_at - now)} s") for p in items])
     return 0
+
+
+def _held_model(p: Any) -> str:
+    """The model a held request asked for, read from its kept body: what an operator weighs first."""
+    try:
+        body = json.loads(p.body)
+    except ValueError:
+        return ""
+    return str(body.get("model", "")) if isinstance(body, dict) else ""
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
