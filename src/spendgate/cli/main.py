@@ -34,6 +34,7 @@ from spendgate.policy import Policy, default_policy, load, policy_hash
 from spendgate.pricing.table import PriceTable
 
 if TYPE_CHECKING:
+    from spendgate.approvals import Pending
     from spendgate.events.chain import AuditLog
 
 
@@ -370,7 +371,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     return 0
 
 
-def _held_model(p: Any) -> str:
+def _held_model(p: Pending) -> str:
     """The model a held request asked for, read from its kept body: what an operator weighs first."""
     try:
         body = json.loads(p.body)
