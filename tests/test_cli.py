@@ -40,6 +40,8 @@ def test_prices_update_then_show_uses_the_import(tmp_path: Path, capsys: pytest.
     code, out, _ = run(capsys, "prices", "show", "acme/new", "--json")
     doc = json.loads(out)
     assert doc["how"] == "imported" and doc["rates_usd_per_mtok"]["input"] == "2.000000"
+    code, out, _ = run(capsys, "prices", "show", "acme/new")
+    assert "$2.00 per Mtok" in out and "$4.00 per Mtok" in out and "2.000000" not in out, "as people read money"
 
 
 def test_config_check_ok_and_failing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -185,7 +186,9 @@ def test_an_operator_approval_is_not_capped_and_is_an_event_in_report(serve: Any
     answers = run(s, 9, {"X-Spendgate-Session": "s1"})
     held = answers[-1][1]["spendgate"]
     assert answers[-1][0] == 402 and held["action"] == "hold"
-    ok = cli("approve", held["decision_id"], "--max", "100", "--store", s.store_url)
+    command = shlex.split(held["approval"]["command"])  # the 402 names the command that reaches this store
+    assert command[:3] == ["spendgate", "approve", held["decision_id"]] and "--store" in command
+    ok = cli(*command[1:], "--max", "100")
     assert ok.returncode == 0, ok.stderr
     after = [s.post("/v1/chat/completions", {**O1, "messages": [{"role": "user", "content": f"step {i}"}]},
                     {"X-Spendgate-Session": "s1"})[0] for i in range(20)]

@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from spendgate import ledger
-from spendgate.cli.output import emit_json, table
+from spendgate.cli.output import emit_json, table, usd
 from spendgate.pricing.table import FEE_RATES, ModelPrice, Rate
 
 
 def _rate_cells(name: str, rate: Rate) -> tuple[str, str, str]:
     unit = "per 1,000 requests" if name in FEE_RATES else "per Mtok"
-    tiers = ", ".join(f"${p} above {s:,} tokens" for s, p in rate.tiers)
-    return name, f"${rate.base} {unit}", tiers
+    tiers = ", ".join(f"{usd(p)} above {s:,} tokens" for s, p in rate.tiers)
+    return name, f"{usd(rate.base)} {unit}", tiers
 
 
 def _variant_rows(p: ModelPrice) -> list[tuple[str, str, str]]:
@@ -23,7 +23,7 @@ def _variant_rows(p: ModelPrice) -> list[tuple[str, str, str]]:
         if not v.rates:
             rows.append((v.label, "standard rates", v.since or ""))
             continue
-        rates = ", ".join(f"{n} ${r.base}" + (" (+tiers)" if r.tiers else "") for n, r in v.rates.items())
+        rates = ", ".join(f"{n} {usd(r.base)}" + (" (+tiers)" if r.tiers else "") for n, r in v.rates.items())
         rows.append((v.label, rates, v.since or ""))
     return rows
 

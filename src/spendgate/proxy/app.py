@@ -24,7 +24,7 @@ from aiohttp import web
 
 from spendgate import approvals
 from spendgate import ledger as ledger_mod
-from spendgate.engine import Approval, Decision, Engine
+from spendgate.engine import Approval, Decision, Engine, approve_command
 from spendgate.errors import BadRequest, StoreError, UnpricedModel
 from spendgate.estimate.tokens import preload
 from spendgate.events.chain import AuditLog
@@ -380,9 +380,10 @@ class Proxy:
                     if k.lower() not in CREDENTIAL_HEADERS and k.lower() not in HOP_BY_HOP}
             held = approvals.keep(self.store, d, ident.value("session"), who, provider, route, request.query_string,
                                   body, safe, now)
-            extra["approval"] = {"id": held.id, "expires_at": held.expires_at,
-                                 "how": f"spendgate approve {held.id} [--max USD]; POST /spendgate/approvals/"
-                                        f"{held.id}; or reply 'yes' (optionally 'yes max=$5')"}
+            command = approve_command(held.id, self.store.url)  # None: an in-memory store no CLI reaches
+            extra["approval"] = {"id": held.id, "expires_at": held.expires_at, "command": command,
+                                 "how": (f"{command} [--max USD]; " if command else "")
+                                 + f"POST /spendgate/approvals/{held.id}; or reply 'yes' (optionally 'yes max=$5')"}
         headers = {"X-Spendgate-Decision": d.id}
         if d.trip is not None and d.trip.resets_at is not None:
             headers["Retry-After"] = str(max(1, math.ceil(d.trip.resets_at - now)))
