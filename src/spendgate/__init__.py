@@ -6,6 +6,10 @@ In-process use wraps the official clients::
     with spendgate.budget(usd=0.50), spendgate.tags(feature="support"):
         client.chat.completions.create(...)
 
+Spend that is not an LLM call counts under the same budgets: ``spendgate.charge(usd=…)`` for
+money already spent, ``with spendgate.reserve(usd=…) as r: … r.capture(actual)`` and
+``@spendgate.tool(usd=…)`` for a paid call.
+
 ``import spendgate`` loads nothing of the provider SDKs (``openai``, ``anthropic``, ``httpx2``): the
 proxy and the CLI run on a plain install. ``wrap`` is loaded on first use and imports them when
 called; without them it says which extra to install (``pip install 'spendgate[clients]'``).
@@ -19,6 +23,7 @@ from spendgate.errors import BudgetExceeded, ConfigError, SpendgateError, StoreE
 from spendgate.sdk._api import Report, estimate, report
 from spendgate.sdk._context import bind, budget, tags
 from spendgate.sdk._runtime import configure
+from spendgate.sdk._spend import Reservation, Spent, charge, reserve, tool
 
 if TYPE_CHECKING:
     from spendgate.sdk._wrap import wrap
@@ -27,14 +32,19 @@ __all__ = [
     "BudgetExceeded",
     "ConfigError",
     "Report",
+    "Reservation",
     "SpendgateError",
+    "Spent",
     "StoreError",
     "bind",
     "budget",
+    "charge",
     "configure",
     "estimate",
     "report",
+    "reserve",
     "tags",
+    "tool",
     "wrap",
 ]
 

@@ -25,13 +25,14 @@ from typing import Any, Protocol, TypeVar, cast
 
 from spendgate.errors import StoreError
 from spendgate.estimate import FREE_ROUTES, Estimate, Estimator
+from spendgate.estimate.shape import TokenShape
 from spendgate.ledger import AlertMark, Authorization, Bucket, BucketState, Event, Ledger, Line
 from spendgate.ledger.spool import Spool
 from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
 from spendgate.policy.model import SEVERITY, Policy, Rule, policy_hash
 from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_nanos
-from spendgate.pricing.table import ModelPrice, PriceTable
-from spendgate.request import NONE, Request
+from spendgate.pricing.table import ModelPrice, PriceTable, Rate, Resolution
+from spendgate.request import NONE, TOOL, Request
 from spendgate.usage import UnreadableUsage, read_usage, warn_unknown
 
 log = logging.getLogger("spendgate.engine")
@@ -133,6 +134,8 @@ class Decision:
     applied: tuple[str, ...] = ()
     #: decided for a dry run: its hold is released unlogged
     dry: bool = False
+    #: rules a forced request (spend that already happened) was recorded past: each is now over
+    over: tuple[str, ...] = ()
 
     @property
     def retryable(self) -> bool:
@@ -308,13 +311,18 @@ class Engine:
         dims = request.identity.dims()
         dims["route"] = request.route
         applied: list[str] = []
+        over: list[str] = []  # rules a forced request goes past (it is recorded all the same)
         for _ in range(MAX_REMEDIES):
-            tier = self.policy.tiers.tier_of(est.model)
+            # a tool is no model: it is not put in the strict tier meant for unknown models
+            tier = TOOL if request.fixed_nanos is not None else self.policy.tiers.tier_of(est.model)
             rules = [r for r in (*self._rules, *extra_rules)
                      if r.match.matches(est.model, request.provider, tier, request.identity.tags)]
             request_trips, alerts = self._request_trips(rules, est, bypass)
             lines, owners = self._lines(rules, request, est, tier, now, bypass, did, marks=not request.dry)
             trips = [t for t in request_trips if t.rule.action != "alert"]
+            if request.force:  # already spent: a per-call limit it breaks is reported, not enforced
+                over += [t.rule.name for t in trips]
+                trips = []
             hold_id = None
             states: tuple[BucketState, ...] = ()
             dims["tier"] = tier
@@ -336,15 +344,21 @@ class Engine:
                 self._emit_expired(auth)
                 if auth.ok:
                     hold_id = auth.hold_id
+                elif request.force:
+                    over += [owners[k][0].name for k in auth.refused if owners[k][0].name not in over]
+                    auth = yield from self._force(lines, now, self._hold_ttl(est),
+                                                  self._event(did, request.provider, est, dims, now))
+                    states, hold_id = auth.states, auth.hold_id
                 else:
                     trips = [self._bucket_trip(owners[k], auth.state(k), lines, k, now) for k in auth.refused]
             if hold_id is not None:
                 alerts += self._alerts(rules, lines, owners, states)
+                alerts += [f"{name}: recorded past its limit (spend that already happened)" for name in over]
                 action = "alert" if alerts else ("downgrade" if "model" in edits else
                                                  "clamp" if edits else "allow")
                 allowed = Decision(did, action, True, est, body, edits, hold_id, None,
                                    _tightest(states), tuple(alerts), tuple(notes), "", original, dims, now,
-                                   tuple(applied))
+                                   tuple(applied), over=tuple(over))
                 if self.observers and not request.dry:
                     self.emit(self.decision_event(allowed, request.provider), request.raw)
                 return allowed
@@ -441,7 +455,25 @@ class Engine:
             return usd_to_nanos(rule.usd)
         return cached
 
+    def _force(self, lines: Sequence[Line], now: float, ttl: float,
+               event: Event) -> Generator[LedgerCall, Any, Authorization]:
+        """Hold a forced request on every bucket whatever its limit (a line without a limit is never
+        refused). The store keeps each bucket's limit as its latest hold gave it, so each real
+        limit is put back at once (a grant of nothing) — ``spendgate status`` must keep showing the
+        limit the bucket is now over, not none."""
+        open_lines = [Line(replace(ln.bucket, limit=None), ln.amount, ln.alerts) for ln in lines]
+        auth: Authorization = yield ("authorize", {"lines": open_lines, "now": now, "ttl": ttl, "event": event})
+        self._emit_expired(auth)
+        for ln in lines:
+            if ln.bucket.limit is not None:
+                yield ("grant", {"bucket": ln.bucket, "amount": 0, "now": now, "until": now})
+        states = tuple(replace(st, limit=ln.bucket.limit) for st, ln in zip(auth.states, lines, strict=True))
+        return replace(auth, states=states)
+
     def _estimate(self, request: Request, body: Mapping[str, Any]) -> Estimate:
+        if request.fixed_nanos is not None:
+            return fixed_estimate(request.provider, request.route, str(body.get("model") or TOOL),
+                                  request.fixed_nanos)
         if request.shape is None:
             return self.estimator.estimate(request.provider, request.route, body)
         shape = replace(request.shape, model=str(body.get("model", request.shape.model)))
@@ -689,6 +721,44 @@ class Engine:
     async def arelease(self, decision: Decision, *, now: float | None = None) -> bool:
         return await self._arun(self._release(decision, now))
 
+    # -- fixed amounts: spend that is not an LLM call ------------------------------------------
+
+    def capture_amount(self, decision: Decision, nanos: int, *, estimated: bool = False,
+                       now: float | None = None) -> Charge:
+        """Charge a fixed-amount request's hold ``nanos`` (at most what it holds: the caller checks)
+        and release the rest. ``estimated``: the caller never said, and the hold is charged whole."""
+        return self._run(self._capture_amount(decision, nanos, estimated, now))
+
+    async def acapture_amount(self, decision: Decision, nanos: int, *, estimated: bool = False,
+                              now: float | None = None) -> Charge:
+        return await self._arun(self._capture_amount(decision, nanos, estimated, now))
+
+    def record_spend(self, request: Request, *, now: float | None = None,
+                     extra_rules: Sequence[Rule] = ()) -> tuple[Decision, Charge]:
+        """Record a fixed amount already spent (``request.force``): held on every bucket, past any
+        limit, then captured — so concurrent charges and LLM calls count exactly. The decision's
+        ``over`` names the rules it went past."""
+        return self._run(self._record_spend(request, now, extra_rules))
+
+    async def arecord_spend(self, request: Request, *, now: float | None = None,
+                            extra_rules: Sequence[Rule] = ()) -> tuple[Decision, Charge]:
+        return await self._arun(self._record_spend(request, now, extra_rules))
+
+    def _capture_amount(self, decision: Decision, nanos: int, estimated: bool,
+                        now: float | None) -> Generator[LedgerCall, Any, Charge]:
+        if decision.hold_id is None or decision.estimate is None:
+            return Charge(0, None, estimated, False)
+        return (yield from self._settle(decision, nanos, 0, None, now, estimated, fixed=True))
+
+    def _record_spend(self, request: Request, now: float | None,
+                      extra_rules: Sequence[Rule]) -> Generator[LedgerCall, Any, tuple[Decision, Charge]]:
+        if request.fixed_nanos is None or not request.force:
+            raise ValueError("record_spend takes a fixed-amount request with force=True")
+        now = time.time() if now is None else now
+        d = yield from self._decide(request, now, None, extra_rules)
+        charge = yield from self._capture_amount(d, request.fixed_nanos, False, now)
+        return d, charge
+
     def drain_spool(self, now: float | None = None) -> int:
         """Apply the charges spooled while the store was failing; how many left the spool.
 
@@ -756,15 +826,18 @@ class Engine:
         return released
 
     def _settle(self, decision: Decision, cost: int, tokens: int, usage: Usage | None, now: float | None,
-                estimated: bool = True) -> Generator[LedgerCall, Any, Charge]:
+                estimated: bool = True, *, fixed: bool = False) -> Generator[LedgerCall, Any, Charge]:
+        """Charge ``cost``. ``fixed``: an amount the caller states (non-LLM spend) — a capture with
+        no usage, estimated only when the caller said nothing (``estimated``)."""
         now = time.time() if now is None else now
         est = decision.estimate
         assert est is not None and decision.hold_id is not None
-        event = Event(now, "capture" if usage is not None else "unknown", decision.id, est.model,
+        flagged = estimated if fixed else (estimated or usage is None)
+        event = Event(now, "capture" if usage is not None or fixed else "unknown", decision.id, est.model,
                       est.provider, cost,
                       usage.total_input if usage else est.input_tokens,
                       usage.output if usage else tokens - est.input_tokens,
-                      estimated or usage is None, dict(decision.dims))
+                      flagged, dict(decision.dims))
         actual = {"usd": cost, "tokens": tokens}
         try:
             captured: bool = yield ("capture", {"hold_id": decision.hold_id, "actual": actual, "now": now,
@@ -775,10 +848,10 @@ class Engine:
             spooled = self._spool(decision, actual, event, exc)
             if spooled:
                 self.emit(event)
-            return Charge(cost, usage, estimated or usage is None, False, spooled=spooled)
+            return Charge(cost, usage, flagged, False, spooled=spooled)
         if captured:  # else the hold had expired: its expiry was the charge, and was logged then
             self.emit(event)
-        return Charge(cost, usage, estimated or usage is None, captured)
+        return Charge(cost, usage, flagged, captured)
 
     def _spool(self, decision: Decision, actual: Mapping[str, int], event: Event, exc: StoreError) -> bool:
         assert decision.hold_id is not None
@@ -791,6 +864,16 @@ class Engine:
         log.warning("the store failed to charge decision %s (%s); %s kept in %s until the store is back",
                     decision.id, exc, fmt_usd(actual["usd"]), self.spool.path)
         return True
+
+
+_FREE = Rate(Decimal(0))
+
+
+def fixed_estimate(provider: str, route: str, name: str, nanos: int) -> Estimate:
+    """The estimate of a fixed-amount request: exactly ``nanos``, no tokens, named ``name``."""
+    price = ModelPrice(provider, name, _FREE, _FREE, source="a fixed amount named by the caller")
+    return Estimate(provider, route, TokenShape(name, 0, 0), Resolution(name, price, "exact"), 0,
+                    "fixed amount", nanos)
 
 
 def _recheck_once(key: str, seen: set[str]) -> bool | None:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from spendgate.estimate.shape import TokenShape
+from spendgate.money import usd_to_nanos
 
 NONE = "(none)"
+#: The provider and route of spend that is not an LLM call (a paid search API, a tool): priced at
+#: the fixed amount the caller names, counted under the same rules. A rule matches it with
+#: ``match = { provider = "tool" }`` or by its name as ``match.model``.
+TOOL = "tool"
 
 
 @dataclass(slots=True)
@@ -75,3 +82,34 @@ class Request:
     #: a dry run (``X-Spendgate-Estimate: 1``): decided as things stand, never sent — so it fires
     #: no alert and leaves no event: nothing happened
     dry: bool = False
+    #: a fixed amount in nano-dollars (spend that is not an LLM call): the request is priced at
+    #: exactly this, with no token estimate, and counted under its ``body["model"]`` as its name
+    fixed_nanos: int | None = None
+    #: spend that already happened (``spendgate.charge``): recorded even past a limit, never
+    #: refused — money spent cannot be un-spent, and a ledger that left it out would under-count
+    force: bool = False
+
+
+def usd_arg(value: object, name: str = "usd") -> int:
+    """A dollar amount given by a caller (a ``Decimal``, an int, a float or a string such as
+    ``"0.25"``) in nano-dollars. Floats go through their shortest text (``0.1`` is ten cents, not
+    ``0.1000000000000000055…``). A negative, non-finite or non-numeric value is a ``ValueError``
+    naming the argument: an amount the ledger cannot count exactly is never guessed at."""
+    if isinstance(value, bool) or not isinstance(value, (Decimal, int, float, str)):
+        raise ValueError(f"{name}: expected a dollar amount (a number or a string such as \"0.25\"), got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite dollar amount, got {value!r}")
+    try:
+        usd = Decimal(str(value).strip()) if not isinstance(value, Decimal) else value
+    except InvalidOperation:
+        raise ValueError(f"{name}: expected a dollar amount such as \"0.25\", got {value!r}") from None
+    if not usd.is_finite():
+        raise ValueError(f"{name}: expected a finite dollar amount, got {value!r}")
+    if usd < 0:
+        raise ValueError(f"{name}: a dollar amount cannot be negative, got {value!r}")
+    return usd_to_nanos(usd)
+
+
+def tool_request(nanos: int, identity: Identity, name: str | None = None, *, force: bool = False) -> Request:
+    """The engine's request for ``nanos`` of non-LLM spend named ``name`` (default ``"tool"``)."""
+    return Request(TOOL, TOOL, {"model": name or TOOL}, identity, fixed_nanos=nanos, force=force)
