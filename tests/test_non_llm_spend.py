@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 import pytest
 
 import spendgate
+from spendgate import keys
 from spendgate.engine import bucket_key
 from spendgate.ledger import Bucket, Event
 from spendgate.money import usd_to_nanos
@@ -20,6 +24,7 @@ from spendgate.policy import default_policy
 from spendgate.policy.parse import parse
 from spendgate.request import NONE, usd_arg
 from spendgate.sdk import _runtime
+from tests.harness import Servers
 
 TOOLS_RULE = "tools-total"
 
@@ -79,9 +84,9 @@ def test_64_concurrent_charges_count_exactly_under_a_budget_and_a_rule_even_past
     spents: list[spendgate.Spent] = []
 
     @spendgate.budget(usd="0.3")
-    def agent() -> tuple[int, Any]:
+    def agent() -> tuple[tuple[int, int], spendgate.BudgetExceeded]:
         run_threads(64, lambda i: spents.append(spendgate.charge(usd=amounts[i], feature="search")))
-        # the budget is now over: an LLM-sized reservation under it is refused
+        # the budget is now over: even a one-nano-dollar reservation under it is refused
         with pytest.raises(spendgate.BudgetExceeded) as refused, spendgate.reserve(usd="0.000000001"):
             pass
         return rule_spent(), refused.value
@@ -299,3 +304,130 @@ def test_tool_decorator_on_a_coroutine_function(tools: None) -> None:
     assert asyncio.run(main()) == ["0", "1", "2", "3"]
     assert rule_spent() == (4 * usd_to_nanos("0.05"), 0)
     assert {(e.model, e.dims.get("feature")) for e in events("capture")} == {("geocode", "maps")}
+
+
+# -- HTTP: tools in other processes, with the caller's own key -----------------------------------
+
+
+def http(s: Servers, path: str, doc: Any = None, key: str | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    body = json.dumps(doc).encode() if doc is not None else b""
+    sent = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+            **(headers or {})}
+    req = urllib.request.Request(s.url + path, data=body, method="POST", headers=sent)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def team_policy(action: str = "block") -> Any:
+    return parse({"budget": [{"name": "team-tools", "usd": "1", "window": "total", "per": "team",
+                              "action": action, "match": {"provider": "tool"}}]})
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    s = Servers(team_policy(), "memory://")
+    yield s
+    s.close()
+
+
+def team_spent(s: Servers, team: str) -> tuple[int, int]:
+    [st] = s.store.states([Bucket(bucket_key("team-tools", f"team={team}"), None)], now=time.time())
+    return st.spent, st.held
+
+
+def test_http_charge_counts_under_the_virtual_keys_bindings(servers: Servers) -> None:
+    secret, _ = keys.create(servers.store, team="ml", tags={"feature": "search"})
+    status, doc = http(servers, "/spendgate/charge", {"usd": "0.25", "name": "serpapi",
+                                                       "tags": {"team": "other", "user": "bob"}}, secret)
+    assert status == 200 and doc["charged_usd"] == "0.25" and doc["over"] == [] and doc["model"] == "serpapi"
+    assert team_spent(servers, "ml") == (usd_to_nanos("0.25"), 0)  # the key's team, not the body's
+    [cap] = [e for e in servers.store.events(0) if e.kind == "capture"]
+    assert (cap.model, cap.provider, cap.dims["user"], cap.dims["team"], cap.dims["feature"]) == \
+        ("serpapi", "tool", "bob", "ml", "search")
+    # past the limit it is recorded all the same, and said
+    status, doc = http(servers, "/spendgate/charge", {"usd": "0.9"}, secret)
+    assert status == 200 and doc["over"] == ["team-tools"]
+    assert team_spent(servers, "ml") == (usd_to_nanos("1.15"), 0)
+
+
+def test_http_reserve_capture_release_and_refusal(servers: Servers) -> None:
+    secret, _ = keys.create(servers.store, team="ml")
+    status, first = http(servers, "/spendgate/reserve", {"usd": "0.5"}, secret)
+    assert status == 200 and first["reserved_usd"] == "0.5"
+    rid = first["reservation_id"]
+    assert team_spent(servers, "ml") == (0, usd_to_nanos("0.5"))
+    status, second = http(servers, "/spendgate/reserve", {"usd": "0.6"}, secret)
+    assert status == 402
+    assert second["spendgate"]["rule"] == "team-tools" and second["spendgate"]["action"] == "block"
+    assert second["error"]["spendgate"] == second["spendgate"] and second["error"]["code"] == "spendgate_blocked"
+    assert second["spendgate"]["remaining_usd"] == "0.5"
+    # only the key that reserved may settle it
+    assert http(servers, f"/spendgate/reserve/{rid}/capture", {"usd": "0.1"}, "sk-someone-else")[0] == 404
+    status, doc = http(servers, f"/spendgate/reserve/{rid}/capture", {"usd": "0.4"}, secret)
+    assert status == 200 and doc["charged_usd"] == "0.4" and doc["captured"] is True
+    assert http(servers, f"/spendgate/reserve/{rid}/capture", {"usd": "0.4"}, secret)[0] == 404  # once
+    assert team_spent(servers, "ml") == (usd_to_nanos("0.4"), 0)
+    # released: nothing charged
+    status, doc = http(servers, "/spendgate/reserve", {"usd": "0.3"}, secret)
+    assert http(servers, f"/spendgate/reserve/{doc['reservation_id']}/release", None, secret)[0] == 200
+    assert team_spent(servers, "ml") == (usd_to_nanos("0.4"), 0)
+    # above the reservation: refused by name, the reservation charged
+    status, doc = http(servers, "/spendgate/reserve", {"usd": "0.3"}, secret)
+    status, over = http(servers, f"/spendgate/reserve/{doc['reservation_id']}/capture", {"usd": "0.35"}, secret)
+    assert status == 400 and "$0.35 is above the reservation of $0.3" in over["error"]["message"]
+    assert team_spent(servers, "ml") == (usd_to_nanos("0.7"), 0)
+
+
+def test_http_spend_needs_the_callers_own_key_and_a_valid_amount(servers: Servers) -> None:
+    assert http(servers, "/spendgate/charge", {"usd": "0.1"})[0] == 401
+    assert http(servers, "/spendgate/charge", {"usd": "0.1"}, "sg-not-a-key")[0] == 401
+    for bad, names in (({"usd": "-1"}, "usd"), ({"usd": "NaN"}, "usd"), ({}, "usd"),
+                       ({"usd": "0.1", "tags": {"a": 1}}, "tags"), ({"usd": 1, "name": ""}, "name")):
+        status, doc = http(servers, "/spendgate/charge", bad, "sk-mine")
+        assert status == 400 and doc["error"]["message"].startswith(f"spendgate: {names}"), bad
+    assert http(servers, "/spendgate/reserve/nope/release", None, "sk-mine")[0] == 404
+    assert [e for e in servers.store.events(0) if e.kind == "capture"] == []
+
+
+def test_64_concurrent_http_reservations_admit_exactly_those_that_fit(servers: Servers) -> None:
+    secret, _ = keys.create(servers.store, team="ml")
+    codes: list[int] = []
+    ids: list[str] = []
+    start = threading.Barrier(64)
+
+    def one() -> None:
+        start.wait()
+        status, doc = http(servers, "/spendgate/reserve", {"usd": "0.13"}, secret)
+        codes.append(status)
+        if status == 200:
+            ids.append(doc["reservation_id"])
+
+    threads = [threading.Thread(target=one) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [200] * 7 + [402] * 57
+    for rid in ids:
+        assert http(servers, f"/spendgate/reserve/{rid}/capture", {"usd": "0.1234567891"}, secret)[0] == 200
+    assert team_spent(servers, "ml") == (7 * usd_to_nanos("0.1234567891"), 0)
+
+
+def test_a_held_http_reservation_passes_on_retry_once_approved() -> None:
+    s = Servers(team_policy(action="hold"), "memory://")
+    try:
+        secret, _ = keys.create(s.store, team="ml")
+        assert http(s, "/spendgate/charge", {"usd": "0.9"}, secret)[0] == 200
+        status, held = http(s, "/spendgate/reserve", {"usd": "0.5"}, secret)
+        assert status == 402 and held["spendgate"]["action"] == "hold"
+        hold_id = held["spendgate"]["approval"]["id"]
+        status, _ = http(s, f"/spendgate/approvals/{hold_id}", {"approve": True}, "admin-secret")
+        assert status == 200
+        status, doc = http(s, "/spendgate/reserve", {"usd": "0.5"}, secret)
+        assert status == 200 and doc["reserved_usd"] == "0.5"
+    finally:
+        s.close()

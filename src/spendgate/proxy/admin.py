@@ -1,20 +1,29 @@
-"""``/spendgate/…``: status, spend, decisions and approvals, behind the admin token."""
+"""``/spendgate/…``: status, spend, decisions and approvals, behind the admin token; and non-LLM
+spend (``/spendgate/charge``, ``/spendgate/reserve``) for tools in other processes, with the
+caller's own key."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import json
 import math
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from spendgate import approvals
-from spendgate.errors import SpendgateError
+from spendgate import approvals, keys
+from spendgate.engine import Approval, Decision, fixed_estimate
+from spendgate.errors import SpendgateError, StoreError
 from spendgate.money import nanos_to_usd
+from spendgate.proxy.envelope import error_response
+from spendgate.proxy.identity import CREDENTIAL_HEADERS, Credentials, identity
 from spendgate.report import approvals as approvals_since
 from spendgate.report import event_dict, report, status
+from spendgate.request import TOOL, Identity, hash_key, tool_request, usd_arg
 
 if TYPE_CHECKING:
     from spendgate.proxy.app import Proxy
@@ -52,6 +61,7 @@ def add_routes(app: web.Application, proxy: Proxy) -> None:
     app.router.add_get("/spendgate/decisions", guard(_decisions))
     app.router.add_get("/spendgate/approvals", guard(_approvals))
     app.router.add_post("/spendgate/approvals/{id}", guard(_answer))
+    spend_routes(app, proxy)
 
 
 def _err(status_code: int, message: str) -> web.Response:
@@ -127,3 +137,212 @@ def _pending(p: approvals.Pending) -> dict[str, Any]:
 
 def _amt(n: int, unit: str) -> str | int:
     return str(nanos_to_usd(n)) if unit == "usd" else n
+
+
+# -- non-LLM spend, with the caller's own key ---------------------------------------------------
+
+#: the store records of open HTTP reservations, by reservation id (the decision id)
+RESERVATION = "tool-reservation"
+_SPEND_SHAPE = '{"usd": "0.25", "name": "serpapi", "tags": {"feature": "search"}}'
+
+
+def spend_routes(app: web.Application, proxy: Proxy) -> None:
+    """``POST /spendgate/charge``, ``/spendgate/reserve``, ``/spendgate/reserve/{id}/capture`` and
+    ``/release``: the SDK's ``charge`` / ``reserve`` for a tool in another process or language.
+
+    Authenticated like a proxied request — the caller's own key (``Authorization: Bearer`` or
+    ``x-api-key``): a spendgate virtual key, whose bindings (user, team, tags) no body field
+    overrides, or a provider key, counted under its hash. Not the admin token: the spend counts
+    under the caller's budgets. A reservation is kept in the store, so any instance sharing it can
+    capture or release it, and only with the key that made it."""
+
+    async def charge(request: web.Request) -> web.StreamResponse:
+        return await _tool_spend(request, proxy, reserve=False)
+
+    async def reserve(request: web.Request) -> web.StreamResponse:
+        return await _tool_spend(request, proxy, reserve=True)
+
+    async def capture(request: web.Request) -> web.StreamResponse:
+        return await _settle_reservation(request, proxy, capture=True)
+
+    async def release(request: web.Request) -> web.StreamResponse:
+        return await _settle_reservation(request, proxy, capture=False)
+
+    app.router.add_post("/spendgate/charge", charge)
+    app.router.add_post("/spendgate/reserve", reserve)
+    app.router.add_post("/spendgate/reserve/{id}/capture", capture)
+    app.router.add_post("/spendgate/reserve/{id}/release", release)
+
+
+def _spend_err(status_code: int, message: str, code: str | None = None) -> web.Response:
+    return error_response("openai", status_code, f"spendgate: {message}", code=code)
+
+
+def _caller_credentials(headers: Mapping[str, str], proxy: Proxy) -> Credentials:
+    """The caller's key as a proxied request's: a virtual key looked up (nothing is forwarded, so
+    no provider key need be configured), a provider key hashed. PermissionError: none, several or
+    an unknown virtual key."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        for name in CREDENTIAL_HEADERS:
+            if len(getall(name, ())) > 1:
+                raise PermissionError(f"the request carries more than one {name} header; send one credential")
+    auth = headers.get("authorization", "")
+    raw = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "").strip()
+    if not raw:
+        raise PermissionError("send your own key (Authorization: Bearer <key>, a spendgate virtual key or your "
+                              "provider key): the spend counts under its budgets")
+    if raw.startswith("sg-"):
+        vkey = keys.lookup(proxy.store, raw, now=time.time())
+        if vkey is None:
+            raise PermissionError("unknown or revoked spendgate key")
+        return Credentials(hash_key(raw), None, vkey)
+    return Credentials(hash_key(raw), None)
+
+
+def _caller_identity(headers: Mapping[str, str], tags: Mapping[str, str], creds: Credentials) -> Identity:
+    """Who the spend counts under: the proxy's identity from headers, with the body's ``tags`` on
+    top — except where the virtual key binds a value, which nothing the caller sends overrides."""
+    base = identity(TOOL, headers, {}, creds)
+    vkey = creds.virtual
+    bound: dict[str, str] = {}
+    if vkey is not None:
+        bound.update(vkey.tags)
+        bound.update({k: v for k, v in (("user", vkey.user), ("team", vkey.team)) if v})
+    merged = {**base.tags, **{k: v for k, v in tags.items() if k not in bound}}
+
+    def pick(name: str) -> str | None:
+        return bound.get(name) or tags.get(name) or getattr(base, name)
+
+    return Identity(key=creds.key_hash, user=pick("user"), team=pick("team"),
+                    session=tags.get("session") or base.session, agent=pick("agent"), feature=pick("feature"),
+                    tags=merged)
+
+
+async def _read_spend(request: web.Request, proxy: Proxy, *, amount: bool = True
+                      ) -> tuple[Credentials, dict[str, Any], int | None] | web.Response:
+    """The caller's credentials, the JSON body and its ``usd`` in nanos — or the error reply."""
+    try:
+        creds = await proxy._store_io(_caller_credentials, request.headers, proxy)
+    except PermissionError as exc:
+        return _spend_err(401, str(exc))
+    except StoreError as exc:
+        return _spend_err(503, f"the spend store failed: {exc}", "spendgate_store_error")
+    try:
+        doc = await request.json() if request.can_read_body else {}
+    except (ValueError, RecursionError):
+        return _spend_err(400, f"the body must be JSON such as {_SPEND_SHAPE}")
+    if not isinstance(doc, dict):
+        return _spend_err(400, f"the body must be a JSON object such as {_SPEND_SHAPE}")
+    nanos = None
+    if amount:
+        if "usd" not in doc:
+            return _spend_err(400, f"usd: missing; send the amount in dollars, e.g. {_SPEND_SHAPE}")
+        try:
+            nanos = usd_arg(doc["usd"])
+        except ValueError as exc:
+            return _spend_err(400, str(exc))
+    return creds, doc, nanos
+
+
+async def _tool_spend(request: web.Request, proxy: Proxy, *, reserve: bool) -> web.StreamResponse:
+    got = await _read_spend(request, proxy)
+    if isinstance(got, web.Response):
+        return got
+    creds, doc, nanos = got
+    assert nanos is not None
+    tags, name = doc.get("tags", {}), doc.get("name")
+    if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+        return _spend_err(400, "tags: expected an object of string values, such as {\"feature\": \"search\"}")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        return _spend_err(400, f"name: expected a non-empty string naming the tool, got {name!r}")
+    ident = _caller_identity(request.headers, tags, creds)
+    req = tool_request(nanos, ident, name, force=not reserve)
+    engine = proxy.engine
+    now = time.time()
+    try:
+        if not reserve:
+            d, c = await engine.arecord_spend(req, now=now)
+            return web.json_response({"decision_id": d.id, "charged_usd": str(nanos_to_usd(c.cost_nanos)),
+                                      "model": req.body["model"], "over": list(d.over), "alerts": list(d.alerts),
+                                      "notes": list(d.notes)}, headers={"X-Spendgate-Decision": d.id})
+        return await _reserve(request, proxy, req, creds, now)
+    except StoreError as exc:
+        return _spend_err(503, f"the spend store failed, so nothing was {'held' if reserve else 'recorded'}: "
+                               f"{exc}", "spendgate_store_error")
+
+
+async def _reserve(request: web.Request, proxy: Proxy, req: Any, creds: Credentials, now: float
+                   ) -> web.StreamResponse:
+    """Hold like a proxied request: a refusal is its 402 (a held one approvable by id, and its
+    retry with the same body then passes); a hold is kept in the store for capture or release."""
+    engine = proxy.engine
+    who = req.identity.fingerprint()
+    raw = await request.read()
+    d = await engine.adecide(req, now=now)
+    if d.action == "hold":
+        by_id: Approval | None = await proxy._store_io(proxy._approved_by_id, who, raw, now)
+        if by_id is not None:
+            d = await engine.adecide(req, now=now, approval=by_id)
+    if not d.allowed:
+        refused: web.Response = await proxy._store_io(proxy._refuse, request, "openai", request.path, raw, d,
+                                                       req.identity, who, now, raw, ())
+        return refused
+    if d.hold_id is None:  # the store failed and the policy says to allow unmetered: nothing to settle
+        return web.json_response({"reservation_id": None, "decision_id": d.id, "reserved_usd": "0",
+                                  "notes": list(d.notes)})
+    expires = now + engine.policy.hold_ttl_s
+    record = {"hold_id": d.hold_id, "owner": creds.key_hash, "model": req.body["model"], "nanos": req.fixed_nanos,
+              "dims": dict(d.dims)}
+    try:
+        await proxy._store_io(functools.partial(proxy.store.put_record, RESERVATION, d.id, json.dumps(record),
+                                                 expires_at=expires))
+    except StoreError:
+        await engine.arelease(d)  # a hold nobody could settle would only expire, charged in full
+        raise
+    remaining = d.remaining_nanos
+    return web.json_response({"reservation_id": d.id, "decision_id": d.id,
+                              "reserved_usd": str(nanos_to_usd(req.fixed_nanos)), "expires_at": expires,
+                              "remaining_usd": str(nanos_to_usd(remaining)) if remaining is not None else None,
+                              "capture": f"/spendgate/reserve/{d.id}/capture",
+                              "release": f"/spendgate/reserve/{d.id}/release"},
+                             headers={"X-Spendgate-Decision": d.id})
+
+
+async def _settle_reservation(request: web.Request, proxy: Proxy, *, capture: bool) -> web.StreamResponse:
+    """Capture (``{"usd": …}``, at most the reservation) or release a reservation, once, with the
+    key that made it. Above the reservation: 400 naming both amounts, and the reservation charged."""
+    got = await _read_spend(request, proxy, amount=capture)
+    if isinstance(got, web.Response):
+        return got
+    creds, _, nanos = got
+    rid = request.match_info["id"]
+    now = time.time()
+    gone = _spend_err(404, f"no open reservation {rid!r} for this key (unknown, already captured or released, or "
+                           f"past its {proxy.engine.policy.hold_ttl_s} s and charged in full)",
+                      "spendgate_no_reservation")
+    try:
+        raw = await proxy._store_io(functools.partial(proxy.store.get_record, RESERVATION, rid, now=now))
+        if raw is None or json.loads(raw).get("owner") != creds.key_hash:
+            return gone
+        raw = await proxy._store_io(functools.partial(proxy.store.take_record, RESERVATION, rid, now=now))
+        if raw is None:  # settled by a racing call
+            return gone
+        rec = json.loads(raw)
+        reserved = int(rec["nanos"])
+        est = fixed_estimate(TOOL, TOOL, rec["model"], reserved)
+        d = Decision(rid, "allow", True, est, {}, hold_id=rec["hold_id"], dims=rec["dims"], at=now)
+        if not capture:
+            await proxy.engine.arelease(d, now=now)
+            return web.json_response({"reservation_id": rid, "released": True, "charged_usd": "0"})
+        assert nanos is not None
+        if nanos > reserved:
+            await proxy.engine.acapture_amount(d, reserved, estimated=True, now=now)
+            return _spend_err(400, f"capture of ${nanos_to_usd(nanos)} is above the reservation of "
+                                   f"${nanos_to_usd(reserved)}; the reservation (${nanos_to_usd(reserved)}) was "
+                                   "charged. Reserve the most a call can cost.", "spendgate_capture_over_reservation")
+        charged = await proxy.engine.acapture_amount(d, nanos, now=now)
+    except StoreError as exc:
+        return _spend_err(503, f"the spend store failed: {exc}", "spendgate_store_error")
+    return web.json_response({"reservation_id": rid, "charged_usd": str(nanos_to_usd(nanos)),
+                              "captured": charged.captured or charged.spooled})
