@@ -24,6 +24,7 @@ from spendgate.policy import default_policy
 from spendgate.policy.parse import parse
 from spendgate.request import NONE, usd_arg
 from spendgate.sdk import _runtime
+from tests.conftest import BACKENDS, store_url
 from tests.harness import Servers
 
 TOOLS_RULE = "tools-total"
@@ -71,13 +72,14 @@ def run_threads(n: int, work: Any) -> None:
 # -- charge --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'spend.db'}"
+@pytest.fixture(params=BACKENDS)
+def spend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every store: a charge past a limit must leave each backend's buckets exact."""
+    return store_url(request.param, tmp_path, request)
 
 
-def test_64_concurrent_charges_count_exactly_under_a_budget_and_a_rule_even_past_their_limits(store: str) -> None:
-    spendgate.configure(store=store, policy=policy("0.5"))
+def test_64_concurrent_charges_count_exactly_under_a_budget_and_a_rule_even_past_their_limits(spend_url: str) -> None:
+    spendgate.configure(store=spend_url, policy=policy("0.5"))
     amounts = [Decimal("0.0123456789") + Decimal(i) / 10**9 for i in range(64)]
     total = sum(usd_to_nanos(a) for a in amounts)
     assert total > usd_to_nanos("0.5")  # past both limits: every charge is recorded all the same
@@ -149,13 +151,13 @@ def test_amounts_are_exact_decimals() -> None:
 
 
 @pytest.mark.parametrize("binding", ["budget", "rule"])
-def test_64_concurrent_reservations_admit_exactly_those_that_fit(binding: str, store: str) -> None:
+def test_64_concurrent_reservations_admit_exactly_those_that_fit(binding: str, spend_url: str) -> None:
     """A limit that fits N reservations admits exactly N of 64, whichever of the @budget and the
     policy rule is the tighter; the captures then count to the nano-dollar."""
     each, actual = Decimal("0.13"), Decimal("0.1234567891")
     budget_usd, rule_usd = ("1", "100") if binding == "budget" else ("100", "0.8")
     n_fit = int(usd_to_nanos(min(Decimal(budget_usd), Decimal(rule_usd))) // usd_to_nanos(each))
-    spendgate.configure(store=store, policy=policy(rule_usd))
+    spendgate.configure(store=spend_url, policy=policy(rule_usd))
     all_tried = threading.Barrier(64)
     held: list[int] = []
     refused: list[spendgate.BudgetExceeded] = []
