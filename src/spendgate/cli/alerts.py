@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from spendgate import ledger
+from spendgate.cli.context import Context
 from spendgate.cli.output import emit_json, table
 from spendgate.ledger.base import ALERT_STATUSES, OutboxAlert
 
@@ -48,7 +49,6 @@ def _doc(a: OutboxAlert, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    from spendgate.cli.main import Context
     from spendgate.events.alerts import parse_body
 
     ctx = Context.from_args(args)

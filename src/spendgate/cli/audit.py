@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from spendgate import ledger
+from spendgate.cli.context import Context
 from spendgate.cli.output import emit_json
 from spendgate.errors import SpendgateError
 
@@ -41,7 +42,6 @@ def _line(text: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from spendgate.cli.main import Context
     from spendgate.events.audit import rfc3339
     from spendgate.policy.parse import parse_duration
 
@@ -104,7 +104,6 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from spendgate.cli.main import Context
     from spendgate.events.signing import load_key, parse_public
     from spendgate.events.verify import Report, verify, verify_store
 
@@ -139,7 +138,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_pubkey(args: argparse.Namespace) -> int:
-    from spendgate.cli.main import Context
     from spendgate.events.signing import key_path, load_key, public_hex
 
     ctx = Context.from_args(args)

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any, TextIO
 
 from spendgate.money import fmt_usd, usd_to_nanos
+from spendgate.progress import text_bar
 
 
 def emit_json(doc: Any, out: TextIO | None = None) -> None:
@@ -43,9 +44,7 @@ def when(ts: float) -> str:
 
 
 def bar(fraction: float, width: int = 20) -> str:
-    f = max(0.0, min(fraction, 1.0))
-    full = round(f * width)
-    return "[" + "#" * full + "." * (width - full) + "]" + ("!" if fraction > 1 else "")
+    return text_bar(fraction, width)
 
 
 class Progress:

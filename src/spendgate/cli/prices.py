@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from spendgate import ledger
+from spendgate.cli.context import Context
 from spendgate.cli.output import emit_json, table, usd
 from spendgate.pricing.table import FEE_RATES, ModelPrice, Rate
 
@@ -29,8 +30,6 @@ def _variant_rows(p: ModelPrice) -> list[tuple[str, str, str]]:
 
 
 def cmd_prices_show(args: argparse.Namespace) -> int:
-    from spendgate.cli.main import Context
-
     ctx = Context.from_args(args)
     res = ctx.prices.resolve(args.model, args.provider)
     if res is None:
@@ -74,7 +73,6 @@ def cmd_prices_show(args: argparse.Namespace) -> int:
 
 
 def cmd_prices_update(args: argparse.Namespace) -> int:
-    from spendgate.cli.main import Context
     from spendgate.pricing.litellm import plan_import, write_import
 
     ctx = Context.from_args(args)

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from spendgate import ledger
+from spendgate.cli.context import Context
 from spendgate.cli.output import emit_json, table
 from spendgate.errors import ConfigError
 from spendgate.policy.parse import parse_duration
@@ -56,8 +57,6 @@ def _cells(r: Row) -> tuple[str, ...]:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from spendgate.cli.main import Context
-
     ctx = Context.from_args(args)
     export = read_export(args.file)  # a bad file fails before the store is opened
     if args.provider:

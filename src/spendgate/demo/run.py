@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from spendgate import ledger
-from spendgate.cli.output import bar
 from spendgate.demo.background import BackgroundLoop
 from spendgate.demo.upstream import FakeUpstream
 from spendgate.engine import Engine
 from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
 from spendgate.policy import default_policy
 from spendgate.pricing.cost import Usage, usage_nanos
+from spendgate.progress import text_bar
 from spendgate.proxy.app import Proxy, ProxyConfig
 
 MODEL = "gpt-5"
@@ -147,7 +147,7 @@ def run(out: TextIO | None = None, seed: int = 7, *, json: bool = False) -> Demo
                 sent += 1
                 messages.append({"role": "assistant", "content": "trying another fix"})
                 line = (f"  turn {turn + 1:3d}  spent {fmt_usd(spent):>7}  session-hour "
-                        f"{bar(spent / usd_to_nanos(10), 30)} of $10")
+                        f"{text_bar(spent / usd_to_nanos(10), 30)} of $10")
                 if tty:
                     text.write("\r" + line)
                 elif turn % 10 == 0:
