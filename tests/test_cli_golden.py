@@ -477,3 +477,90 @@ def test_every_json_command_has_a_golden_case() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     commands = set(getattr(sub, "choices", {}))
     assert commands - {"serve"} == {c.name.split("_")[0] for c in CASES}
+
+
+# -- text output through rich: plain for a pipe, drawn for a person ------------------------------
+
+class _Terminal:
+    """A stream that says it is a terminal (what rich checks before drawing in colour)."""
+
+    def __init__(self) -> None:
+        import io
+
+        self.buf = io.StringIO()
+
+    def write(self, text: str) -> int:
+        return self.buf.write(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        raise OSError("not a real terminal")
+
+
+def test_plain_tables_keep_the_hand_made_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Captured stdout is plain text even under FORCE_COLOR: a header, a rule of dashes as wide as each
+    column, columns two spaces apart, no trailing blanks, no ANSI codes, no folding at 80 columns."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    url, policy = _files(tmp_path)
+    _spend(url)
+    assert main(["status", "--store", url, "--config", str(policy)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert lines == [
+        "bucket                         spent      held   limit          use",
+        "-----------------------------  ---------  -----  -------------  ----------------------",
+        f"team-day|team=ml|{day}    $0.0072    $0.00  $5.00          [....................]",
+        "tokens-hour|user=alice#tokens  2,200 tok  0 tok  1,000,000 tok  [....................]",
+        "tokens-hour|user=bob#tokens    1,100 tok  0 tok  1,000,000 tok  [....................]",
+        "per-call (each request)        -          -      $0.50",
+    ]
+
+
+def test_a_table_wider_than_80_columns_is_not_folded_in_a_pipe() -> None:
+    import io
+
+    from spendgate.cli.output import table
+
+    out = io.StringIO()
+    table(("name", "detail"), [("a", "x" * 300), ("[bold]b[/]", "y")], out=out)
+    assert out.getvalue().splitlines() == ["name        detail", "----------  " + "-" * 300,
+                                           "a           " + "x" * 300, "[bold]b[/]  y"]
+
+
+def test_a_terminal_gets_colour_and_no_color_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spendgate.cli.output import REFUSED, bar, say, styled, table
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    tty = _Terminal()
+    table(("rule", "refused", "use"), [("tiny", styled("3", REFUSED), bar(1.5))], out=tty)  # type: ignore[arg-type]
+    say("denied abc", REFUSED, out=tty)  # type: ignore[arg-type]
+    drawn = tty.buf.getvalue()
+    assert "\x1b[" in drawn and "━" in drawn and "denied abc" in drawn and "[####" not in drawn
+    monkeypatch.setenv("NO_COLOR", "1")
+    tty = _Terminal()
+    table(("rule", "refused"), [("tiny", styled("3", REFUSED))], out=tty)  # type: ignore[arg-type]
+    say("denied abc", REFUSED, out=tty)  # type: ignore[arg-type]
+    assert "\x1b[3" not in tty.buf.getvalue() and "denied abc" in tty.buf.getvalue()  # no colour codes
+
+
+def test_progress_draws_only_on_a_terminal() -> None:
+    import io
+
+    from spendgate.cli.output import Progress
+
+    pipe = io.StringIO()
+    with Progress(2000, "replaying", out=pipe) as p:
+        for done in range(0, 2001, 500):
+            p(done)
+    assert not p.enabled and pipe.getvalue() == ""
+    tty = _Terminal()
+    with Progress(2000, "replaying", out=tty) as p:  # type: ignore[arg-type]
+        for done in range(0, 2001, 500):
+            p(done)
+    assert p.enabled and "replaying" in tty.buf.getvalue() and "2000/2000" in tty.buf.getvalue()

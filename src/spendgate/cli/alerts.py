@@ -13,7 +13,7 @@ from typing import Any
 
 from spendgate import ledger
 from spendgate.cli.context import Context
-from spendgate.cli.output import emit_json, table
+from spendgate.cli.output import OK, REFUSED, WARN, emit_json, styled, table
 from spendgate.ledger.base import ALERT_STATUSES, OutboxAlert
 
 
@@ -28,7 +28,7 @@ def _subject(body: dict[str, Any]) -> str:
     return " ".join(str(x) for x in (body.get("rule") or body.get("bucket") or "?", body.get("scope") or "") if x)
 
 
-def _row_cells(a: OutboxAlert, body: dict[str, Any], now: float) -> tuple[str, ...]:
+def _row_cells(a: OutboxAlert, body: dict[str, Any], now: float) -> tuple[Any, ...]:
     from spendgate.events.alerts import percent
 
     threshold = str(body.get("threshold") or "")
@@ -38,7 +38,8 @@ def _row_cells(a: OutboxAlert, body: dict[str, Any], now: float) -> tuple[str, .
     else:
         next_try = "-"
     error = a.error if len(a.error) <= 60 else a.error[:57] + "..."
-    return (_when(a.created), a.status, str(a.attempts), str(body.get("type", "?")), _subject(body),
+    status = styled(a.status, {"failed": REFUSED, "pending": WARN, "sent": OK}.get(a.status, ""))
+    return (_when(a.created), status, str(a.attempts), str(body.get("type", "?")), _subject(body),
             percent(threshold) if threshold else "-", error or "-", next_try)
 
 

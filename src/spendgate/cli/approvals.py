@@ -9,7 +9,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from spendgate.cli.context import Context, audit_log, open_store
-from spendgate.cli.output import emit_json, table, usd
+from spendgate.cli.output import OK, REFUSED, emit_json, say, styled, table, usd
 from spendgate.errors import ConfigError, SpendgateError
 from spendgate.policy import policy_hash
 
@@ -34,7 +34,8 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         print("no held requests")
     else:
         table(("id", "session", "model", "rule", "estimate", "status", "expires"),
-              [(p.id, p.session, _held_model(p), p.rule, usd(p.estimate_usd), p.status,
+              [(p.id, p.session, _held_model(p), p.rule, usd(p.estimate_usd),
+                styled(p.status, REFUSED if p.status == "denied" else OK if p.status == "approved" else ""),
                 f"{int(p.expires_at - now)} s") for p in items])
     return 0
 
@@ -71,12 +72,12 @@ def cmd_approve(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"id": p.id, "status": p.status, "max_usd": args.max})
     elif p.status == "denied":
-        print(f"denied {p.id}")
+        say(f"denied {p.id}", REFUSED)
     elif p.status == "approved":
-        print(f"approved {p.id}: {usd(max_usd or 0)} more for {p.rule}; the session will not be asked again until "
-              "it is used")
+        say(f"approved {p.id}: {usd(max_usd or 0)} more for {p.rule}; the session will not be asked again until "
+            "it is used", OK)
     else:
-        print(f"approved {p.id} once: its next retry (or a 'yes' reply) goes through")
+        say(f"approved {p.id} once: its next retry (or a 'yes' reply) goes through", OK)
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from spendgate import ledger
 from spendgate.cli.context import Context
-from spendgate.cli.output import emit_json
+from spendgate.cli.output import OK, REFUSED, emit_json, say
 from spendgate.errors import SpendgateError
 
 #: entries read from the store per call while exporting (a chain is never held in memory whole)
@@ -131,9 +131,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"nothing to verify: no audit entries in {source}")
         return 1
     for chain in report.chains:
-        print(chain.summary())
+        say(chain.summary(), REFUSED if chain.problems else OK)
         if chain.problems and chain.problems[0].detail:
-            print(f"  {chain.problems[0].detail}")
+            say(f"  {chain.problems[0].detail}", REFUSED)
     return 0 if ok else 1
 
 

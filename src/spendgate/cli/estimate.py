@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from spendgate.cli.context import Context
-from spendgate.cli.output import emit_json
+from spendgate.cli.output import WARN, emit_json, say
 from spendgate.errors import BadRequest, ConfigError
 from spendgate.money import nanos_to_usd
 from spendgate.pricing.table import PriceTable
@@ -73,7 +73,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     else:
         print(est.describe())
         if est.price.warning:
-            print(f"warning: {est.price.warning}")
+            say(f"warning: {est.price.warning}", WARN)
     return 0
 
 

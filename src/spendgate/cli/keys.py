@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 from typing import Any
 
 from spendgate.cli.context import open_store
@@ -25,6 +24,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"--preapprove-max: {exc}") from None
     store = open_store(args, create=args.keys_command == "create")
+    listing: list[tuple[str, ...]] = []
     try:
         if args.keys_command == "create":
             secret, key = keys.create(store, user=args.user, team=args.team, tags=tags, preapprove_max_usd=pre)
@@ -34,13 +34,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
         elif args.keys_command == "list":
             found = keys.list_keys(store)
             doc = {"keys": [k.as_dict() for k in found]}
-            listing = io.StringIO()
-            table(("id", "user", "team", "tags", "preapprove max", "created"),
-                  [(k.id, k.user or "", k.team or "", ",".join(f"{a}={b}" for a, b in k.tags.items()),
-                    usd(k.preapprove_max_usd) if k.preapprove_max_usd is not None else "",
-                    when(k.created) if k.created else "") for k in sorted(found, key=lambda k: k.created)],
-                  out=listing)
-            text = listing.getvalue().rstrip("\n") if found else "no keys"
+            text = "" if found else "no keys"
+            listing = [(k.id, k.user or "", k.team or "", ",".join(f"{a}={b}" for a, b in k.tags.items()),
+                        usd(k.preapprove_max_usd) if k.preapprove_max_usd is not None else "",
+                        when(k.created) if k.created else "") for k in sorted(found, key=lambda k: k.created)]
         else:
             if not keys.revoke(store, args.id):
                 raise SpendgateError(f"no key with id {args.id!r}; see spendgate keys list")
@@ -49,8 +46,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
         store.close()
     if args.json:
         emit_json(doc)
-    else:
+    elif text:
         print(text)
+    else:  # keys list: printed after the store is closed, as the other actions' text
+        table(("id", "user", "team", "tags", "preapprove max", "created"), listing)
     return 0
 
 

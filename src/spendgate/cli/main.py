@@ -31,6 +31,7 @@ from spendgate.cli import (
     serve,
 )
 from spendgate.cli.context import Context, add_common, os_reason
+from spendgate.cli.output import REFUSED, say
 from spendgate.errors import ConfigError, SpendgateError
 
 __all__ = ["Context", "build_parser", "main"]
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # names what and where; --debug shows the traceback instead, for a bug report
         if args.debug:
             raise
-        print(f"spendgate: error: {_one_line(exc, args)}", file=sys.stderr)
+        say(f"spendgate: error: {_one_line(exc, args)}", REFUSED, out=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     return code
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from spendgate import ledger
 from spendgate.cli.context import Context
-from spendgate.cli.output import emit_json, table, usd
+from spendgate.cli.output import WARN, emit_json, say, table, usd, working
 from spendgate.pricing.table import FEE_RATES, ModelPrice, Rate
 
 
@@ -68,7 +68,7 @@ def cmd_prices_show(args: argparse.Namespace) -> int:
     print(f"source: {p.source}" + (f", price since {p.since}" if p.since else "") +
           f"; table built {ctx.prices.built}")
     if warning:
-        print(f"warning: {warning}")
+        say(f"warning: {warning}", WARN)
     return 0
 
 
@@ -77,9 +77,10 @@ def cmd_prices_update(args: argparse.Namespace) -> int:
 
     ctx = Context.from_args(args)
     dest = ledger.home() / "prices.json"
-    plan = plan_import(Path(args.source), ctx.prices, allow_free=args.allow_free, skip_free=args.skip_free)
-    if not args.dry_run:
-        write_import(plan, dest)
+    with working(f"reading {args.source}"):  # a spinner on a terminal while a large file is merged
+        plan = plan_import(Path(args.source), ctx.prices, allow_free=args.allow_free, skip_free=args.skip_free)
+        if not args.dry_run:
+            write_import(plan, dest)
     down = plan.lowered
     doc = {"imported": plan.imported, "added": len(plan.added), "changed": len(plan.changes),
            "lowered": [{"model": c.model, "field": c.field, "from": str(c.old), "to": str(c.new)} for c in down],
@@ -96,9 +97,9 @@ def cmd_prices_update(args: argparse.Namespace) -> int:
           f"{len(down)} rates DOWN, {len(ups)} up, {len(plan.changes) - len(down) - len(ups)} new; "
           f"{len(plan.skipped)} entries skipped (no complete price), {len(plan.free)} left out for a $0 price")
     if down:
-        print("rates that went DOWN:")
+        say("rates that went DOWN:", WARN)
         for c in down:
-            print(f"  {c.describe()}")
+            say(f"  {c.describe()}", WARN)
     if ups:
         print("rates that went up:")
         for c in ups:

@@ -15,7 +15,7 @@ from typing import Any
 
 from spendgate import ledger
 from spendgate.cli.context import Context
-from spendgate.cli.output import emit_json, table
+from spendgate.cli.output import REFUSED, emit_json, styled, table
 from spendgate.errors import ConfigError
 from spendgate.policy.parse import parse_duration
 from spendgate.reconcile import THRESHOLD, Row, read_export, reconcile
@@ -50,10 +50,10 @@ def _usd(d: Decimal) -> str:
     return f"{sign}${a.normalize():f}"
 
 
-def _cells(r: Row) -> tuple[str, ...]:
+def _cells(r: Row) -> tuple[Any, ...]:
     ratio = r.ratio
     return (r.day.isoformat(), r.model, _usd(r.ledger_usd), _usd(r.provider_usd), _usd(r.diff_usd),
-            f"{ratio:.4f}" if ratio is not None else "-", FLAG if r.flagged else "")
+            f"{ratio:.4f}" if ratio is not None else "-", styled(FLAG, REFUSED) if r.flagged else "")
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

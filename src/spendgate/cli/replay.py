@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from spendgate.cli.context import Context
-from spendgate.cli.output import Progress, emit_json, table
+from spendgate.cli.output import REFUSED, Progress, emit_json, styled, table
 from spendgate.errors import ConfigError
 from spendgate.money import fmt_usd
 
@@ -20,8 +20,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise ConfigError(f"--chart {args.chart}: cannot write the chart (no directory {Path(args.chart).parent})")
     path = Path(args.trace)
     total = sum(1 for line in path.open() if line.strip()) if path.exists() else 0
-    result = replay(read_trace(path, ctx.prices), ctx.policy, ctx.prices, approve=args.approve,
-                    persist=args.persist, progress=Progress(total, "replaying") if total > 1000 else None)
+    # a long trace shows its progress on a terminal (stderr: stdout keeps only the result)
+    with Progress(total if total > 1000 else 0, "replaying") as progress:
+        result = replay(read_trace(path, ctx.prices), ctx.policy, ctx.prices, approve=args.approve,
+                        persist=args.persist, progress=progress if progress.enabled else None)
     if args.chart:
         from spendgate.chart import write_chart
 
@@ -37,7 +39,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
           f"under {ctx.policy.source}")
     table(("", "USD"), [("total (no guard)", fmt_usd(result.total_nanos)),
                         ("forwarded", fmt_usd(result.forwarded_nanos)),
-                        ("refused", fmt_usd(result.refused_nanos)),
+                        (styled("refused", REFUSED), styled(fmt_usd(result.refused_nanos), REFUSED)),
                         ("reduction", f"{result.reduction:.1%}")])
     if doc["rules"]:
         print()

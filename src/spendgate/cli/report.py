@@ -8,7 +8,7 @@ from typing import Any
 
 from spendgate import ledger
 from spendgate.cli.context import Context, ExpiryLog
-from spendgate.cli.output import bar, emit_json, table, usd, when
+from spendgate.cli.output import REFUSED, WARN, bar, emit_json, say, styled, table, usd, when
 from spendgate.errors import ConfigError
 from spendgate.money import fmt_usd, nanos_to_usd
 
@@ -25,7 +25,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         expired.close()
         store.close()
     docs: list[dict[str, Any]] = []
-    rows_out: list[tuple[str, ...]] = []
+    rows_out: list[tuple[Any, ...]] = []
     for b, st in rows:
         limit = (st.limit or 0) + st.granted if st.limit is not None else None
         money = b.unit == "usd"
@@ -64,7 +64,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"no budget has been used yet in {ctx.store_url}; the limits in force:")
         table(("bucket", "spent", "held", "limit", "use"), rows_out)
     if not args.json and ctx.prices.stale_warning():
-        print(f"warning: {ctx.prices.stale_warning()}")
+        say(f"warning: {ctx.prices.stale_warning()}", WARN)
     return 0
 
 
@@ -99,7 +99,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     table((*by, "requests", "spent", "in tok", "out tok", "estimated", "refused"),
           [(*r.group, r.requests, fmt_usd(r.cost), f"{r.input_tokens:,}", f"{r.output_tokens:,}",
-            r.estimated or "", r.refused or "") for r in rows])
+            r.estimated or "", styled(r.refused, REFUSED) if r.refused else "") for r in rows])
     start = time.time() - parse_duration(args.since, "--since")
     print(f"total {fmt_usd(sum(r.cost for r in rows))} since {when(start)} ({args.since})")
     return 0
