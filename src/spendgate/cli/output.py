@@ -103,7 +103,7 @@ def say(text: str, style: str = "", out: TextIO | None = None) -> None:
     """One line for a person: in ``style`` on a terminal, as it is elsewhere (no markup is read)."""
     out = out or sys.stdout
     if _is_tty(out) and style:
-        console(out).print(Text(text, style=style))
+        console(out).print(Text(text, style=style), soft_wrap=True)  # the terminal folds it, not rich
     else:
         out.write(text + "\n")
 
