@@ -18,6 +18,7 @@ so one failing webhook does not spam the healthy ones. Failures retry with expon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -206,8 +207,9 @@ class AlertSender:
         is logged — once per distinct error a minute, not every poll — and the loop goes on; a full
         batch is followed at once by the next pass, so a backlog drains without waiting to poll."""
         last_error, last_logged = "", 0.0
+        self._stopping = asyncio.Event()
         async with aiohttp.ClientSession() as session:
-            while True:
+            while not self._stopping.is_set():
                 handled = 0
                 try:
                     handled = await self.deliver_due(session=session)
@@ -219,4 +221,12 @@ class AlertSender:
                         log.warning("alert sender: delivery pass failed: %s", text, exc_info=True)
                         last_error, last_logged = text, time.monotonic()
                 if handled < self.batch:
-                    await asyncio.sleep(poll_s)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), poll_s)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to end after the pass in flight: a delivery a receiver already took is
+        then recorded as sent, not left claimed to be sent again after a restart."""
+        stopping = getattr(self, "_stopping", None)
+        if stopping is not None:
+            stopping.set()

@@ -66,6 +66,8 @@ UPKEEP_EVERY_S = 60.0
 SPOOL_DRAIN_EVERY_S = 5.0
 #: how often the alert outbox is looked at (a due alert waits at most this long)
 ALERT_POLL_S = 1.0
+#: how long a stopping server waits for the alert sender's pass in flight (a webhook's timeout)
+SENDER_STOP_S = 15.0
 
 
 @dataclass
@@ -121,6 +123,8 @@ class Proxy:
         self.client: aiohttp.ClientSession | None = None
         self._settling: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
+        self._sender: AlertSender | None = None
+        self._sending: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -154,12 +158,23 @@ class Proxy:
                             loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool))]
         webhooks = self.engine.policy.alerts.webhooks
         if webhooks:  # an instance with nowhere to send leaves the outbox to those that have somewhere
-            sender = AlertSender(self.store, webhooks, store_url=self.store.url, admin_base=self.config.admin_base)
-            self._background.append(loop.create_task(sender.run(ALERT_POLL_S)))
+            self._sender = AlertSender(self.store, webhooks, store_url=self.store.url,
+                                       admin_base=self.config.admin_base)
+            self._sending = loop.create_task(self._sender.run(ALERT_POLL_S))
         if isinstance(self.audit, AuditChild):
             self._background.append(loop.create_task(self.audit.run()))
 
     async def _stop(self, _: web.Application) -> None:
+        if self._sender is not None and self._sending is not None:
+            # let the pass in flight finish, so an alert a receiver took is recorded as sent
+            self._sender.stop()
+            try:
+                await asyncio.wait_for(self._sending, SENDER_STOP_S)
+            except TimeoutError:
+                log.warning("the alert sender did not finish within %s s; what it was sending is sent again later",
+                            SENDER_STOP_S)
+            except Exception:
+                log.exception("the alert sender had failed")
         for task in self._background:
             task.cancel()
             try:
