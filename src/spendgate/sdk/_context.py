@@ -18,10 +18,11 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar, cast
 
-from spendgate.engine import global_keys
+from spendgate.engine import Approval, Decision, Engine, global_keys
 from spendgate.errors import ConfigError
 from spendgate.policy.model import Rule
 from spendgate.policy.parse import parse as parse_policy
+from spendgate.request import Request
 from spendgate.sdk import _runtime
 
 P = ParamSpec("P")
@@ -163,3 +164,18 @@ def bind(fn: Callable[P, R]) -> Callable[P, R]:
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         return ctx.copy().run(fn, *args, **kwargs)
     return run
+
+
+def answer_refusal(engine: Engine, req: Request, d: Decision, rules: list[Rule],
+                   exceeded: Callable[[str, dict[str, Any]], Exception]) -> Decision:
+    """A refusal (raised as ``exceeded(message, details)``), unless the tripped budget's
+    ``on_exceed`` callable lets the request through once — an LLM call and a reservation alike."""
+    err = exceeded(d.message, d.to_dict())
+    tripped = d.trip.rule.name if d.trip is not None else None
+    callback = next((s.callback for s in active_scopes() if s.rule.name == tripped and s.callback), None)
+    if callback is not None and callback(err):
+        again = engine.decide(req, extra_rules=rules, approval=Approval(by="on_exceed callback"))
+        if again.allowed:
+            return again
+        err = exceeded(again.message, again.to_dict())
+    raise err

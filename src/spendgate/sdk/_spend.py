@@ -26,12 +26,12 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
-from spendgate.engine import Approval, Decision, Engine
+from spendgate.engine import Decision, Engine
 from spendgate.errors import BudgetExceeded, ConfigError
 from spendgate.money import fmt_usd, nanos_to_usd
 from spendgate.request import Identity, Request, tool_request, usd_arg
 from spendgate.sdk import _runtime
-from spendgate.sdk._context import active_scopes, active_tags
+from spendgate.sdk._context import active_scopes, active_tags, answer_refusal
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -91,17 +91,7 @@ def _hold(engine: Engine, req: Request) -> Decision:
     tripped budget's ``on_exceed`` callable lets it through once."""
     rules = _rules()
     d = engine.decide(req, extra_rules=rules)
-    if d.allowed:
-        return d
-    err = BudgetExceeded(d.message, d.to_dict())
-    tripped = d.trip.rule.name if d.trip is not None else None
-    callback = next((s.callback for s in active_scopes() if s.rule.name == tripped and s.callback), None)
-    if callback is not None and callback(err):
-        again = engine.decide(req, extra_rules=rules, approval=Approval(by="on_exceed callback"))
-        if again.allowed:
-            return again
-        err = BudgetExceeded(again.message, again.to_dict())
-    raise err
+    return d if d.allowed else answer_refusal(engine, req, d, rules, BudgetExceeded)
 
 
 class Reservation:

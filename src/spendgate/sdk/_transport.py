@@ -20,12 +20,12 @@ from functools import cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from spendgate.engine import Approval, Decision, Engine
+from spendgate.engine import Decision, Engine
 from spendgate.errors import BadRequest, BudgetExceeded, StoreError, UnpricedModel
 from spendgate.estimate import FREE_ROUTES, ROUTES
 from spendgate.request import Identity, Request, hash_key
 from spendgate.sdk import _runtime
-from spendgate.sdk._context import active_scopes, active_tags
+from spendgate.sdk._context import active_scopes, active_tags, answer_refusal
 from spendgate.usage import usage_from_body
 from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
@@ -105,15 +105,7 @@ class Guard:
 
     def _ask(self, engine: Engine, req: Request, d: Decision, rules: list[Any]) -> Decision:
         """A refusal, unless the tripped budget's ``on_exceed`` callable lets the call through once."""
-        err = self.errors.exceeded(d.message, d.to_dict())
-        tripped = d.trip.rule.name if d.trip is not None else None
-        callback = next((s.callback for s in active_scopes() if s.rule.name == tripped and s.callback), None)
-        if callback is not None and callback(err):
-            again = engine.decide(req, extra_rules=rules, approval=Approval(by="on_exceed callback"))
-            if again.allowed:
-                return again
-            err = self.errors.exceeded(again.message, again.to_dict())
-        raise err
+        return answer_refusal(engine, req, d, rules, self.errors.exceeded)
 
     def _identity(self, request: httpx2.Request) -> Identity:
         tags = active_tags()
