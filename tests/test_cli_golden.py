@@ -30,6 +30,8 @@ from spendgate.ledger.base import AlertMark, Event
 
 GOLDEN = Path(__file__).parent / "golden"
 EXAMPLES = Path(__file__).parent.parent / "examples"
+#: where this checkout is (a clean clone elsewhere must read the same documents)
+REPO = str(Path(__file__).resolve().parent.parent)
 UPDATE = os.environ.get("SPENDGATE_UPDATE_GOLDEN") == "1"
 T0 = 1_790_000_000.0  # 2026-09-21, a fixed instant for every stored timestamp that shows in a document
 VOLATILE = "<volatile>"
@@ -444,7 +446,7 @@ def _normalise(doc: Any, volatile: frozenset[str], tmp: str, today: str | None) 
     if isinstance(doc, list):
         return [_normalise(v, volatile, tmp, today) for v in doc]
     if isinstance(doc, str):
-        return doc.replace(tmp, "<tmp>")
+        return doc.replace(tmp, "<tmp>").replace(REPO, "<repo>")
     return doc
 
 
@@ -458,8 +460,8 @@ def test_json_output_is_unchanged(case: Case, tmp_path: Path, capsys: pytest.Cap
     # the layout itself is pinned: two-space indent, ASCII escapes, one trailing newline
     assert out == json.dumps(doc, indent=2) + "\n"
     # an id made by the setup (a hold's, a key's) is in the argv too
-    shown = [VOLATILE if re.fullmatch("[0-9a-f]{8}|[0-9a-f]{16}", a) else a.replace(str(tmp_path), "<tmp>")
-             for a in argv]
+    shown = [VOLATILE if re.fullmatch("[0-9a-f]{8}|[0-9a-f]{16}", a)
+             else a.replace(str(tmp_path), "<tmp>").replace(REPO, "<repo>") for a in argv]
     today = time.strftime("%Y-%m-%d", time.gmtime()) if case.today else None
     got = json.dumps({"argv": shown, "exit": code,
                       "stdout": _normalise(doc, case.volatile, str(tmp_path), today)}, indent=2) + "\n"
