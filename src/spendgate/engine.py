@@ -3,9 +3,9 @@
 ``Engine.decide`` prices the request's worst case, finds every rule it falls under, and asks the
 ledger to hold that amount on every bucket at once. When a bucket would overflow, the tripped
 rules' actions are weighed — immutable rules first, then the most restrictive outcome (block >
-hold > clamp/downgrade > alert) — and a remedy (a cheaper model, a smaller ``max_tokens``) is
-re-estimated and re-checked from the start. ``Engine.capture`` then charges what the provider
-billed and releases the rest of the hold.
+hold > clamp/downgrade/truncate > alert) — and a remedy (a cheaper model, a smaller ``max_tokens``,
+a conversation without its oldest turns) is re-estimated and re-checked from the start.
+``Engine.capture`` then charges what the provider billed and releases the rest of the hold.
 
 The engine knows nothing of HTTP; the proxy and the SDK turn a :class:`Decision` into a response.
 """
@@ -34,6 +34,7 @@ from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_n
 from spendgate.pricing.table import ModelPrice, PriceTable, Rate, Resolution
 from spendgate.request import NONE, TOOL, Request
 from spendgate.usage import UnreadableUsage, read_usage, warn_unknown
+from spendgate.wire import truncate
 
 log = logging.getLogger("spendgate.engine")
 T = TypeVar("T")
@@ -43,7 +44,7 @@ LedgerCall = tuple[str, dict[str, Any]]
 #: that decided it, the raw request body for decisions). Called on the request path: must be O(1).
 Observer = Callable[[Event, str, "bytes | None"], None]
 #: The outcomes a decision event can have (an allowed request's, then a refused one's).
-ALLOWED_KINDS = ("allow", "downgrade", "clamp", "alert")
+ALLOWED_KINDS = ("allow", "downgrade", "clamp", "truncate", "alert")
 
 
 class AsyncLedger(Protocol):
@@ -113,7 +114,7 @@ class Decision:
     """The engine's answer for one request."""
 
     id: str
-    action: str  # allow | block | hold | downgrade | clamp | alert
+    action: str  # allow | block | hold | downgrade | clamp | truncate | alert
     allowed: bool
     estimate: Estimate | None
     body: Mapping[str, Any]
@@ -130,7 +131,7 @@ class Decision:
     dims: Mapping[str, str] = field(default_factory=dict)
     #: the clock the decision was made on (simulated in replays)
     at: float = 0.0
-    #: rules whose remedy (downgrade, clamp) or approval shaped this decision, in order
+    #: rules whose remedy (downgrade, clamp, truncate) or approval shaped this decision, in order
     applied: tuple[str, ...] = ()
     #: decided for a dry run: its hold is released unlogged
     dry: bool = False
@@ -312,6 +313,7 @@ class Engine:
         dims["route"] = request.route
         applied: list[str] = []
         over: list[str] = []  # rules a forced request goes past (it is recorded all the same)
+        truncated = False  # a truncate rule dropped older turns (the edit is the whole conversation)
         for _ in range(MAX_REMEDIES):
             # a tool is no model: it is not put in the strict tier meant for unknown models
             tier = TOOL if request.fixed_nanos is not None else self.policy.tiers.tier_of(est.model)
@@ -355,7 +357,7 @@ class Engine:
                 alerts += self._alerts(rules, lines, owners, states)
                 alerts += [f"{name}: recorded past its limit (spend that already happened)" for name in over]
                 action = "alert" if alerts else ("downgrade" if "model" in edits else
-                                                 "clamp" if edits else "allow")
+                                                 "truncate" if truncated else "clamp" if edits else "allow")
                 allowed = Decision(did, action, True, est, body, edits, hold_id, None,
                                    _tightest(states), tuple(alerts), tuple(notes), "", original, dims, now,
                                    tuple(applied), over=tuple(over))
@@ -397,6 +399,19 @@ class Engine:
                     continue
                 notes.append(f"{trip.rule.name}: fewer than {trip.rule.min_output} output tokens fit; refused")
                 act = "block"
+            if act == "truncate":
+                cut = self._truncate(request, body, trip)
+                if cut is not None:
+                    field_name, kept, dropped, est = cut
+                    body[field_name] = edits[field_name] = kept
+                    truncated = True
+                    what = "messages" if field_name == "messages" else "input items"
+                    notes.append(f"{trip.rule.name}: dropped the {dropped} oldest {what} to fit")
+                    applied.append(trip.rule.name)
+                    continue
+                notes.append(f"{trip.rule.name}: no older turns can be dropped to fit "
+                             "(the system prompt and the latest user turn are kept); refused")
+                act = "block"
             refused = self._refusal(did, act, est, body, trip, states, notes, original, dims, now)
             if not request.dry:
                 yield from self._log_refusal(refused, request)
@@ -437,7 +452,7 @@ class Engine:
             rule = ",".join(d.applied)
         dims = dict(d.dims)
         if d.edits:
-            dims["edits"] = ",".join(f"{k}={v}" for k, v in d.edits.items())
+            dims["edits"] = ",".join(_edit_text(k, v) for k, v in d.edits.items())
         return Event(d.at, d.action, d.id, est.model if est else "", provider, 0,
                      est.input_tokens if est else 0, est.output_tokens if est else 0,
                      est.price.estimated_price if est else False, dims, rule, bucket, amounts)
@@ -648,6 +663,25 @@ class Engine:
         if fit < trip.rule.min_output or fit >= current:
             return None
         return int(fit)
+
+    def _truncate(self, request: Request, body: Mapping[str, Any],
+                  trip: Trip) -> tuple[str, list[Any], int, Estimate] | None:
+        """The conversation with the fewest oldest turns dropped whose worst case fits ``trip``'s
+        headroom: (its field, the kept items, how many were dropped, its estimate); None when no
+        cut fits. Every cut is priced, fewest dropped first — a shorter prompt is not always a
+        cheaper worst case (without ``max_tokens`` the output bound grows as the input shrinks),
+        so the first that fits is the least taken away. A request priced from given token counts
+        (a replayed trace) has no conversation to shorten."""
+        if request.shape is not None or request.fixed_nanos is not None:
+            return None
+        for dropped, shorter in truncate.shorter(request.provider, request.route, body):
+            est = self._estimate(request, shorter)
+            amount = est.cost_nanos if trip.unit == "usd" else est.tokens
+            if amount <= trip.headroom:
+                name = truncate.conversation_field(request.provider, request.route, shorter)
+                assert name is not None
+                return name, shorter[name], dropped, est
+        return None
 
     @staticmethod
     def _output_field(route: str, body: Mapping[str, Any]) -> str:
@@ -874,6 +908,14 @@ def fixed_estimate(provider: str, route: str, name: str, nanos: int) -> Estimate
     price = ModelPrice(provider, name, _FREE, _FREE, source="a fixed amount named by the caller")
     return Estimate(provider, route, TokenShape(name, 0, 0), Resolution(name, price, "exact"), 0,
                     "fixed amount", nanos)
+
+
+def _edit_text(name: str, value: Any) -> str:
+    """One edit as the decision log shows it: a truncated conversation by its length (the log
+    keeps no prompt text), any other edit by its value."""
+    if isinstance(value, list):
+        return f"{name}=[{len(value)} kept]"
+    return f"{name}={value}"
 
 
 def _recheck_once(key: str, seen: set[str]) -> bool | None:

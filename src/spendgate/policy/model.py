@@ -11,10 +11,10 @@ from decimal import Decimal
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-Action = Literal["block", "hold", "downgrade", "clamp", "alert"]
-ACTIONS: tuple[Action, ...] = ("block", "hold", "downgrade", "clamp", "alert")
+Action = Literal["block", "hold", "downgrade", "clamp", "truncate", "alert"]
+ACTIONS: tuple[Action, ...] = ("block", "hold", "downgrade", "clamp", "truncate", "alert")
 #: How restrictive each outcome is; the most restrictive of all tripped rules wins.
-SEVERITY: dict[str, int] = {"block": 4, "hold": 3, "clamp": 2, "downgrade": 2, "alert": 1, "allow": 0}
+SEVERITY: dict[str, int] = {"block": 4, "hold": 3, "clamp": 2, "downgrade": 2, "truncate": 2, "alert": 1, "allow": 0}
 SCOPES = ("global", "key", "user", "team", "session", "agent", "feature", "model", "provider", "tier")
 CALENDAR = ("day", "week", "month")
 
