@@ -313,3 +313,28 @@ def test_the_sdk_sends_the_shortened_messages() -> None:
         assert len(sent) == 1 and sent[0]["messages"] == kept and sent[0]["max_tokens"] == 10
     finally:
         spendgate.configure(store="memory://", policy=default_policy())
+
+
+def test_a_budget_block_may_truncate_too() -> None:
+    items = long_chat()
+    body = body_of("chat", items)
+    kept = [items[0], *items[5:]]
+    fits = ESTIMATOR.estimate("openai", CHAT, {**body, "messages": kept}).cost_nanos
+    sent: list[Any] = []
+
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        sent.append(json.loads(request.content))
+        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+        return httpx2.Response(200, json={"id": "c", "created": 1, "model": "gpt-4o-mini",
+                                          "object": "chat.completion", "usage": usage, "choices": [choice]})
+
+    spendgate.configure(store="memory://", policy=parse({"defaults": False}))
+    try:
+        client = spendgate.wrap(openai.OpenAI(api_key="sk-t", max_retries=0,
+                                              http_client=httpx2.Client(transport=httpx2.MockTransport(provider))))
+        with spendgate.budget(usd=nanos_to_usd(fits), on_exceed="truncate"):
+            client.chat.completions.create(model="gpt-4o-mini", messages=items, max_tokens=10)  # type: ignore[arg-type]
+        assert len(sent) == 1 and sent[0]["messages"] == kept
+    finally:
+        spendgate.configure(store="memory://", policy=default_policy())

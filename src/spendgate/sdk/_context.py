@@ -28,7 +28,7 @@ from spendgate.sdk import _runtime
 P = ParamSpec("P")
 R = TypeVar("R")
 OnExceed = str | Callable[[Exception], bool]
-_ACTIONS = ("block", "downgrade", "clamp", "alert")
+_ACTIONS = ("block", "downgrade", "clamp", "truncate", "alert")
 
 
 @dataclass(frozen=True, slots=True)
