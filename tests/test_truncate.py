@@ -295,13 +295,7 @@ def test_the_sdk_sends_the_shortened_messages() -> None:
     kept = [items[0], *items[5:]]
     fits = ESTIMATOR.estimate("openai", CHAT, {**body, "messages": kept}).cost_nanos
     sent: list[Any] = []
-
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        sent.append(json.loads(request.content))
-        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
-        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
-        return httpx2.Response(200, json={"id": "c", "created": 1, "model": "gpt-4o-mini",
-                                          "object": "chat.completion", "usage": usage, "choices": [choice]})
+    provider = _answering(sent)
 
     spendgate.configure(store="memory://", policy=parse({"budget": [
         {"name": "per-call", "usd": str(nanos_to_usd(fits)), "window": "request", "action": "truncate"}]}))
@@ -321,13 +315,7 @@ def test_a_budget_block_may_truncate_too() -> None:
     kept = [items[0], *items[5:]]
     fits = ESTIMATOR.estimate("openai", CHAT, {**body, "messages": kept}).cost_nanos
     sent: list[Any] = []
-
-    def provider(request: httpx2.Request) -> httpx2.Response:
-        sent.append(json.loads(request.content))
-        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
-        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
-        return httpx2.Response(200, json={"id": "c", "created": 1, "model": "gpt-4o-mini",
-                                          "object": "chat.completion", "usage": usage, "choices": [choice]})
+    provider = _answering(sent)
 
     spendgate.configure(store="memory://", policy=parse({"defaults": False}))
     try:
@@ -338,3 +326,14 @@ def test_a_budget_block_may_truncate_too() -> None:
         assert len(sent) == 1 and sent[0]["messages"] == kept
     finally:
         spendgate.configure(store="memory://", policy=default_policy())
+
+
+def _answering(sent: list[Any]) -> Any:
+    """A provider that keeps each body it is sent and answers a small chat completion."""
+    def provider(request: httpx2.Request) -> httpx2.Response:
+        sent.append(json.loads(request.content))
+        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+        return httpx2.Response(200, json={"id": "c", "created": 1, "model": "gpt-4o-mini",
+                                          "object": "chat.completion", "usage": usage, "choices": [choice]})
+    return provider
