@@ -94,3 +94,17 @@ def test_status_and_report_read_the_store(tmp_path: Path, capsys: pytest.Capture
 def test_bad_store_url_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "status", "--store", "mysql://x")
     assert code == 1 and "unknown store URL" in err
+
+
+def test_a_malformed_tag_names_the_flag_it_came_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "keys", "create", "--user", "ana", "--tag", "search", "--store",
+                       f"sqlite:///{tmp_path / 's.db'}")
+    assert code == 2 and "--tag: expected key=value pairs, got 'search'" in err
+    assert "X-Spendgate-Tags" not in err
+
+
+def test_a_malformed_tags_header_names_the_header() -> None:
+    from spendgate.proxy.identity import Credentials, identity
+
+    with pytest.raises(ValueError, match=r"^X-Spendgate-Tags: expected key=value pairs, got 'search'$"):
+        identity("openai", {"x-spendgate-tags": "search"}, {}, Credentials("k", "sk"))

@@ -64,6 +64,21 @@ class Identity:
                           self.feature or "", tags))
 
 
+def parse_tags(value: str) -> dict[str, str]:
+    """``feature=search, team=ml`` -> {"feature": "search", "team": "ml"}: the one text form of tags,
+    in a header (``X-Spendgate-Tags``) or on the command line (``--tag``); a malformed part raises
+    ValueError naming it (the caller says where it came from)."""
+    tags: dict[str, str] = {}
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            raise ValueError(f"expected key=value pairs, got {part.strip()!r}")
+        tags[k.strip()] = v.strip()
+    return tags
+
+
 def hash_key(secret: str) -> str:
     """A stable, non-reversible id for a provider key (the first 16 hex of its SHA-256)."""
     return hashlib.sha256(secret.encode()).hexdigest()[:16]

@@ -12,7 +12,7 @@ from spendgate.errors import ConfigError, SpendgateError
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from spendgate import approvals, keys
-    from spendgate.proxy.identity import parse_tags
+    from spendgate.request import parse_tags
 
     if args.keys_command == "create":
         try:

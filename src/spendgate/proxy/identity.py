@@ -21,7 +21,7 @@ from typing import Any
 
 from spendgate import keys
 from spendgate.ledger import Ledger
-from spendgate.request import Identity, hash_key
+from spendgate.request import Identity, hash_key, parse_tags
 
 SESSION_HEADERS = ("x-spendgate-session", "x-claude-code-session-id", "session-id")
 PROVIDER_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -64,19 +64,6 @@ def credentials(provider: str, headers: Mapping[str, str], store: Ledger) -> Cre
     return Credentials(hash_key(raw), raw)
 
 
-def parse_tags(value: str) -> dict[str, str]:
-    """``feature=search, team=ml`` -> {"feature": "search", "team": "ml"}; malformed parts raise."""
-    tags: dict[str, str] = {}
-    for part in value.split(","):
-        if not part.strip():
-            continue
-        k, sep, v = part.partition("=")
-        if not sep or not k.strip() or not v.strip():
-            raise ValueError(f"X-Spendgate-Tags: expected key=value pairs, got {part.strip()!r}")
-        tags[k.strip()] = v.strip()
-    return tags
-
-
 def _client_user(provider: str, headers: Mapping[str, str], body: Mapping[str, Any],
                  tags: Mapping[str, str]) -> str | None:
     user = headers.get("x-spendgate-user") or tags.get("user")
@@ -91,7 +78,10 @@ def _client_user(provider: str, headers: Mapping[str, str], body: Mapping[str, A
 
 
 def identity(provider: str, headers: Mapping[str, str], body: Mapping[str, Any], creds: Credentials) -> Identity:
-    tags = parse_tags(headers.get("x-spendgate-tags", ""))
+    try:
+        tags = parse_tags(headers.get("x-spendgate-tags", ""))
+    except ValueError as exc:
+        raise ValueError(f"X-Spendgate-Tags: {exc}") from None
     vkey = creds.virtual
     bound: dict[str, str] = {}  # what the key says: it wins over every header, tag and body field
     if vkey is not None:
