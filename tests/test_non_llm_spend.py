@@ -368,7 +368,8 @@ def test_http_reserve_capture_release_and_refusal(servers: Servers) -> None:
     assert second["error"]["spendgate"] == second["spendgate"] and second["error"]["code"] == "spendgate_blocked"
     assert second["spendgate"]["remaining_usd"] == "0.5"
     # only the key that reserved may settle it
-    assert http(servers, f"/spendgate/reserve/{rid}/capture", {"usd": "0.1"}, "sk-someone-else")[0] == 404
+    other, _ = keys.create(servers.store, team="ml")
+    assert http(servers, f"/spendgate/reserve/{rid}/capture", {"usd": "0.1"}, other)[0] == 404
     status, doc = http(servers, f"/spendgate/reserve/{rid}/capture", {"usd": "0.4"}, secret)
     assert status == 200 and doc["charged_usd"] == "0.4" and doc["captured"] is True
     assert http(servers, f"/spendgate/reserve/{rid}/capture", {"usd": "0.4"}, secret)[0] == 404  # once
@@ -387,11 +388,15 @@ def test_http_reserve_capture_release_and_refusal(servers: Servers) -> None:
 def test_http_spend_needs_the_callers_own_key_and_a_valid_amount(servers: Servers) -> None:
     assert http(servers, "/spendgate/charge", {"usd": "0.1"})[0] == 401
     assert http(servers, "/spendgate/charge", {"usd": "0.1"}, "sg-not-a-key")[0] == 401
+    # a provider key is never checked here (nothing calls the provider): it could be any string
+    status, doc = http(servers, "/spendgate/charge", {"usd": "0.1"}, "sk-made-up")
+    assert status == 401 and "virtual key" in doc["error"]["message"]
+    mine, _ = keys.create(servers.store, user="ana")
     for bad, names in (({"usd": "-1"}, "usd"), ({"usd": "NaN"}, "usd"), ({}, "usd"),
                        ({"usd": "0.1", "tags": {"a": 1}}, "tags"), ({"usd": 1, "name": ""}, "name")):
-        status, doc = http(servers, "/spendgate/charge", bad, "sk-mine")
+        status, doc = http(servers, "/spendgate/charge", bad, mine)
         assert status == 400 and doc["error"]["message"].startswith(f"spendgate: {names}"), bad
-    assert http(servers, "/spendgate/reserve/nope/release", None, "sk-mine")[0] == 404
+    assert http(servers, "/spendgate/reserve/nope/release", None, mine)[0] == 404
     assert [e for e in servers.store.events(0) if e.kind == "capture"] == []
 
 

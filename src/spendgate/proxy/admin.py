@@ -150,11 +150,11 @@ def spend_routes(app: web.Application, proxy: Proxy) -> None:
     """``POST /spendgate/charge``, ``/spendgate/reserve``, ``/spendgate/reserve/{id}/capture`` and
     ``/release``: the SDK's ``charge`` / ``reserve`` for a tool in another process or language.
 
-    Authenticated like a proxied request — the caller's own key (``Authorization: Bearer`` or
-    ``x-api-key``): a spendgate virtual key, whose bindings (user, team, tags) no body field
-    overrides, or a provider key, counted under its hash. Not the admin token: the spend counts
-    under the caller's budgets. A reservation is kept in the store, so any instance sharing it can
-    capture or release it, and only with the key that made it."""
+    Authenticated with the caller's own key (``Authorization: Bearer`` or ``x-api-key``): a
+    spendgate virtual key, whose bindings (user, team, tags) no body field overrides. Not a
+    provider key — nothing here calls the provider, so nothing could check one — and not the admin
+    token: the spend counts under the caller's budgets. A reservation is kept in the store, so any
+    instance sharing it can capture or release it, and only with the key that made it."""
 
     async def charge(request: web.Request) -> web.StreamResponse:
         return await _tool_spend(request, proxy, reserve=False)
@@ -190,14 +190,17 @@ def _caller_credentials(headers: Mapping[str, str], proxy: Proxy) -> Credentials
     auth = headers.get("authorization", "")
     raw = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "").strip()
     if not raw:
-        raise PermissionError("send your own key (Authorization: Bearer <key>, a spendgate virtual key or your "
-                              "provider key): the spend counts under its budgets")
-    if raw.startswith("sg-"):
-        vkey = keys.lookup(proxy.store, raw, now=time.time())
-        if vkey is None:
-            raise PermissionError("unknown or revoked spendgate key")
-        return Credentials(hash_key(raw), None, vkey)
-    return Credentials(hash_key(raw), None)
+        raise PermissionError("send your own spendgate virtual key (Authorization: Bearer sg-…): the spend "
+                              "counts under its budgets")
+    if not raw.startswith("sg-"):
+        # a provider key is checked by the provider when a request is forwarded; here nothing is,
+        # so any string would do, and anyone reaching the port could fill a shared budget with it
+        raise PermissionError("the spend routes take a spendgate virtual key (sg-…, from spendgate keys create): "
+                              "a provider key cannot be checked without a call to the provider")
+    vkey = keys.lookup(proxy.store, raw, now=time.time())
+    if vkey is None:
+        raise PermissionError("unknown or revoked spendgate key")
+    return Credentials(hash_key(raw), None, vkey)
 
 
 def _caller_identity(headers: Mapping[str, str], tags: Mapping[str, str], creds: Credentials) -> Identity:
