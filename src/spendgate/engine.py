@@ -13,6 +13,7 @@ The engine knows nothing of HTTP; the proxy and the SDK turn a :class:`Decision`
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import math
@@ -23,16 +24,20 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar, cast
 
+from spendgate.buckets import Limit, RuleBucket, rule_buckets, rule_limit
+from spendgate.buckets import bucket_key as bucket_key
+from spendgate.buckets import tokens_key as tokens_key
 from spendgate.errors import StoreError
 from spendgate.estimate import FREE_ROUTES, Estimate, Estimator
 from spendgate.estimate.shape import TokenShape
 from spendgate.ledger import AlertMark, Authorization, Bucket, BucketState, Event, Ledger, Line
 from spendgate.ledger.spool import Spool
 from spendgate.money import fmt_usd, nanos_to_usd, usd_to_nanos
-from spendgate.policy.model import SEVERITY, Policy, Rule, policy_hash
+from spendgate.policy.model import SEVERITY, Policy, Rule, capability_rank, policy_hash
+from spendgate.policy.runtime import Pause, pause_applies
 from spendgate.pricing.cost import Usage, output_rate, usage_nanos, worst_case_nanos
 from spendgate.pricing.table import ModelPrice, PriceTable, Rate, Resolution
-from spendgate.request import NONE, TOOL, Request
+from spendgate.request import NONE, TOOL, Identity, Request
 from spendgate.usage import UnreadableUsage, read_usage, warn_unknown
 from spendgate.wire import truncate
 
@@ -137,6 +142,10 @@ class Decision:
     dry: bool = False
     #: rules a forced request (spend that already happened) was recorded past: each is now over
     over: tuple[str, ...] = ()
+    #: what refused a request before it was priced (a pause, a capability, a key's models)
+    refused_by: str = ""
+    #: shadow rules that would have refused this request (recorded as ``would_refuse`` events)
+    would_refuse: tuple[str, ...] = ()
 
     @property
     def retryable(self) -> bool:
@@ -160,7 +169,7 @@ class Decision:
         out: dict[str, Any] = {
             "decision_id": self.id,
             "action": self.action,
-            "rule": t.rule.name if t else None,
+            "rule": t.rule.name if t else (self.refused_by or None),
             "scope": t.scope if t else None,
             "window": t.rule.window.text if t else None,
             "limit_usd": usd(t.limit) if t else None,
@@ -177,6 +186,8 @@ class Decision:
         }
         if t is not None and t.unit == "tokens":
             out.update(limit_tokens=t.limit, used_tokens=t.used, estimate_tokens=t.amount)
+        if t is not None and t.unit == "requests":
+            out.update(limit_requests=t.limit, used_requests=t.used)
         if t is not None and t.bucket is not None and self.tightest is not None:
             out["spent_usd"] = usd(self.tightest.spent)
             out["held_usd"] = usd(self.tightest.held)
@@ -187,12 +198,12 @@ class Decision:
             return ""
         t = self.trip
         if t is None:
-            return "fix the request"
+            return "ask an operator" if self.refused_by else "fix the request"
         if t.rule.immutable:
             return "this limit is immutable: lower max_tokens or use a cheaper model"
         if self.action == "hold":
             return "approve this request (spendgate approve ID, optionally --max USD) or wait for the window"
-        if t.resets_at is not None:
+        if t.resets_at is not None or t.unit == "requests":
             return "wait for the window to reset, or raise the budget"
         return "lower max_tokens, use a cheaper model, or raise the budget"
 
@@ -229,13 +240,32 @@ class Engine:
                 kwargs["anthropic_factor"] = policy.anthropic_token_factor
             estimator = Estimator(prices, policy.unpriced, **kwargs)
         self.estimator = estimator
-        # immutable rules are weighed first (SPEC §3)
-        self._rules = sorted(policy.rules, key=lambda r: not r.immutable)
-        self._usd_limit = {r.name: usd_to_nanos(r.usd) for r in policy.rules if r.usd is not None}
-        #: names the policy in every audit entry
-        self.policy_hash = policy_hash(policy)
+        #: one scope's own limits (``spendgate budgets limit``), by (rule name, ``per=value``)
+        self.limits: Mapping[tuple[str, str], Limit] = {}
+        #: what is paused (``spendgate pause``): refused before pricing, whatever else allows
+        self.pauses: tuple[Pause, ...] = ()
+        self.set_policy(policy)
         #: told of every decision, approval and settlement (the audit log, metrics)
         self.observers: list[Observer] = []
+
+    def set_policy(self, policy: Policy) -> None:
+        """Decide from now on under ``policy`` (a reload, a run-time rule): nothing counted changes —
+        the ledger keeps spend by bucket, and a limit is only what the next request is weighed
+        against. A decision already running finishes under the policy it started with."""
+        # immutable rules are weighed first (SPEC §3)
+        rules = tuple(sorted(policy.rules, key=lambda r: not r.immutable))
+        usd_limit = {r.name: usd_to_nanos(r.usd) for r in policy.rules if r.usd is not None}
+        digest = policy_hash(policy)
+        self._rules, self._usd_limit, self.policy_hash, self.policy = rules, usd_limit, digest, policy
+
+    def set_overrides(self, limits: Mapping[tuple[str, str], Limit], pauses: Sequence[Pause]) -> None:
+        """Per-scope limits and pauses as the store holds them now (see :mod:`spendgate.policy.runtime`)."""
+        self.limits, self.pauses = dict(limits), tuple(pauses)
+
+    def buckets_for(self, rule: Rule, scope: str, now: float) -> list[RuleBucket]:
+        """The buckets ``rule`` keeps for ``scope`` now, with that scope's own limits: what a request
+        in that scope is weighed against (``/spendgate/me``, a top-up, a limit shown)."""
+        return list(rule_buckets(rule, scope, now, self.limits.get((rule.name, scope))))
 
     def emit(self, event: Event, request: bytes | None = None) -> None:
         """Tell every observer of ``event`` (cheap when there are none)."""
@@ -302,6 +332,12 @@ class Engine:
         did = secrets.token_hex(8)
         if (request.provider, request.route) in FREE_ROUTES:
             return Decision(did, "allow", True, None, request.body, message="free route")
+        policy, all_rules = self.policy, (*self._rules, *request.identity.rules, *extra_rules)
+        early = self._before_pricing(request, policy, all_rules, did, now)
+        if early is not None:
+            if not request.dry:
+                yield from self._log_refusal(early, request)
+            return early
         est = self._estimate(request, request.body)
         original = est
         body: dict[str, Any] = dict(request.body)
@@ -314,14 +350,17 @@ class Engine:
         applied: list[str] = []
         over: list[str] = []  # rules a forced request goes past (it is recorded all the same)
         truncated = False  # a truncate rule dropped older turns (the edit is the whole conversation)
+        if policy.version is not None:
+            dims["policy_version"] = policy.version
         for _ in range(MAX_REMEDIES):
             # a tool is no model: it is not put in the strict tier meant for unknown models
-            tier = TOOL if request.fixed_nanos is not None else self.policy.tiers.tier_of(est.model)
-            rules = [r for r in (*self._rules, *extra_rules)
+            tier = TOOL if request.fixed_nanos is not None else policy.tiers.tier_of(est.model)
+            rules = [r for r in all_rules
                      if r.match.matches(est.model, request.provider, tier, request.identity.tags)]
             request_trips, alerts = self._request_trips(rules, est, bypass)
             lines, owners = self._lines(rules, request, est, tier, now, bypass, did, marks=not request.dry)
-            trips = [t for t in request_trips if t.rule.action != "alert"]
+            shadow = [t for t in request_trips if policy.mode_of(t.rule) == "shadow" and t.rule.action != "alert"]
+            trips = [t for t in request_trips if t.rule.action != "alert" and t not in shadow]
             if request.force:  # already spent: a per-call limit it breaks is reported, not enforced
                 over += [t.rule.name for t in trips]
                 trips = []
@@ -354,19 +393,26 @@ class Engine:
                 else:
                     trips = [self._bucket_trip(owners[k], auth.state(k), lines, k, now) for k in auth.refused]
             if hold_id is not None:
+                shadow += self._shadow_trips(lines, owners, states, policy)
+                if shadow and not request.dry:
+                    yield from self._log_would_refuse(shadow, did, request, est, dims, now)
+                    notes += [f"shadow: budget \"{t.rule.name}\" would have refused this request" for t in shadow]
                 alerts += self._alerts(rules, lines, owners, states)
                 alerts += [f"{name}: recorded past its limit (spend that already happened)" for name in over]
                 action = "alert" if alerts else ("downgrade" if "model" in edits else
                                                  "truncate" if truncated else "clamp" if edits else "allow")
                 allowed = Decision(did, action, True, est, body, edits, hold_id, None,
                                    _tightest(states), tuple(alerts), tuple(notes), "", original, dims, now,
-                                   tuple(applied), over=tuple(over))
+                                   tuple(applied), over=tuple(over),
+                                   would_refuse=tuple(dict.fromkeys(t.rule.name for t in shadow)))
                 if self.observers and not request.dry:
                     self.emit(self.decision_event(allowed, request.provider), request.raw)
                 return allowed
             trip = self._worst(trips)
-            # an immutable hold could never be approved: it is a block
+            # an immutable hold could never be approved: it is a block; no remedy lowers a count of requests
             act = "block" if trip.rule.immutable and trip.rule.action == "hold" else trip.rule.action
+            if trip.unit == "requests" and act in ("downgrade", "clamp", "truncate"):
+                act = "block"
             ok: bool | None = False
             if act == "hold" and approval is not None:
                 ok = yield from self._approve(approval, trip, est, now, bypass, granted, did, dims)
@@ -379,7 +425,7 @@ class Engine:
                 applied.append(trip.rule.name)
                 continue
             if act == "downgrade":
-                cheaper = self._downgrade_target(trip.rule, est)
+                cheaper = self._downgrade_target(trip.rule, est, request.identity)
                 if cheaper is not None:
                     body["model"] = cheaper
                     edits["model"] = cheaper
@@ -448,6 +494,8 @@ class Engine:
             rule, bucket = t.rule.name, t.bucket.key if t.bucket is not None else ""
             unit = "_usd" if t.unit == "usd" else "_tokens"
             amounts.update({f"limit{unit}": t.limit, f"used{unit}": t.used, f"request{unit}": t.amount})
+        elif d.refused_by:
+            rule = d.refused_by
         elif d.applied:
             rule = ",".join(d.applied)
         dims = dict(d.dims)
@@ -514,36 +562,101 @@ class Engine:
     def _lines(self, rules: Sequence[Rule], request: Request, est: Estimate, tier: str, now: float,
                bypass: set[str], did: str, marks: bool = True
                ) -> tuple[list[Line], dict[str, tuple[Rule, str, float | None]]]:
-        """One ledger line per (rule, unit) of every windowed rule, with who owns each bucket."""
+        """One ledger line per (rule, unit) of every windowed rule, with who owns each bucket. A
+        shadow or alert rule's lines count without a limit: they never refuse."""
         lines: list[Line] = []
         owners: dict[str, tuple[Rule, str, float | None]] = {}
+        amounts = {"usd": est.cost_nanos, "tokens": est.tokens, "requests": 1}
         for r in rules:
-            w = r.window
-            if w.kind == "request":
+            if r.window.kind == "request":
                 continue
             value = {"model": est.model, "provider": request.provider, "tier": tier}.get(r.per) \
                 or request.identity.value(r.per)
             scope = f"{r.per}={value}"
-            key, resets, window_s, period = bucket_key(r.name, scope), None, None, ""
-            if w.kind == "calendar":
-                period, resets = w.period_of(now, r.tz)
-                key = bucket_key(r.name, scope, period)
-            elif w.kind == "rolling":
-                window_s = w.seconds
-                period = str(int(now // w.seconds))
-            enforce = r.action != "alert" and r.name not in bypass
-            for unit, limit, amount in (("usd", self._usd(r), est.cost_nanos),
-                                        ("tokens", r.tokens, est.tokens)):
-                if limit is None:
-                    continue
-                lim = int(limit)
-                k = key if unit == "usd" else tokens_key(key)
-                fire = _marks(r, k, unit, lim, scope, period, now, did, est.model) \
+            enforce = r.action != "alert" and r.name not in bypass and self.policy.mode_of(r) == "enforce"
+            for rb in rule_buckets(r, scope, now, self.limits.get((r.name, scope))):
+                fire = _marks(r, rb.key, rb.unit, rb.limit, scope, rb.period, now, did, est.model) \
                     if marks and (r.alert_at or r.action == "alert") else ()
-                lines.append(Line(Bucket(k, lim if enforce else None, window_s, unit, resets), amount,  # type: ignore[arg-type]
-                                  fire))
-                owners[k] = (r, scope, resets)
+                lines.append(Line(rb.bucket(enforce), amounts[rb.unit], fire))
+                owners[rb.key] = (r, scope, rb.resets_at)
         return lines, owners
+
+    def _limit(self, rule: Rule, unit: str, scope: str) -> int | None:
+        """``rule``'s limit in ``unit`` for ``scope``, with the scope's own limit if it has one."""
+        return rule_limit(rule, unit, self.limits.get((rule.name, scope)))
+
+    def _shadow_trips(self, lines: Sequence[Line], owners: Mapping[str, tuple[Rule, str, float | None]],
+                      states: Sequence[BucketState], policy: Policy) -> list[Trip]:
+        """The buckets of shadow rules this request took past their limit: the refusals they would
+        have made (the hold is placed either way, so ``states`` already include this request)."""
+        out = []
+        for line, st in zip(lines, states, strict=True):
+            rule, scope, resets = owners[line.bucket.key]
+            if policy.mode_of(rule) != "shadow" or rule.action == "alert":
+                continue
+            limit = self._limit(rule, line.bucket.unit, scope)
+            if limit is not None and st.used > limit + st.granted:
+                out.append(Trip(rule, line.bucket.unit, limit + st.granted, st.used - line.amount, line.amount,
+                                line.bucket, scope, resets))
+        return out
+
+    def _log_would_refuse(self, trips: Sequence[Trip], did: str, request: Request, est: Estimate,
+                          dims: Mapping[str, str], now: float) -> Generator[LedgerCall, Any, None]:
+        """One ``would_refuse`` event per shadow rule the request went past, kept in the store (so
+        ``report`` and the decision list show it) and told to the observers (the audit log)."""
+        for t in trips:
+            unit = f"_{t.unit}"
+            event = Event(now, "would_refuse", did, est.model, request.provider, 0, est.input_tokens,
+                          est.output_tokens, est.price.estimated_price, dict(dims), t.rule.name,
+                          t.bucket.key if t.bucket is not None else "",
+                          {"estimate_usd": est.cost_nanos, f"limit{unit}": t.limit, f"used{unit}": t.used,
+                           f"request{unit}": t.amount})
+            try:
+                yield ("record", {"event": event})
+            except StoreError as exc:
+                log.warning("would_refuse of %s not logged in the store: %s", did, exc)
+            self.emit(event, request.raw)
+
+    def _before_pricing(self, request: Request, policy: Policy, rules: Sequence[Rule], did: str,
+                        now: float) -> Decision | None:
+        """Refusals that need no price: a pause, a model the caller's key does not allow, a rule whose
+        capability the caller lacks. Each is a block no approval lifts."""
+        ident = request.identity
+        model = str(request.body.get("model") or "")
+        dims = ident.dims()
+        dims["route"] = request.route
+        why = by = ""
+        for p in self.pauses:
+            if pause_applies(p, ident, model, request.provider):
+                what = "all requests" if p.scope == "global" else p.scope
+                why = (f"spendgate: {what} paused by {p.by or 'an operator'} at {clock_text(p.at, now)}"
+                       + (f" ({p.reason})" if p.reason else "") + "; nothing is sent until it is resumed "
+                       "(spendgate resume). No approval lifts a pause.")
+                by = "pause"
+                break
+        if not why and model and not _model_allowed(ident, model):
+            why = (f"spendgate: this key may call only {', '.join(ident.models)}; {model!r} is not one of them. "
+                   "Use an allowed model, or ask an operator for a key that allows it.")
+            by = "key-models"
+        if not why:
+            tier = policy.tiers.tier_of(model) if model else ""
+            have = capability_rank(ident.capability)
+            for r in rules:
+                need = r.requires_capability
+                if need is None or capability_rank(need) <= have:
+                    continue
+                if not r.match.matches(model, request.provider, tier, ident.tags):
+                    continue
+                if policy.mode_of(r) == "shadow":
+                    continue  # a capability rule being rolled out refuses nothing
+                why = (f"spendgate: budget \"{r.name}\" requires capability {need}; this request carries "
+                       f"{ident.capability or 'none'}. A virtual key made with --capability {need} (or higher) "
+                       "may send it.")
+                by = r.name
+                break
+        if not why:
+            return None
+        return Decision(did, "block", False, None, request.body, message=why, dims=dims, at=now, refused_by=by)
 
     def _bucket_trip(self, owner: tuple[Rule, str, float | None], state: BucketState,
                      lines: Sequence[Line], key: str, now: float) -> Trip:
@@ -640,11 +753,13 @@ class Engine:
                               trip.bucket.key if trip.bucket is not None else None, amount, dims,
                               est.model if est is not None else "", est.provider if est is not None else "")
 
-    def _downgrade_target(self, rule: Rule, est: Estimate) -> str | None:
+    def _downgrade_target(self, rule: Rule, est: Estimate, identity: Identity) -> str | None:
+        """The cheaper model ``rule`` names for this one — never one the caller's key does not allow."""
         names = [est.model, est.model.lower(), est.price.price.model]
         for n in names:
             if n in rule.downgrade:
-                return rule.downgrade[n]
+                cheaper = rule.downgrade[n]
+                return cheaper if _model_allowed(identity, cheaper) else None
         return None
 
     def _clamp(self, trip: Trip, est: Estimate) -> int | None:
@@ -694,9 +809,9 @@ class Engine:
         """Alert-mode rules that this request takes past their limit, and ``alert_at`` crossings."""
         out = []
         for line, st in zip(lines, states, strict=True):
-            rule = owners[line.bucket.key][0]
-            limit = line.bucket.limit if line.bucket.limit is not None else (
-                self._usd(rule) if line.bucket.unit == "usd" else rule.tokens)
+            rule, scope, _ = owners[line.bucket.key]
+            limit = line.bucket.limit if line.bucket.limit is not None else \
+                self._limit(rule, line.bucket.unit, scope)
             if not limit:
                 continue
             before, after = st.used - line.amount, st.used
@@ -948,7 +1063,7 @@ def _marks(rule: Rule, key: str, unit: str, limit: int, scope: str, period: str,
     if unit == "usd":
         base["limit_usd"] = str(nanos_to_usd(limit))
     else:
-        base["limit_tokens"] = str(limit)
+        base[f"limit_{unit}"] = str(limit)
     marks = []
     for frac in rule.alert_at:
         text = format(frac.normalize(), "f")
@@ -963,14 +1078,13 @@ def _marks(rule: Rule, key: str, unit: str, limit: int, scope: str, period: str,
     return tuple(marks)
 
 
-def bucket_key(rule_name: str, scope: str, period: str | None = None) -> str:
-    """The ledger key of one rule's bucket: ``name|per=value`` (``|period`` for calendar windows)."""
-    key = f"{rule_name}|{scope}"
-    return f"{key}|{period}" if period else key
-
-
-def tokens_key(usd_key: str) -> str:
-    return f"{usd_key}#tokens"
+def _model_allowed(identity: Identity, model: str) -> bool:
+    """Whether the caller's key allows ``model`` (a key without a model list allows any)."""
+    if not identity.models:
+        return True
+    m = model.lower()
+    return any(fnmatch.fnmatchcase(m, g.lower()) or fnmatch.fnmatchcase(m.rsplit("/", 1)[-1], g.lower())
+               for g in identity.models)
 
 
 def global_keys(rule: Rule) -> list[str]:
@@ -1049,6 +1163,8 @@ def refusal_message(d: Decision, store_url: str | None = None) -> str:
                   f"{fmt_usd(t.limit)} budget is already spent or held")
         if t.bucket is None:
             amount = f"this request's worst case is {fmt_usd(t.amount)}, over the {fmt_usd(t.limit)} per-call limit"
+    elif t.unit == "requests":
+        amount = f"{t.used:,} of the {t.limit:,} requests it allows are already made or in flight"
     else:
         amount = f"this request could use {t.amount:,} tokens; {t.used:,} of {t.limit:,} are used"
     verb = {"hold": "is held for approval", "block": "was refused"}.get(d.action, "was refused")

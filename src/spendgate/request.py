@@ -7,10 +7,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spendgate.estimate.shape import TokenShape
 from spendgate.money import usd_to_nanos
+
+if TYPE_CHECKING:
+    from spendgate.policy.model import Rule
 
 NONE = "(none)"
 #: The provider and route of spend that is not an LLM call (a paid search API, a tool): priced at
@@ -30,6 +33,13 @@ class Identity:
     agent: str | None = None
     feature: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    #: what the caller may be trusted with (:data:`spendgate.policy.model.CAPABILITIES`): from its
+    #: virtual key, or from the client only where the policy trusts clients with it
+    capability: str | None = None
+    #: the model globs the caller's key allows (empty: any model)
+    models: tuple[str, ...] = ()
+    #: budgets bound to the caller's key, applied like any rule (a key's own ``--usd`` budget)
+    rules: tuple[Rule, ...] = ()
 
     def value(self, per: str) -> str:
         """The scope value a ``per`` rule counts this identity under.

@@ -32,7 +32,8 @@ from spendgate.money import nanos_to_usd
 GENESIS = "0" * 64
 
 #: kinds that answer a request: they carry the request body's hash
-DECISION_KINDS = frozenset({"allow", "downgrade", "clamp", "truncate", "alert", "block", "hold", "deny"})
+DECISION_KINDS = frozenset({"allow", "downgrade", "clamp", "truncate", "alert", "block", "hold", "deny",
+                            "would_refuse"})
 #: kinds that charge a budget: they carry the cost and token counts
 CHARGE_KINDS = frozenset({"capture", "unknown", "expired"})
 KINDS = DECISION_KINDS | CHARGE_KINDS | {"approval", "released"}

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from spendgate.errors import StoreError
 
-Unit = Literal["usd", "tokens"]
+Unit = Literal["usd", "tokens", "requests"]
 #: Rolling windows are counted in this many slots; a charge counts while any part of its slot is
 #: inside the window, so a rolling window over-counts by under one slot and never under-counts.
 SLOTS_PER_WINDOW = 60

@@ -17,6 +17,18 @@ ACTIONS: tuple[Action, ...] = ("block", "hold", "downgrade", "clamp", "truncate"
 SEVERITY: dict[str, int] = {"block": 4, "hold": 3, "clamp": 2, "downgrade": 2, "truncate": 2, "alert": 1, "allow": 0}
 SCOPES = ("global", "key", "user", "team", "session", "agent", "feature", "model", "provider", "tier")
 CALENDAR = ("day", "week", "month")
+#: How a rule is applied: ``enforce`` refuses; ``shadow`` refuses nothing and records each request it
+#: would have refused as a ``would_refuse`` event (SPEC §12: roll a rule out by watching it first).
+MODES = ("enforce", "shadow")
+Mode = Literal["enforce", "shadow"]
+#: What a caller may be trusted with, lowest first (agentguard-spend's tiers): a rule's
+#: ``requires_capability`` refuses, before pricing, a request whose capability ranks lower.
+CAPABILITIES = ("read_only", "data_write", "payment_initiate", "payment_execute")
+
+
+def capability_rank(capability: str | None) -> int:
+    """The rank of ``capability`` in :data:`CAPABILITIES`; a caller with none ranks below all."""
+    return CAPABILITIES.index(capability) if capability in CAPABILITIES else -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +92,12 @@ class Rule:
     downgrade: Mapping[str, str] = field(default_factory=dict)
     min_output: int = 1
     timezone: str = "UTC"
+    #: requests counted in the window (``requests = 60`` with ``window = "1m"`` is 60 RPM)
+    requests: int | None = None
+    #: None: the policy's mode
+    mode: Mode | None = None
+    #: the lowest capability (:data:`CAPABILITIES`) a request this rule matches must carry
+    requires_capability: str | None = None
 
     @property
     def tz(self) -> ZoneInfo:
@@ -155,7 +173,18 @@ class Policy:
     upstream_timeout_s: float = 600.0
     audit: AuditSettings = field(default_factory=AuditSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    #: ``shadow``: no rule refuses; each would-be refusal is recorded (a rule's own ``mode`` wins)
+    mode: Mode = "enforce"
+    #: the operator's name for this revision of the policy, recorded with every decision
+    version: str | None = None
+    #: when this policy takes over from the one in force (epoch seconds; None: at once)
+    effective_from: float | None = None
+    #: take ``X-Spendgate-Capability`` from clients (off: only a virtual key's capability counts)
+    trust_client_capability: bool = False
     source: str = "built-in defaults"
+
+    def mode_of(self, rule: Rule) -> Mode:
+        return rule.mode or self.mode
 
 
 def policy_hash(policy: Policy) -> str:

@@ -23,6 +23,8 @@ from spendgate.policy.defaults import DEFAULT_RULES
 from spendgate.policy.model import (
     ACTIONS,
     CALENDAR,
+    CAPABILITIES,
+    MODES,
     SCOPES,
     Action,
     AlertSettings,
@@ -37,14 +39,14 @@ from spendgate.policy.model import (
 
 TOP_KEYS = {"store", "unpriced", "on_store_error", "upstream", "tiers", "budget", "timezone", "hold_ttl",
             "anthropic_token_factor", "approvals", "retention_days", "upstream_timeout_s", "defaults",
-            "audit", "audit_key", "alerts"}
+            "audit", "audit_key", "alerts", "mode", "version", "effective_from", "trust_client_capability"}
 APPROVAL_KEYS = {"header_max_usd", "inband_max_usd"}
 AUDIT_KEYS = {"enabled", "checkpoint_entries", "checkpoint_seconds"}
 ALERT_KEYS = {"webhooks", "admin_url"}
 #: alert_at fractions above this are surely a typo (50 for 0.5): a threshold is a share of the limit
 MAX_ALERT_AT = Decimal(10)
-BUDGET_KEYS = {"name", "usd", "tokens", "window", "timezone", "per", "match", "action", "downgrade",
-               "alert_at", "immutable", "min_output"}
+BUDGET_KEYS = {"name", "usd", "tokens", "requests", "window", "timezone", "per", "match", "action", "downgrade",
+               "alert_at", "immutable", "min_output", "mode", "requires_capability"}
 MATCH_KEYS = {"model", "provider", "tier", "tags"}
 UPSTREAM_KEYS = {"openai", "anthropic"}
 _DURATION = re.compile(r"^(\d+)(s|m|h|d|w)$")
@@ -154,16 +156,23 @@ def _downgrade(raw: Any, where: str) -> dict[str, str]:
 
 
 def _rule(raw: Any, index: int, default_tz: str) -> Rule:
-    where = f"budget[{index}]"
+    return parse_rule(raw, f"budget[{index}]", default_tz)
+
+
+def parse_rule(raw: Any, where: str = "budget", default_tz: str = "UTC") -> Rule:
+    """One ``[[budget]]`` table as a rule, every error naming ``where`` and the field: the one
+    validation for a rule from the file, the command line or the admin API."""
     if not isinstance(raw, Mapping):
         raise _fail(where, "expected a [[budget]] table")
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         raise _fail(f"{where}.name", f"every budget needs a name, got {name!r}")
-    where = f'budget[{index}] "{name}"'
+    if any(c in name for c in "|#=\0") or name != name.strip():
+        raise _fail(f"{where}.name", f"a budget name cannot contain | # = or surrounding spaces, got {name!r}")
+    where = f'{where} "{name}"'
     _unknown(raw, BUDGET_KEYS, where)
-    if "usd" not in raw and "tokens" not in raw:
-        raise _fail(where, "a budget needs `usd` and/or `tokens`")
+    if "usd" not in raw and "tokens" not in raw and "requests" not in raw:
+        raise _fail(where, "a budget needs `usd`, `tokens` and/or `requests`")
     if "window" not in raw:
         raise _fail(f"{where}.window", "missing; expected request, total, day, week, month or a duration")
     action = cast(Action, _choice(raw.get("action", "block"), f"{where}.action", ACTIONS))
@@ -173,6 +182,12 @@ def _rule(raw: Any, index: int, default_tz: str) -> Rule:
     window = parse_window(raw["window"], f"{where}.window")
     if window.kind == "request" and per != "global":
         raise _fail(f"{where}.per", "a window = \"request\" budget is per call; `per` does not apply")
+    if window.kind == "request" and "requests" in raw:
+        raise _fail(f"{where}.requests", "counts requests in a window such as 1m or day; a window = \"request\" "
+                                         "budget is one call")
+    mode = _choice(raw["mode"], f"{where}.mode", MODES) if "mode" in raw else None
+    capability = _choice(raw["requires_capability"], f"{where}.requires_capability", CAPABILITIES) \
+        if "requires_capability" in raw else None
     downgrade = _downgrade(raw["downgrade"], f"{where}.downgrade") if "downgrade" in raw else {}
     if action == "downgrade" and not downgrade:
         raise _fail(f"{where}.downgrade", "action = \"downgrade\" needs a downgrade map or chain")
@@ -197,6 +212,9 @@ def _rule(raw: Any, index: int, default_tz: str) -> Rule:
         window=window,
         usd=parse_usd(raw["usd"], f"{where}.usd") if "usd" in raw else None,
         tokens=parse_int(raw["tokens"], f"{where}.tokens") if "tokens" in raw else None,
+        requests=parse_int(raw["requests"], f"{where}.requests") if "requests" in raw else None,
+        mode=cast(Any, mode),
+        requires_capability=capability,
         per=per,
         match=_match(raw["match"], f"{where}.match") if "match" in raw else Match(),
         action=action,
@@ -360,8 +378,40 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bo
         if "upstream_timeout_s" in doc else 600.0,
         audit=_audit(doc.get("audit", {}), doc.get("audit_key")),
         alerts=_alerts(doc["alerts"]) if "alerts" in doc else AlertSettings(),
+        mode=cast(Any, _choice(doc.get("mode", "enforce"), "mode", MODES)),
+        version=_version(doc["version"]) if "version" in doc else None,
+        effective_from=_instant(doc["effective_from"], "effective_from") if "effective_from" in doc else None,
+        trust_client_capability=_bool(doc.get("trust_client_capability", False), "trust_client_capability"),
         source=source,
     )
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(where, f"expected true or false, got {value!r}")
+    return value
+
+
+def _version(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        raise _fail("version", f"expected a version name such as \"2026-12-03.1\" or 7, got {value!r}")
+    return str(value)
+
+
+def _instant(value: Any, where: str) -> float:
+    """A TOML date-time with an offset (``2026-12-04T09:00:00Z``): an instant, never a local time
+    whose meaning depends on the server's zone."""
+    import datetime as dt
+
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise _fail(where, f"expected a date-time with an offset such as 2026-12-04T09:00:00Z, got {value!r}") \
+                from None
+    if not isinstance(value, dt.datetime) or value.tzinfo is None:
+        raise _fail(where, f"expected a date-time with an offset such as 2026-12-04T09:00:00Z, got {value!r}")
+    return value.timestamp()
 
 
 def load(path: str | Path) -> Policy:
