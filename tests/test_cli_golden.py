@@ -246,6 +246,10 @@ def replay_policy(tmp: Path) -> list[str]:
     return ["replay", str(EXAMPLES / "runaway-agent.jsonl"), "--config", str(policy), "--approve", "--json"]
 
 
+def init(tmp: Path) -> list[str]:
+    return ["init", "--preset", "strict-tiers", "--path", str(tmp / "spendgate.toml"), "--json"]
+
+
 def config_check(tmp: Path) -> list[str]:
     return ["config", "check", str(EXAMPLES / "spendgate.toml"), "--json"]
 
@@ -415,6 +419,7 @@ CASES = [
     Case("estimate_unpriced", estimate_unpriced),
     Case("replay", replay),
     Case("replay_policy", replay_policy),
+    Case("init", init),
     Case("config_check", config_check),
     Case("config_check_failing", config_check_failing),
     Case("prices_show", prices_show),

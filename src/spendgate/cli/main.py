@@ -23,6 +23,7 @@ from spendgate.cli import (
     config,
     demo,
     estimate,
+    init,
     keys,
     prices,
     reconcile,
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p, lambda value: value)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # the order of `spendgate --help`
-    for group in (prices, estimate, config, replay, report, serve, demo, approvals, keys, reconcile, audit, alerts):
+    for group in (init, prices, estimate, config, replay, report, serve, demo, approvals, keys, reconcile, audit,
+                  alerts):
         group.add_parser(sub, common)
     return p
 
