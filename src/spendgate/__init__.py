@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from spendgate.errors import BudgetExceeded, ConfigError, SpendgateError, StoreError
 from spendgate.sdk._api import Report, estimate, report
-from spendgate.sdk._context import bind, budget, tags
+from spendgate.sdk._context import bind, budget, capability, tags
 from spendgate.sdk._runtime import configure
 from spendgate.sdk._spend import Reservation, Spent, charge, reserve, tool
 
@@ -38,6 +38,7 @@ __all__ = [
     "StoreError",
     "bind",
     "budget",
+    "capability",
     "charge",
     "configure",
     "estimate",

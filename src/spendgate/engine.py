@@ -333,7 +333,8 @@ class Engine:
         if (request.provider, request.route) in FREE_ROUTES:
             return Decision(did, "allow", True, None, request.body, message="free route")
         policy, all_rules = self.policy, (*self._rules, *request.identity.rules, *extra_rules)
-        early = self._before_pricing(request, policy, all_rules, did, now)
+        # spend that already happened is recorded whatever is paused or required: it cannot be refused
+        early = None if request.force else self._before_pricing(request, policy, all_rules, did, now)
         if early is not None:
             if not request.dry:
                 yield from self._log_refusal(early, request)

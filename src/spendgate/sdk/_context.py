@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from spendgate.engine import Approval, Decision, Engine, global_keys
 from spendgate.errors import ConfigError
-from spendgate.policy.model import Rule
+from spendgate.policy.model import CAPABILITIES, Rule
 from spendgate.policy.parse import parse as parse_policy
 from spendgate.request import Request
 from spendgate.sdk import _runtime
@@ -50,6 +50,33 @@ def active_scopes() -> tuple[Scope, ...]:
 
 def active_tags() -> Mapping[str, str]:
     return _tags.get()
+
+
+_capability: contextvars.ContextVar[str | None] = contextvars.ContextVar("spendgate_capability", default=None)
+
+
+def active_capability() -> str | None:
+    return _capability.get()
+
+
+def check_capability(value: str | None, where: str) -> str | None:
+    """``value`` if it names a capability (or is None), else a ConfigError naming ``where`` and the choices."""
+    if value is not None and value not in CAPABILITIES:
+        raise ConfigError(f"{where}: expected one of {', '.join(CAPABILITIES)}, got {value!r}")
+    return value
+
+
+@contextmanager
+def capability(name: str) -> Iterator[None]:
+    """Calls inside carry capability ``name`` (``read_only`` < ``data_write`` < ``payment_initiate`` <
+    ``payment_execute``): a rule with ``requires_capability`` refuses, before pricing, a call whose
+    capability ranks lower. In-process code is the operator, so what it says here is trusted; an
+    inner block may lower or raise it, and leaving the block restores the outer one."""
+    token = _capability.set(check_capability(name, "spendgate.capability"))
+    try:
+        yield
+    finally:
+        _capability.reset(token)
 
 
 class budget:

@@ -31,7 +31,7 @@ from spendgate.errors import BudgetExceeded, ConfigError
 from spendgate.money import fmt_usd, nanos_to_usd
 from spendgate.request import Identity, Request, tool_request, usd_arg
 from spendgate.sdk import _runtime
-from spendgate.sdk._context import active_scopes, active_tags, answer_refusal
+from spendgate.sdk._context import active_capability, active_scopes, active_tags, answer_refusal
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,7 +46,7 @@ def _identity(extra: Mapping[str, str], where: str) -> Identity:
         raise ConfigError(f"{where}: tag values must be strings; {bad[0]}={extra[bad[0]]!r}")
     tags = {**active_tags(), **extra}
     return Identity(tags=tags, user=tags.get("user"), team=tags.get("team"), session=tags.get("session"),
-                    agent=tags.get("agent"), feature=tags.get("feature"))
+                    agent=tags.get("agent"), feature=tags.get("feature"), capability=active_capability())
 
 
 def _rules() -> list[Any]:

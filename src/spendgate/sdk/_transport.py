@@ -25,7 +25,7 @@ from spendgate.errors import BadRequest, BudgetExceeded, StoreError, UnpricedMod
 from spendgate.estimate import FREE_ROUTES, ROUTES
 from spendgate.request import Identity, Request, hash_key
 from spendgate.sdk import _runtime
-from spendgate.sdk._context import active_scopes, active_tags, answer_refusal
+from spendgate.sdk._context import active_capability, active_scopes, active_tags, answer_refusal
 from spendgate.usage import usage_from_body
 from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
@@ -58,8 +58,11 @@ class Guard:
     requests and responses the guard builds must be that library's, or the client rejects them."""
 
     def __init__(self, provider: str, errors: Errors, http: ModuleType,
-                 engine: Callable[[], Engine] = _runtime.engine) -> None:
+                 engine: Callable[[], Engine] = _runtime.engine, capability: str | None = None) -> None:
         self.provider = provider
+        #: the client's own capability (``wrap(client, capability=…)``); a ``spendgate.capability``
+        #: block around a call takes its place
+        self.capability = capability
         self.errors = errors
         self.http = http
         self._engine = engine
@@ -114,7 +117,8 @@ class Guard:
         if auth != self._last_auth:  # a client sends one key: hash it once, not per call
             self._last_auth, self._last_hash = auth, hash_key(auth) if auth else None
         return Identity(key=self._last_hash, tags=tags, user=tags.get("user"), team=tags.get("team"),
-                        session=tags.get("session"), agent=tags.get("agent"), feature=tags.get("feature"))
+                        session=tags.get("session"), agent=tags.get("agent"), feature=tags.get("feature"),
+                        capability=active_capability() or self.capability)
 
     # -- after --------------------------------------------------------------------------------
 

@@ -56,9 +56,10 @@ def _http_library(http: object) -> ModuleType | None:
     return None
 
 
-def wrap(client: C) -> C:
+def wrap(client: C, *, capability: str | None = None) -> C:
     """Guard an ``OpenAI``, ``AsyncOpenAI``, ``Anthropic`` or ``AsyncAnthropic`` client, on whichever
     HTTP client it holds (an ``httpx2`` one, or a legacy ``httpx`` one given as ``http_client``).
+    ``capability``: what the client's calls carry outside any ``spendgate.capability`` block.
 
     Raises :class:`ImportError` naming the ``clients`` extra when the provider SDKs are not installed."""
     sdk = type(client).__module__.split(".", 1)[0]
@@ -67,12 +68,15 @@ def wrap(client: C) -> C:
     if sdk not in _SDKS or lib is None:
         raise TypeError(f"spendgate.wrap: expected an OpenAI, AsyncOpenAI, Anthropic or AsyncAnthropic client, "
                         f"got {type(client).__name__}")
+    from spendgate.sdk._context import check_capability
     from spendgate.sdk._transport import Guard, Guarded, transports
+
+    check_capability(capability, "spendgate.wrap capability")
 
     inner = http._transport  # the client's own transport, kept underneath the guard
     if isinstance(inner, Guarded):
         return client  # already guarded
-    guard = Guard(sdk, errors_for(sdk), lib)
+    guard = Guard(sdk, errors_for(sdk), lib, capability=capability)
     kit = transports(lib)
     is_async = isinstance(http, lib.AsyncClient)
     transport = kit.async_(inner, guard) if is_async else kit.sync(inner, guard)
