@@ -101,6 +101,11 @@ def test_shadow_rules_refuse_nothing_and_record_what_they_would_have(make: Any) 
     assert day.amounts == {"estimate_usd": each, "limit_usd": usd_to_nanos(Decimal("0.01")), "used_usd": each,
                            "request_usd": each}
     assert decisions[1].would_refuse == ("per-call", "user-day")
+    # report counts each request a shadow rule would have refused once, beside what was spent
+    from spendgate.report import report
+
+    [row] = report(e.ledger, ["user"], since=T0 - 10, now=T0 + 10)
+    assert (row.group, row.would_refuse, row.refused) == (("alice",), 4, 0)
     assert any('shadow: budget "user-day" would have refused' in n for n in decisions[1].notes)
 
 

@@ -21,6 +21,8 @@ APPROVAL = "approval"
 SPEND_KINDS = frozenset({"capture", "unknown", "expired"})
 #: decisions that kept a request from being sent (a denial answers a hold already counted)
 REFUSAL_KINDS = frozenset({"block", "hold"})
+#: a shadow rule's refusal that was not made (the request went through): what enforcing it would do
+WOULD_REFUSE = "would_refuse"
 APPROVAL_FIELDS = ("channel", "by", "rule", "bucket", "granted_usd", "session")
 #: What ``report --by`` groups on without looking at the data: the event's own fields, the identity
 #: dimensions and what the engine adds (route, tier). Any other name must be a tag that a spend or
@@ -57,11 +59,14 @@ class Row:
     estimated: int
     #: requests refused (blocked, held, denied) in this group: money the guard kept
     refused: int = 0
+    #: requests a shadow rule would have refused (each counted once, however many rules)
+    would_refuse: int = 0
 
     def as_dict(self, by: Sequence[str]) -> dict[str, Any]:
         d: dict[str, Any] = dict(zip(by, self.group, strict=True))
         d.update(requests=self.requests, usd=str(nanos_to_usd(self.cost)), input_tokens=self.input_tokens,
-                 output_tokens=self.output_tokens, estimated=self.estimated, refused=self.refused)
+                 output_tokens=self.output_tokens, estimated=self.estimated, refused=self.refused,
+                 would_refuse=self.would_refuse)
         return d
 
 
@@ -73,13 +78,19 @@ def report(store: Ledger, by: Sequence[str], since: str | float = "24h", now: fl
     _expire(store, now, on_expired)
     groups: dict[tuple[str, ...], list[int]] = {}
     seen: set[str] = set()
+    shadowed: set[str] = set()
     for e in store.events(start):
         spend, refusal = e.kind in SPEND_KINDS, e.kind in REFUSAL_KINDS
+        if e.kind == WOULD_REFUSE and e.decision_id not in shadowed:
+            shadowed.add(e.decision_id)
+            key = tuple(str(getattr(e, f)) if f in EVENT_FIELDS else e.dims.get(f, "(none)") for f in by)
+            groups.setdefault(key, [0, 0, 0, 0, 0, 0, 0])[6] += 1
+            continue
         if not spend and not refusal:
             continue  # an approval lifts a limit, a release gives a hold back: neither spends (see approvals())
         seen.update(e.dims)
         key = tuple(str(getattr(e, f)) if f in EVENT_FIELDS else e.dims.get(f, "(none)") for f in by)
-        g = groups.setdefault(key, [0, 0, 0, 0, 0, 0])
+        g = groups.setdefault(key, [0, 0, 0, 0, 0, 0, 0])
         if refusal:
             g[5] += 1
             continue

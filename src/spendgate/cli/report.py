@@ -97,9 +97,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no spend in the last {args.since}")
         return 0
-    table((*by, "requests", "spent", "in tok", "out tok", "estimated", "refused"),
+    # a shadow rule's would-be refusals get a column only while one is being rolled out
+    shadow = any(r.would_refuse for r in rows)
+    table((*by, "requests", "spent", "in tok", "out tok", "estimated", "refused", *(("would refuse",) * shadow)),
           [(*r.group, r.requests, fmt_usd(r.cost), f"{r.input_tokens:,}", f"{r.output_tokens:,}",
-            r.estimated or "", styled(r.refused, REFUSED) if r.refused else "") for r in rows])
+            r.estimated or "", styled(r.refused, REFUSED) if r.refused else "",
+            *((r.would_refuse or "",) * shadow)) for r in rows])
     start = time.time() - parse_duration(args.since, "--since")
     print(f"total {fmt_usd(sum(r.cost for r in rows))} since {when(start)} ({args.since})")
     return 0
