@@ -155,6 +155,9 @@ def main() -> None:
                     help="then N more requests at c=16 through each proxy: CPU per request under sustained load")
     ap.add_argument("--audit-off", action="store_true",
                     help="also measure the same build with the audit log off, side by side")
+    ap.add_argument("--runtime-rules", type=int, default=0, metavar="N",
+                    help="also run spendgate with N run-time budgets (spendgate budgets add) in its store, "
+                         "each applying to every request, and print what they add")
     ap.add_argument("--role", choices=("upstream", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -184,6 +187,14 @@ def main() -> None:
                                        "--config", f"{tmp}/audit-off.toml", "--store",
                                        f"sqlite:///{tmp}/bench-off.db"], env=env, stderr=subprocess.DEVNULL))
         ports.append(off_port)
+    if args.runtime_rules:
+        rules_port = free_port()
+        rules_store = f"sqlite:///{tmp}/bench-rules.db"
+        add_runtime_rules(rules_store, args.runtime_rules)
+        procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port",
+                                       str(rules_port), "--store", rules_store], env=env,
+                                      stderr=subprocess.DEVNULL))
+        ports.append(rules_port)
     try:
         for p in ports:
             wait_listening(p)
@@ -191,9 +202,12 @@ def main() -> None:
                  "spendgate": f"http://127.0.0.1:{sg_port}"}
         if args.audit_off:
             paths["audit off"] = f"http://127.0.0.1:{ports[3]}"
+        if args.runtime_rules:
+            paths["rules"] = f"http://127.0.0.1:{ports[-1]}"
         print(f"{'case':34} {'c':>2} {'direct p50/p99 µs':>18} {'bare p50/p99':>16} {'spendgate p50/p99':>18} "
               f"{'added vs direct p50/p99':>24} {'vs bare p50':>12}"
-              + (f" {'audit off p50/p99':>18} {'audit adds p50/p99':>19}" if args.audit_off else ""))
+              + (f" {'audit off p50/p99':>18} {'audit adds p50/p99':>19}" if args.audit_off else "")
+              + (f" {f'{args.runtime_rules} rules p50/p99':>18} {'rules add p50':>13}" if args.runtime_rules else ""))
         for name, (path, body) in CASES.items():
             for stream in (False, True):
                 for c in (1, 8):
@@ -207,6 +221,9 @@ def main() -> None:
                     if args.audit_off:
                         o50, o99 = pct(res["audit off"], .5), pct(res["audit off"], .99)
                         off = f" {o50:8.0f}/{o99:<9.0f} {s50 - o50:9.0f}/{s99 - o99:<9.0f}"
+                    if args.runtime_rules:
+                        r50, r99 = pct(res["rules"], .5), pct(res["rules"], .99)
+                        off += f" {r50:8.0f}/{r99:<9.0f} {r50 - s50:13.0f}"
                     print(f"{label:34} {c:2d} {d50:8.0f}/{d99:<9.0f} {b50:7.0f}/{b99:<8.0f} {s50:8.0f}/{s99:<9.0f} "
                           f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{off}")
         path, body = CASES["openai chat"]
@@ -226,6 +243,14 @@ def main() -> None:
             wall = time.perf_counter() - t
             print(f"the same with the audit log off: {n / wall:,.0f} requests/s, proxy CPU "
                   f"{(cpu_seconds(procs[3].pid) - before) / n * 1e6:,.0f} µs per request")
+        if args.runtime_rules:
+            proc = procs[-1]
+            before = cpu_seconds(proc.pid)
+            t = time.perf_counter()
+            asyncio.run(drive({"rules": paths["rules"]}, path, body, n, 16))
+            wall = time.perf_counter() - t
+            print(f"the same with {args.runtime_rules} run-time budgets: {n / wall:,.0f} requests/s, proxy CPU "
+                  f"{(cpu_seconds(proc.pid) - before) / n * 1e6:,.0f} µs per request")
         if args.sustain:  # a store's costs that grow with its size (WAL, indexes) show only over time
             for name, proc in (("bare passthrough", procs[1]), ("spendgate", procs[2])):
                 before = cpu_seconds(proc.pid)
@@ -236,6 +261,20 @@ def main() -> None:
                       f"requests/s, CPU {(cpu_seconds(proc.pid) - before) / args.sustain * 1e6:,.0f} µs per request")
     finally:
         stop_all(procs)
+
+
+def add_runtime_rules(store_url: str, n: int) -> None:
+    """``n`` run-time budgets as an operator adds them, kept in the store serve reads them from:
+    per user, per team and global, day and rolling windows, roomy enough never to refuse."""
+    from spendgate import ledger
+    from spendgate.policy.runtime import put_rule
+
+    store = ledger.open(store_url)
+    pers, windows = ("user", "team", "global", "key"), ("day", "1h", "month", "24h", "week")
+    for i in range(n):
+        put_rule(store, {"name": f"runtime-{i}", "usd": 10_000, "window": windows[i % len(windows)],
+                         "per": pers[i % len(pers)]}, file_rules=(), by="bench")
+    store.close()
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
