@@ -19,6 +19,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,48 @@ def keys_revoke(tmp: Path) -> list[str]:
     return ["keys", "revoke", key.id, "--store", url, "--json"]
 
 
+def keys_create_budget(tmp: Path) -> list[str]:
+    url, _ = _files(tmp)
+    return ["keys", "create", "--user", "ana", "--usd", "50", "--window", "month", "--tokens", "2000000",
+            "--models", "gpt-4o*,claude-*", "--expires", "2030-01-01T00:00:00+00:00", "--capability", "data_write",
+            "--store", url, "--json"]
+
+
+def keys_list_budget(tmp: Path) -> list[str]:
+    """A key with its own budget, part spent: spent, held and remaining from its buckets."""
+    from spendgate import keys
+    from spendgate.engine import Engine
+    from spendgate.policy import parse
+    from spendgate.request import Identity, tool_request
+
+    url, _ = _files(tmp)
+    store = ledger.open(url)
+    try:
+        _, key = keys.create(store, user="ana", usd=Decimal("0.05"), requests=10, models=("gpt-4o-mini",),
+                             expires_at=1_893_456_000.0, capability="read_only")
+        engine = Engine(parse({"defaults": False}), store)
+        rule = key.rule()
+        assert rule is not None
+        ident = Identity(key=key.counted_as, user="ana", rules=(rule,))
+        engine.capture_amount(engine.decide(tool_request(12_345_678, ident)), 12_345_678)
+        engine.decide(tool_request(1_000_000, ident))  # held, not yet settled
+    finally:
+        store.close()
+    return ["keys", "list", "--store", url, "--json"]
+
+
+def keys_rotate(tmp: Path) -> list[str]:
+    url, _ = _files(tmp)
+    from spendgate import keys
+
+    store = ledger.open(url)
+    try:
+        _, key = keys.create(store, user="ana", usd=Decimal(1))
+    finally:
+        store.close()
+    return ["keys", "rotate", key.id, "--store", url, "--json"]
+
+
 def estimate(tmp: Path) -> list[str]:
     body = tmp / "req.json"
     body.write_text(json.dumps({"model": "claude-opus-4-8", "max_tokens": 1000,
@@ -411,8 +454,11 @@ CASES = [
     Case("approve_max", approve_max, frozenset({"id"})),
     Case("approve_once", approve_once, frozenset({"id"})),
     Case("deny", deny, frozenset({"id"})),
-    Case("keys_create", keys_create, frozenset({"key", "id", "created"})),
-    Case("keys_list", keys_list, frozenset({"id", "created"})),
+    Case("keys_create", keys_create, frozenset({"key", "id", "created", "counted_as"})),
+    Case("keys_create_budget", keys_create_budget, frozenset({"key", "id", "created", "counted_as"})),
+    Case("keys_list", keys_list, frozenset({"id", "created", "counted_as"})),
+    Case("keys_list_budget", keys_list_budget, frozenset({"id", "created", "counted_as"})),
+    Case("keys_rotate", keys_rotate, frozenset({"key", "id", "created", "counted_as"})),
     Case("keys_list_empty", keys_list_empty),
     Case("keys_revoke", keys_revoke, frozenset({"revoked"})),
     Case("estimate", estimate),

@@ -9,6 +9,13 @@ header or body field overrides it. A client fills only what the key leaves open:
 agent, tags the key does not set, and — for a key without a user, or the client's own provider key
 — its user (``X-Spendgate-User``, OpenAI ``user``, Anthropic ``metadata.user_id``). Because clients
 choose sessions, the defaults also count every key (``key-day``), which no client can rotate.
+
+A virtual key also brings its own budget (a rule in :attr:`Identity.rules`), the models it may call
+and its capability. A request made with it counts under ``key`` = the hash of the key's first
+secret (:attr:`spendgate.keys.VirtualKey.counted_as`), so rotating the secret moves no spend to a
+new bucket. ``X-Spendgate-Capability`` counts only where the policy trusts clients with it
+(``trust_client_capability = true``) and the key binds no capability: a header never widens what
+a key allows.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 
 from spendgate import keys
 from spendgate.ledger import Ledger
+from spendgate.policy.model import CAPABILITIES
 from spendgate.request import Identity, hash_key, parse_tags
 
 SESSION_HEADERS = ("x-spendgate-session", "x-claude-code-session-id", "session-id")
@@ -29,7 +37,9 @@ PROVIDER_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """The credential a client sent, and the header value to forward upstream (None: none)."""
+    """The credential a client sent, and the header value to forward upstream (None: none).
+    ``key_hash`` is what its requests count under as ``key``: a provider key's hash, or a virtual
+    key's :attr:`~spendgate.keys.VirtualKey.counted_as` (stable across rotation)."""
 
     key_hash: str | None
     forward: str | None
@@ -53,15 +63,20 @@ def credentials(provider: str, headers: Mapping[str, str], store: Ledger) -> Cre
     if not raw:
         return Credentials(None, None)
     if raw.startswith("sg-"):
-        vkey = keys.lookup(store, raw, now=time.time())
+        vkey = keys.lookup(store, raw, now=time.time())  # an expired key: PermissionError naming it
         if vkey is None:
             raise PermissionError("unknown or revoked spendgate key")
         real = os.environ.get(PROVIDER_KEY_ENV.get(provider, ""), "")
         if not real:
             raise LookupError(f"virtual key accepted, but no {PROVIDER_KEY_ENV.get(provider)} is configured "
                               "for spendgate to forward")
-        return Credentials(hash_key(raw), real, vkey)
+        return virtual_credentials(vkey, raw, real)
     return Credentials(hash_key(raw), raw)
+
+
+def virtual_credentials(vkey: keys.VirtualKey, secret: str, forward: str | None) -> Credentials:
+    """A looked-up virtual key's credentials: counted as the key, not as this secret's hash."""
+    return Credentials(vkey.counted_as or hash_key(secret), forward, vkey)
 
 
 def _client_user(provider: str, headers: Mapping[str, str], body: Mapping[str, Any],
@@ -77,7 +92,23 @@ def _client_user(provider: str, headers: Mapping[str, str], body: Mapping[str, A
     return None
 
 
-def identity(provider: str, headers: Mapping[str, str], body: Mapping[str, Any], creds: Credentials) -> Identity:
+def _capability(headers: Mapping[str, str], vkey: keys.VirtualKey | None, trust_client: bool) -> str | None:
+    """The key's capability; the client's header only where trusted and the key binds none."""
+    if vkey is not None and vkey.capability is not None:
+        return vkey.capability
+    sent = headers.get("x-spendgate-capability")
+    if not trust_client or sent is None:
+        return None
+    sent = sent.strip()
+    if sent not in CAPABILITIES:
+        raise ValueError(f"X-Spendgate-Capability: expected one of {', '.join(CAPABILITIES)}; got {sent!r}")
+    return sent
+
+
+def identity(provider: str, headers: Mapping[str, str], body: Mapping[str, Any], creds: Credentials, *,
+             trust_client_capability: bool = False) -> Identity:
+    """Who sent the request. ``trust_client_capability`` is the policy's: without it the
+    ``X-Spendgate-Capability`` header is ignored."""
     try:
         tags = parse_tags(headers.get("x-spendgate-tags", ""))
     except ValueError as exc:
@@ -91,5 +122,8 @@ def identity(provider: str, headers: Mapping[str, str], body: Mapping[str, Any],
     user = bound.get("user") or _client_user(provider, headers, body, tags)
     session = next((headers[h] for h in SESSION_HEADERS if headers.get(h)), None)
     agent = bound.get("agent") or headers.get("x-spendgate-agent") or tags.get("agent")
+    own = vkey.rule() if vkey is not None else None
     return Identity(key=creds.key_hash, user=user or None, team=tags.get("team") or None, session=session,
-                    agent=agent, feature=tags.get("feature"), tags=tags)
+                    agent=agent, feature=tags.get("feature"), tags=tags,
+                    capability=_capability(headers, vkey, trust_client_capability),
+                    models=vkey.models if vkey is not None else (), rules=(own,) if own is not None else ())
