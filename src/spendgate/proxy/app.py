@@ -229,7 +229,8 @@ class Proxy:
             return error_response(provider, 400, "spendgate: the request body must be a JSON object")
         try:
             creds = await self._store_io(credentials, provider, request.headers, self.store)
-            ident = identity(provider, request.headers, body, creds)
+            ident = identity(provider, request.headers, body, creds,
+                             trust_client_capability=self.engine.policy.trust_client_capability)
         except PermissionError as exc:
             return error_response(provider, 401, f"spendgate: {exc}")
         except (LookupError, ValueError) as exc:
