@@ -156,6 +156,18 @@ class AlertSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """``GET /metrics`` (``[metrics]``): on unless ``enabled = false``. Served without the admin
+    token only over loopback, unless ``public = true``; a rule's ``top_scopes`` dearest scopes get
+    series of their own and the rest are summed under ``scope="(other)"``. None of it decides a
+    request, so none of it is in the policy hash."""
+
+    enabled: bool = True
+    public: bool = False
+    top_scopes: int = 20
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     rules: tuple[Rule, ...]
     store: str | None = None
@@ -181,6 +193,7 @@ class Policy:
     effective_from: float | None = None
     #: take ``X-Spendgate-Capability`` from clients (off: only a virtual key's capability counts)
     trust_client_capability: bool = False
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: str = "built-in defaults"
 
     def mode_of(self, rule: Rule) -> Mode:
@@ -197,6 +210,7 @@ def policy_hash(policy: Policy) -> str:
 
     doc = _plain(dataclasses.asdict(policy))
     doc.pop("source", None)
+    doc.pop("metrics", None)  # what is exported, not what is decided
     return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 
 

@@ -31,6 +31,7 @@ from spendgate.policy.model import (
     ApprovalLimits,
     AuditSettings,
     Match,
+    MetricsSettings,
     Policy,
     Rule,
     Tiers,
@@ -39,10 +40,12 @@ from spendgate.policy.model import (
 
 TOP_KEYS = {"store", "unpriced", "on_store_error", "upstream", "tiers", "budget", "timezone", "hold_ttl",
             "anthropic_token_factor", "approvals", "retention_days", "upstream_timeout_s", "defaults",
-            "audit", "audit_key", "alerts", "mode", "version", "effective_from", "trust_client_capability"}
+            "audit", "audit_key", "alerts", "mode", "version", "effective_from", "trust_client_capability",
+            "metrics"}
 APPROVAL_KEYS = {"header_max_usd", "inband_max_usd"}
 AUDIT_KEYS = {"enabled", "checkpoint_entries", "checkpoint_seconds"}
 ALERT_KEYS = {"webhooks", "admin_url"}
+METRICS_KEYS = {"enabled", "public", "top_scopes"}
 #: alert_at fractions above this are surely a typo (50 for 0.5): a threshold is a share of the limit
 MAX_ALERT_AT = Decimal(10)
 BUDGET_KEYS = {"name", "usd", "tokens", "requests", "window", "timezone", "per", "match", "action", "downgrade",
@@ -283,6 +286,15 @@ def _http_url(value: Any, where: str) -> str:
     return cast(str, value)
 
 
+def _metrics(raw: Any) -> MetricsSettings:
+    if not isinstance(raw, Mapping):
+        raise _fail("metrics", f"expected a table such as {{ enabled = true, public = false }}, got {raw!r}")
+    _unknown(raw, METRICS_KEYS, "metrics")
+    top = parse_int(raw["top_scopes"], "metrics.top_scopes", 1) if "top_scopes" in raw else 20
+    return MetricsSettings(enabled=_bool(raw.get("enabled", True), "metrics.enabled"),
+                           public=_bool(raw.get("public", False), "metrics.public"), top_scopes=top)
+
+
 def _alerts(raw: Any) -> AlertSettings:
     if not isinstance(raw, Mapping):
         raise _fail("alerts", f"expected a table such as {{ webhooks = [\"https://…\"] }}, got {raw!r}")
@@ -382,6 +394,7 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bo
         version=_version(doc["version"]) if "version" in doc else None,
         effective_from=_instant(doc["effective_from"], "effective_from") if "effective_from" in doc else None,
         trust_client_capability=_bool(doc.get("trust_client_capability", False), "trust_client_capability"),
+        metrics=_metrics(doc["metrics"]) if "metrics" in doc else MetricsSettings(),
         source=source,
     )
 
