@@ -369,3 +369,28 @@ def test_identity_carries_the_keys_rules_models_and_capability() -> None:
     assert ident.key == key.counted_as
     plain = identity("openai", {}, {}, Credentials("abc", "abc"))
     assert (plain.rules, plain.models, plain.capability) == ((), (), None)
+
+
+def test_keys_list_adds_a_column_only_when_some_key_sets_it(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/k.db"
+    store = open_store(url)
+    try:
+        keys.create(store, user="bob", now=1.0)
+        capsys.readouterr()
+        assert main(["keys", "list", "--store", url]) == 0
+        assert capsys.readouterr().out.splitlines()[0].split() == \
+            ["id", "user", "team", "tags", "preapprove", "max", "created"]
+        _, key = keys.create(store, user="ana", usd=Decimal("0.05"), requests=100, window="month",
+                             capability="data_write", now=2.0)
+        engine = Engine(parse({"defaults": False}), store)
+        ident = Identity(key=key.counted_as, rules=(key.rule(),))  # type: ignore[arg-type]
+        engine.capture_amount(engine.decide(tool_request(usd_to_nanos("0.0125"), ident)), usd_to_nanos("0.0125"))
+    finally:
+        store.close()
+    assert main(["keys", "list", "--store", url]) == 0
+    head, _, bob, ana = capsys.readouterr().out.splitlines()
+    assert head.split() == ["id", "user", "team", "budget", "spent", "remaining", "capability", "tags",
+                            "preapprove", "max", "created"]
+    assert "$0.05 + 100 req / month  $0.0125 + 1 req  $0.0375 + 99 req  data_write" in ana
+    assert bob.split()[:2] == [bob.split()[0], "bob"] and "$" not in bob

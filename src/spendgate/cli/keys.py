@@ -72,10 +72,15 @@ def budget_of(store: Ledger, key: VirtualKey, now: float) -> list[tuple[str, int
     return [(rb.unit, rb.limit, st.spent, st.held) for rb, st in zip(rbs, states, strict=True)]
 
 
-def _listing(store: Ledger, found: list[VirtualKey], now: float) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
-    """``keys list``: one JSON document per key (exact strings) and one table row."""
+#: ``keys list`` columns shown only when some key sets them (a store of plain keys lists as it always did)
+OPTIONAL = ("budget", "spent", "remaining", "models", "capability", "expires")
+
+
+def _listing(store: Ledger, found: list[VirtualKey], now: float
+             ) -> tuple[list[dict[str, Any]], tuple[str, ...], list[tuple[Any, ...]]]:
+    """``keys list``: one JSON document per key (exact strings), and the table's headers and rows."""
     docs: list[dict[str, Any]] = []
-    rows: list[tuple[Any, ...]] = []
+    rows: list[dict[str, Any]] = []
     for k in sorted(found, key=lambda k: k.created):
         budget = [(unit, limit, spent, held, max(0, limit - spent - held))
                   for unit, limit, spent, held in budget_of(store, k, now)]
@@ -86,16 +91,20 @@ def _listing(store: Ledger, found: list[VirtualKey], now: float) -> tuple[list[d
                                 "remaining": _exact(unit, left)} for unit, limit, spent, held, left in budget}
         docs.append(doc)
         expires = (("expired " if expired else "") + when(k.expires_at)) if k.expires_at is not None else ""
-        rows.append((k.id, k.user or "", k.team or "",
-                     " + ".join(_shown(u, lim) for u, lim, *_ in budget) + f" / {k.window}" if budget else "",
-                     " + ".join(_shown(u, sp + hd) for u, _, sp, hd, _ in budget),
-                     " + ".join(_shown(u, left) for u, *_, left in budget),
-                     ",".join(k.models), k.capability or "",
-                     styled(expires, "bold red") if expired else expires,
-                     ",".join(f"{a}={b}" for a, b in k.tags.items()),
-                     usd(k.preapprove_max_usd) if k.preapprove_max_usd is not None else "",
-                     when(k.created) if k.created else ""))
-    return docs, rows
+        rows.append({"id": k.id, "user": k.user or "", "team": k.team or "",
+                     "budget": " + ".join(_shown(u, lim) for u, lim, *_ in budget) + f" / {k.window}"
+                     if budget else "",
+                     "spent": " + ".join(_shown(u, sp + hd) for u, _, sp, hd, _ in budget),
+                     "remaining": " + ".join(_shown(u, left) for u, *_, left in budget),
+                     "models": ",".join(k.models), "capability": k.capability or "",
+                     "expires": styled(expires, "bold red") if expired else expires,
+                     "tags": ",".join(f"{a}={b}" for a, b in k.tags.items()),
+                     "preapprove max": usd(k.preapprove_max_usd) if k.preapprove_max_usd is not None else "",
+                     "created": when(k.created) if k.created else ""})
+    used = {c for c in OPTIONAL if any(str(r[c]) for r in rows)}
+    headers = tuple(c for c in ("id", "user", "team", *OPTIONAL, "tags", "preapprove max", "created")
+                    if c not in OPTIONAL or c in used)
+    return docs, headers, [tuple(r[c] for c in headers) for r in rows]
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -105,6 +114,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     made = _create_args(args, now) if args.keys_command == "create" else None
     store = open_store(args, create=args.keys_command == "create")
     rows: list[tuple[Any, ...]] = []
+    headers: tuple[str, ...] = ()
     try:
         if made is not None:
             secret, key = keys.create(store, **made)
@@ -112,7 +122,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             text = (f"{secret}\n(key id {key.id}, for keys list, keys rotate and keys revoke; the key itself is "
                     "shown once: spendgate stores only its hash)")
         elif args.keys_command == "list":
-            docs, rows = _listing(store, keys.list_keys(store), now)
+            docs, headers, rows = _listing(store, keys.list_keys(store), now)
             doc = {"keys": docs}
             text = "" if docs else "no keys"
         elif args.keys_command == "rotate":
@@ -134,8 +144,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     elif text:
         print(text)
     else:  # keys list: printed after the store is closed, as the other actions' text
-        table(("id", "user", "team", "budget", "spent", "remaining", "models", "capability", "expires", "tags",
-               "preapprove max", "created"), rows)
+        table(headers, rows)
     return 0
 
 
