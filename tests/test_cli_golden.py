@@ -442,6 +442,65 @@ def demo(tmp: Path) -> list[str]:
     return ["demo", "--json"]
 
 
+def _budget(url: str, *extra: str) -> None:
+    """A run-time budget kept by ``ops``: a prepaid $5 per user."""
+    assert main(["budgets", "add", "prepaid", "--usd", "5", "--window", "total", "--per", "user", "--by", "ops",
+                 *extra, "--store", url]) == 0
+
+
+def budgets_add(tmp: Path) -> list[str]:
+    url, policy = _files(tmp)
+    return ["budgets", "add", "gpt-day", "--usd", "10", "--window", "day", "--per", "user", "--match",
+            "model=gpt-4o*,tag:env=prod", "--action", "hold", "--alert-at", "0.5,0.8", "--by", "ops", "--store", url,
+            "--config", str(policy), "--json"]
+
+
+def budgets_set(tmp: Path) -> list[str]:
+    url, policy = _files(tmp)
+    _budget(url)
+    return ["budgets", "set", "prepaid", "--usd", "7.5", "--mode", "shadow", "--by", "ana", "--store", url,
+            "--config", str(policy), "--json"]
+
+
+def budgets_remove(tmp: Path) -> list[str]:
+    url, _ = _files(tmp)
+    _budget(url)
+    return ["budgets", "remove", "prepaid", "--by", "ops", "--store", url, "--json"]
+
+
+def budgets_list(tmp: Path) -> list[str]:
+    url, policy = _files(tmp)
+    _budget(url)
+    assert main(["budgets", "limit", "tokens-hour", "user=alice", "--tokens", "5000", "--by", "ops", "--store", url,
+                 "--config", str(policy)]) == 0
+    return ["budgets", "list", "--store", url, "--config", str(policy), "--json"]
+
+
+def budgets_limit(tmp: Path) -> list[str]:
+    url, policy = _files(tmp)
+    _spend(url)  # alice: 2,200 tokens this hour
+    return ["budgets", "limit", "tokens-hour", "user=alice", "--tokens", "2000", "--by", "ops", "--store", url,
+            "--config", str(policy), "--json"]
+
+
+def budgets_topup(tmp: Path) -> list[str]:
+    url, policy = _files(tmp)
+    _budget(url)
+    return ["budgets", "topup", "prepaid", "user=alice", "--usd", "2.5", "--by", "ops", "--store", url,
+            "--config", str(policy), "--json"]
+
+
+def pause(tmp: Path) -> list[str]:
+    url, _ = _files(tmp)
+    return ["pause", "user=alice", "--reason", "incident 42", "--by", "ops", "--store", url, "--json"]
+
+
+def resume(tmp: Path) -> list[str]:
+    url, _ = _files(tmp)
+    assert main(["pause", "user=alice", "--by", "ops", "--store", url]) == 0
+    return ["resume", "user=alice", "--by", "ops", "--store", url, "--json"]
+
+
 CASES = [
     Case("status", status, today=True),
     Case("status_fresh", status_fresh),
@@ -483,6 +542,14 @@ CASES = [
     Case("audit_export", audit_export, frozenset({"chains"})),
     Case("audit_pubkey", audit_pubkey, frozenset({"pubkey"})),
     Case("demo", demo, frozenset({"decision_ids", "held_message"})),
+    Case("budgets_add", budgets_add, frozenset({"at"})),
+    Case("budgets_set", budgets_set, frozenset({"at"})),
+    Case("budgets_remove", budgets_remove),
+    Case("budgets_list", budgets_list, frozenset({"at"})),
+    Case("budgets_limit", budgets_limit),
+    Case("budgets_topup", budgets_topup),
+    Case("pause", pause, frozenset({"at"})),
+    Case("resume", resume),
 ]
 
 

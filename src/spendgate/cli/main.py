@@ -20,11 +20,13 @@ from spendgate.cli import (
     alerts,
     approvals,
     audit,
+    budgets,
     config,
     demo,
     estimate,
     init,
     keys,
+    pause,
     prices,
     reconcile,
     replay,
@@ -46,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p, lambda value: value)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # the order of `spendgate --help`
-    for group in (init, prices, estimate, config, replay, report, serve, demo, approvals, keys, reconcile, audit,
-                  alerts):
+    for group in (init, prices, estimate, config, replay, report, serve, demo, approvals, keys, budgets, pause,
+                  reconcile, audit, alerts):
         group.add_parser(sub, common)
     return p
 
@@ -89,7 +91,7 @@ def _one_line(exc: BaseException, args: argparse.Namespace) -> str:
 
 
 #: the attributes holding a command group's action (``prices update``, ``keys create``, …)
-_ACTIONS = ("prices_command", "config_command", "keys_command", "audit_command")
+_ACTIONS = ("prices_command", "config_command", "keys_command", "audit_command", "budgets_command")
 
 
 if __name__ == "__main__":

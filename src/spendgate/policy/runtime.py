@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from spendgate.buckets import Limit
+from spendgate.buckets import Limit, RuleBucket, rule_buckets
 from spendgate.errors import ConfigError
-from spendgate.ledger import Ledger
+from spendgate.ledger import Event, Ledger
 from spendgate.money import usd_to_nanos
 from spendgate.policy.model import SCOPES, Rule
 from spendgate.policy.parse import parse_rule, parse_usd
-from spendgate.request import Identity
+from spendgate.request import NONE, Identity
 
 RULE_KIND = "budget-rule"
 LIMIT_KIND = "budget-limit"
@@ -189,7 +189,10 @@ def set_limit(store: Ledger, rule: Rule, scope: str, *, usd: Any = None, tokens:
         raise ConfigError(f'budget "{rule.name}": a window = "request" budget weighs one call; it has no per-scope '
                           "limits")
     name = scope.partition("=")[0]
-    if rule.per == "global" or name != rule.per:
+    if rule.per == "global":
+        raise ConfigError(f'SCOPE: budget "{rule.name}" is one budget for everyone (per = "global"); it has no '
+                          "per-scope limits: change its own limit (spendgate budgets set, or the policy file)")
+    if name != rule.per:
         raise ConfigError(f'SCOPE: budget "{rule.name}" counts per {rule.per}; name one {rule.per} '
                           f"({rule.per}=…), got {scope!r}")
     if usd is None and tokens is None and requests is None:
@@ -257,3 +260,182 @@ def pause_applies(p: Pause, identity: Identity, model: str, provider: str) -> bo
     if name == "provider":
         return provider == value
     return identity.value(name) == value
+
+
+# -- finding a rule, top-ups, the record of a change ------------------------------------------------
+
+#: a top-up's headroom lasts as long as the ``total`` bucket it is granted to: for good
+TOPUP_LASTS_S = 100 * 365 * 86400
+
+
+def find_rule(store: Ledger, name: str, file_rules: Sequence[Rule], *, default_tz: str = "UTC",
+              now: float | None = None) -> tuple[Rule, str] | None:
+    """The rule ``name`` in force, from the file or the store, with where it came from (``file`` or
+    ``store``): a per-scope limit or a top-up applies to either."""
+    for r in file_rules:
+        if r.name == name:
+            return r, "file"
+    table = get_table(store, name, now=now)
+    if table is None:
+        return None
+    return parse_rule(table, "budget", default_tz), "store"
+
+
+def rule_scope(rule: Rule, scope: str) -> str:
+    """``scope`` as ``rule``'s buckets name it: ``global`` is ``global=(none)`` for a per-global rule;
+    any other scope must name one value of the rule's ``per``."""
+    if rule.per == "global":
+        if scope not in ("global", f"global={NONE}"):
+            raise ConfigError(f'SCOPE: budget "{rule.name}" is one budget for everyone (per = "global"); '
+                              f"name it global, got {scope!r}")
+        return f"global={NONE}"
+    if scope.partition("=")[0] != rule.per:
+        raise ConfigError(f'SCOPE: budget "{rule.name}" counts per {rule.per}; name one {rule.per} '
+                          f"({rule.per}=…), got {scope!r}")
+    return scope
+
+
+def topup(store: Ledger, rule: Rule, scope: str, nanos: int, *, by: str, now: float | None = None,
+          override: Limit | None = None) -> RuleBucket:
+    """Add ``nanos`` of headroom to ``rule``'s dollar bucket for ``scope`` — a prepaid budget topped
+    up, not reset: what was spent stays counted. Only a ``window = "total"`` rule takes one; a
+    windowed rule frees room on its own, and its limit is changed with :func:`set_limit`.
+    ``override`` is the scope's own limit (the bucket must be exactly the one the engine charges)."""
+    if rule.window.kind != "total":
+        raise ConfigError(f'budget "{rule.name}": window = "{rule.window.text}"; a top-up is headroom on a '
+                          'window = "total" (prepaid) budget. Change this budget\'s limit with spendgate budgets '
+                          "limit (or budgets set)")
+    if isinstance(nanos, bool) or not isinstance(nanos, int) or nanos <= 0:
+        raise ConfigError(f"--usd: a top-up must be above $0, got {nanos!r} nano-dollars")
+    scope = rule_scope(rule, scope)
+    now = time.time() if now is None else now
+    usd = next((b for b in rule_buckets(rule, scope, now, override) if b.unit == "usd"), None)
+    if usd is None:
+        raise ConfigError(f'--usd: budget "{rule.name}" does not count dollars; a top-up adds dollars')
+    store.grant(usd.bucket(), nanos, now=now, until=now + TOPUP_LASTS_S)
+    return usd
+
+
+def change_event(change: str, *, by: str, rule: str = "", scope: str = "", bucket: str = "",
+                 amounts: Mapping[str, int] | None = None, now: float | None = None,
+                 **dims: str) -> Event:
+    """An operator's change (``add``, ``set``, ``remove``, ``limit``, ``topup``, ``pause``, ``resume``)
+    as the event the store and the audit log keep: who changed what, when, by how much."""
+    import secrets
+
+    return Event(time.time() if now is None else now, "budget", secrets.token_hex(8), "", "", 0,
+                 dims={"change": change, "by": by, "scope": scope, **dims}, rule=rule, bucket=bucket,
+                 amounts=dict(amounts or {}))
+
+
+def limit_records(store: Ledger, *, now: float | None = None) -> list[dict[str, Any]]:
+    """Every per-scope limit kept, with who set it and when (``budgets list``, the admin API)."""
+    out = []
+    for key, raw in sorted(store.records(LIMIT_KIND, now=time.time() if now is None else now)):
+        rule, _, scope = key.partition("|")
+        d = _doc(raw)
+        out.append({"rule": rule, "scope": scope, **{u: d.get(u) for u in ("usd", "tokens", "requests")},
+                    "by": str(d.get("by", "")), "at": float(d.get("at", 0.0))})
+    return out
+
+
+def rule_records(store: Ledger, *, now: float | None = None) -> dict[str, dict[str, Any]]:
+    """Each run-time rule's stored record (``table``, ``by``, ``at``), by name."""
+    return {name: _doc(raw) for name, raw in store.records(RULE_KIND, now=time.time() if now is None else now)}
+
+
+def _amount(value: Any, unit: str) -> Any:
+    from spendgate.money import nanos_to_usd
+
+    return str(nanos_to_usd(value)) if unit == "usd" and isinstance(value, int) else value
+
+
+def rule_doc(rule: Rule, source: str, *, mode: str, record: Mapping[str, Any] | None = None,
+             limits: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """One rule in force as ``budgets list`` and ``GET /spendgate/budgets`` show it: its limits,
+    window, scope and action, where it came from (``default``, ``file``, ``store``), who kept it
+    when (store rules), and the per-scope limits set under it. Dollars as exact decimal text."""
+    record = record or {}
+    table = record.get("table")
+    return {
+        "name": rule.name, "source": source,
+        "usd": str(rule.usd) if rule.usd is not None else None, "tokens": rule.tokens, "requests": rule.requests,
+        "window": rule.window.text, "per": rule.per, "action": rule.action, "mode": mode,
+        "immutable": rule.immutable,
+        "by": str(record["by"]) if "by" in record else None, "at": record.get("at"),
+        "table": dict(table) if isinstance(table, Mapping) else None,
+        "limits": [{"scope": lim["scope"], **{u: _amount(lim[u], u) for u in ("usd", "tokens", "requests")},
+                    "by": lim["by"], "at": lim["at"]} for lim in limits],
+    }
+
+
+def listing(store: Ledger, file_policy: Any, *, now: float | None = None) -> list[dict[str, Any]]:
+    """Every rule in force: the file's (built-in defaults named ``default``) then the store's, each
+    with its per-scope limits. ``file_policy`` is the :class:`~spendgate.policy.model.Policy` read
+    from the file (its mode is a rule's unless the rule sets its own)."""
+    from spendgate.policy.defaults import DEFAULT_RULES
+
+    now = time.time() if now is None else now
+    by_rule: dict[str, list[dict[str, Any]]] = {}
+    for lim in limit_records(store, now=now):
+        by_rule.setdefault(lim["rule"], []).append(lim)
+    docs = [rule_doc(r, "default" if r in DEFAULT_RULES else "file", mode=file_policy.mode_of(r),
+                     limits=by_rule.get(r.name, ())) for r in file_policy.rules]
+    records = rule_records(store, now=now)
+    overlay = load(store, now=now, default_tz=file_policy.timezone)
+    docs += [rule_doc(r, "store", mode=file_policy.mode_of(r), record=records.get(r.name),
+                      limits=by_rule.get(r.name, ())) for r in overlay.rules]
+    return docs
+
+
+def get_limit(store: Ledger, rule_name: str, scope: str, *, now: float | None = None) -> Limit | None:
+    """One scope's own limit under ``rule_name`` as the store holds it (None: the rule's applies)."""
+    raw = store.get_record(LIMIT_KIND, f"{rule_name}|{scope}", now=time.time() if now is None else now)
+    if raw is None:
+        return None
+    d = _doc(raw)
+    return Limit(*(int(d[u]) if isinstance(d.get(u), int) else None for u in ("usd", "tokens", "requests")))
+
+
+def bucket_rows(store: Ledger, rule: Rule, scope: str, now: float) -> list[dict[str, Any]]:
+    """The buckets ``rule`` keeps for ``scope`` now, with the scope's own limit as the store holds
+    it — exactly those the engine charges: limit (grants included), spent, held, granted, remaining,
+    and ``refuses`` when what is used already reaches the limit (the next request there is refused
+    until the window frees room, a top-up or a higher limit). Dollars as exact decimal text."""
+    rbs = list(rule_buckets(rule, scope, now, get_limit(store, rule.name, scope, now=now)))
+    states = store.states([rb.bucket() for rb in rbs], now=now)
+    rows = []
+    for rb, st in zip(rbs, states, strict=True):
+        limit = rb.limit + st.granted
+        rows.append({"bucket": rb.key, "unit": rb.unit, "limit": _amount(limit, rb.unit),
+                     "spent": _amount(st.spent, rb.unit), "held": _amount(st.held, rb.unit),
+                     "granted": _amount(st.granted, rb.unit),
+                     "remaining": _amount(max(0, limit - st.used), rb.unit),
+                     "refuses": st.used >= limit, "resets_at": rb.resets_at})
+    return rows
+
+
+def bucket_scope(store: Ledger, rule: Rule, scope: str) -> str:
+    """``scope`` as ``rule``'s buckets are keyed (:func:`rule_scope`), with a virtual key named by
+    the id ``keys list`` shows (or a prefix of its hash) written as what its requests count under —
+    the hash of its first secret — so a per-key limit or top-up lands on the bucket the engine
+    charges. A provider key is named by its full hash (nothing in the store maps a prefix to it)."""
+    scope = rule_scope(rule, scope)
+    name, _, value = scope.partition("=")
+    if name != "key":
+        return scope
+    from spendgate import keys
+
+    for k in keys.list_keys(store):
+        counted = k.counted_as or ""
+        if k.id == value or (counted and counted.startswith(value)):
+            return f"key={counted}"
+    return scope
+
+
+def limit_scope(store: Ledger, rule: Rule, scope: str) -> str:
+    """``scope`` for a per-scope limit of ``rule``: refused on a per-global rule (see
+    :func:`set_limit`), a virtual key resolved as :func:`bucket_scope` does."""
+    if rule.per == "global":
+        set_limit(store, rule, scope, by="")  # raises, naming the rule
+    return bucket_scope(store, rule, scope)

@@ -19,6 +19,7 @@ from spendgate import approvals, keys
 from spendgate.engine import Approval, Decision, fixed_estimate
 from spendgate.errors import SpendgateError, StoreError
 from spendgate.money import nanos_to_usd
+from spendgate.proxy.budgets import add_budget_routes
 from spendgate.proxy.envelope import error_response
 from spendgate.proxy.identity import CREDENTIAL_HEADERS, Credentials, identity
 from spendgate.report import approvals as approvals_since
@@ -61,6 +62,7 @@ def add_routes(app: web.Application, proxy: Proxy) -> None:
     app.router.add_get("/spendgate/decisions", guard(_decisions))
     app.router.add_get("/spendgate/approvals", guard(_approvals))
     app.router.add_post("/spendgate/approvals/{id}", guard(_answer))
+    add_budget_routes(app, proxy, guard)
     spend_routes(app, proxy)
 
 
