@@ -135,8 +135,14 @@ def test_add_set_list_remove(url: str, capsys: pytest.CaptureFixture[str]) -> No
         ("request-hard", "default"), ("gpt-day", "store")]
     code, text, _ = run(capsys, "budgets", "list", "--store", url)
     assert "gpt-day" in text and "store (ana, " in text and "default" in text
+    assert main(["budgets", "limit", "gpt-day", "user=ana", "--usd", "1", "--store", url]) == 0
     assert run(capsys, "budgets", "remove", "gpt-day", "--store", url, "--json")[1] == \
         {"change": "remove", "removed": "gpt-day"}
+    store = ledger.open(url)
+    try:
+        assert runtime.load(store).limits == {}, "its per-scope limits go with it"
+    finally:
+        store.close()
     code, _, err = run(capsys, "budgets", "remove", "gpt-day", "--store", url)
     assert code == 1 and "no run-time budget of this name" in err
     store = ledger.open(url)
@@ -145,7 +151,7 @@ def test_add_set_list_remove(url: str, capsys: pytest.CaptureFixture[str]) -> No
     finally:
         store.close()
     assert changes[:2] == [("add", "gpt-day", "ops@host"), ("set", "gpt-day", "ana")]
-    assert changes[2][:2] == ("remove", "gpt-day")
+    assert [c[:2] for c in changes[2:]] == [("limit", "gpt-day"), ("remove", "gpt-day")]
 
 
 def test_a_runtime_rule_refuses_like_a_file_rule(url: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -155,12 +155,18 @@ def get_table(store: Ledger, name: str, *, now: float | None = None) -> dict[str
 
 
 def remove_rule(store: Ledger, name: str, *, file_rules: Sequence[Rule]) -> bool:
-    """Drop a run-time rule (its buckets keep what they counted, as a file rule's do when removed)."""
+    """Drop a run-time rule and the per-scope limits set under it — a rule added again later under
+    the same name starts from its own limits, not from ones ``budgets list`` no longer showed. Its
+    buckets keep what they counted, as a file rule's do when removed."""
     if any(r.name == name for r in file_rules):
         raise ConfigError(f'budget "{name}": it is in the policy file; remove it there')
-    if store.get_record(RULE_KIND, name, now=time.time()) is None:
+    now = time.time()
+    if store.get_record(RULE_KIND, name, now=now) is None:
         return False
     store.delete_record(RULE_KIND, name)
+    for key, _ in store.records(LIMIT_KIND, now=now):
+        if key.partition("|")[0] == name:
+            store.delete_record(LIMIT_KIND, key)
     return True
 
 
