@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -32,15 +32,19 @@ from spendgate.events.process import AuditChild
 from spendgate.events.sender import AlertSender
 from spendgate.events.signing import load_key
 from spendgate.money import nanos_to_usd
+from spendgate.observe.metrics import metrics_routes
 from spendgate.policy import Policy
 from spendgate.pricing.table import PriceTable
-from spendgate.proxy import admin
+from spendgate.proxy import admin, me
 from spendgate.proxy.envelope import error_response, sse_error
 from spendgate.proxy.identity import Credentials, credentials, identity
 from spendgate.request import Identity, Request
 from spendgate.usage import usage_from_body
 from spendgate.wire.edits import outgoing
 from spendgate.wire.stream import StreamMeter
+
+if TYPE_CHECKING:
+    from spendgate.policy.live import LivePolicy
 
 log = logging.getLogger("spendgate.proxy")
 T = TypeVar("T")
@@ -125,6 +129,9 @@ class Proxy:
         self._background: list[asyncio.Task[None]] = []
         self._sender: AlertSender | None = None
         self._sending: asyncio.Task[None] | None = None
+        #: keeps the engine's policy current (run-time budgets, file reloads); ``serve`` sets it, and
+        #: the admin API asks it to re-read the store after a change so the change applies at once
+        self.live: LivePolicy | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -134,6 +141,9 @@ class Proxy:
             app.router.add_post(path, self.guarded)
         app.router.add_get("/v1/models", self.passthrough)
         admin.add_routes(app, self)
+        from spendgate.proxy.ui import add_routes as add_ui_routes; add_ui_routes(app, self)  # noqa: E702, I001
+        me.add_routes(app, self)
+        metrics_routes(app, self)
         app.router.add_route("*", "/{tail:.*}", self.unknown)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
@@ -151,6 +161,9 @@ class Proxy:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.config.upstream_timeout_s),
             auto_decompress=False,
         )
+        if self.live is not None:  # the store's run-time budgets apply before the first request
+            self.live.on_change.append(self._forget_refusals)
+            await self.live.start()
         loop = asyncio.get_running_loop()
         if isinstance(self.audit, AuditChild):
             await self.audit.start()
@@ -165,6 +178,8 @@ class Proxy:
             self._background.append(loop.create_task(self.audit.run()))
 
     async def _stop(self, _: web.Application) -> None:
+        if self.live is not None:  # first: no reload swaps the policy while the rest winds down
+            await self.live.stop()
         if self._sender is not None and self._sending is not None:
             # let the pass in flight finish, so an alert a receiver took is recorded as sent
             self._sender.stop()
@@ -195,6 +210,11 @@ class Proxy:
         close = getattr(self.engine.aledger, "close", None)
         if close is not None:
             await close()
+
+    def _forget_refusals(self) -> None:
+        """A refusal is repeated to a client retrying the same body for a while; once the policy,
+        a limit or a pause changes, the next retry is decided afresh (a raised limit applies now)."""
+        self.recent = approvals.RecentRefusals(self.recent.window_s)
 
     # -- routes -------------------------------------------------------------------------------
 

@@ -3,6 +3,12 @@
 Given the same store URL and policy, it counts in the same buckets as ``spendgate serve``.
 Defaults: the store and policy of ``SPENDGATE_STORE`` / ``SPENDGATE_CONFIG``, else the embedded
 defaults (the SQLite file and the built-in policy), opened on first use.
+
+Run-time budgets, per-scope limits and pauses kept in the store (``spendgate budgets``, ``pause``)
+apply here as in ``serve``: :func:`engine` re-reads them inline at most once per
+:data:`~spendgate.policy.runtime.REFRESH_S` — between refreshes that costs a clock read, and no
+thread runs in a process that is not calling. A store that fails to answer then leaves the last
+budgets read in force; it never fails a call.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from spendgate import ledger
 from spendgate.engine import Engine
 from spendgate.errors import StoreError
 from spendgate.policy import Policy, default_policy, load
+from spendgate.policy.live import LivePolicy
 from spendgate.pricing.table import PriceTable
 
 if TYPE_CHECKING:
@@ -26,13 +33,14 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 _first_use = threading.Lock()
 _engine: Engine | None = None
+_live: LivePolicy | None = None  # keeps _engine's policy current with the store's run-time budgets
 _audits: list[AuditLog] = []  # this process's chain (one, or none with [audit] enabled = false)
 
 
 def configure(store: str | None = None, policy: str | Path | Policy | None = None) -> Engine:
     """Set the store URL and the policy (a file path or a :class:`~spendgate.policy.Policy`) for
     every wrapped client of this process; returns the engine."""
-    global _engine
+    global _engine, _live
     from spendgate.events.chain import AuditLog
     from spendgate.events.signing import load_key
 
@@ -49,8 +57,12 @@ def configure(store: str | None = None, policy: str | Path | Policy | None = Non
                                               checkpoint_seconds=pol.audit.checkpoint_seconds)
     if audit is not None:
         new.observers.append(audit.add)
+    # the file is read once here (a process reads it again by calling configure); the store's part
+    # is re-read as calls are made
+    live = LivePolicy(new, store_, None, pol)
+    live.maybe_refresh()
     with _lock:
-        old, _engine = _engine, new
+        old, _engine, _live = _engine, new, live
         old_audit, _audits[:] = list(_audits), [audit] if audit is not None else []
     for log in old_audit:
         with contextlib.suppress(StoreError):  # logged by the writer itself
@@ -69,7 +81,8 @@ def _close_audit() -> None:
 
 
 def engine() -> Engine:
-    """The configured engine, configured from the environment on first use."""
+    """The configured engine, configured from the environment on first use, with the store's
+    run-time budgets as of at most :data:`~spendgate.policy.runtime.REFRESH_S` ago."""
     current = _engine
     if current is None:
         with _first_use:
@@ -77,4 +90,7 @@ def engine() -> Engine:
                 configure()
         current = _engine
     assert current is not None
+    live = _live
+    if live is not None and live.engine is current:
+        live.maybe_refresh()
     return current
