@@ -21,6 +21,15 @@ if ! command -v node >/dev/null 2>&1; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs >/dev/null
 fi
+# The dashboard's browser tests drive Debian's chromium through Playwright (Playwright's own browser
+# download is not used); without it the run fails (it never skips them).
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "installing chromium (Debian package) for the dashboard's browser tests" >&2
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check src tests bench scripts

@@ -1,0 +1,266 @@
+"""The dashboard at ``/ui`` in a real browser: Playwright driving Debian's chromium against a real
+``spendgate serve`` process over the fake upstream, with the official ``openai`` client making the
+requests. Screenshots of every page go to ``$SPENDGATE_ARTIFACTS`` (else the test's tmp dir)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from spendgate.policy import default_policy
+from tests.harness import Servers, start_serve
+
+CHROMIUM = os.environ.get("SPENDGATE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+TOKEN = "ui-admin-token"
+# o1-pro: $150 in / $600 out per Mtok; 10 in + 2,000 out billed: $1.2015 a request, $1.21 worst case
+BILLED = json.dumps({"prompt_tokens": 10, "completion_tokens": 2000, "total_tokens": 2010})
+O1: dict[str, Any] = {"model": "o1-pro", "max_tokens": 2000, "messages": [{"role": "user", "content": "go on"}]}
+POLICY = """
+defaults = false
+
+[[budget]]
+name = "per-call"
+usd = 5
+window = "request"
+action = "block"
+
+[[budget]]
+name = "user-day"
+usd = 3
+window = "day"
+per = "user"
+action = "hold"
+"""
+PAGES = ("/ui/", "/ui/budgets", "/ui/approvals", "/ui/decisions", "/ui/keys")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no chromium at {CHROMIUM}: install Debian's chromium (scripts/test.sh does)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    base = os.environ.get("SPENDGATE_ARTIFACTS")
+    out = Path(base) / request.node.name if base else tmp_path / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture
+def upstream() -> Iterator[Servers]:
+    s = Servers(default_policy(), "memory://")  # only its fake upstream is used
+    yield s
+    s.close()
+
+
+class Serve:
+    """``spendgate serve`` with the admin token, over SQLite, and an openai client through it."""
+
+    def __init__(self, tmp: Path, upstream: Servers, policy: str = POLICY) -> None:
+        self.home = tmp
+        (tmp / "spendgate.toml").write_text(policy)
+        self.args = ["--store", f"sqlite:///{tmp / 'spend.db'}", "--config", str(tmp / "spendgate.toml")]
+        self.proc, self.port = start_serve(tmp, upstream.upstream_port, *self.args, "--admin-token", TOKEN)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="sk-client", max_retries=0,
+                                    default_headers={"x-mock-usage": BILLED})
+
+    def ask(self, user: str = "alice", **over: Any) -> tuple[int, str]:
+        """(status, decision id) of one chat completion through the official client."""
+        try:
+            r = self.client.chat.completions.with_raw_response.create(
+                **{**O1, **over}, extra_headers={"X-Spendgate-User": user})
+        except openai.APIStatusError as e:
+            return e.status_code, e.response.headers.get("x-spendgate-decision", "")
+        return r.http_response.status_code, r.headers.get("x-spendgate-decision", "")
+
+    def cli(self, *args: str) -> Any:
+        env = {**os.environ, "HOME": str(self.home), "SPENDGATE_HOME": str(self.home / ".spendgate")}
+        done = subprocess.run([sys.executable, "-m", "spendgate.cli.main", *args, *self.args], capture_output=True,
+                              text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path, upstream: Servers) -> Iterator[Serve]:
+    s = Serve(tmp_path, upstream)
+    yield s
+    s.stop()
+
+
+def sign_in(context: BrowserContext, s: Serve) -> Page:
+    page = context.new_page()
+    page.goto(f"{s.url}/ui/login")
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    expect(page).to_have_url(f"{s.url}/ui/")
+    return page
+
+
+def shoot(page: Page, artifacts: Path, name: str) -> None:
+    page.screenshot(path=str(artifacts / f"{name}.png"), full_page=True)
+
+
+def test_login_refuses_a_wrong_token_and_the_cookie_is_not_the_token(
+        browser: Browser, served: Serve, artifacts: Path) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{served.url}/ui/budgets")
+    expect(page).to_have_url(f"{served.url}/ui/login")  # not signed in: to the form
+    page.fill("#token", "not-the-token")
+    with page.expect_response(f"{served.url}/ui/login") as answer:
+        page.click("button[type=submit]")
+    assert answer.value.status == 401
+    expect(page.get_by_role("alert")).to_have_text("That is not the admin token.")
+    assert context.cookies() == []
+    shoot(page, artifacts, "login-refused")
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    expect(page).to_have_url(f"{served.url}/ui/")
+    [cookie] = context.cookies()
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert TOKEN not in cookie["value"] and len(cookie["value"]) == 64
+    for path in PAGES:  # every page opens with the cookie, and none carries the token in its URL
+        r = page.goto(f"{served.url}{path}")
+        assert r is not None and r.status == 200, path
+        assert TOKEN not in page.url and TOKEN not in page.content()
+    # a state-changing call without the page's CSRF token, or from another origin, is refused
+    assert page.request.post(f"{served.url}/ui/keys", form={"user": "mallory"}).status == 403
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value")
+    assert csrf
+    other = page.request.post(f"{served.url}/ui/keys", form={"user": "mallory", "csrf": csrf},
+                              headers={"Origin": "https://evil.example"})
+    assert other.status == 403
+    page.goto(f"{served.url}/ui/keys")
+    expect(page.locator("tbody tr")).to_have_count(0)
+    # signing out ends the session
+    page.click(".logout button")
+    expect(page).to_have_url(f"{served.url}/ui/login")
+    assert page.request.get(f"{served.url}/ui/approvals/rows").status == 401
+    context.close()
+
+
+def test_budgets_approvals_live_feed_and_csv(browser: Browser, served: Serve, artifacts: Path) -> None:
+    s = served
+    assert s.ask()[0] == 200
+    assert s.ask()[0] == 200  # alice: $2.403 of her $3 day
+    assert s.ask(max_tokens=10_000)[0] == 402  # a $6.00135 worst case: per-call blocks
+    context = browser.new_context(accept_downloads=True)
+    page = sign_in(context, s)
+
+    # the overview's numbers: two requests charged, one refused, all billed (none estimated)
+    expect(page.get_by_test_id("total")).to_have_text("$2.40")
+    expect(page.get_by_test_id("forwarded")).to_have_text("2")
+    expect(page.get_by_test_id("refused")).to_have_text("1")
+    expect(page.get_by_test_id("estimated-share")).to_have_text("0.0%")
+    assert page.locator(".chart svg").count() == 2
+    shoot(page, artifacts, "overview")
+
+    # the budget bar's numbers are status --json's
+    st = s.cli("status", "--json")
+    [bucket] = [b for b in st["buckets"] if b["bucket"].startswith("user-day")]
+    assert (bucket["spent"], bucket["held"], bucket["limit"]) == ("2.403", "0", "3")
+    page.goto(f"{s.url}/ui/budgets")
+    card = page.locator(f"li.budget[data-bucket='{bucket['bucket']}']")
+    for field in ("spent", "held", "limit", "granted"):
+        expect(card.locator(f"dd[data-field={field}]")).to_have_text(f"${bucket[field]}")
+    assert card.locator(".bar .spent").get_attribute("style") == "width: 80.1%"
+    shoot(page, artifacts, "budgets")
+
+    # the decision feed, open while a refusal happens elsewhere
+    feed = context.new_page()
+    feed.goto(f"{s.url}/ui/decisions")
+    expect(feed.get_by_test_id("live")).to_have_text("live")
+    expect(feed.locator("#feed tr")).to_have_count(1)
+    assert s.ask("bob", max_tokens=10_000)[0] == 402
+    bob = feed.locator("#feed tr", has_text="bob")
+    expect(bob).to_have_count(1)
+    expect(bob).to_contain_text("blocked by per-call: estimate $6.00135 with $0 already used of $5")
+
+    # a held request, approved from the Approvals page; the client's retry goes through
+    status, held = s.ask()  # $2.403 + $1.21 > $3: held
+    assert status == 402 and held
+    page.goto(f"{s.url}/ui/approvals")
+    hold = page.locator(f"article[data-hold='{held}']")
+    expect(hold).to_contain_text("o1-pro")
+    expect(hold).to_contain_text("user-day")
+    shoot(page, artifacts, "approvals")
+    hold.get_by_role("button", name="Approve once").click()
+    expect(page.get_by_role("status")).to_contain_text(f"Hold {held}: approved-once")
+    expect(page.locator("article.hold")).to_have_count(0)
+    assert s.ask()[0] == 200
+    expect(feed.locator("#feed tr", has_text="held for approval by user-day")).to_have_count(1)
+    expect(feed.locator("#feed tr", has_text="approved by dashboard")).to_have_count(1)
+    shoot(feed, artifacts, "decisions")
+
+    # the CSV of the current view: a reload lists what the feed showed live, and the file has those rows
+    feed.goto(f"{s.url}/ui/decisions")
+    shown = feed.locator("#feed tr").count()
+    with feed.expect_download() as dl:
+        feed.get_by_test_id("csv").click()
+    rows = list(csv.DictReader(Path(dl.value.path()).read_text().splitlines()))
+    assert len(rows) == shown == 4
+    assert Counter((r["kind"], r["rule"], r["user"]) for r in rows) == Counter({
+        ("block", "per-call", "alice"): 1, ("block", "per-call", "bob"): 1, ("hold", "user-day", "alice"): 1,
+        ("approval", "user-day", ""): 1})
+    # filtered to bob, the export has bob's refusal only
+    feed.goto(f"{s.url}/ui/decisions?user=bob")
+    with feed.expect_download() as dl:
+        feed.get_by_test_id("csv").click()
+    [only] = list(csv.DictReader(Path(dl.value.path()).read_text().splitlines()))
+    assert (only["kind"], only["rule"], only["user"], only["model"]) == ("block", "per-call", "bob", "o1-pro")
+    assert only["message"] == "blocked by per-call: estimate $6.00135 with $0 already used of $5"
+
+    # keys: create (the secret shown once), listed, revoked
+    page.goto(f"{s.url}/ui/keys")
+    page.fill("input[name=user]", "carol")
+    page.fill("input[name=team]", "search")
+    page.fill("input[name=tags]", "feature=summaries")
+    page.get_by_role("button", name="Create key").click()
+    secret = page.get_by_test_id("secret").inner_text()
+    assert secret.startswith("sg-")
+    listed = s.cli("keys", "list", "--json")
+    [key] = listed["keys"] if isinstance(listed, dict) else listed
+    row = page.locator(f"tr[data-key='{key['id']}']")
+    expect(row).to_contain_text("carol")
+    expect(row).to_contain_text("feature=summaries")
+    shoot(page, artifacts, "keys")
+    row.get_by_role("button", name="Revoke").click()
+    expect(page.locator(f"tr[data-key='{key['id']}']")).to_have_count(0)
+
+    # a phone-width look at the overview and the approvals page
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, storage_state=context.storage_state())
+    small = phone.new_page()
+    small.goto(f"{s.url}/ui/")
+    assert small.evaluate("document.documentElement.scrollWidth") <= 390
+    shoot(small, artifacts, "overview-phone")
+    small.goto(f"{s.url}/ui/budgets")
+    assert small.evaluate("document.documentElement.scrollWidth") <= 390
+    shoot(small, artifacts, "budgets-phone")
+    phone.close()
+    context.close()
