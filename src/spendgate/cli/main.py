@@ -32,6 +32,7 @@ from spendgate.cli import (
     replay,
     report,
     serve,
+    tail,
 )
 from spendgate.cli.context import Context, add_common, os_reason
 from spendgate.cli.output import REFUSED, say
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # the order of `spendgate --help`
     for group in (init, prices, estimate, config, replay, report, serve, demo, approvals, keys, budgets, pause,
-                  reconcile, audit, alerts):
+                  reconcile, audit, alerts, tail):
         group.add_parser(sub, common)
     return p
 
