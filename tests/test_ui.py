@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,79 @@ def test_budgets_approvals_live_feed_and_csv(browser: Browser, served: Serve, ar
     shoot(small, artifacts, "budgets-phone")
     phone.close()
     context.close()
+
+
+def _seed_day(db: Path, now: float) -> int:
+    """A day of history written straight to the store before serve starts, as a team's traffic
+    leaves it: three teams, five users, four models, a feature tag, a few estimated charges and
+    refusals. Returns the dollars charged, in nanos."""
+    from spendgate import ledger
+    from spendgate.ledger import Event
+
+    people = [("alice", "search", "summaries"), ("bob", "search", "rerank"), ("chen", "support", "replies"),
+              ("dana", "support", "replies"), ("eve", "research", "agents")]
+    models = [("gpt-4o-mini", "openai", 1_350_000), ("gpt-4o", "openai", 42_500_000),
+              ("claude-sonnet-4-5", "anthropic", 61_500_000), ("o1-pro", "openai", 1_201_500_000)]
+    store = ledger.open(f"sqlite:///{db}")
+    total = 0
+    try:
+        for hour in range(23, 0, -1):
+            ts = now - hour * 3600
+            for i, (user, team, feature) in enumerate(people):
+                busy = 2 + (hour * 7 + i * 3) % 6  # an uneven day: quiet nights, busy afternoons
+                for j in range(busy):
+                    agent_run = user == "eve" and j == 0 and hour % 4 == 1  # now and then, an o1-pro agent step
+                    model, provider, cost = models[3 if agent_run else (i + j + hour) % 3]
+                    dims = {"key": f"key-{user}", "user": user, "team": team, "feature": feature,
+                            "env": "staging" if j % 5 == 4 else "prod"}
+                    estimated = (i + j + hour) % 17 == 0
+                    store.record(Event(ts + i * 60 + j, "capture", f"d{hour}-{i}-{j}", model, provider, cost,
+                                       1200, 300, estimated, dims))
+                    total += cost
+            if hour % 5 == 0:
+                store.record(Event(ts + 900, "block", f"b{hour}", "o1-pro", "openai", 0, dims={
+                    "key": "key-eve", "user": "eve", "team": "research", "feature": "agents"}, rule="per-call",
+                    amounts={"estimate_usd": 6_001_350_000, "limit_usd": 5_000_000_000, "used_usd": 0,
+                             "request_usd": 6_001_350_000}))
+    finally:
+        store.close()
+    return total
+
+
+def test_overview_of_a_day_matches_report(browser: Browser, tmp_path: Path, upstream: Servers,
+                                          artifacts: Path) -> None:
+    """The overview's totals are ``report --json``'s to the cent; its screenshot is the README's
+    (written to ``$SPENDGATE_DOCS_SCREENSHOT`` when set)."""
+    import time
+
+    _seed_day(tmp_path / "spend.db", time.time())
+    s = Serve(tmp_path, upstream, POLICY.replace("usd = 3\n", "usd = 30\n"))
+    try:
+        for user in ("alice", "bob"):
+            assert s.ask(user)[0] == 200
+        assert s.ask("eve", max_tokens=10_000)[0] == 402
+        rep = s.cli("report", "--json", "--since", "24h", "--by", "model")
+        total = sum(Decimal(r["usd"]) for r in rep["rows"])
+        charged = sum(r["requests"] for r in rep["rows"])
+        refused = sum(r["refused"] for r in rep["rows"])
+        context = browser.new_context(viewport={"width": 1180, "height": 900})
+        page = sign_in(context, s)
+        expect(page.get_by_test_id("total")).to_have_text(f"${total:,.2f}")
+        expect(page.get_by_test_id("forwarded")).to_have_text(str(charged))
+        expect(page.get_by_test_id("refused")).to_have_text(str(refused))
+        by_team = page.locator("table", has=page.locator("caption", has_text="by team"))
+        expect(by_team.locator("tbody tr")).to_have_count(4)  # three teams and the live requests' "(none)"
+        expect(page.locator("table", has=page.locator("caption", has_text="by feature"))).to_have_count(1)
+        env = page.locator("table", has=page.locator("caption", has_text="by tag env"))
+        expect(env.locator("tbody td:first-child")).to_have_text(["prod", "staging"])
+        shoot(page, artifacts, "overview-day")
+        docs = os.environ.get("SPENDGATE_DOCS_SCREENSHOT")
+        if docs:
+            page.screenshot(path=docs, full_page=True)
+        page.goto(f"{s.url}/ui/?step=hour&stack=provider")
+        shoot(page, artifacts, "overview-day-by-provider")
+        page.goto(f"{s.url}/ui/budgets")
+        shoot(page, artifacts, "budgets-day")
+        context.close()
+    finally:
+        s.stop()

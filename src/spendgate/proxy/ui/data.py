@@ -61,8 +61,8 @@ def _label(ts: float, step: int) -> str:
 def overview(events: Iterable[Event], now: float, window_s: int, step_s: int, stack: str) -> Overview:
     """Spend in ``step_s`` buckets over the last ``window_s`` seconds, stacked by ``stack`` (model or
     provider), the most expensive :data:`MAX_SERIES` named and the rest as "other"; request counts
-    forwarded (charged) and refused (blocked or held); the top spenders by key, user, team, model and
-    by each tag seen."""
+    forwarded (charged) and refused (blocked or held); the top spenders by key, user, team, model,
+    feature and by each other tag seen."""
     first = int((now - window_s) // step_s) * step_s
     n = int(now // step_s) - first // step_s + 1
     labels = [_label(first + i * step_s, step_s) for i in range(n)]
@@ -85,7 +85,7 @@ def overview(events: Iterable[Event], now: float, window_s: int, step_s: int, st
         total += e.cost
         estimated += e.cost if e.estimated else 0
         by_stack[e.model if stack == "model" else e.provider][i] += e.cost
-        dims = {"model": e.model, **{k: e.dims.get(k, "(none)") for k in ("key", "user", "team")}}
+        dims = {"model": e.model, **{k: e.dims.get(k, "(none)") for k in ("key", "user", "team", "feature")}}
         dims.update({f"tag {k}": v for k, v in e.dims.items() if k not in KNOWN_FIELDS and k != "edits"})
         for dim, value in dims.items():
             g = top[dim][value]
@@ -97,9 +97,10 @@ def overview(events: Iterable[Event], now: float, window_s: int, step_s: int, st
         spend["other"] = [sum(col) for col in zip(*(v for _, v in ranked[MAX_SERIES:]), strict=True)]
     tops = {dim: sorted(((v, g[0], g[1]) for v, g in groups.items()), key=lambda r: (-r[2], r[0]))[:TOP_N]
             for dim, groups in top.items()}
-    order = ["key", "user", "team", "model", *sorted(d for d in tops if d.startswith("tag "))]
+    order = ["key", "user", "team", "model", "feature", *sorted(d for d in tops if d.startswith("tag "))]
+    # a dimension no request set (all "(none)") says nothing: left out
     return Overview(labels, spend, forwarded, refused, total, estimated, requests, refusals,
-                    {d: tops[d] for d in order if d in tops})
+                    {d: tops[d] for d in order if d in tops and [r[0] for r in tops[d]] != ["(none)"]})
 
 
 @dataclass(frozen=True)
