@@ -28,7 +28,7 @@ from spendgate.buckets import Limit, RuleBucket, rule_buckets, rule_limit
 from spendgate.buckets import bucket_key as bucket_key
 from spendgate.buckets import tokens_key as tokens_key
 from spendgate.errors import StoreError
-from spendgate.estimate import FREE_ROUTES, Estimate, Estimator
+from spendgate.estimate import Estimate, Estimator
 from spendgate.estimate.shape import TokenShape
 from spendgate.ledger import AlertMark, Authorization, Bucket, BucketState, Event, Ledger, Line
 from spendgate.ledger.spool import Spool
@@ -67,13 +67,6 @@ class AsyncLedger(Protocol):
 
 MAX_REMEDIES = 8
 SLOWEST_TOKENS_PER_S = 20
-#: Which body field bounds the output, per route (set by a clamp).
-OUTPUT_FIELD = {
-    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
-    "/v1/responses": ("max_output_tokens",),
-    "/v1/completions": ("max_tokens",),
-    "/v1/messages": ("max_tokens",),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +323,7 @@ class Engine:
                 extra_rules: Sequence[Rule]) -> Generator[LedgerCall, Any, Decision]:
         now = time.time() if now is None else now
         did = secrets.token_hex(8)
-        if (request.provider, request.route) in FREE_ROUTES:
+        if self.estimator.is_free(request.provider, request.route):
             return Decision(did, "allow", True, None, request.body, message="free route")
         policy, all_rules = self.policy, (*self._rules, *request.identity.rules, *extra_rules)
         # spend that already happened is recorded whatever is paused or required: it cannot be refused
@@ -438,7 +431,7 @@ class Engine:
             if act == "clamp":
                 fitted = self._clamp(trip, est)
                 if fitted is not None:
-                    field_name = self._output_field(request.route, body)
+                    field_name = self._output_field(request.provider, request.route, body)
                     body[field_name] = fitted
                     edits[field_name] = fitted
                     est = self.estimator.with_output(est, fitted)
@@ -799,9 +792,8 @@ class Engine:
                 return name, shorter[name], dropped, est
         return None
 
-    @staticmethod
-    def _output_field(route: str, body: Mapping[str, Any]) -> str:
-        fields = OUTPUT_FIELD.get(route, ("max_tokens",))
+    def _output_field(self, provider: str, route: str, body: Mapping[str, Any]) -> str:
+        fields = self.estimator.output_fields(provider, route)
         return next((f for f in fields if f in body), fields[0])
 
     def _alerts(self, rules: Sequence[Rule], lines: Sequence[Line],

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from spendgate import ledger
+from spendgate import ledger, providers
 from spendgate.engine import Approval, Engine
 from spendgate.errors import ConfigError
 from spendgate.estimate.shape import TokenShape
@@ -28,8 +28,6 @@ from spendgate.policy.model import Policy
 from spendgate.pricing.cost import Usage, usage_nanos
 from spendgate.pricing.table import PriceTable
 from spendgate.request import Identity, Request
-
-ROUTE = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +122,8 @@ def parse_record(rec: Mapping[str, Any], line: int, prices: PriceTable) -> Trace
         usage = Usage(input=_count(rec, "input_tokens", line), output=_count(rec, "output_tokens", line))
         ident = Identity(session=dims.get("session"), user=dims.get("user"), team=dims.get("team"),
                          key=dims.get("key"), agent=dims.get("agent"), feature=dims.get("feature"))
-        return TraceRecord(_ts(rec["ts"], line), str(rec["model"]), str(rec.get("provider", "openai")),
+        return TraceRecord(_ts(rec["ts"], line), str(rec["model"]),
+                           str(rec.get("provider") or providers.for_model(str(rec["model"]), prices).name),
                            usage, None, ident, line)
     model = rec.get("model")
     if not isinstance(model, str) or not model:
@@ -136,8 +135,7 @@ def parse_record(rec: Mapping[str, Any], line: int, prices: PriceTable) -> Trace
                   reasoning=_count(rec, "reasoning_tokens", line))
     provider = rec.get("provider")
     if not isinstance(provider, str):
-        found = prices.resolve(model)
-        provider = "anthropic" if found and found.price.provider == "anthropic" else "openai"
+        provider = providers.for_model(model, prices).name
     tags = {k: str(v) for k, v in (rec.get("tags") or {}).items()}
     ident = Identity(session=_opt(rec.get("session_id")), user=_opt(rec.get("user")),
                      team=_opt(rec.get("team")), agent=_opt(rec.get("agent")),
@@ -211,7 +209,7 @@ def _actual_cost(engine: Engine, rec: TraceRecord) -> int:
 def _decide(engine: Engine, rec: TraceRecord, approve: bool, persist: bool, stopped: set[str],
             session: str, out: ReplayResult) -> int:
     """Decide and settle one record; returns what it cost as forwarded (0 if refused)."""
-    req = Request(rec.provider, ROUTE.get(rec.provider, "/v1/chat/completions"), {"model": rec.model},
+    req = Request(rec.provider, (providers.find(rec.provider) or providers.default()).chat_route, {"model": rec.model},
                   rec.identity, _shape(rec))
     d = engine.decide(req, now=rec.ts)
     approved: set[str] = set()

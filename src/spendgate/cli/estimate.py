@@ -17,21 +17,16 @@ from spendgate.pricing.table import PriceTable
 
 
 def _infer_route(body: dict[str, Any], prices: PriceTable) -> tuple[str, str]:
-    model = str(body.get("model", ""))
-    res = prices.resolve(model)
-    if "messages" in body and res is not None and res.price.provider == "anthropic":
-        return "anthropic", "/v1/messages"
-    if "messages" in body:
-        return "openai", "/v1/chat/completions"
-    if "prompt" in body:
-        return "openai", "/v1/completions"
-    if "input" in body and "embedding" in model:
-        return "openai", "/v1/embeddings"
-    return "openai", "/v1/responses"
+    """The provider serving the body's model first-hand, and the route a body of its shape goes to."""
+    from spendgate import providers
+
+    spec = providers.for_model(str(body.get("model", "")), prices)
+    return spec.name, spec.route_for(body)
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from spendgate.estimate import ROUTES, Estimator
+    from spendgate import providers
+    from spendgate.estimate import Estimator
 
     ctx = Context.from_args(args)
     name = "stdin" if args.file == "-" else args.file
@@ -46,14 +41,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         raise BadRequest(f"{name}: expected a JSON object (a request body)")
     provider, route = _infer_route(body, ctx.prices)
     if args.route:
-        matches = [k for k in ROUTES if k[1] == args.route and (args.provider in (None, k[0]))]
+        priced = providers.priced_routes()
+        matches = sorted(k for k in priced if k[1] == args.route and (args.provider in (None, k[0])))
         if not matches:
             raise ConfigError(f"--route {args.route}: not a priced route; known: "
-                              + ", ".join(sorted({r for _, r in ROUTES})))
+                              + ", ".join(sorted({r for _, r in priced})))
         provider, route = matches[0]
     elif args.provider:
         provider = args.provider
-        route = "/v1/messages" if provider == "anthropic" else route
+        route = providers.get(provider).route_for(body)
     kwargs = {"anthropic_factor": ctx.policy.anthropic_token_factor} if ctx.policy.anthropic_token_factor else {}
     # the estimator logs an unpriced model's warning for servers; here the command prints it once itself
     quiet, est_log = logging.NullHandler(), logging.getLogger("spendgate.estimate")
@@ -81,6 +77,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``spendgate estimate``."""
     est = sub.add_parser("estimate", parents=[common], help="price a request body's worst case")
     est.add_argument("file", metavar="FILE.json", help="the request body; - reads it from stdin")
-    est.add_argument("--provider", choices=("openai", "anthropic"))
+    from spendgate import providers
+
+    est.add_argument("--provider", choices=[p.name for p in providers.all_providers()])
     est.add_argument("--route", help="e.g. /v1/chat/completions (inferred from the body when absent)")
     est.set_defaults(func=cmd_estimate)

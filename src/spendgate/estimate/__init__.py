@@ -1,15 +1,18 @@
-"""A request's worst case before it is sent: tokens in, the output bound, and their price."""
+"""A request's worst case before it is sent: tokens in, the output bound, and their price.
+
+Which routes are priced, how each body is counted and which variant it asks for are the providers'
+word (:mod:`spendgate.providers`); this module prices what they read.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any, Literal
 
 from spendgate.errors import BadRequest, UnpricedModel
-from spendgate.estimate import anthropic, openai
+from spendgate.estimate import anthropic
 from spendgate.estimate.shape import TokenShape
 from spendgate.money import fmt_usd
 from spendgate.pricing.cost import Usage, usage_nanos, worst_case_nanos
@@ -19,16 +22,6 @@ log = logging.getLogger("spendgate.estimate")
 
 Unpriced = Literal["dearest", "block"]
 
-#: The priced routes: (provider, path) -> body parser.
-ROUTES: dict[tuple[str, str], Callable[..., TokenShape]] = {
-    ("openai", "/v1/chat/completions"): openai.chat,
-    ("openai", "/v1/responses"): openai.responses,
-    ("openai", "/v1/completions"): openai.completions,
-    ("openai", "/v1/embeddings"): openai.embeddings,
-    ("anthropic", "/v1/messages"): anthropic.messages,
-}
-#: Routes that cost nothing and are passed through unpriced.
-FREE_ROUTES = frozenset({("anthropic", "/v1/messages/count_tokens"), ("openai", "/v1/models")})
 
 
 @dataclass(slots=True)
@@ -74,19 +67,34 @@ class Estimate:
 class Estimator:
     """Prices request bodies; shared by the engine, the proxy and the SDK."""
 
-    #: The OpenAI tier a request with ``service_tier`` absent or ``"auto"`` is held at: the
-    #: project's default tier, ``default`` unless an admin set the project to ``fast`` (then set
-    #: this to ``"fast"``). Capture always charges the tier the response says it served.
+    #: The tier a request that names none (or ``"auto"``) is held at: the project's default tier,
+    #: ``default`` unless an admin set the project to ``fast`` (then set this to ``"fast"``).
+    #: Capture always charges the tier the response says it served.
     openai_auto_tier = "default"
 
     def __init__(self, prices: PriceTable, unpriced: Unpriced = "dearest",
                  anthropic_factor: float = anthropic.DEFAULT_FACTOR) -> None:
+        from spendgate import providers  # the registry's modules count with this package's primitives
+
         self.prices = prices
         self.unpriced = unpriced
+        #: the upward factor over offline counts, for providers whose tokenizer is not published
         self.anthropic_factor = anthropic_factor
-        self._parsers: dict[tuple[str, str], Callable[[Mapping[str, Any]], TokenShape]] = dict(ROUTES)
-        self._parsers[("anthropic", "/v1/messages")] = partial(anthropic.messages, factor=anthropic_factor)
+        self._providers = {p.name: p for p in providers.all_providers()}
+        self._parsers: dict[tuple[str, str], Callable[[Mapping[str, Any]], TokenShape]] = {
+            (p.name, route): parser for p in self._providers.values()
+            for route, parser in p.parsers(anthropic_factor if p.scaled_counts else None).items()}
         self._warned: set[str] = set()
+
+    def is_free(self, provider: str, route: str) -> bool:
+        """A route that costs nothing (a token count, a model list): passed through unpriced."""
+        spec = self._providers.get(provider)
+        return spec is not None and route in spec.free_routes
+
+    def output_fields(self, provider: str, route: str) -> tuple[str, ...]:
+        """The body fields bounding a request's output on ``route``, the one a clamp edits first."""
+        spec = self._providers.get(provider)
+        return (spec.output_fields.get(route) if spec is not None else None) or ("max_tokens",)
 
     def shape(self, provider: str, route: str, body: Any) -> TokenShape:
         parser = self._parsers.get((provider, route))
@@ -97,19 +105,12 @@ class Estimator:
         return parser(body)
 
     def variant(self, provider: str, body: Any) -> dict[str, str]:
-        """The price variant a request body asks for: OpenAI's ``service_tier`` (absent or
-        ``"auto"``: :attr:`openai_auto_tier`), Anthropic's ``speed``."""
-        if not isinstance(body, Mapping):
+        """The price variant a request body asks for (a service tier, a speed), as its provider
+        reads it; a tier left to the provider is :attr:`openai_auto_tier`."""
+        spec = self._providers.get(provider)
+        if not isinstance(body, Mapping) or spec is None:
             return {}
-        if provider == "openai":
-            tier = body.get("service_tier")
-            if not isinstance(tier, str) or tier == "auto":
-                tier = self.openai_auto_tier
-            return {"service_tier": tier}
-        if provider == "anthropic":
-            speed = body.get("speed")
-            return {"speed": speed} if isinstance(speed, str) else {}
-        return {}
+        return spec.variant(body, self.openai_auto_tier)
 
     def resolve(self, model: str, provider: str) -> Resolution:
         found = self.prices.resolve(model, provider)
@@ -127,21 +128,13 @@ class Estimator:
             log.warning(warning)
         return Resolution(model, dear, "dearest", warning)
 
-    @staticmethod
-    def searches(provider: str, body: Any) -> int:
-        """The most web searches a request allows: the sum of its web-search tools' ``max_uses``
-        (Anthropic). A tool without one is not bounded before send; its searches are charged on
-        capture from ``usage.server_tool_use``."""
-        tools = body.get("tools") if isinstance(body, Mapping) else None
-        if provider != "anthropic" or not isinstance(tools, list):
+    def searches(self, provider: str, body: Any) -> int:
+        """The most web searches a request allows before send, as its provider bounds them (a
+        search it leaves unbounded is charged on capture from the usage)."""
+        spec = self._providers.get(provider)
+        if not isinstance(body, Mapping) or spec is None:
             return 0
-        n = 0
-        for tool in tools:
-            if isinstance(tool, Mapping) and str(tool.get("type", "")).startswith("web_search"):
-                uses = tool.get("max_uses")
-                if isinstance(uses, int) and not isinstance(uses, bool) and uses > 0:
-                    n += uses
-        return n
+        return spec.searches(body)
 
     def price(self, provider: str, route: str, shape: TokenShape,
               variant: Mapping[str, str] | None = None, searches: int = 0) -> Estimate:
@@ -156,9 +149,11 @@ class Estimator:
         else:
             bound, why = res.price.output_bound(shape.input_tokens, requested)
         out = bound * max(shape.choices, 1)
-        if shape.cache_write is None and provider == "openai" and res.price.cache_write is not None:
-            # OpenAI writes the prompt cache by itself and bills the write (gpt-5.6, gpt-6): any
-            # input may be a cache write, so it is held at the dearer of the two rates
+        spec = self._providers.get(provider)
+        if shape.cache_write is None and spec is not None and spec.writes_cache_itself \
+                and res.price.cache_write is not None:
+            # a provider that writes the prompt cache by itself and bills the write (OpenAI's
+            # gpt-5.6, gpt-6): any input may be a cache write, so it is held at the dearer rate
             shape = replace(shape, cache_write="5m")
         cost = worst_case_nanos(res.price, shape.input_tokens, out, shape.cache_write)
         if at is not res.price:

@@ -17,16 +17,16 @@ from spendgate.sdk import _runtime
 def estimate(model: str, messages: Sequence[Any], **request: Any) -> Estimate:
     """The worst case of a chat / messages call, priced as the guard would; no call is made.
 
-    Claude models are priced as Anthropic Messages requests, every other model as OpenAI chat.
+    Priced as a chat turn of the provider serving ``model`` (Claude models as Messages requests,
+    an unknown model as OpenAI-compatible chat).
     ``request`` takes the call's other arguments (``max_tokens``, ``tools``, ``system``, …).
     """
+    from spendgate import providers
+
     est = _runtime.engine().estimator
-    res = est.prices.resolve(model)
-    anthropic = res is not None and res.price.provider == "anthropic"
+    spec = providers.for_model(model, est.prices)
     body = {"model": model, "messages": list(messages), **request}
-    if anthropic:
-        return est.estimate("anthropic", "/v1/messages", body)
-    return est.estimate("openai", "/v1/chat/completions", body)
+    return est.estimate(spec.name, spec.chat_route, body)
 
 
 @dataclass(frozen=True)

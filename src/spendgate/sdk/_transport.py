@@ -20,9 +20,9 @@ from functools import cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from spendgate import providers
 from spendgate.engine import Decision, Engine
 from spendgate.errors import BadRequest, BudgetExceeded, StoreError, UnpricedModel
-from spendgate.estimate import FREE_ROUTES, ROUTES
 from spendgate.request import Identity, Request, hash_key
 from spendgate.sdk import _runtime
 from spendgate.sdk._context import active_capability, active_scopes, active_tags, answer_refusal
@@ -66,7 +66,8 @@ class Guard:
         self.errors = errors
         self.http = http
         self._engine = engine
-        self._routes = sorted((r for p, r in (*ROUTES, *FREE_ROUTES) if p == provider), key=len, reverse=True)
+        self._spec = providers.get(provider)
+        self._routes = sorted((*self._spec.routes, *self._spec.free_routes), key=len, reverse=True)
         self._last_auth: str | None = None
         self._last_hash: str | None = None
 
@@ -75,7 +76,7 @@ class Guard:
 
     def before(self, request: httpx2.Request) -> Prepared:
         route = self.route_of(request.url.path)
-        if (self.provider, route) in FREE_ROUTES or (route is None and request.method in ("GET", "HEAD", "DELETE")):
+        if route in self._spec.free_routes or (route is None and request.method in ("GET", "HEAD", "DELETE")):
             return Prepared(request, None)
         if route is None:
             raise self.errors.bad_request(
@@ -112,8 +113,7 @@ class Guard:
 
     def _identity(self, request: httpx2.Request) -> Identity:
         tags = active_tags()
-        auth = (self.provider == "anthropic" and request.headers.get("x-api-key")) or \
-            request.headers.get("authorization", "").removeprefix("Bearer ")
+        auth = self._spec.api_key(request.headers) or ""
         if auth != self._last_auth:  # a client sends one key: hash it once, not per call
             self._last_auth, self._last_hash = auth, hash_key(auth) if auth else None
         return Identity(key=self._last_hash, tags=tags, user=tags.get("user"), team=tags.get("team"),

@@ -19,13 +19,15 @@ from functools import cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from spendgate import providers
 from spendgate.errors import BadRequest, BudgetExceeded, StoreError
 
 if TYPE_CHECKING:
     from spendgate.sdk._transport import Errors
 
 C = TypeVar("C")
-_SDKS = {"openai": "OpenAIError", "anthropic": "AnthropicError"}
+#: the official SDK package of each provider that has one -> its error base class
+_SDKS = {p.name: p.sdk_error for p in providers.all_providers() if p.sdk_error}
 EXTRA_HINT = "pip install 'spendgate[clients]'"
 
 

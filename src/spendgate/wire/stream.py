@@ -1,10 +1,8 @@
 """Metering a server-sent-event stream while relaying it event by event.
 
-Usage arrives at the end: OpenAI chat in a last chunk with ``choices: []`` (only when the request
-set ``stream_options.include_usage`` — the proxy adds it and, for a client that did not ask,
-withholds that chunk), the Responses API in ``response.completed``, Anthropic in
-``message_start`` (input) and ``message_delta`` (output, cumulative). Output text seen so far is
-kept so a stream cut short can be charged for what it produced.
+Usage arrives at the end, in events each provider shapes its own way (its module's
+``stream_usage`` reads them, and may withhold a usage chunk the client did not ask for). Output
+text seen so far is kept so a stream cut short can be charged for what it produced.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ import json
 import math
 from typing import Any
 
+from spendgate import providers
 from spendgate.estimate.tokens import counter
 from spendgate.pricing.cost import Usage
 from spendgate.usage import UnreadableUsage, read_usage
@@ -20,41 +19,10 @@ from spendgate.usage import UnreadableUsage, read_usage
 _SEP = (b"\r\n\r\n", b"\n\n")
 
 
-def _merge_anthropic(start: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
-    """The final usage of an Anthropic stream: ``message_delta``'s cumulative counts over
-    ``message_start``'s.
-
-    As in Anthropic's own SDK, a null optional count in the delta means "not applicable" and the
-    start's value stands. ``output_tokens`` is different: the delta must carry the final count
-    (the start's is a placeholder, often 1), so a null or missing one stays null or missing and
-    the usage is unreadable — charged conservatively, never as the placeholder. A null the start
-    sent and no delta replaced stays null, unreadable too.
-    """
-    merged = dict(start)
-    merged.update({k: v for k, v in delta.items() if v is not None or k == "output_tokens"})
-    if "output_tokens" not in delta:
-        merged.pop("output_tokens", None)
-    return merged
-
-
-def _with_tier(usage: dict[str, Any], outer: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI reports the tier it served beside the usage, not in it, and bills each web search
-    call of a Responses output apart from it: carry both along for capture."""
-    extra: dict[str, Any] = {}
-    tier = outer.get("service_tier")
-    if isinstance(tier, str) and "service_tier" not in usage:
-        extra["service_tier"] = tier
-    output = outer.get("output")
-    if isinstance(output, list):
-        calls = sum(1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call")
-        if calls:
-            extra["web_search_calls"] = calls
-    return {**usage, **extra} if extra else usage
-
-
 class StreamMeter:
     def __init__(self, provider: str, withhold_usage_chunk: bool = False) -> None:
         self.provider = provider
+        self._spec = providers.get(provider)
         self.withhold = withhold_usage_chunk
         self.usage: dict[str, Any] | None = None
         self.text: list[str] = []
@@ -100,33 +68,7 @@ class StreamMeter:
         if not isinstance(obj, dict):
             return True
         self._texts_of(obj)
-        if self.provider == "anthropic":
-            self._anthropic(obj)
-            return True
-        kind = obj.get("type")
-        if isinstance(kind, str) and kind.startswith("response."):
-            if kind in ("response.completed", "response.incomplete", "response.failed"):
-                resp = obj.get("response")
-                if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
-                    self.usage = _with_tier(resp["usage"], resp)
-                    self.complete = True
-            return True
-        if isinstance(obj.get("usage"), dict):
-            self.usage = _with_tier(obj["usage"], obj)
-            self.complete = True
-            if self.withhold and obj.get("choices") == []:
-                return False
-        return True
-
-    def _anthropic(self, obj: dict[str, Any]) -> None:
-        kind = obj.get("type")
-        if kind == "message_start":
-            msg = obj.get("message")
-            if isinstance(msg, dict) and isinstance(msg.get("usage"), dict):
-                self.usage = dict(msg["usage"])
-        elif kind == "message_delta" and isinstance(obj.get("usage"), dict):
-            self.usage = _merge_anthropic(self.usage or {}, obj["usage"])
-            self.complete = True
+        return self._spec.stream_usage(self, obj)
 
     def _texts_of(self, obj: dict[str, Any]) -> None:
         """The output text one event carries, in each provider's delta shape."""
@@ -160,8 +102,8 @@ class StreamMeter:
             return self.usage, self.output_tokens(anthropic_factor)
 
     def output_tokens(self, anthropic_factor: float) -> int | None:
-        """Tokens of the output seen so far (None if none was seen), for a stream cut short;
-        Anthropic's scaled by the same upward factor as its input estimates."""
+        """Tokens of the output seen so far (None if none was seen), for a stream cut short; scaled
+        by the same upward factor as the input estimates of a provider whose counts are scaled."""
         for data in self._unread:
             try:
                 obj = json.loads(data)
@@ -173,4 +115,4 @@ class StreamMeter:
         if not self.text:
             return None
         n = counter("o200k_base").count("".join(self.text))
-        return math.ceil(n * anthropic_factor) if self.provider == "anthropic" else n
+        return math.ceil(n * anthropic_factor) if self._spec.scaled_counts else n

@@ -21,12 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-#: The body field holding the conversation, per (provider, route).
-FIELDS: dict[tuple[str, str], str] = {
-    ("openai", "/v1/chat/completions"): "messages",
-    ("openai", "/v1/responses"): "input",
-    ("anthropic", "/v1/messages"): "messages",
-}
+from spendgate import providers
+
 #: Roles that carry instructions rather than conversation: never dropped.
 SYSTEM_ROLES = frozenset({"system", "developer"})
 
@@ -34,7 +30,8 @@ SYSTEM_ROLES = frozenset({"system", "developer"})
 def conversation_field(provider: str, route: str, body: Mapping[str, Any]) -> str | None:
     """The field of ``body`` a truncation may shorten, or None when the route has none or the
     field is not a list (a Responses ``input`` string, a malformed body)."""
-    name = FIELDS.get((provider, route))
+    spec = providers.find(provider)
+    name = spec.conversation_fields.get(route) if spec is not None else None
     if name is None or not isinstance(body.get(name), list):
         return None
     return name
@@ -55,11 +52,8 @@ def is_user_turn(provider: str, item: Any) -> bool:
         return False
     if item.get("type", "message") != "message":
         return False
-    if provider == "anthropic":
-        content = item.get("content")
-        if isinstance(content, list) and any(_result_id(b) is not None for b in content):
-            return False
-    return True
+    spec = providers.find(provider)
+    return not (spec is not None and spec.is_tool_result(item))
 
 
 def _result_id(block: Any) -> str | None:

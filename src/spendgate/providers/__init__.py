@@ -1,0 +1,66 @@
+"""The provider registry: every wire format spendgate guards, one module each.
+
+Adding a provider is one module here (a :class:`~spendgate.providers.base.Provider` subclass), its
+prices and its tests; everything else asks this registry (:func:`get`, :func:`all_providers`,
+:func:`priced_routes`, :func:`free_routes`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spendgate.providers.anthropic import Anthropic
+from spendgate.providers.base import Parser, Provider
+from spendgate.providers.openai import OpenAI
+
+if TYPE_CHECKING:
+    from spendgate.pricing.table import PriceTable
+
+__all__ = ["Parser", "Provider", "all_providers", "default", "find", "for_model", "free_routes", "get",
+           "priced_routes"]
+
+#: the first is the default: the wire format of a request that names none (OpenAI-compatible)
+_REGISTRY: dict[str, Provider] = {p.name: p for p in (OpenAI(), Anthropic())}
+
+
+def get(name: str) -> Provider:
+    """The provider called ``name``; KeyError naming the known ones otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no provider {name!r}; spendgate knows {', '.join(_REGISTRY)}") from None
+
+
+def find(name: str) -> Provider | None:
+    return _REGISTRY.get(name)
+
+
+def default() -> Provider:
+    """The wire format of a request or trace row that names none: OpenAI's, which most clients and
+    OpenAI-compatible servers speak."""
+    return next(iter(_REGISTRY.values()))
+
+
+def for_model(model: str, prices: PriceTable) -> Provider:
+    """The provider serving ``model`` first-hand, by the price table's row for it; the default when
+    the table has none (an unknown model is still priced, as the dearest)."""
+    found = prices.resolve(model)
+    if found is not None:
+        for p in _REGISTRY.values():
+            if found.price.provider in p.price_providers:
+                return p
+    return default()
+
+
+def all_providers() -> tuple[Provider, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def priced_routes() -> frozenset[tuple[str, str]]:
+    """Every (provider, path) spendgate prices."""
+    return frozenset((p.name, r) for p in _REGISTRY.values() for r in p.routes)
+
+
+def free_routes() -> frozenset[tuple[str, str]]:
+    """Every (provider, path) that costs nothing and is passed through unpriced."""
+    return frozenset((p.name, r) for p in _REGISTRY.values() for r in p.free_routes)

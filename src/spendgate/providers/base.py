@@ -1,0 +1,110 @@
+"""What spendgate must know about one wire format, declared in one place.
+
+A provider module subclasses :class:`Provider` and is listed in :mod:`spendgate.providers`' registry.
+The engine, the doors (proxy, SDK), replay and the CLI ask the registry; none of them names a
+provider. What a provider declares:
+
+- its routes: the priced ones with the body parser that counts a request's input and reads its
+  output bound, and the free ones passed through unpriced;
+- the body fields a decision may edit: the output bound (a ``clamp``) and the conversation (a
+  ``truncate``);
+- the price variant a body asks for (a service tier, a speed) and per-request fees it allows;
+- its stream's usage events, its error envelope (so its official SDK raises its usual errors) and
+  the headers that carry its credentials and its caller's user;
+- its official SDK's error base class, for ``spendgate.wrap``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from spendgate.estimate.shape import TokenShape
+
+if TYPE_CHECKING:
+    from spendgate.wire.stream import StreamMeter
+
+#: A priced route's body parser: the request body -> what it may cost in tokens.
+Parser = Callable[[Mapping[str, Any]], TokenShape]
+
+
+class Provider:
+    """One wire format. Subclasses set the class attributes and override what differs."""
+
+    name: str = ""
+    #: where its API lives unless the policy or the environment says otherwise
+    default_base_url: str = ""
+    #: the environment variable holding the key spendgate forwards for a virtual key
+    key_env: str = ""
+    #: priced path -> body parser
+    routes: Mapping[str, Parser] = {}
+    #: paths that cost nothing, passed through unpriced
+    free_routes: frozenset[str] = frozenset()
+    #: path -> the body fields bounding the output, the first present one is edited by a clamp
+    output_fields: Mapping[str, tuple[str, ...]] = {}
+    #: path -> the body field holding the conversation a truncate may shorten
+    conversation_fields: Mapping[str, str] = {}
+    #: the error base class of its official Python SDK (``openai.OpenAIError``), or "" for none
+    sdk_error: str = ""
+    #: its input counts are offline counts scaled by the policy's factor (``anthropic_token_factor``):
+    #: the stream meter scales the output it counts of a cut-short stream the same way
+    scaled_counts: bool = False
+    #: a header only this provider's clients send, so a request on a path two providers share is
+    #: told apart (None: the provider a shared path defaults to)
+    marker_headers: tuple[str, ...] = ()
+    #: the statuses of its error envelope: HTTP status -> its error type
+    error_types: Mapping[int, str] = {}
+    #: the route a chat turn takes (a replayed trace, ``spendgate.estimate``)
+    chat_route: str = ""
+    #: the price table's providers whose models it serves first-hand
+    price_providers: tuple[str, ...] = ()
+
+    def route_for(self, body: Mapping[str, Any]) -> str:
+        """The priced route a request body of this shape goes to (``spendgate estimate FILE``)."""
+        return self.chat_route
+
+    def parsers(self, factor: float | None) -> dict[str, Parser]:
+        """Its priced routes' parsers, with the policy's count factor bound where it applies."""
+        return dict(self.routes)
+
+    def variant(self, body: Mapping[str, Any], auto_tier: str) -> dict[str, str]:
+        """The price variant the body asks for (``{"service_tier": "priority"}``); none by default."""
+        return {}
+
+    def searches(self, body: Mapping[str, Any]) -> int:
+        """The most per-request-priced searches the body allows before send (0: none bounded)."""
+        return 0
+
+    #: it writes the prompt cache by itself and bills the write: any input may be a cache write
+    writes_cache_itself: bool = False
+
+    def api_key(self, headers: Mapping[str, str]) -> str | None:
+        """The credential the client sent (a bearer token unless the provider says otherwise)."""
+        auth = headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            return None
+        return auth[7:].strip() or None
+
+    def body_user(self, body: Mapping[str, Any]) -> str | None:
+        """The end user a request body names, in this provider's own field (None: none)."""
+        return None
+
+    def error_body(self, status: int, message: str, *, code: str | None = None,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """An error in its own envelope, with spendgate's numbers under ``spendgate``."""
+        raise NotImplementedError
+
+    def sse_error(self, status: int, message: str, *, code: str | None = None) -> bytes:
+        """The last event of a stream that cannot be finished, in its own stream shape."""
+        body = self.error_body(status, message, code=code)
+        return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+
+    def stream_usage(self, meter: StreamMeter, obj: dict[str, Any]) -> bool:
+        """Read one stream event that mentions usage into ``meter``; False when it must not reach
+        the client (a usage chunk the client did not ask for)."""
+        raise NotImplementedError
+
+    def is_tool_result(self, item: Mapping[str, Any]) -> bool:
+        """A ``user`` message that carries tool results rather than a person's turn."""
+        return False
