@@ -341,3 +341,42 @@ def test_overview_of_a_day_matches_report(browser: Browser, tmp_path: Path, upst
         context.close()
     finally:
         s.stop()
+
+
+def test_approvals_list_updates_live_and_max_and_deny_answer_holds(
+        browser: Browser, served: Serve, artifacts: Path) -> None:
+    s = served
+    context = browser.new_context()
+    page = sign_in(context, s)
+    page.goto(f"{s.url}/ui/approvals")
+    expect(page.locator(".empty")).to_have_text("Nothing is waiting for approval.")
+    for user in ("bob", "chen"):
+        assert s.ask(user)[0] == 200
+        assert s.ask(user)[0] == 200
+    status, bobs = s.ask("bob")  # $2.403 + $1.21 > $3: held
+    assert status == 402
+    status, chens = s.ask("chen")
+    assert status == 402
+    # the open page lists both without a reload
+    expect(page.locator("article.hold")).to_have_count(2)
+    shoot(page, artifacts, "approvals-two")
+    bob = page.locator(f"article[data-hold='{bobs}']")
+    bob.locator("input[name=max_usd]").fill("5")
+    bob.get_by_role("button", name="Approve with max").click()
+    expect(page.get_by_role("status")).to_contain_text(f"Hold {bobs}: approved")
+    page.locator(f"article[data-hold='{chens}']").get_by_role("button", name="Deny").click()
+    expect(page.get_by_role("status")).to_contain_text(f"Hold {chens}: denied")
+    expect(page.locator("article.hold")).to_have_count(0)
+    assert s.ask("bob")[0] == 200  # $5 more headroom for bob's day
+    assert s.ask("chen")[0] == 402  # a denied request stays refused
+    # the $5 granted shows on bob's budget as status --json has it
+    st = s.cli("status", "--json")
+    [bucket] = [b for b in st["buckets"] if b["bucket"].startswith("user-day|user=bob")]
+    assert (bucket["granted"], bucket["limit"]) == ("5", "8")
+    page.goto(f"{s.url}/ui/budgets")
+    card = page.locator(f"li.budget[data-bucket='{bucket['bucket']}']")
+    expect(card.locator("dd[data-field=granted]")).to_have_text("$5")
+    expect(card.locator("dd[data-field=limit]")).to_have_text("$8")
+    expect(card.locator("dd[data-field=spent]")).to_have_text(f"${bucket['spent']}")
+    shoot(page, artifacts, "budgets-granted")
+    context.close()
