@@ -394,3 +394,29 @@ def test_keys_list_adds_a_column_only_when_some_key_sets_it(tmp_path: Path,
                             "preapprove", "max", "created"]
     assert "$0.05 + 100 req / month  $0.0125 + 1 req  $0.0375 + 99 req  data_write" in ana
     assert bob.split()[:2] == [bob.split()[0], "bob"] and "$" not in bob
+
+
+# -- the spend routes ------------------------------------------------------------------------------
+
+
+def test_the_spend_routes_apply_a_keys_own_budget_and_count_it_across_a_rotate(servers_for: Any) -> None:
+    """/spendgate/reserve is weighed against the key's own budget like a proxied call, and its
+    per-key buckets are the key's, not one secret's."""
+    from tests.test_non_llm_spend import http
+
+    s = servers_for({"budget": [{"name": "per-key", "usd": 100, "window": "day", "per": "key"}]})
+    secret, key = keys.create(s.store, usd=Decimal("0.05"))
+    status, doc = http(s, "/spendgate/reserve", {"usd": "0.06"}, secret)
+    assert status == 402 and doc["spendgate"]["rule"] == f"key:{key.id}", doc
+    status, doc = http(s, "/spendgate/charge", {"usd": "0.03"}, secret)
+    assert status == 200, doc
+    assert key_spent(s.store, key)[0] == usd_to_nanos(Decimal("0.03"))
+    rotated = keys.rotate(s.store, key.id)
+    assert rotated is not None
+    new_secret = rotated[0]
+    status, doc = http(s, "/spendgate/reserve", {"usd": "0.03"}, new_secret)
+    assert status == 402 and doc["spendgate"]["rule"] == f"key:{key.id}", doc  # 0.03 + 0.03 > 0.05
+    status, doc = http(s, "/spendgate/reserve", {"usd": "0.02"}, new_secret)
+    assert status == 200, doc
+    per_key = [b for b in s.store.known_buckets() if b.key.startswith("per-key|")]
+    assert len(per_key) == 1, per_key  # one key, one bucket, whichever secret it used

@@ -24,7 +24,8 @@ TOOL = "tool"
 
 @dataclass(slots=True)
 class Identity:
-    """Who a request is counted under. ``key`` is a hash of the credential, never the credential."""
+    """Who a request is counted under. ``key`` is a hash of the credential, never the credential (for
+    a virtual key, the hash of its first secret, so it stays the same across ``keys rotate``)."""
 
     key: str | None = None
     user: str | None = None

@@ -21,10 +21,10 @@ from spendgate.errors import SpendgateError, StoreError
 from spendgate.money import nanos_to_usd
 from spendgate.proxy.budgets import add_budget_routes
 from spendgate.proxy.envelope import error_response
-from spendgate.proxy.identity import CREDENTIAL_HEADERS, Credentials, identity
+from spendgate.proxy.identity import CREDENTIAL_HEADERS, Credentials, identity, virtual_credentials
 from spendgate.report import approvals as approvals_since
 from spendgate.report import event_dict, report, status
-from spendgate.request import TOOL, Identity, hash_key, tool_request, usd_arg
+from spendgate.request import TOOL, Identity, tool_request, usd_arg
 
 if TYPE_CHECKING:
     from spendgate.proxy.app import Proxy
@@ -202,13 +202,14 @@ def _caller_credentials(headers: Mapping[str, str], proxy: Proxy) -> Credentials
     vkey = keys.lookup(proxy.store, raw, now=time.time())
     if vkey is None:
         raise PermissionError("unknown or revoked spendgate key")
-    return Credentials(hash_key(raw), None, vkey)
+    return virtual_credentials(vkey, raw, None)  # counted as the key, whichever secret it sent
 
 
-def _caller_identity(headers: Mapping[str, str], tags: Mapping[str, str], creds: Credentials) -> Identity:
+def _caller_identity(headers: Mapping[str, str], tags: Mapping[str, str], creds: Credentials,
+                     trust_client_capability: bool = False) -> Identity:
     """Who the spend counts under: the proxy's identity from headers, with the body's ``tags`` on
     top — except where the virtual key binds a value, which nothing the caller sends overrides."""
-    base = identity(TOOL, headers, {}, creds)
+    base = identity(TOOL, headers, {}, creds, trust_client_capability=trust_client_capability)
     vkey = creds.virtual
     bound: dict[str, str] = {}
     if vkey is not None:
@@ -219,9 +220,11 @@ def _caller_identity(headers: Mapping[str, str], tags: Mapping[str, str], creds:
     def pick(name: str) -> str | None:
         return bound.get(name) or tags.get(name) or getattr(base, name)
 
+    # the key's own budget and capability count here as on a proxied call; its model list does
+    # not: a tool's name is no model, and a key limited to gpt-4o* may still pay for a search
     return Identity(key=creds.key_hash, user=pick("user"), team=pick("team"),
                     session=tags.get("session") or base.session, agent=pick("agent"), feature=pick("feature"),
-                    tags=merged)
+                    tags=merged, capability=base.capability, rules=base.rules)
 
 
 async def _read_spend(request: web.Request, proxy: Proxy, *, amount: bool = True
@@ -261,7 +264,7 @@ async def _tool_spend(request: web.Request, proxy: Proxy, *, reserve: bool) -> w
         return _spend_err(400, "tags: expected an object of string values, such as {\"feature\": \"search\"}")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         return _spend_err(400, f"name: expected a non-empty string naming the tool, got {name!r}")
-    ident = _caller_identity(request.headers, tags, creds)
+    ident = _caller_identity(request.headers, tags, creds, proxy.engine.policy.trust_client_capability)
     req = tool_request(nanos, ident, name, force=not reserve)
     engine = proxy.engine
     now = time.time()
