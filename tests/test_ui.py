@@ -380,3 +380,90 @@ def test_approvals_list_updates_live_and_max_and_deny_answer_holds(
     expect(card.locator("dd[data-field=spent]")).to_have_text(f"${bucket['spent']}")
     shoot(page, artifacts, "budgets-granted")
     context.close()
+
+
+# -- without a browser: the numbers behind the pages, and the guard over HTTP ----------------------
+
+def _ev(ts: float, kind: str, model: str = "gpt-4o", cost: int = 0, **dims: str) -> Any:
+    from spendgate.ledger import Event
+
+    return Event(ts, kind, f"d{ts}", model, "openai", cost, dims=dims)
+
+
+def test_overview_buckets_stacks_and_tops() -> None:
+    from spendgate.proxy.ui.data import overview
+
+    now = 10 * 86400 + 5 * 3600 + 30  # 05:00:30 on day 10
+    models = [f"m{i}" for i in range(8)]  # eight models: six named, the two cheapest as "other"
+    events = [_ev(now - 3600 * 2, "capture", m, (i + 1) * 1_000_000, user="u1", env="prod")
+              for i, m in enumerate(models)]
+    events += [_ev(now - 10, "capture", "m7", 5_000_000, user="u2"), _ev(now - 5, "block", "m7", user="u2"),
+               _ev(now - 2, "approval"), _ev(now - 90000, "capture", "m0", 10**9)]  # the last: out of the window
+    o = overview(events, now, 86400, 3600, "model")
+    assert len(o.labels) == 25 and o.labels[-1] == "01-11 05:00"
+    assert list(o.spend) == ["m7", "m6", "m5", "m4", "m3", "m2", "other"]  # dearest first
+    assert o.spend["m7"][-1] == 5_000_000 and o.spend["m7"][-3] == 8_000_000
+    assert o.spend["other"][-3] == 3_000_000  # m0 ($0.001) + m1 ($0.002)
+    assert (o.requests, o.refusals, o.total_nanos) == (9, 1, 41_000_000)
+    assert o.forwarded[-1] == 1 and o.refused[-1] == 1 and o.forwarded[-3] == 8
+    assert o.top["user"] == [("u1", 8, 36_000_000), ("u2", 1, 5_000_000)]
+    assert o.top["tag env"] == [("prod", 8, 36_000_000)]
+    assert "team" not in o.top  # nobody set a team: no table of "(none)"
+
+
+def test_budget_rows_feed_messages_and_filters() -> None:
+    from spendgate.ledger import Bucket, BucketState, Event
+    from spendgate.proxy.ui.data import budget_rows, feed, message
+
+    b = Bucket("user-day|user=alice|2026-12-03", 3 * 10**9, None, "usd", ends_at=1_796_342_400.0)
+    [row] = budget_rows([(b, BucketState(b.key, "usd", 3 * 10**9, 2_403_000_000, 500_000_000, 10**9))])
+    assert (row.spent, row.held, row.limit, row.granted) == ("2.403", "0.5", "4", "1")
+    assert (row.spent_pct, row.held_pct, row.window, row.resets) == (60.08, 12.5, "calendar period",
+                                                                     "2026-12-04 00:00 UTC")
+    block = Event(1.0, "block", "d1", "o1-pro", "openai", 0, dims={"user": "bob", "key": "k1"}, rule="per-call",
+                  amounts={"estimate_usd": 6_001_350_000, "limit_usd": 5 * 10**9, "used_usd": 0})
+    clamp = Event(2.0, "clamp", "d2", "gpt-4o", "openai", 0, dims={"user": "ann", "edits": "max_tokens 4096→512"},
+                  rule="tight")
+    assert message(block) == "blocked by per-call: estimate $6.00135 with $0 already used of $5"
+    assert message(clamp) == "clamp by tight: max_tokens 4096→512"
+    events = [block, clamp, _ev(3.0, "capture", user="bob")]
+    assert feed(events, {}) == [block, clamp]
+    assert feed(events, {"user": "bob"}) == [block]
+    assert feed(events, {"rule": "tight", "model": "gpt-4o"}) == [clamp]
+    assert feed(events, {"key": "k2"}) == []
+
+
+def test_the_guard_over_http_without_a_browser() -> None:
+    import httpx
+
+    from spendgate.proxy.ui import auth
+    from spendgate.proxy.ui.routes import _csv_cell
+
+    assert [_csv_cell(v) for v in ("=HYPERLINK(1)", "+1", "-x", "@a", "plain")] == \
+        ["'=HYPERLINK(1)", "'+1", "'-x", "'@a", "plain"]
+    off = Servers(default_policy(), "memory://", admin_token=None)
+    on = Servers(default_policy(), "memory://", admin_token=TOKEN)
+    try:
+        r = httpx.get(f"{off.url}/ui/login")
+        assert r.status_code == 403 and "The dashboard is off" in r.text
+        r = httpx.get(f"{on.url}/ui/budgets", headers={"accept": "text/html"})
+        assert (r.status_code, r.headers["location"]) == (303, "/ui/login")
+        assert httpx.get(f"{on.url}/ui/decisions.csv").status_code == 401
+        bearer = {"authorization": f"Bearer {TOKEN}"}
+        r = httpx.get(f"{on.url}/ui/decisions.csv", headers=bearer)  # a script may use the admin header
+        assert r.status_code == 200 and r.text == ",".join(
+            ("time", "kind", "rule", "user", "key", "model", "provider", "bucket", "decision_id", "message")) + "\n"
+        assert "default-src 'none'" in r.headers["content-security-policy"]
+        assert httpx.get(f"{on.url}/ui/decisions?seconds=-1", headers=bearer).status_code == 400
+        r = httpx.get(f"{on.url}/ui/?stack=colour", headers=bearer)
+        assert r.status_code == 400 and "stack: expected one of model, provider, got &#39;colour&#39;" in r.text
+        # a POST with the CSRF token in the header (no form) passes; without it, 403
+        ok = httpx.post(f"{on.url}/ui/approvals/nope", headers={**bearer, auth.CSRF_HEADER: auth.csrf_token(TOKEN)},
+                        data={"action": "once"})
+        assert ok.status_code == 303 and "error=" in ok.headers["location"]
+        assert httpx.post(f"{on.url}/ui/approvals/nope", headers=bearer, data={"action": "once"}).status_code == 403
+        assert httpx.get(f"{on.url}/ui/static/../routes.py").status_code == 404
+        assert httpx.get(f"{on.url}/ui/static/ui.css").headers["content-type"].startswith("text/css")
+    finally:
+        off.close()
+        on.close()

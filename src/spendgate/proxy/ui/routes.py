@@ -310,27 +310,30 @@ class Dashboard:
         sent: set[tuple[str, str, float]] = set()
         template = self.env.get_template("_feed_row.html")
         last_ping = time.monotonic()
-        await response.write(b"retry: 2000\n\n")
-        while not self.stopping.is_set():
-            try:
-                events: list[Event] = await self.io(self.proxy.store.events, cursor)
-            except StoreError:
-                events = []
-            for e in data.feed(events, filters):
-                mark = (e.decision_id, e.kind, e.ts)
-                if e.ts <= shown or mark in sent:
-                    continue
-                sent.add(mark)
-                html = " ".join(template.render(row=data.feed_row(e)).split())
-                await response.write(f"event: row\ndata: {html}\n\n".encode())
-            if events:
-                cursor = max(cursor, max(e.ts for e in events))
-                sent = {m for m in sent if m[2] >= cursor}
-            if time.monotonic() - last_ping > FEED_PING_S:
-                await response.write(b": ping\n\n")
-                last_ping = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), FEED_POLL_S)
+        try:
+            await response.write(b"retry: 2000\n\n")
+            while not self.stopping.is_set():
+                try:
+                    events: list[Event] = await self.io(self.proxy.store.events, cursor)
+                except StoreError:
+                    events = []
+                for e in data.feed(events, filters):
+                    mark = (e.decision_id, e.kind, e.ts)
+                    if e.ts <= shown or mark in sent:
+                        continue
+                    sent.add(mark)
+                    html = " ".join(template.render(row=data.feed_row(e)).split())
+                    await response.write(f"event: row\ndata: {html}\n\n".encode())
+                if events:
+                    cursor = max(cursor, max(e.ts for e in events))
+                    sent = {m for m in sent if m[2] >= cursor}
+                if time.monotonic() - last_ping > FEED_PING_S:
+                    await response.write(b": ping\n\n")
+                    last_ping = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), FEED_POLL_S)
+        except ConnectionResetError:  # the browser closed the page
+            pass
         return response
 
     async def keys(self, request: web.Request, created: dict[str, Any] | None = None,
