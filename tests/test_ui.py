@@ -179,7 +179,8 @@ def test_budgets_approvals_live_feed_and_csv(browser: Browser, served: Serve, ar
     expect(page.get_by_test_id("forwarded")).to_have_text("2")
     expect(page.get_by_test_id("refused")).to_have_text("1")
     expect(page.get_by_test_id("estimated-share")).to_have_text("0.0%")
-    assert page.locator(".chart svg").count() == 2
+    assert page.locator(".chart .wide svg").count() == 2 and page.locator(".chart .narrow svg").count() == 2
+    assert page.locator(".chart .narrow").first.is_hidden()
     shoot(page, artifacts, "overview")
 
     # the budget bar's numbers are status --json's
@@ -259,6 +260,7 @@ def test_budgets_approvals_live_feed_and_csv(browser: Browser, served: Serve, ar
     small = phone.new_page()
     small.goto(f"{s.url}/ui/")
     assert small.evaluate("document.documentElement.scrollWidth") <= 390
+    assert small.locator(".chart .wide").first.is_hidden()  # the chart drawn for a phone's width instead
     shoot(small, artifacts, "overview-phone")
     small.goto(f"{s.url}/ui/budgets")
     assert small.evaluate("document.documentElement.scrollWidth") <= 390

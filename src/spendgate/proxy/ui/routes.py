@@ -225,7 +225,9 @@ class Dashboard:
         o = data.overview(events, now, window, data.STEPS[step], stack)
         return self.render("overview.html", page="overview", o=o, stack=stack, step=step, since=since,
                            stacks=data.STACKS, steps=list(data.STEPS), windows=list(data.WINDOWS),
-                           spend_chart=charts.spend_svg(o, stack), traffic_chart=charts.traffic_svg(o))
+                           spend_chart=charts.spend_svg(o, stack), traffic_chart=charts.traffic_svg(o),
+                           spend_narrow=charts.spend_svg(o, stack, narrow=True),
+                           traffic_narrow=charts.traffic_svg(o, narrow=True))
 
     async def budgets(self, request: web.Request) -> web.StreamResponse:
         rows = await self.io(lambda: status(self.proxy.store, on_expired=self.proxy.engine.emit))
