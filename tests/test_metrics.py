@@ -314,3 +314,26 @@ def test_label_values_beyond_the_cap_count_as_other() -> None:
     assert len(spend) == MAX_LABEL_VALUES + 1
     assert _value(samples, "spendgate_spend_nanodollars_total", provider="openai", model=OTHER) == 50 * 1_000
     assert sum(x.value for x in spend) == (MAX_LABEL_VALUES + 50) * 1_000
+
+
+def test_a_request_the_store_failed_counts_as_a_store_error() -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from spendgate.proxy.envelope import error_response
+
+    m = Metrics(ledger.open("memory://"))
+    failed = error_response("openai", 503, "spendgate: the spend store failed", code="spendgate_store_error")
+    upstream_503 = web.Response(status=503, body=b'{"error": {"message": "overloaded"}}')
+
+    async def answer_with(answer: web.Response) -> web.StreamResponse:
+        async def handler(_: web.Request) -> web.Response:
+            return answer
+        return await m.middleware(make_mocked_request("POST", "/v1/chat/completions"), handler)
+
+    for answer in (failed, upstream_503, failed):
+        assert asyncio.run(answer_with(answer)) is answer
+    samples = _samples(m.exposition().decode())
+    assert _value(samples, "spendgate_store_errors_total", where="request") == 2  # not the provider's own 503
+    assert _value(samples, "spendgate_store_errors_total", where="scrape") == 0
