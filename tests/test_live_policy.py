@@ -181,6 +181,7 @@ def test_at_start_a_future_effective_from_applies_at_once_with_a_warning(
 
     async def run() -> None:
         await live.start()
+        live.announce()  # as serve does once it listens
         await live.stop()
 
     with caplog.at_level(logging.INFO, "spendgate.policy"):
@@ -271,7 +272,7 @@ def test_a_rule_written_to_the_store_refuses_on_another_instance_within_two_seco
         assert code == 402 and body["spendgate"]["rule"] == "per-user"
         # one user's own limit: bob may spend again, on both instances; alice and carol stay refused
         rule = next(r for r in runtime.load(store).rules if r.name == "per-user")
-        assert _ask(a, "bob", fresh=False)[0] == 402
+        _until(lambda: _ask(a, "bob", fresh=False)[0] == 402, 2.0)  # A applies the rule too
         runtime.set_limit(store, rule, "user=bob", usd="10", by="ops")
         # the very body refused a moment ago passes: a change forgets the refusals a retry repeats
         _until(lambda: _ask(a, "bob", fresh=False)[0] == 200, 2.0)

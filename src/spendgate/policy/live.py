@@ -260,7 +260,7 @@ class LivePolicy:
             with contextlib.suppress(Exception):
                 await reload
         self._tasks = []
-        self.announce()
+        self._announce = []  # a server that never listened has no policy in force to report
 
     def _apply_locked(self) -> None:
         with self._lock:
