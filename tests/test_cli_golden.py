@@ -591,12 +591,13 @@ def test_json_output_is_unchanged(case: Case, tmp_path: Path, capsys: pytest.Cap
 
 
 def test_every_json_command_has_a_golden_case() -> None:
-    """A command added to the CLI gets a golden case here (``serve`` prints no document: it runs the proxy)."""
+    """A command added to the CLI gets a golden case here (``serve`` prints no document: it runs the proxy;
+    ``tail`` prints JSON lines, one per event: tests/test_tail.py)."""
     from spendgate.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     commands = set(getattr(sub, "choices", {}))
-    assert commands - {"serve"} == {c.name.split("_")[0] for c in CASES}
+    assert commands - {"serve", "tail"} == {c.name.split("_")[0] for c in CASES}
 
 
 # -- text output through rich: plain for a pipe, drawn for a person ------------------------------

@@ -51,7 +51,6 @@ MAX_ALERT_AT = Decimal(10)
 BUDGET_KEYS = {"name", "usd", "tokens", "requests", "window", "timezone", "per", "match", "action", "downgrade",
                "alert_at", "immutable", "min_output", "mode", "requires_capability"}
 MATCH_KEYS = {"model", "provider", "tier", "tags"}
-UPSTREAM_KEYS = {"openai", "anthropic"}
 _DURATION = re.compile(r"^(\d+)(s|m|h|d|w)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -361,7 +360,9 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bo
     upstream = doc.get("upstream", {})
     if not isinstance(upstream, Mapping):
         raise _fail("upstream", f"expected a table, got {upstream!r}")
-    _unknown(upstream, UPSTREAM_KEYS, "upstream")
+    from spendgate import providers
+
+    _unknown(upstream, {p.name for p in providers.all_providers()}, "upstream")
     for k, v in upstream.items():
         if not isinstance(v, str) or not v.startswith(("http://", "https://")):
             raise _fail(f"upstream.{k}", f"expected an http(s) URL, got {v!r}")

@@ -7,6 +7,7 @@ prices and its tests; everything else asks this registry (:func:`get`, :func:`al
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from spendgate.providers.anthropic import Anthropic
@@ -50,6 +51,23 @@ def for_model(model: str, prices: PriceTable) -> Provider:
             if found.price.provider in p.price_providers:
                 return p
     return default()
+
+
+def by_headers(headers: Mapping[str, str]) -> Provider:
+    """The provider whose clients send one of these headers (``anthropic-version``), else the
+    default: how a request on a path no provider owns is answered in its client's own envelope."""
+    for p in _REGISTRY.values():
+        if any(h in headers for h in p.marker_headers):
+            return p
+    return default()
+
+
+def owner(path: str) -> Provider | None:
+    """The provider whose priced or free route ``path`` is (None: no provider's)."""
+    for p in _REGISTRY.values():
+        if path in p.routes or path in p.free_routes:
+            return p
+    return None
 
 
 def all_providers() -> tuple[Provider, ...]:

@@ -86,6 +86,23 @@ class Provider:
             return None
         return auth[7:].strip() or None
 
+    def apply_key(self, headers: dict[str, str], key: str) -> dict[str, str]:
+        """``headers`` with the client's credential replaced by ``key`` (a virtual key swapped for
+        the provider key spendgate holds), in the header the client used: ``x-api-key`` if it
+        sent one, else a bearer token."""
+        sent_api_key = any(k.lower() == "x-api-key" for k in headers)
+        out = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "x-api-key")}
+        if sent_api_key:
+            out["x-api-key"] = key
+        else:
+            out["Authorization"] = f"Bearer {key}"
+        return out
+
+    def stream_edits(self, route: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Body fields to add so a stream on ``route`` reports its usage (empty: it always does);
+        the usage event they bring is withheld from a client that did not ask for it."""
+        return {}
+
     def body_user(self, body: Mapping[str, Any]) -> str | None:
         """The end user a request body names, in this provider's own field (None: none)."""
         return None

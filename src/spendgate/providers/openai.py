@@ -74,6 +74,15 @@ class OpenAI(Provider):
             return "/v1/embeddings"
         return "/v1/responses"
 
+    def stream_edits(self, route: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Chat and legacy completions meter a stream only when asked to include usage."""
+        if route not in ("/v1/chat/completions", "/v1/completions") or body.get("stream") is not True:
+            return {}
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            return {}
+        return {"stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
+
     def body_user(self, body: Mapping[str, Any]) -> str | None:
         user = body.get("user")
         return str(user) or None if isinstance(user, str) else None

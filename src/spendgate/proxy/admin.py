@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from spendgate import approvals, keys
+from spendgate import approvals, keys, providers
 from spendgate.engine import Approval, Decision, fixed_estimate
 from spendgate.errors import SpendgateError, StoreError
 from spendgate.money import nanos_to_usd
@@ -176,8 +176,12 @@ def spend_routes(app: web.Application, proxy: Proxy) -> None:
     app.router.add_post("/spendgate/reserve/{id}/release", release)
 
 
+#: the spend routes are spendgate's own, answered in the default provider's envelope (OpenAI's)
+SPEND_ENVELOPE = providers.default().name
+
+
 def _spend_err(status_code: int, message: str, code: str | None = None) -> web.Response:
-    return error_response("openai", status_code, f"spendgate: {message}", code=code)
+    return error_response(SPEND_ENVELOPE, status_code, f"spendgate: {message}", code=code)
 
 
 def _caller_credentials(headers: Mapping[str, str], proxy: Proxy) -> Credentials:
@@ -293,7 +297,7 @@ async def _reserve(request: web.Request, proxy: Proxy, req: Any, creds: Credenti
         if by_id is not None:
             d = await engine.adecide(req, now=now, approval=by_id)
     if not d.allowed:
-        refused: web.Response = await proxy._store_io(proxy._refuse, request, "openai", request.path, raw, d,
+        refused: web.Response = await proxy._store_io(proxy._refuse, request, SPEND_ENVELOPE, request.path, raw, d,
                                                        req.identity, who, now, raw, ())
         return refused
     if d.hold_id is None:  # the store failed and the policy says to allow unmetered: nothing to settle

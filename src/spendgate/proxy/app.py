@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from spendgate import approvals
+from spendgate import approvals, providers
 from spendgate import ledger as ledger_mod
 from spendgate.engine import Approval, Decision, Engine, approve_command
 from spendgate.errors import BadRequest, StoreError, UnpricedModel
@@ -35,7 +35,7 @@ from spendgate.money import nanos_to_usd
 from spendgate.observe.metrics import metrics_routes
 from spendgate.policy import Policy
 from spendgate.pricing.table import PriceTable
-from spendgate.proxy import admin, me
+from spendgate.proxy import admin, me, ui
 from spendgate.proxy.envelope import error_response, sse_error
 from spendgate.proxy.identity import Credentials, credentials, identity
 from spendgate.request import Identity, Request
@@ -49,16 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("spendgate.proxy")
 T = TypeVar("T")
 
-#: Priced routes: path -> provider.
-ROUTES = {
-    "/v1/chat/completions": "openai",
-    "/v1/responses": "openai",
-    "/v1/completions": "openai",
-    "/v1/embeddings": "openai",
-    "/v1/messages": "anthropic",
-    "/v1/messages/count_tokens": "anthropic",
-}
-DEFAULT_UPSTREAMS = {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com"}
+#: Every route a provider declares: path -> provider name (priced ones are decided, free ones passed through).
+ROUTES = {path: p.name for p in providers.all_providers() for path in (*p.routes, *p.free_routes)}
+DEFAULT_UPSTREAMS = {p.name: p.default_base_url for p in providers.all_providers()}
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
                         "content-encoding"})
@@ -89,10 +82,10 @@ class ProxyConfig:
                     upstream_timeout_s: float | None = None) -> ProxyConfig:
         ups = dict(DEFAULT_UPSTREAMS)
         ups.update(policy.upstream)
-        for provider in ("openai", "anthropic"):
-            env = os.environ.get(f"SPENDGATE_{provider.upper()}_BASE_URL")
+        for p in providers.all_providers():
+            env = os.environ.get(f"SPENDGATE_{p.name.upper()}_BASE_URL")
             if env:
-                ups[provider] = env
+                ups[p.name] = env
         return cls(upstreams={k: _base(v) for k, v in ups.items()}, admin_token=admin_token,
                    upstream_timeout_s=upstream_timeout_s or policy.upstream_timeout_s,
                    retention_days=policy.retention_days, admin_base=policy.alerts.admin_url)
@@ -137,11 +130,14 @@ class Proxy:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
-        for path in ROUTES:
-            app.router.add_post(path, self.guarded)
-        app.router.add_get("/v1/models", self.passthrough)
+        for p in providers.all_providers():
+            for path in p.routes:
+                app.router.add_post(path, self.guarded)
+            for path in p.free_routes:  # a token count is a POST, a model list a GET: both pass through
+                app.router.add_post(path, self.guarded)
+                app.router.add_get(path, self.passthrough)
         admin.add_routes(app, self)
-        from spendgate.proxy.ui import add_routes as add_ui_routes; add_ui_routes(app, self)  # noqa: E702, I001
+        ui.add_routes(app, self)
         me.add_routes(app, self)
         metrics_routes(app, self)
         app.router.add_route("*", "/{tail:.*}", self.unknown)
@@ -219,17 +215,17 @@ class Proxy:
     # -- routes -------------------------------------------------------------------------------
 
     async def unknown(self, request: web.Request) -> web.StreamResponse:
-        provider = "anthropic" if ("x-api-key" in request.headers or "anthropic-version" in request.headers) \
-            else "openai"
+        provider = providers.by_headers(request.headers).name
         if request.method == "POST":
+            priced = sorted({path for _, path in providers.priced_routes()})
             return error_response(provider, 404, f"spendgate: {request.path} is not a route spendgate can price, "
-                                                 "so it is refused; priced routes are " + ", ".join(ROUTES),
+                                                 "so it is refused; priced routes are " + ", ".join(priced),
                                   code="spendgate_unknown_route")
         return error_response(provider, 404, f"spendgate: no such route {request.method} {request.path}")
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Free routes with no body to price (``GET /v1/models``)."""
-        return await self._forward_plain(request, "openai", None, b"", None)
+        return await self._forward_plain(request, ROUTES[request.path], None, b"", None)
 
     async def guarded(self, request: web.Request) -> web.StreamResponse:
         provider = ROUTES[request.path]
@@ -257,7 +253,7 @@ class Proxy:
             return error_response(provider, 400, f"spendgate: {exc}")
         except StoreError as exc:
             return _store_failed(provider, exc)
-        if route == "/v1/messages/count_tokens":
+        if route in providers.get(provider).free_routes:
             return await self._forward_plain(request, provider, creds, raw, None)
         return await self._decide_and_forward(request, provider, route, raw, body, creds, ident)
 
@@ -329,7 +325,7 @@ class Proxy:
             except StoreError as exc:
                 return _store_failed(provider, exc)
         try:
-            out, withhold = outgoing(route, send, d)
+            out, withhold = outgoing(route, send, d, provider)
         except RecursionError:
             await self._release(d)
             return error_response(provider, 400, "spendgate: the request body nests too deeply to edit",
@@ -430,18 +426,12 @@ class Proxy:
 
     # -- forwarding ---------------------------------------------------------------------------
 
-    def _upstream_headers(self, request: web.Request, creds: Credentials | None) -> dict[str, str]:
+    def _upstream_headers(self, request: web.Request, provider: str, creds: Credentials | None) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-spendgate-")}
         headers["Accept-Encoding"] = "identity"  # usage must be readable; a compressed body is not
         if creds is not None and creds.virtual is not None and creds.forward:
-            headers.pop("Authorization", None)
-            headers.pop("authorization", None)
-            if "x-api-key" in {k.lower() for k in headers}:
-                headers = {k: v for k, v in headers.items() if k.lower() != "x-api-key"}
-                headers["x-api-key"] = creds.forward
-            else:
-                headers["Authorization"] = f"Bearer {creds.forward}"
+            headers = providers.get(provider).apply_key(headers, creds.forward)
         return headers
 
     async def _forward_plain(self, request: web.Request, provider: str, creds: Credentials | None, body: bytes,
@@ -450,7 +440,7 @@ class Proxy:
         url = self.config.upstreams[provider] + request.path
         if request.query_string:
             url += "?" + request.query_string
-        headers = self._upstream_headers(request, creds)
+        headers = self._upstream_headers(request, provider, creds)
         try:
             up_cm = self.client.request(request.method, url, data=body if request.method == "POST" else None,
                                         headers=headers)

@@ -26,13 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spendgate import keys
+from spendgate import keys, providers
 from spendgate.ledger import Ledger
 from spendgate.policy.model import CAPABILITIES
 from spendgate.request import Identity, hash_key, parse_tags
 
 SESSION_HEADERS = ("x-spendgate-session", "x-claude-code-session-id", "session-id")
-PROVIDER_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,19 +55,17 @@ def credentials(provider: str, headers: Mapping[str, str], store: Ledger) -> Cre
             if len(getall(name, ())) > 1:
                 # one copy would be counted and another forwarded: the budget must follow the key billed
                 raise PermissionError(f"the request carries more than one {name} header; send one credential")
-    raw = headers.get("x-api-key") if provider == "anthropic" else None
-    auth = headers.get("authorization", "")
-    if not raw and auth.lower().startswith("bearer "):
-        raw = auth[7:].strip()
+    spec = providers.get(provider)
+    raw = spec.api_key(headers)
     if not raw:
         return Credentials(None, None)
     if raw.startswith("sg-"):
         vkey = keys.lookup(store, raw, now=time.time())  # an expired key: PermissionError naming it
         if vkey is None:
             raise PermissionError("unknown or revoked spendgate key")
-        real = os.environ.get(PROVIDER_KEY_ENV.get(provider, ""), "")
+        real = os.environ.get(spec.key_env, "") if spec.key_env else ""
         if not real:
-            raise LookupError(f"virtual key accepted, but no {PROVIDER_KEY_ENV.get(provider)} is configured "
+            raise LookupError(f"virtual key accepted, but no {spec.key_env or 'provider key'} is configured "
                               "for spendgate to forward")
         return virtual_credentials(vkey, raw, real)
     return Credentials(hash_key(raw), raw)
@@ -84,12 +81,8 @@ def _client_user(provider: str, headers: Mapping[str, str], body: Mapping[str, A
     user = headers.get("x-spendgate-user") or tags.get("user")
     if user:
         return user
-    if provider == "openai" and isinstance(body.get("user"), str):
-        return str(body["user"]) or None
-    meta = body.get("metadata")
-    if provider == "anthropic" and isinstance(meta, Mapping) and isinstance(meta.get("user_id"), str):
-        return str(meta["user_id"])[:200] or None
-    return None
+    spec = providers.find(provider)
+    return spec.body_user(body) if spec is not None else None
 
 
 def _capability(headers: Mapping[str, str], vkey: keys.VirtualKey | None, trust_client: bool) -> str | None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from spendgate import keys
+from spendgate import keys, providers
 from spendgate.errors import StoreError
 from spendgate.money import nanos_to_usd, usd_to_nanos
 from spendgate.proxy.envelope import error_response
@@ -48,7 +48,7 @@ def add_routes(app: web.Application, proxy: Proxy) -> None:
 
 
 async def me(request: web.Request, proxy: Proxy) -> web.Response:
-    provider = "anthropic" if "x-api-key" in request.headers else "openai"
+    provider = providers.by_headers(request.headers).name
     try:
         creds = await _io(proxy.store, _credentials, provider, request.headers, proxy.store)
     except PermissionError as exc:
@@ -80,8 +80,7 @@ def _credentials(provider: str, headers: Mapping[str, str], store: Ledger) -> Cr
     try:
         return credentials(provider, headers, store)
     except LookupError:
-        auth = headers.get("authorization", "")
-        raw = (headers.get("x-api-key") if provider == "anthropic" else None) or auth[7:].strip()
+        raw = providers.get(provider).api_key(headers) or ""
         vkey = keys.lookup(store, raw, now=time.time())
         if vkey is None:
             raise PermissionError("unknown or revoked spendgate key") from None

@@ -100,7 +100,7 @@ class Guard:
             raise self.errors.exceeded(f"spendgate: {exc}", {"action": "block", "rule": "unpriced"}) from None
         except StoreError as exc:
             raise self.errors.store(f"spendgate: the spend store failed, so the call was not sent: {exc}") from None
-        out, withhold = outgoing(route, raw, d)
+        out, withhold = outgoing(route, raw, d, self.provider)
         if out is not raw:
             headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
             request = self.http.Request(request.method, request.url, headers=headers, content=out,
