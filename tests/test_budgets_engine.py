@@ -259,3 +259,20 @@ def test_policy_rollout_fields() -> None:
         parse({"effective_from": dt.datetime(2026, 12, 4, 9)})
     with pytest.raises(ConfigError, match=r"^mode: expected one of enforce, shadow"):
         parse({"mode": "audit"})
+
+
+def test_an_approved_request_leaves_the_buckets_limit_as_the_rule_says(make: Any) -> None:
+    """An approval lets one request past a rule, so its hold is placed without that rule's limit;
+    the bucket must still show the rule's limit afterwards (status, /me, the dashboard read it)."""
+    e = make({"budget": [{"name": "user-day", "usd": 0.01, "window": "day", "per": "user", "action": "hold"}]})
+    req = chat("gpt-4o", max_tokens=400, user="alice")  # ~$0.004 each
+    for _ in range(2):
+        e.capture(e.decide(req, now=T0), None, now=T0)
+    assert e.decide(req, now=T0).action == "hold"
+    d = e.decide(req, now=T0, approval=Approval(by="operator"))
+    assert d.allowed
+    [rb] = e.buckets_for(e.policy.rules[0], "user=alice", T0)
+    [state] = e.ledger.states([rb.bucket()], now=T0)
+    assert state.limit == usd_to_nanos(Decimal("0.01"))
+    stored = {b.key: b for b in e.ledger.known_buckets()}
+    assert stored[rb.key].limit == usd_to_nanos(Decimal("0.01"))

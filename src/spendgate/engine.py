@@ -379,6 +379,8 @@ class Engine:
                 self._emit_expired(auth)
                 if auth.ok:
                     hold_id = auth.hold_id
+                    if bypass:
+                        yield from self._keep_limits(lines, owners, bypass, now)
                 elif request.force:
                     over += [owners[k][0].name for k in auth.refused if owners[k][0].name not in over]
                     auth = yield from self._force(lines, now, self._hold_ttl(est),
@@ -574,6 +576,19 @@ class Engine:
                 lines.append(Line(rb.bucket(enforce), amounts[rb.unit], fire))
                 owners[rb.key] = (r, scope, rb.resets_at)
         return lines, owners
+
+    def _keep_limits(self, lines: Sequence[Line], owners: Mapping[str, tuple[Rule, str, float | None]],
+                     bypass: set[str], now: float) -> Generator[LedgerCall, Any, None]:
+        """An approved request's hold went past its rule without that rule's limit, and the store
+        keeps each bucket's limit as its latest hold gave it: put the rule's back (a grant of
+        nothing), so status shows the limit the bucket is weighed against, not none."""
+        for ln in lines:
+            rule, scope, _ = owners[ln.bucket.key]
+            if rule.name not in bypass or rule.action == "alert" or self.policy.mode_of(rule) != "enforce":
+                continue
+            limit = self._limit(rule, ln.bucket.unit, scope)
+            if limit is not None:
+                yield ("grant", {"bucket": replace(ln.bucket, limit=limit), "amount": 0, "now": now, "until": now})
 
     def _limit(self, rule: Rule, unit: str, scope: str) -> int | None:
         """``rule``'s limit in ``unit`` for ``scope``, with the scope's own limit if it has one."""
