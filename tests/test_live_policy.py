@@ -22,11 +22,13 @@ import openai
 import pytest
 
 from spendgate import ledger
+from spendgate.cli.main import main
 from spendgate.engine import Engine
 from spendgate.errors import StoreError
 from spendgate.ledger.memory import MemoryLedger
 from spendgate.policy import default_policy, load, runtime
 from spendgate.policy.live import LivePolicy
+from spendgate.request import hash_key
 from tests.harness import Servers, start_serve
 from tests.redis_server import RedisServer
 
@@ -263,9 +265,9 @@ def test_a_rule_written_to_the_store_refuses_on_another_instance_within_two_seco
     try:
         a, b = (_client(port) for _, port in procs)
         assert _ask(a)[0] == _ask(b)[0] == 200
-        file_rules = load(tmp_path / "p.toml").rules
-        runtime.put_rule(store, {"name": "per-user", "usd": "0.000001", "window": "day", "per": "user"},
-                         file_rules=file_rules, by="ops")
+        # the README's command, from another shell's point of view: it writes to the shared store
+        assert main(["budgets", "add", "per-user", "--usd", "0.000001", "--window", "day", "--per", "user",
+                     *args]) == 0
         took = _until(lambda: _ask(b, "alice")[0] == 402, 2.0)
         assert took < 2.0
         code, body = _ask(b, "carol")
@@ -273,11 +275,21 @@ def test_a_rule_written_to_the_store_refuses_on_another_instance_within_two_seco
         # one user's own limit: bob may spend again, on both instances; alice and carol stay refused
         rule = next(r for r in runtime.load(store).rules if r.name == "per-user")
         _until(lambda: _ask(a, "bob", fresh=False)[0] == 402, 2.0)  # A applies the rule too
-        runtime.set_limit(store, rule, "user=bob", usd="10", by="ops")
+        assert main(["budgets", "limit", rule.name, "user=bob", "--usd", "10", *args]) == 0
         # the very body refused a moment ago passes: a change forgets the refusals a retry repeats
         _until(lambda: _ask(a, "bob", fresh=False)[0] == 200, 2.0)
         _until(lambda: _ask(b, "bob")[0] == 200, 2.0)
         assert _ask(a, "alice")[0] == _ask(b, "carol")[0] == 402
+        # the kill switch: one key, on every instance within a second, until resumed
+        key_id = hash_key("sk-client")[:8]
+        assert main(["pause", f"key={key_id}", "--reason", "incident 7", *args]) == 0
+        for client in (a, b):
+            assert _until(lambda c=client: _ask(c, "bob")[0] == 402, 1.0) < 1.0
+        code, body = _ask(b, "bob")
+        assert "paused by" in body["error"]["message"] and "incident 7" in body["error"]["message"]
+        assert main(["resume", f"key={key_id}", *args]) == 0
+        for client in (a, b):
+            _until(lambda c=client: _ask(c, "bob")[0] == 200, 1.0)
     finally:
         store.close()
         for proc, _ in procs:
