@@ -156,8 +156,9 @@ def main() -> None:
     ap.add_argument("--audit-off", action="store_true",
                     help="also measure the same build with the audit log off, side by side")
     ap.add_argument("--runtime-rules", type=int, default=0, metavar="N",
-                    help="also run spendgate with N run-time budgets (spendgate budgets add) in its store, "
-                         "each applying to every request, and print what they add")
+                    help="also run spendgate with N run-time budgets (spendgate budgets add) in its store — once "
+                         "scoped to other models (loaded, weighed, not applying), once all applying to every "
+                         "request — and print what each adds")
     ap.add_argument("--role", choices=("upstream", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -187,10 +188,11 @@ def main() -> None:
                                        "--config", f"{tmp}/audit-off.toml", "--store",
                                        f"sqlite:///{tmp}/bench-off.db"], env=env, stderr=subprocess.DEVNULL))
         ports.append(off_port)
-    if args.runtime_rules:
+    rule_cases = ("loaded", "applying") if args.runtime_rules else ()
+    for case in rule_cases:
         rules_port = free_port()
-        rules_store = f"sqlite:///{tmp}/bench-rules.db"
-        add_runtime_rules(rules_store, args.runtime_rules)
+        rules_store = f"sqlite:///{tmp}/bench-rules-{case}.db"
+        add_runtime_rules(rules_store, args.runtime_rules, applying=case == "applying")
         procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port",
                                        str(rules_port), "--store", rules_store], env=env,
                                       stderr=subprocess.DEVNULL))
@@ -202,12 +204,12 @@ def main() -> None:
                  "spendgate": f"http://127.0.0.1:{sg_port}"}
         if args.audit_off:
             paths["audit off"] = f"http://127.0.0.1:{ports[3]}"
-        if args.runtime_rules:
-            paths["rules"] = f"http://127.0.0.1:{ports[-1]}"
+        for i, case in enumerate(rule_cases):
+            paths[f"rules {case}"] = f"http://127.0.0.1:{ports[len(ports) - len(rule_cases) + i]}"
         print(f"{'case':34} {'c':>2} {'direct p50/p99 µs':>18} {'bare p50/p99':>16} {'spendgate p50/p99':>18} "
               f"{'added vs direct p50/p99':>24} {'vs bare p50':>12}"
               + (f" {'audit off p50/p99':>18} {'audit adds p50/p99':>19}" if args.audit_off else "")
-              + (f" {f'{args.runtime_rules} rules p50/p99':>18} {'rules add p50':>13}" if args.runtime_rules else ""))
+              + "".join(f" {f'{args.runtime_rules} rules {c} p50':>22} {'adds':>6}" for c in rule_cases))
         for name, (path, body) in CASES.items():
             for stream in (False, True):
                 for c in (1, 8):
@@ -221,9 +223,9 @@ def main() -> None:
                     if args.audit_off:
                         o50, o99 = pct(res["audit off"], .5), pct(res["audit off"], .99)
                         off = f" {o50:8.0f}/{o99:<9.0f} {s50 - o50:9.0f}/{s99 - o99:<9.0f}"
-                    if args.runtime_rules:
-                        r50, r99 = pct(res["rules"], .5), pct(res["rules"], .99)
-                        off += f" {r50:8.0f}/{r99:<9.0f} {r50 - s50:13.0f}"
+                    for case in rule_cases:
+                        r50 = pct(res[f"rules {case}"], .5)
+                        off += f" {r50:22.0f} {r50 - s50:6.0f}"
                     print(f"{label:34} {c:2d} {d50:8.0f}/{d99:<9.0f} {b50:7.0f}/{b99:<8.0f} {s50:8.0f}/{s99:<9.0f} "
                           f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{off}")
         path, body = CASES["openai chat"]
@@ -243,14 +245,14 @@ def main() -> None:
             wall = time.perf_counter() - t
             print(f"the same with the audit log off: {n / wall:,.0f} requests/s, proxy CPU "
                   f"{(cpu_seconds(procs[3].pid) - before) / n * 1e6:,.0f} µs per request")
-        if args.runtime_rules:
-            proc = procs[-1]
+        for i, case in enumerate(rule_cases):
+            proc = procs[len(procs) - len(rule_cases) + i]
             before = cpu_seconds(proc.pid)
             t = time.perf_counter()
-            asyncio.run(drive({"rules": paths["rules"]}, path, body, n, 16))
+            asyncio.run(drive({case: paths[f"rules {case}"]}, path, body, n, 16))
             wall = time.perf_counter() - t
-            print(f"the same with {args.runtime_rules} run-time budgets: {n / wall:,.0f} requests/s, proxy CPU "
-                  f"{(cpu_seconds(proc.pid) - before) / n * 1e6:,.0f} µs per request")
+            print(f"the same with {args.runtime_rules} run-time budgets {case}: {n / wall:,.0f} requests/s, "
+                  f"proxy CPU {(cpu_seconds(proc.pid) - before) / n * 1e6:,.0f} µs per request")
         if args.sustain:  # a store's costs that grow with its size (WAL, indexes) show only over time
             for name, proc in (("bare passthrough", procs[1]), ("spendgate", procs[2])):
                 before = cpu_seconds(proc.pid)
@@ -263,17 +265,23 @@ def main() -> None:
         stop_all(procs)
 
 
-def add_runtime_rules(store_url: str, n: int) -> None:
+def add_runtime_rules(store_url: str, n: int, *, applying: bool) -> None:
     """``n`` run-time budgets as an operator adds them, kept in the store serve reads them from:
-    per user, per team and global, day and rolling windows, roomy enough never to refuse."""
+    per user, per team and global, day and rolling windows, roomy enough never to refuse. Not
+    ``applying``: each matches a model this benchmark never calls (a team's budget on its own
+    models), so every request weighs and passes over them; ``applying``: every one counts every
+    request, a bucket each."""
     from spendgate import ledger
     from spendgate.policy.runtime import put_rule
 
     store = ledger.open(store_url)
     pers, windows = ("user", "team", "global", "key"), ("day", "1h", "month", "24h", "week")
     for i in range(n):
-        put_rule(store, {"name": f"runtime-{i}", "usd": 10_000, "window": windows[i % len(windows)],
-                         "per": pers[i % len(pers)]}, file_rules=(), by="bench")
+        table: dict[str, Any] = {"name": f"runtime-{i}", "usd": 10_000, "window": windows[i % len(windows)],
+                                 "per": pers[i % len(pers)]}
+        if not applying:
+            table["match"] = {"model": f"team-{i}-model*"}
+        put_rule(store, table, file_rules=(), by="bench")
     store.close()
 
 
