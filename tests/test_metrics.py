@@ -337,3 +337,33 @@ def test_a_request_the_store_failed_counts_as_a_store_error() -> None:
     samples = _samples(m.exposition().decode())
     assert _value(samples, "spendgate_store_errors_total", where="request") == 2  # not the provider's own 503
     assert _value(samples, "spendgate_store_errors_total", where="scrape") == 0
+
+
+def test_cached_and_reasoning_tokens_are_counted_apart_from_a_captures_usage() -> None:
+    """A capture's usage breakdown reaches ``spendgate_tokens_total`` as cache_read, cache_write and
+    reasoning — parts of input and output, which stay the whole counts."""
+    from spendgate.engine import Engine
+    from spendgate.policy import default_policy
+    from spendgate.pricing.cost import Usage
+    from spendgate.request import Request
+
+    store = ledger.open("memory://")
+    engine = Engine(default_policy(), store)
+    m = Metrics(store)
+    engine.observers.append(m.observe)
+    body = {"model": "gpt-5", "max_tokens": 2000, "messages": [{"role": "user", "content": "hi"}]}
+    d = engine.decide(Request("openai", "/v1/chat/completions", body))
+    engine.capture(d, Usage(input=100, cache_read=400, output=900, reasoning=700))
+    d = engine.decide(Request("anthropic", "/v1/messages", {**body, "model": "claude-sonnet-4-5"}))
+    engine.capture(d, Usage(input=50, cache_write_5m=300, cache_write_1h=200, output=10))
+    samples = _samples(m.exposition().decode())
+
+    def tokens(kind: str, provider: str, model: str) -> float:
+        return _value(samples, "spendgate_tokens_total", type=kind, provider=provider, model=model)
+
+    assert tokens("input", "openai", "gpt-5") == 500 and tokens("cache_read", "openai", "gpt-5") == 400
+    assert tokens("output", "openai", "gpt-5") == 900 and tokens("reasoning", "openai", "gpt-5") == 700
+    assert tokens("input", "anthropic", "claude-sonnet-4-5") == 550
+    assert tokens("cache_write", "anthropic", "claude-sonnet-4-5") == 500
+    kinds = {s.labels["type"] for s in samples["spendgate_tokens_total"]}
+    assert kinds == {"input", "output", "cache_read", "cache_write", "reasoning"}

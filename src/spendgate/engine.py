@@ -994,7 +994,7 @@ class Engine:
                       est.provider, cost,
                       usage.total_input if usage else est.input_tokens,
                       usage.output if usage else tokens - est.input_tokens,
-                      flagged, dict(decision.dims))
+                      flagged, dict(decision.dims), amounts=_token_parts(usage))
         actual = {"usd": cost, "tokens": tokens}
         try:
             captured: bool = yield ("capture", {"hold_id": decision.hold_id, "actual": actual, "now": now,
@@ -1084,6 +1084,17 @@ def _marks(rule: Rule, key: str, unit: str, limit: int, scope: str, period: str,
     if rule.action == "alert":
         marks.append(AlertMark(f"{key}|{period}|over", json.dumps({"type": "over", **base}), limit + 1))
     return tuple(marks)
+
+
+def _token_parts(usage: Usage | None) -> dict[str, int]:
+    """The parts of a charge's token counts a reader may want apart (metrics by token type, the
+    audit log): cached input read and written, and reasoning within the output. Zeros are left out."""
+    if usage is None:
+        return {}
+    parts = {"cache_read_tokens": usage.cache_read + usage.cache_audio_read + usage.cache_image_read,
+             "cache_write_tokens": usage.cache_write_5m + usage.cache_write_1h,
+             "reasoning_tokens": usage.reasoning}
+    return {k: v for k, v in parts.items() if v}
 
 
 def _model_allowed(identity: Identity, model: str) -> bool:

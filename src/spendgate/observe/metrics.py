@@ -84,6 +84,11 @@ DECISION_KINDS = frozenset({"allow", "downgrade", "clamp", "truncate", "alert", 
 TIMED_KINDS = DECISION_KINDS - {"deny", "would_refuse"}
 LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                   2.5, 5.0)
+#: the parts of a charge's tokens counted apart: (the capture event's amount, the ``type`` label).
+#: ``input`` and ``output`` are the whole counts (OpenTelemetry GenAI's meaning: cached input is
+#: input); ``cache_read`` and ``cache_write`` are parts of ``input``, ``reasoning`` of ``output``.
+_TOKEN_PARTS = (("cache_read_tokens", "cache_read"), ("cache_write_tokens", "cache_write"),
+                ("reasoning_tokens", "reasoning"))
 #: when the request being handled arrived (perf_counter), set by the middleware for its task
 _ARRIVED: ContextVar[float | None] = ContextVar("spendgate_arrived", default=None)
 
@@ -178,6 +183,11 @@ class Metrics:
                 tin, tout = ("input", provider, model), ("output", provider, model)
                 self._tokens[tin] = self._tokens.get(tin, 0) + event.input_tokens
                 self._tokens[tout] = self._tokens.get(tout, 0) + event.output_tokens
+                for part, label in _TOKEN_PARTS:  # parts of input and output (a capture's usage)
+                    n = event.amounts.get(part)
+                    if n:
+                        tkey = (label, provider, model)
+                        self._tokens[tkey] = self._tokens.get(tkey, 0) + n
                 self._charges[kind] = self._charges.get(kind, 0) + 1
                 if event.estimated:
                     self._estimated[kind] = self._estimated.get(kind, 0) + 1
@@ -262,7 +272,8 @@ class Metrics:
         yield usd
         yield nanos
         tok = CounterMetricFamily("spendgate_tokens", "Tokens charged, by type (OpenTelemetry GenAI "
-                                  "gen_ai.token.type: input, output).", labels=["type", "provider", "model"])
+                                  "gen_ai.token.type: input, output; cache_read and cache_write are parts of "
+                                  "input, reasoning of output).", labels=["type", "provider", "model"])
         for tkey, n in sorted(tokens.items()):
             tok.add_metric(list(tkey), n)
         yield tok
