@@ -276,3 +276,16 @@ def test_an_approved_request_leaves_the_buckets_limit_as_the_rule_says(make: Any
     assert state.limit == usd_to_nanos(Decimal("0.01"))
     stored = {b.key: b for b in e.ledger.known_buckets()}
     assert stored[rb.key].limit == usd_to_nanos(Decimal("0.01"))
+
+
+def test_a_remedy_is_kept_in_the_store_like_a_refusal(make: Any) -> None:
+    """A downgraded request is a decision another process can see (spendgate tail, the decision
+    list), with what was changed; a plain allow is kept only as its charge."""
+    e = make({"budget": [{"name": "tight", "usd": 0.001, "window": "request", "action": "downgrade",
+                          "downgrade": {"gpt-4o": "gpt-4o-mini"}}]})
+    plain = e.decide(chat("gpt-4o-mini", max_tokens=100), now=T0)
+    cheaper = e.decide(chat("gpt-4o", max_tokens=500), now=T0)
+    assert plain.action == "allow" and cheaper.action == "downgrade"
+    [ev] = e.ledger.events(T0 - 1)
+    assert (ev.kind, ev.decision_id, ev.rule, ev.dims["edits"]) == ("downgrade", cheaper.id, "tight",
+                                                                    "model=gpt-4o-mini")

@@ -242,7 +242,9 @@ def test_a_dry_run_fires_no_alert_and_leaves_no_event(make: Any) -> None:
     heard.events.clear()
     refused = engine.decide(dry, now=T0 + 1)
     assert not refused.allowed
-    assert heard.events == [] and [e.kind for e in engine.ledger.events(T0 - 1)] == []
+    # the real request's alert is in the log; neither dry run left anything
+    assert heard.events == [] and [e.kind for e in engine.ledger.events(T0 - 1)] == ["alert"]
+    assert {e.decision_id for e in engine.ledger.events(T0 - 1)}.isdisjoint({d.id, refused.id})
     assert [json.loads(a.body)["threshold"] for a in engine.ledger.alerts()] == ["0.5"]
 
 

@@ -401,7 +401,11 @@ class Engine:
                                    _tightest(states), tuple(alerts), tuple(notes), "", original, dims, now,
                                    tuple(applied), over=tuple(over),
                                    would_refuse=tuple(dict.fromkeys(t.rule.name for t in shadow)))
-                if self.observers and not request.dry:
+                if action != "allow" and not request.dry:
+                    # a remedy or an alert is kept in the store like a refusal (spendgate tail, report,
+                    # the decision list show it from any process); a plain allow is kept as its charge
+                    yield from self._log_refusal(allowed, request)
+                elif self.observers and not request.dry:
                     self.emit(self.decision_event(allowed, request.provider), request.raw)
                 return allowed
             trip = self._worst(trips)
@@ -461,8 +465,9 @@ class Engine:
         raise RuntimeError("policy remedies did not converge")  # pragma: no cover - bounded chains
 
     def _log_refusal(self, d: Decision, request: Request) -> Generator[LedgerCall, Any, None]:
-        """A refusal is an event in the store (``/spendgate/decisions``, ``report``) and for the
-        observers. A store that fails here only loses the row: the refusal itself stands."""
+        """A refusal (or a remedy) is an event in the store (``/spendgate/decisions``, ``report``,
+        ``tail``) and for the observers. A store that fails here only loses the row: the decision
+        itself stands."""
         event = self.decision_event(d, request.provider)
         try:
             yield ("record", {"event": event})
