@@ -5,13 +5,16 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
 from spendgate import ledger as ledger_mod
 from spendgate.ledger import Ledger
 from tests.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from tests.harness import Servers
 
 BACKENDS = ["memory", "sqlite", "redis"]
 T = TypeVar("T")
@@ -92,3 +95,15 @@ def no_network() -> Iterator[None]:
         mp.setattr(socket, "create_connection", _refuse)
         mp.setattr(socket, "getaddrinfo", _refuse)
         yield
+
+
+@pytest.fixture
+def upstream() -> Iterator[Servers]:
+    """The fake provider alone, on loopback, for tests that start ``spendgate serve`` processes
+    (a test module may define its own, billing differently)."""
+    from spendgate.policy import default_policy
+    from tests.harness import Servers
+
+    s = Servers(default_policy(), "memory://")  # only its fake upstream is used
+    yield s
+    s.close()

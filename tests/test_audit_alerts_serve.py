@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,12 @@ import pytest
 from aiohttp import web
 
 from spendgate.demo.background import BackgroundLoop
-from spendgate.policy import default_policy
 from tests.harness import Servers, free_port, start_serve
 from tests.redis_server import RedisServer
 
 # o1-pro: $150 in / $600 out per Mtok; 2,000 output tokens: a $1.21 worst case, $1.2015 billed
 BILLED = json.dumps({"prompt_tokens": 10, "completion_tokens": 2000, "total_tokens": 2010})
 O1: dict[str, Any] = {"model": "o1-pro", "max_tokens": 2000, "messages": [{"role": "user", "content": "go on"}]}
-
-
-@pytest.fixture
-def upstream() -> Iterator[Servers]:
-    s = Servers(default_policy(), "memory://")  # only its fake upstream is used
-    yield s
-    s.close()
 
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

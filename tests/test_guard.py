@@ -89,13 +89,6 @@ class Serve:
 
 
 @pytest.fixture
-def upstream() -> Iterator[Servers]:
-    s = Servers(default_policy(), "memory://")  # only its fake upstream is used
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def serve(tmp_path: Path, upstream: Servers) -> Iterator[Any]:
     made: list[Serve] = []
 

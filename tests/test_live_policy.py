@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,13 +193,6 @@ def test_at_start_a_future_effective_from_applies_at_once_with_a_warning(
 
 
 # -- end to end: serve processes on one Redis ------------------------------------------------------------
-
-
-@pytest.fixture
-def upstream() -> Iterator[Servers]:
-    s = Servers(default_policy(), "memory://")  # only its fake upstream is used
-    yield s
-    s.close()
 
 
 class Tail:

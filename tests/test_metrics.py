@@ -14,7 +14,6 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -61,13 +60,6 @@ usd = 1000
 window = "month"
 action = "block"
 """
-
-
-@pytest.fixture
-def upstream() -> Iterator[Servers]:
-    s = Servers(default_policy(), "memory://")  # only its fake upstream is used
-    yield s
-    s.close()
 
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -343,7 +335,6 @@ def test_cached_and_reasoning_tokens_are_counted_apart_from_a_captures_usage() -
     """A capture's usage breakdown reaches ``spendgate_tokens_total`` as cache_read, cache_write and
     reasoning — parts of input and output, which stay the whole counts."""
     from spendgate.engine import Engine
-    from spendgate.policy import default_policy
     from spendgate.pricing.cost import Usage
     from spendgate.request import Request
 

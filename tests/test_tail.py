@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from spendgate.cli.tail import line
 from spendgate.errors import ConfigError
 from spendgate.ledger import Event
 from spendgate.observe.tail import Cursor, parse_filter
-from spendgate.policy import default_policy
 from tests.harness import Servers, start_serve
 from tests.redis_server import RedisServer
 
@@ -38,13 +36,6 @@ usd = 5
 window = "request"
 action = "block"
 """
-
-
-@pytest.fixture
-def upstream() -> Iterator[Servers]:
-    s = Servers(default_policy(), "memory://")  # only its fake upstream is used
-    yield s
-    s.close()
 
 
 def _env(home: Path) -> dict[str, str]:

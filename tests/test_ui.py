@@ -65,13 +65,6 @@ def artifacts(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     return out
 
 
-@pytest.fixture
-def upstream() -> Iterator[Servers]:
-    s = Servers(default_policy(), "memory://")  # only its fake upstream is used
-    yield s
-    s.close()
-
-
 class Serve:
     """``spendgate serve`` with the admin token, over SQLite, and an openai client through it."""
 
