@@ -54,6 +54,10 @@ class FakeUpstream:
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/v1/models", self.models)
+        for version in ("v1", "v1beta"):  # Gemini puts the model in the path
+            app.router.add_post(f"/{version}/models/{{model}}:generateContent", self.gemini)
+            app.router.add_post(f"/{version}/models/{{model}}:streamGenerateContent", self.gemini)
+            app.router.add_post(f"/{version}/models/{{model}}:countTokens", self.gemini_count)
         return app
 
     async def _record(self, request: web.Request) -> tuple[dict[str, Any], str]:
@@ -194,6 +198,34 @@ class FakeUpstream:
     async def count_tokens(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
         return web.json_response({"input_tokens": 42})
+
+    async def gemini(self, request: web.Request) -> web.StreamResponse:
+        """``generateContent`` and, on ``:streamGenerateContent``, its SSE stream: each event carries
+        the cumulative ``usageMetadata`` so far, the last one (with ``finishReason``) the final."""
+        _, mock = await self._record(request)
+        if mock == "500":
+            return web.json_response({"error": {"code": 500, "message": "boom", "status": "INTERNAL"}}, status=500)
+        usage = self._usage(request, {"promptTokenCount": self.prompt_tokens,
+                                      "candidatesTokenCount": self.completion_tokens,
+                                      "totalTokenCount": self.prompt_tokens + self.completion_tokens})
+        model = request.match_info["model"]
+
+        def chunk(text: str, meta: Any, finish: str | None = None) -> dict[str, Any]:
+            cand: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+            if finish:
+                cand["finishReason"] = finish
+            return {"candidates": [cand], "usageMetadata": meta, "modelVersion": model, "responseId": "r1"}
+
+        if not request.path.endswith(":streamGenerateContent"):
+            return web.json_response(chunk("hello", usage, "STOP"))
+        partial = {"promptTokenCount": self.prompt_tokens, "totalTokenCount": self.prompt_tokens}
+        events: list[tuple[str | None, Any]] = [(None, chunk("hel", partial)), (None, chunk("lo", partial)),
+                                                (None, chunk(" there", usage, "STOP"))]
+        return await self._sse(request, events, cut=mock == "cut")
+
+    async def gemini_count(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        return web.json_response({"totalTokens": 42})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)

@@ -12,16 +12,17 @@ from typing import TYPE_CHECKING
 
 from spendgate.providers.anthropic import Anthropic
 from spendgate.providers.base import Parser, Provider
+from spendgate.providers.gemini import Gemini
 from spendgate.providers.openai import OpenAI
 
 if TYPE_CHECKING:
     from spendgate.pricing.table import PriceTable
 
-__all__ = ["Parser", "Provider", "all_providers", "default", "find", "for_model", "free_routes", "get",
+__all__ = ["Parser", "Provider", "all_providers", "default", "find", "for_model", "free_routes", "get", "match",
            "priced_routes"]
 
 #: the first is the default: the wire format of a request that names none (OpenAI-compatible)
-_REGISTRY: dict[str, Provider] = {p.name: p for p in (OpenAI(), Anthropic())}
+_REGISTRY: dict[str, Provider] = {p.name: p for p in (OpenAI(), Anthropic(), Gemini())}
 
 
 def get(name: str) -> Provider:
@@ -67,6 +68,16 @@ def owner(path: str) -> Provider | None:
     for p in _REGISTRY.values():
         if path in p.routes or path in p.free_routes:
             return p
+    return None
+
+
+def match(path: str) -> tuple[Provider, str, dict[str, str]] | None:
+    """The provider whose route a request ``path`` is, the route (the exact path, or the template
+    it fills) and the path's parameters (``{"model": …}``); None: no provider's route."""
+    for p in _REGISTRY.values():
+        found = p.match(path)
+        if found is not None:
+            return p, found[0], found[1]
     return None
 
 

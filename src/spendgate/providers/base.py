@@ -5,7 +5,10 @@ The engine, the doors (proxy, SDK), replay and the CLI ask the registry; none of
 provider. What a provider declares:
 
 - its routes: the priced ones with the body parser that counts a request's input and reads its
-  output bound, and the free ones passed through unpriced;
+  output bound, and the free ones passed through unpriced. A route is an exact path or a path
+  template with ``{name}`` placeholders (``/v1beta/models/{model}:generateContent``): the template
+  is the route the engine, the estimator and the rules see, and :meth:`Provider.body_with` puts
+  what the path says (the model) into the body they read;
 - the body fields a decision may edit: the output bound (a ``clamp``) and the conversation (a
   ``truncate``);
 - the price variant a body asks for (a service tier, a speed) and per-request fees it allows;
@@ -17,7 +20,9 @@ provider. What a provider declares:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from spendgate.estimate.shape import TokenShape
@@ -27,6 +32,25 @@ if TYPE_CHECKING:
 
 #: A priced route's body parser: the request body -> what it may cost in tokens.
 Parser = Callable[[Mapping[str, Any]], TokenShape]
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def is_template(route: str) -> bool:
+    """A route with ``{name}`` placeholders rather than one exact path."""
+    return "{" in route
+
+
+def template_regex(route: str) -> re.Pattern[str]:
+    """The path regex of a route template: each ``{name}`` is one path segment's worth of
+    characters (no ``/``), the rest is literal (``:`` included)."""
+    out, at = [], 0
+    for m in _PLACEHOLDER.finditer(route):
+        out.append(re.escape(route[at:m.start()]))
+        out.append(f"(?P<{m.group(1)}>[^/{{}}]+)")
+        at = m.end()
+    out.append(re.escape(route[at:]))
+    return re.compile("".join(out) + r"\Z")
 
 
 class Provider:
@@ -59,6 +83,46 @@ class Provider:
     chat_route: str = ""
     #: the price table's providers whose models it serves first-hand
     price_providers: tuple[str, ...] = ()
+    #: headers that carry its credentials beyond the common ones (``authorization``, ``x-api-key``):
+    #: never kept with a held request
+    credential_headers: tuple[str, ...] = ()
+    #: query parameters that may carry its credential (``?key=``): the proxy moves one into
+    #: ``credential_headers[0]`` before anything reads, keeps or forwards the request
+    credential_params: tuple[str, ...] = ()
+
+    # -- routes -------------------------------------------------------------------------------
+
+    @cached_property
+    def _templates(self) -> tuple[tuple[str, re.Pattern[str]], ...]:
+        return tuple((r, template_regex(r)) for r in (*self.routes, *self.free_routes) if is_template(r))
+
+    def match(self, path: str) -> tuple[str, dict[str, str]] | None:
+        """The route ``path`` is (an exact path, or the template it fills) and the path's
+        parameters; None when it is none of this provider's routes."""
+        if path in self.routes or path in self.free_routes:
+            return path, {}
+        for route, rx in self._templates:
+            m = rx.match(path)
+            if m is not None:
+                return route, m.groupdict()
+        return None
+
+    def body_with(self, route: str, params: Mapping[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        """The body the engine reads for a request on ``route`` whose path said ``params``: the body
+        itself unless the path carries what a body elsewhere would (a model)."""
+        return body
+
+    def upstream(self, path: str, params: Mapping[str, str], body: bytes, edited: bool) -> tuple[str, bytes]:
+        """The path and bytes to send upstream once a decision is made. ``edited``: ``body`` was
+        re-serialized from the body the engine read (a downgrade, a clamp), so what
+        :meth:`body_with` added, or an edit the wire format keeps elsewhere, is put back in place."""
+        return path, body
+
+    def meter(self, withhold: bool = False) -> StreamMeter:
+        """The meter of its event streams (the common one unless its events differ in shape)."""
+        from spendgate.wire.stream import StreamMeter
+
+        return StreamMeter(self.name, withhold)
 
     def route_for(self, body: Mapping[str, Any]) -> str:
         """The priced route a request body of this shape goes to (``spendgate estimate FILE``)."""

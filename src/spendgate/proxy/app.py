@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
+from multidict import MultiDict
 
 from spendgate import approvals, providers
 from spendgate import ledger as ledger_mod
@@ -49,13 +50,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("spendgate.proxy")
 T = TypeVar("T")
 
-#: Every route a provider declares: path -> provider name (priced ones are decided, free ones passed through).
+#: Every route a provider declares: path or path template (``/v1beta/models/{model}:generateContent``,
+#: which aiohttp matches as it is) -> provider name (priced ones are decided, free ones passed through).
 ROUTES = {path: p.name for p in providers.all_providers() for path in (*p.routes, *p.free_routes)}
 DEFAULT_UPSTREAMS = {p.name: p.default_base_url for p in providers.all_providers()}
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
                         "content-encoding"})
-CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie"})
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie",
+                                *(h for p in providers.all_providers() for h in p.credential_headers)})
 
 
 #: how often the store's upkeep runs (stale holds, ended buckets, old events) and spooled charges are applied
@@ -98,6 +101,31 @@ def _store_failed(provider: str, exc: StoreError) -> web.Response:
 
 def _capped(asked: Decimal | None, ceiling: Decimal) -> Decimal | None:
     return min(asked, ceiling) if asked is not None else None
+
+
+def _route(request: web.Request) -> str:
+    """The route a request matched: its path, or the path template it fills."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
+
+
+def _lift_key(request: web.Request, spec: providers.Provider) -> web.Request:
+    """``request`` with a credential sent as a query parameter (``?key=``) moved into the provider's
+    credential header, so it is read, forwarded and stripped like one and no query kept with a
+    held request or sent upstream carries it. Two different credentials are refused."""
+    names = {n.lower() for n in spec.credential_params}
+    found = [v for k, v in request.query.items() if k.lower() in names]
+    if not found:
+        return request
+    header = spec.credential_headers[0]
+    sent = request.headers.get(header)
+    if len(set(found)) > 1 or (sent is not None and sent != found[0]):
+        raise PermissionError(f"the request carries more than one credential (?{'/'.join(sorted(names))}= and "
+                              f"{header}); send one")
+    headers = request.headers.copy()
+    headers[header] = found[0]
+    query = MultiDict((k, v) for k, v in request.query.items() if k.lower() not in names)
+    return request.clone(headers=headers, rel_url=request.rel_url.with_query(query))
 
 
 def _base(url: str) -> str:
@@ -225,11 +253,17 @@ class Proxy:
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Free routes with no body to price (``GET /v1/models``)."""
-        return await self._forward_plain(request, ROUTES[request.path], None, b"", None)
+        return await self._forward_plain(request, ROUTES[_route(request)], None, b"", None)
 
     async def guarded(self, request: web.Request) -> web.StreamResponse:
-        provider = ROUTES[request.path]
-        route = request.path
+        route = _route(request)
+        provider = ROUTES[route]
+        spec = providers.get(provider)
+        if spec.credential_params and request.query_string:
+            try:
+                request = _lift_key(request, spec)
+            except PermissionError as exc:
+                return error_response(provider, 401, f"spendgate: {exc}")
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -243,6 +277,7 @@ class Proxy:
             return error_response(provider, 400, "spendgate: the request body nests JSON too deeply to read")
         if not isinstance(body, dict):
             return error_response(provider, 400, "spendgate: the request body must be a JSON object")
+        body = spec.body_with(route, request.match_info, body)
         try:
             creds = await self._store_io(credentials, provider, request.headers, self.store)
             ident = identity(provider, request.headers, body, creds,
@@ -326,11 +361,12 @@ class Proxy:
                 return _store_failed(provider, exc)
         try:
             out, withhold = outgoing(route, send, d, provider)
+            path, out = providers.get(provider).upstream(request.path, request.match_info, out, out is not send)
         except RecursionError:
             await self._release(d)
             return error_response(provider, 400, "spendgate: the request body nests too deeply to edit",
                                   code="spendgate_unpriceable")
-        return await self._forward_plain(request, provider, creds, out, d, withhold)
+        return await self._forward_plain(request, provider, creds, out, d, withhold, path)
 
     def _answer_in_request(self, provider: str, route: str, raw: bytes, body: dict[str, Any], creds: Credentials,
                            headers: Mapping[str, str]
@@ -435,9 +471,10 @@ class Proxy:
         return headers
 
     async def _forward_plain(self, request: web.Request, provider: str, creds: Credentials | None, body: bytes,
-                             d: Decision | None, withhold: bool = False) -> web.StreamResponse:
+                             d: Decision | None, withhold: bool = False, path: str | None = None
+                             ) -> web.StreamResponse:
         assert self.client is not None
-        url = self.config.upstreams[provider] + request.path
+        url = self.config.upstreams[provider] + (path or request.path)
         if request.query_string:
             url += "?" + request.query_string
         headers = self._upstream_headers(request, provider, creds)
@@ -550,7 +587,7 @@ class Proxy:
         client an error event in the provider's own stream shape and a clean end — the status line
         was sent long ago — and the call is charged its input plus the output relayed."""
         resp = web.StreamResponse(status=up.status, headers=self._reply_headers(up.headers, d))
-        meter = StreamMeter(provider, withhold)
+        meter = providers.get(provider).meter(withhold)
         settled = False
         try:
             await resp.prepare(request)

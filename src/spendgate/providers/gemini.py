@@ -1,0 +1,317 @@
+"""Gemini's wire format (the Google AI API): ``generateContent`` and ``streamGenerateContent``.
+
+The model is in the path, not the body: ``POST /v1beta/models/{model}:generateContent`` (and the
+same under ``/v1/``, which the ``google-genai`` SDK calls by default), ``:streamGenerateContent``
+(``?alt=sse``) and ``:countTokens`` (free, passed through). The proxy hands the engine the body with
+the path's model in ``model`` (:meth:`Gemini.body_with`); a downgrade that changes it changes the
+path, and a clamp's ``maxOutputTokens`` goes back under ``generationConfig`` (:meth:`Gemini.upstream`).
+
+Credentials travel in ``x-goog-api-key`` or in ``?key=``; the proxy moves a ``key`` parameter into
+the header before anything reads, keeps or forwards the request, so a held request never keeps it.
+
+**Input estimate, biased upward.** Gemini's tokenizer is not published for offline use. The text a
+request bills (every part's text, the system instruction, the tool declarations, the tool config
+and the response schema, as compact JSON where they are structures) is counted with o200k and
+multiplied by :data:`FACTOR` (1.3: Gemini's SentencePiece vocabulary splits English prose and code
+into about as many tokens as o200k, rarely 20 % more), each non-ASCII script counting at least its
+per-script floor (:mod:`spendgate.estimate.scripts`), plus :data:`PER_CONTENT` tokens a turn. An
+inline image of readable size counts Gemini's 258 tokens per 768-px tile (the whole image at most
+one tile below 384 px); any other inline data (audio, video, a PDF, an unreadable image) one token
+per :data:`INLINE_BYTES_PER_TOKEN` decoded bytes, above what each medium bills (audio 32 tokens a
+second, video 263, a PDF page 258). Not bounded before send: a ``fileData`` part (an uploaded file,
+counted as its reference) and a ``cachedContent`` (read at the cache rate, unknown size); the call
+is settled from ``usageMetadata`` all the same.
+
+**Output bound.** ``generationConfig.maxOutputTokens`` plus ``thinkingConfig.thinkingBudget`` when
+it is positive (Gemini 2.5 and 3 models are seen to count thoughts inside ``maxOutputTokens``;
+adding the budget is the upward side of the two readings of the docs), times ``candidateCount``;
+without ``maxOutputTokens``, the model's maximum output from the price table.
+
+Usage is ``usageMetadata`` (:func:`spendgate.usage.read_usage`); a stream's events each carry the
+cumulative counts so far, and the one with a ``finishReason`` is final. Errors are
+``{"error": {"code", "message", "status"}}``, which ``google-genai`` raises as ``errors.ClientError``
+(4xx) or ``errors.ServerError`` (5xx), ``message`` being spendgate's text; a stream that cannot be
+finished ends with such an object as its last ``data:`` event, which the SDK raises too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any
+
+from spendgate.errors import BadRequest
+from spendgate.estimate import images
+from spendgate.estimate.anthropic import floors
+from spendgate.estimate.shape import TokenShape, dumps, optional_int
+from spendgate.estimate.tokens import counter
+from spendgate.providers.base import Parser, Provider
+
+if TYPE_CHECKING:
+    from spendgate.wire.stream import StreamMeter
+
+#: Gemini tokens per o200k token, biased upward (module docstring).
+FACTOR = 1.3
+#: tokens a turn adds beyond its parts (role and separators)
+PER_CONTENT = 4
+#: an image's tokens per 768 x 768 tile, and the tile's edge in pixels
+IMAGE_TILE_TOKENS, IMAGE_TILE = 258, 768
+#: decoded bytes per token of inline data whose token count is not read from its header
+INLINE_BYTES_PER_TOKEN = 12
+
+_GENERATE = "/{v}/models/{{model}}:generateContent"
+_STREAM = "/{v}/models/{{model}}:streamGenerateContent"
+_COUNT = "/{v}/models/{{model}}:countTokens"
+VERSIONS = ("v1beta", "v1")
+#: the body field a clamp writes; :meth:`Gemini.upstream` moves it under ``generationConfig``
+CLAMP_FIELD = "maxOutputTokens"
+
+
+class _Tally:
+    """Input tokens of one request: o200k tokens to scale, the script floors' excess, fixed tokens."""
+
+    __slots__ = ("excess", "fixed", "floors", "scaled", "tc")
+
+    def __init__(self) -> None:
+        self.tc = counter("o200k_base")
+        self.floors = floors(self.tc)
+        self.scaled = self.fixed = 0
+        self.excess = 0.0
+
+    def text(self, text: str) -> None:
+        self.scaled += self.tc.count(text)
+        if not text.isascii():
+            self.excess += self.floors.excess(text, FACTOR)
+
+    def total(self) -> int:
+        return math.ceil(self.scaled * FACTOR + self.excess) + self.fixed
+
+
+def _inline(t: _Tally, blob: Mapping[str, Any]) -> None:
+    data, mime = blob.get("data"), str(blob.get("mimeType", ""))
+    if not isinstance(data, str):
+        raise BadRequest(f"`inlineData.data` must be a base64 string, got {type(data).__name__}")
+    by_bytes = math.ceil(len(data) * 3 / 4 / INLINE_BYTES_PER_TOKEN)
+    if mime.startswith("image/"):
+        size = images.size_of_data_url(f"data:{mime};base64,{data[:65536]}")
+        if size is not None:
+            w, h = size
+            tiles = 1 if max(w, h) <= 384 else math.ceil(w / IMAGE_TILE) * math.ceil(h / IMAGE_TILE)
+            t.fixed += tiles * IMAGE_TILE_TOKENS
+            return
+        by_bytes = max(by_bytes, IMAGE_TILE_TOKENS)
+    t.fixed += by_bytes
+
+
+def _part(t: _Tally, part: Any) -> None:
+    if isinstance(part, str):
+        t.text(part)
+        return
+    if not isinstance(part, Mapping):
+        raise BadRequest(f"each part must be an object, got {type(part).__name__}")
+    if isinstance(part.get("text"), str):
+        t.text(part["text"])
+    blob = part.get("inlineData")
+    if isinstance(blob, Mapping):
+        _inline(t, blob)
+    rest = {k: v for k, v in part.items() if k not in ("text", "inlineData", "thought", "thoughtSignature")}
+    if rest:  # a function call or response, code and its result, a file reference: as JSON
+        t.text(dumps(rest))
+
+
+def _content(t: _Tally, content: Any, where: str) -> None:
+    if isinstance(content, str):
+        t.text(content)
+    elif isinstance(content, Mapping):
+        parts = content.get("parts", [])
+        if not isinstance(parts, list):
+            raise BadRequest(f"`{where}.parts` must be a list, got {type(parts).__name__}")
+        for part in parts:
+            _part(t, part)
+    elif content is not None:
+        raise BadRequest(f"`{where}` must be an object with `parts`, got {type(content).__name__}")
+    t.fixed += PER_CONTENT
+
+
+def _output(body: Mapping[str, Any], config: Mapping[str, Any]) -> int | None:
+    clamped = optional_int(body, CLAMP_FIELD)  # a clamp's edit: the whole bound, thoughts included
+    if clamped is not None:
+        return clamped
+    bound = optional_int(config, "maxOutputTokens")
+    if bound is None:
+        return None
+    thinking = config.get("thinkingConfig")
+    budget = thinking.get("thinkingBudget") if isinstance(thinking, Mapping) else None
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+        bound += budget
+    return bound
+
+
+def model_of(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("the model is missing: a Gemini request names it in its path "
+                         "(/v1beta/models/{model}:generateContent)")
+    return model.removeprefix("models/")
+
+
+def generate(body: Mapping[str, Any], stream: bool = False) -> TokenShape:
+    """The token shape of a ``generateContent`` / ``streamGenerateContent`` body (its path's model in
+    ``model``)."""
+    model = model_of(body)
+    contents = body.get("contents")
+    if not isinstance(contents, list):
+        raise BadRequest(f"`contents` must be a list, got {type(contents).__name__}")
+    config = body.get("generationConfig") or {}
+    if not isinstance(config, Mapping):
+        raise BadRequest(f"`generationConfig` must be an object, got {type(config).__name__}")
+    t = _Tally()
+    if body.get("systemInstruction") is not None:
+        _content(t, body["systemInstruction"], "systemInstruction")
+    for i, content in enumerate(contents):
+        _content(t, content, f"contents[{i}]")
+    for name in ("tools", "toolConfig"):
+        if body.get(name):
+            t.text(dumps(body[name]))
+    for name in ("responseSchema", "responseJsonSchema"):
+        if config.get(name):
+            t.text(dumps(config[name]))
+    n = optional_int(config, "candidateCount")
+    return TokenShape(model=model, input_tokens=t.total(), requested_output=_output(body, config),
+                      choices=max(1, n or 1), stream=stream, exact=False)
+
+
+@cache
+def meter_class() -> type[StreamMeter]:
+    """The meter of a Gemini event stream (built on first use: the stream module imports the
+    registry, so it cannot be imported while the registry loads)."""
+    from spendgate.wire.stream import StreamMeter
+
+    class GeminiMeter(StreamMeter):
+        """A Gemini event stream: every event carries ``usageMetadata`` (no ``"usage"`` key), and the
+        output text sits in ``candidates[].content.parts[].text``."""
+
+        def _observe(self, event: bytes) -> bool:
+            data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
+            if not data or data[:1] != b"{":
+                return True
+            if b'"usageMetadata"' not in data:
+                self._unread.append(data)
+                return True
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return True
+            if isinstance(obj, dict):
+                self._texts_of(obj)
+                return self._spec.stream_usage(self, obj)
+            return True
+
+        def _texts_of(self, obj: dict[str, Any]) -> None:
+            for cand in obj.get("candidates") or ():
+                content = cand.get("content") if isinstance(cand, dict) else None
+                for part in (content.get("parts") or ()) if isinstance(content, dict) else ():
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        self.text.append(part["text"])
+                    elif isinstance(part, dict) and isinstance(part.get("functionCall"), dict):
+                        self.text.append(dumps(part["functionCall"]))
+
+    return GeminiMeter
+
+
+class Gemini(Provider):
+    name = "gemini"
+    default_base_url = "https://generativelanguage.googleapis.com"
+    key_env = "GEMINI_API_KEY"
+    routes: Mapping[str, Parser] = {
+        **{_GENERATE.format(v=v): generate for v in VERSIONS},
+        **{_STREAM.format(v=v): partial(generate, stream=True) for v in VERSIONS},
+    }
+    free_routes = frozenset(_COUNT.format(v=v) for v in VERSIONS)
+    output_fields: Mapping[str, tuple[str, ...]] = {r: (CLAMP_FIELD,) for r in routes}
+    conversation_fields: Mapping[str, str] = {r: "contents" for r in routes}
+    chat_route = _GENERATE.format(v="v1beta")
+    price_providers = ("google",)
+    credential_headers = ("x-goog-api-key",)
+    credential_params = ("key",)
+    marker_headers = ("x-goog-api-key", "x-goog-api-client")
+    error_types: Mapping[int, str] = {
+        400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
+        # a budget refusal: a 4xx google-genai raises as ClientError and no client retries
+        402: "FAILED_PRECONDITION",
+        403: "PERMISSION_DENIED", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+        500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+    def body_with(self, route: str, params: Mapping[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        """The path's model in ``model``, which the engine prices and a downgrade edits."""
+        model = params.get("model")
+        return {**body, "model": model} if model else body
+
+    def upstream(self, path: str, params: Mapping[str, str], body: bytes, edited: bool) -> tuple[str, bytes]:
+        """An edited body back in Gemini's shape: ``model`` out of it (into the path when a downgrade
+        changed it), a clamp's ``maxOutputTokens`` under ``generationConfig``, with a thinking
+        budget cut so thoughts and answer together stay within the clamp."""
+        if not edited:
+            return path, body
+        obj = json.loads(body)
+        model = obj.pop("model", None)
+        sent = params.get("model")
+        if isinstance(model, str) and sent and model != sent:
+            path = path.replace(f"/models/{sent}:", f"/models/{model.removeprefix('models/')}:", 1)
+        bound = obj.pop(CLAMP_FIELD, None)
+        if isinstance(bound, int):
+            config = dict(obj.get("generationConfig") or {})
+            thinking = config.get("thinkingConfig")
+            budget = thinking.get("thinkingBudget") if isinstance(thinking, Mapping) else None
+            if isinstance(budget, int) and budget > 0 and isinstance(thinking, Mapping):
+                budget = min(budget, bound // 2)
+                config["thinkingConfig"] = {**thinking, "thinkingBudget": budget}
+                bound -= budget
+            config["maxOutputTokens"] = max(1, bound)
+            obj["generationConfig"] = config
+        return path, json.dumps(obj).encode()
+
+    def meter(self, withhold: bool = False) -> StreamMeter:
+        return meter_class()(self.name, withhold)
+
+    def api_key(self, headers: Mapping[str, str]) -> str | None:
+        return headers.get("x-goog-api-key") or super().api_key(headers)
+
+    def apply_key(self, headers: dict[str, str], key: str) -> dict[str, str]:
+        out = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "x-goog-api-key")}
+        out["x-goog-api-key"] = key
+        return out
+
+    def error_body(self, status: int, message: str, *, code: str | None = None,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": {"code": status, "message": message,
+                                          "status": self.error_types.get(status, "UNKNOWN")}}
+        if code is not None:
+            body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": code,
+                                         "domain": "spendgate"}]
+        if extra:
+            body["spendgate"] = dict(extra)
+        return body
+
+    def sse_error(self, status: int, message: str, *, code: str | None = None) -> bytes:
+        """An error object as the stream's last ``data:`` event: google-genai raises a chunk that
+        starts with ``{"error":``."""
+        return b"data: " + json.dumps(self.error_body(status, message, code=code)).encode() + b"\r\n\r\n"
+
+    def stream_usage(self, meter: StreamMeter, obj: dict[str, Any]) -> bool:
+        """Each event's ``usageMetadata`` is cumulative: keep the last; the one whose candidate has
+        a ``finishReason`` is final (a stream cut before it is charged input + output seen)."""
+        meta = obj.get("usageMetadata")
+        if isinstance(meta, dict):
+            meter.usage = {"usageMetadata": meta}
+            cands = obj.get("candidates")
+            if isinstance(cands, list) and any(isinstance(c, dict) and c.get("finishReason") for c in cands):
+                meter.complete = True
+        return True
+
+    def is_tool_result(self, item: Mapping[str, Any]) -> bool:
+        """A function's response travels in a ``user`` turn: part of the model's tool round."""
+        parts = item.get("parts")
+        return isinstance(parts, list) and any(isinstance(p, Mapping) and "functionResponse" in p for p in parts)
