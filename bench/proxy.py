@@ -6,7 +6,7 @@ Starts three processes on loopback — the fake upstream, a bare aiohttp passthr
 aiohttp client relaying bytes, no guard), and ``spendgate serve`` on the embedded defaults (SQLite
 store, default policy: the full guard) — and drives each from this process with a pooled aiohttp
 client. Prints one table: p50/p99 latency per path and the overhead the proxy adds, at concurrency
-1 and 8, streaming and not, OpenAI and Anthropic shapes; then requests/s through spendgate at
+1 and 8, streaming and not, OpenAI, Anthropic and Gemini shapes; then requests/s through spendgate at
 concurrency 16 and its CPU time per request. Targets: SPEC §11.
 
 ``--audit-off`` adds a fourth process, the same build with ``[audit] enabled = false``, measured in
@@ -36,7 +36,12 @@ CASES = {
                                              "messages": [{"role": "user", "content": "Say hello in five words."}]}),
     "anthropic messages": ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 64,
                                             "messages": [{"role": "user", "content": "Say hello in five words."}]}),
+    "gemini generateContent": ("/v1beta/models/gemini-2.5-flash:generateContent",
+                               {"contents": [{"role": "user", "parts": [{"text": "Say hello in five words."}]}],
+                                "generationConfig": {"maxOutputTokens": 64}}),
 }
+#: cases whose stream is another route rather than a body flag (Gemini: the model and method are in the path)
+STREAMED = {"gemini generateContent": "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"}
 
 
 def free_port() -> int:
@@ -68,7 +73,7 @@ def serve_bare(port: int, upstream: str) -> None:
     async def relay(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        async with state["c"].post(upstream + request.path, data=body, headers=headers) as up:
+        async with state["c"].post(upstream + request.path_qs, data=body, headers=headers) as up:
             if up.content_type == "text/event-stream":
                 resp = web.StreamResponse(status=up.status, headers={"Content-Type": "text/event-stream"})
                 await resp.prepare(request)
@@ -96,7 +101,7 @@ async def drive(bases: dict[str, str], path: str, body: dict[str, Any], n: int,
     path is busy, as in a real deployment."""
     payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench", "x-api-key": "sk-bench",
-               "anthropic-version": "2023-06-01"}
+               "anthropic-version": "2023-06-01", "x-goog-api-key": "sk-bench"}
     lat: dict[str, list[float]] = {k: [] for k in bases}
     client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     async with client:
@@ -172,7 +177,7 @@ def main() -> None:
     upstream = f"http://127.0.0.1:{up_port}"
     tmp = tempfile.mkdtemp()
     env = {**os.environ, "SPENDGATE_OPENAI_BASE_URL": upstream, "SPENDGATE_ANTHROPIC_BASE_URL": upstream,
-           "HOME": tmp}
+           "SPENDGATE_GEMINI_BASE_URL": upstream, "HOME": tmp}
     procs = [
         subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)]),
         subprocess.Popen([sys.executable, __file__, "--role", "bare", "--port", str(bare_port), "--upstream",
@@ -213,8 +218,9 @@ def main() -> None:
         for name, (path, body) in CASES.items():
             for stream in (False, True):
                 for c in (1, 8):
-                    b = {**body, "stream": True} if stream else body
-                    res = asyncio.run(drive(paths, path, b, args.n, c))
+                    p, b = (STREAMED[name], body) if stream and name in STREAMED else \
+                        (path, {**body, "stream": True} if stream else body)
+                    res = asyncio.run(drive(paths, p, b, args.n, c))
                     d50, d99 = pct(res["direct"], .5), pct(res["direct"], .99)
                     b50, b99 = pct(res["bare passthrough"], .5), pct(res["bare passthrough"], .99)
                     s50, s99 = pct(res["spendgate"], .5), pct(res["spendgate"], .99)
