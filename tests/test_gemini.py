@@ -15,11 +15,13 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
+import spendgate
 from spendgate import providers
 from spendgate.cli.main import main
 from spendgate.policy import default_policy, parse
 from spendgate.policy.model import Policy
 from spendgate.report import SPEND_KINDS
+from spendgate.sdk import _runtime
 from tests.harness import COMPLETION_TOKENS, PROMPT_TOKENS, Servers
 
 MODEL = "gemini-2.5-flash"
@@ -272,6 +274,12 @@ def test_output_bound_is_max_output_plus_thinking_budget_times_candidates() -> N
     assert (shape.requested_output, shape.choices, shape.exact) == (1524, 2, False)
     assert generate({"model": MODEL, "contents": CONTENTS}).requested_output is None  # the model's maximum
     assert generate({**body, "generationConfig": {"thinkingConfig": {"thinkingBudget": -1}}}).requested_output is None
+    snake = {"model": MODEL, "contents": CONTENTS, "system_instruction": {"parts": [{"text": "Be brief. " * 50}]},
+             "generation_config": {"max_output_tokens": 500, "candidate_count": 2,
+                                   "thinking_config": {"thinking_budget": 1024}}}
+    camel = {"model": MODEL, "contents": CONTENTS, "systemInstruction": snake["system_instruction"],
+             "generationConfig": body["generationConfig"]}
+    assert generate(snake) == generate(camel) and generate(snake).input_tokens > generate(body).input_tokens + 100
 
 
 def test_an_edited_body_goes_back_to_geminis_shape() -> None:
@@ -284,3 +292,106 @@ def test_an_edited_body_goes_back_to_geminis_shape() -> None:
     assert json.loads(out) == {"contents": CONTENTS, "generationConfig": {
         "maxOutputTokens": 150, "thinkingConfig": {"thinkingBudget": 150}}}
     assert g.upstream("/p", params, b"raw", False) == ("/p", b"raw")
+
+
+# -- spendgate.wrap(genai.Client): the same guard in-process ------------------------------------
+
+@pytest.fixture
+def sdk(servers_for: Any) -> Iterator[Servers]:
+    """The fake upstream, reached straight from a wrapped client (the proxy is not in the path)."""
+    spendgate.configure(store="memory://", policy=default_policy())
+    yield servers_for()
+    spendgate.configure(store="memory://", policy=default_policy())
+
+
+def wrapped(s: Servers, **headers: str) -> genai.Client:
+    c = spendgate.wrap(genai.Client(api_key="AIza-sdk", http_options=types.HttpOptions(
+        base_url=f"http://127.0.0.1:{s.upstream_port}", headers=headers or None)))
+    _KEPT.append(c)
+    return c
+
+
+def sdk_charged() -> list[int]:
+    return [e.cost for e in _runtime.engine().ledger.events(0) if e.kind in SPEND_KINDS]
+
+
+def test_wrap_guards_sync_json_and_stream_to_the_nano_dollar(sdk: Servers) -> None:
+    c = wrapped(sdk)
+    assert type(c) is genai.Client and spendgate.wrap(c) is c
+    assert c.models.generate_content(model=MODEL, contents="hi").text == "hello"
+    usage = {"promptTokenCount": 120, "candidatesTokenCount": 30, "thoughtsTokenCount": 7, "totalTokenCount": 157}
+    chunks = list(wrapped(sdk, **{"x-mock-usage": json.dumps(usage)}).models.generate_content_stream(
+        model=MODEL, contents="hi"))
+    assert "".join(x.text or "" for x in chunks) == "hello there"
+    assert [x.path for x in sdk.mock.seen] == [f"/v1/models/{MODEL}:generateContent",
+                                              f"/v1/models/{MODEL}:streamGenerateContent"]
+    assert all("model" not in x.json for x in sdk.mock.seen)
+    assert sdk_charged() == [MOCK_COST, int(nanos(120, RATE_IN) + nanos(37, RATE_OUT))]
+    assert c.models.count_tokens(model=MODEL, contents="hi").total_tokens == 42
+    assert len(sdk_charged()) == 2, "countTokens is free"
+
+
+def test_wrap_guards_the_async_client_and_refuses_as_client_error(sdk: Servers) -> None:
+    c = wrapped(sdk)
+
+    async def go() -> str:
+        text = (await c.aio.models.generate_content(model=MODEL, contents="hi")).text or ""
+        async for chunk in await c.aio.models.generate_content_stream(model=MODEL, contents="hi"):
+            text += chunk.text or ""
+        return text
+
+    assert asyncio.run(go()) == "hellohello there"
+    assert sdk_charged() == [MOCK_COST, MOCK_COST]
+    spendgate.configure(store="memory://", policy=parse({"budget": [{"name": "tiny", "usd": 0.000001,
+                                                                       "window": "day"}]}))
+    with pytest.raises(errors.ClientError) as err:
+        c.models.generate_content(model=MODEL, contents="hi")
+    assert isinstance(err.value, spendgate.BudgetExceeded)
+    assert (err.value.code, err.value.status) == (402, "FAILED_PRECONDITION")
+    assert 'budget "tiny"' in (err.value.message or "")
+    with pytest.raises(errors.ClientError):
+        asyncio.run(c.aio.models.generate_content(model=MODEL, contents="hi"))
+    with pytest.raises(errors.ClientError, match="cannot be priced"):
+        c.models.embed_content(model="gemini-embedding-001", contents="hi")
+    assert sdk.mock.reached() == 2
+
+
+def test_wrap_a_clamp_goes_under_generation_config(sdk: Servers) -> None:
+    spendgate.configure(store="memory://", policy=parse({"budget": [
+        {"name": "small", "usd": 0.0005, "window": "request", "action": "clamp", "min_output": 16}]}))
+    c = wrapped(sdk)
+    c.models.generate_content(model=MODEL, contents="hi", config=types.GenerateContentConfig(
+        max_output_tokens=60000, thinking_config=types.ThinkingConfig(thinking_budget=4000)))
+    sent = sdk.mock.seen[-1].json
+    assert "maxOutputTokens" not in sent and "model" not in sent
+    config = sent["generationConfig"]
+    budget = config["thinkingConfig"]["thinking_budget"]  # the spelling google-genai sends, kept
+    fitted = config["maxOutputTokens"] + budget
+    assert 16 <= fitted < 4000 and budget == fitted // 2
+    [clamp] = [e for e in _runtime.engine().ledger.events(0) if e.kind == "clamp"]
+    assert clamp.output_tokens == fitted
+
+
+def test_wrap_32_concurrent_async_calls_admit_exactly_the_ones_that_fit(sdk: Servers) -> None:
+    config = types.GenerateContentConfig(max_output_tokens=1000)
+    c = wrapped(sdk)
+    c.models.generate_content(model=MODEL, contents="Say hello.", config=config)
+    worst = _runtime.engine().estimator.estimate("gemini", ROUTE, {**sdk.mock.seen[-1].json, "model": MODEL})
+    est, n_fit = worst.cost_nanos, 5
+    spendgate.configure(store="memory://", policy=parse({"budget": [
+        {"name": "g", "usd": str(Decimal(est * n_fit + est // 2) / 10**9), "window": "day"}]}))
+    sdk.mock.prompt_tokens, sdk.mock.completion_tokens = worst.input_tokens, 1000
+
+    async def go() -> list[int]:
+        async def one() -> int:
+            try:
+                await c.aio.models.generate_content(model=MODEL, contents="Say hello.", config=config)
+                return 200
+            except errors.APIError as e:
+                return e.code
+
+        return list(await asyncio.gather(*(one() for _ in range(32))))
+
+    codes = asyncio.run(go())
+    assert codes.count(200) == n_fit and codes.count(402) == 32 - n_fit
+    assert sdk_charged() == [est] * n_fit

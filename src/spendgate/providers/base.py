@@ -69,8 +69,11 @@ class Provider:
     output_fields: Mapping[str, tuple[str, ...]] = {}
     #: path -> the body field holding the conversation a truncate may shorten
     conversation_fields: Mapping[str, str] = {}
-    #: the error base class of its official Python SDK (``openai.OpenAIError``), or "" for none
+    #: the error base class of its official Python SDK, a dotted name within :attr:`sdk_package`
+    #: (``OpenAIError``, ``errors.APIError``), or "" for none
     sdk_error: str = ""
+    #: the import name of its official SDK (empty: its own name, ``openai``)
+    sdk_package: str = ""
     #: its input counts are offline counts scaled by the policy's factor (``anthropic_token_factor``):
     #: the stream meter scales the output it counts of a cut-short stream the same way
     scaled_counts: bool = False
@@ -117,6 +120,28 @@ class Provider:
         re-serialized from the body the engine read (a downgrade, a clamp), so what
         :meth:`body_with` added, or an edit the wire format keeps elsewhere, is put back in place."""
         return path, body
+
+    # -- its SDK --------------------------------------------------------------------------------
+
+    @property
+    def sdk_module(self) -> str:
+        return self.sdk_package or self.name
+
+    def sdk_error_class(self, status: int) -> str:
+        """The SDK's error class spendgate's error of this HTTP status subclasses (its base class
+        unless the SDK has one per kind)."""
+        return self.sdk_error
+
+    def sdk_error_fields(self, status: int) -> dict[str, Any]:
+        """Attributes spendgate's errors carry as its SDK's errors (``code``): the HTTP status the
+        proxy would answer with (402 a refusal, 400 a bad request, 503 a failing store)."""
+        return {}
+
+    def sdk_guard(self, client: Any, guard: Callable[[Any], Any]) -> Any | None:
+        """``client`` guarded, for an SDK that is not rebuilt with ``with_options(http_client=…)``;
+        ``guard(http_client)`` is the guard transport over that HTTP client's own transport. None:
+        the common way applies."""
+        return None
 
     def meter(self, withhold: bool = False) -> StreamMeter:
         """The meter of its event streams (the common one unless its events differ in shape)."""

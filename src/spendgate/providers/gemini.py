@@ -6,6 +6,10 @@ same under ``/v1/``, which the ``google-genai`` SDK calls by default), ``:stream
 the path's model in ``model`` (:meth:`Gemini.body_with`); a downgrade that changes it changes the
 path, and a clamp's ``maxOutputTokens`` goes back under ``generationConfig`` (:meth:`Gemini.upstream`).
 
+Field names are read in either spelling the API takes (proto JSON accepts ``generationConfig`` and
+``generation_config`` alike, and google-genai sends ``thinkingConfig.thinking_budget``), so a
+request cannot leave a part of itself uncounted by its spelling.
+
 Credentials travel in ``x-goog-api-key`` or in ``?key=``; the proxy moves a ``key`` parameter into
 the header before anything reads, keeps or forwards the request, so a held request never keeps it.
 
@@ -38,7 +42,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +74,24 @@ VERSIONS = ("v1beta", "v1")
 CLAMP_FIELD = "maxOutputTokens"
 
 
+def _snake(camel: str) -> str:
+    return re.sub(r"([A-Z])", r"_\1", camel).lower()
+
+
+def key_of(obj: Mapping[str, Any], camel: str) -> str:
+    """The spelling of field ``camel`` that ``obj`` uses (lowerCamel or snake_case), lowerCamel when
+    it has neither."""
+    if camel in obj:
+        return camel
+    snake = _snake(camel)
+    return snake if snake in obj else camel
+
+
+def field(obj: Mapping[str, Any], camel: str) -> Any:
+    """Field ``camel`` of ``obj`` in either spelling (None: absent)."""
+    return obj.get(key_of(obj, camel))
+
+
 class _Tally:
     """Input tokens of one request: o200k tokens to scale, the script floors' excess, fixed tokens."""
 
@@ -90,7 +113,7 @@ class _Tally:
 
 
 def _inline(t: _Tally, blob: Mapping[str, Any]) -> None:
-    data, mime = blob.get("data"), str(blob.get("mimeType", ""))
+    data, mime = blob.get("data"), str(field(blob, "mimeType") or "")
     if not isinstance(data, str):
         raise BadRequest(f"`inlineData.data` must be a base64 string, got {type(data).__name__}")
     by_bytes = math.ceil(len(data) * 3 / 4 / INLINE_BYTES_PER_TOKEN)
@@ -113,10 +136,11 @@ def _part(t: _Tally, part: Any) -> None:
         raise BadRequest(f"each part must be an object, got {type(part).__name__}")
     if isinstance(part.get("text"), str):
         t.text(part["text"])
-    blob = part.get("inlineData")
+    blob = field(part, "inlineData")
     if isinstance(blob, Mapping):
         _inline(t, blob)
-    rest = {k: v for k, v in part.items() if k not in ("text", "inlineData", "thought", "thoughtSignature")}
+    rest = {k: v for k, v in part.items()
+            if k not in ("text", "inlineData", "inline_data", "thought", "thoughtSignature", "thought_signature")}
     if rest:  # a function call or response, code and its result, a file reference: as JSON
         t.text(dumps(rest))
 
@@ -139,11 +163,11 @@ def _output(body: Mapping[str, Any], config: Mapping[str, Any]) -> int | None:
     clamped = optional_int(body, CLAMP_FIELD)  # a clamp's edit: the whole bound, thoughts included
     if clamped is not None:
         return clamped
-    bound = optional_int(config, "maxOutputTokens")
+    bound = optional_int(config, key_of(config, "maxOutputTokens"))
     if bound is None:
         return None
-    thinking = config.get("thinkingConfig")
-    budget = thinking.get("thinkingBudget") if isinstance(thinking, Mapping) else None
+    thinking = field(config, "thinkingConfig")
+    budget = field(thinking, "thinkingBudget") if isinstance(thinking, Mapping) else None
     if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
         bound += budget
     return bound
@@ -164,21 +188,22 @@ def generate(body: Mapping[str, Any], stream: bool = False) -> TokenShape:
     contents = body.get("contents")
     if not isinstance(contents, list):
         raise BadRequest(f"`contents` must be a list, got {type(contents).__name__}")
-    config = body.get("generationConfig") or {}
+    config = field(body, "generationConfig") or {}
     if not isinstance(config, Mapping):
         raise BadRequest(f"`generationConfig` must be an object, got {type(config).__name__}")
     t = _Tally()
-    if body.get("systemInstruction") is not None:
-        _content(t, body["systemInstruction"], "systemInstruction")
+    system = field(body, "systemInstruction")
+    if system is not None:
+        _content(t, system, "systemInstruction")
     for i, content in enumerate(contents):
         _content(t, content, f"contents[{i}]")
     for name in ("tools", "toolConfig"):
-        if body.get(name):
-            t.text(dumps(body[name]))
+        if field(body, name):
+            t.text(dumps(field(body, name)))
     for name in ("responseSchema", "responseJsonSchema"):
-        if config.get(name):
-            t.text(dumps(config[name]))
-    n = optional_int(config, "candidateCount")
+        if field(config, name):
+            t.text(dumps(field(config, name)))
+    n = optional_int(config, key_of(config, "candidateCount"))
     return TokenShape(model=model, input_tokens=t.total(), requested_output=_output(body, config),
                       choices=max(1, n or 1), stream=stream, exact=False)
 
@@ -234,6 +259,8 @@ class Gemini(Provider):
     conversation_fields: Mapping[str, str] = {r: "contents" for r in routes}
     chat_route = _GENERATE.format(v="v1beta")
     price_providers = ("google",)
+    sdk_package = "google.genai"
+    sdk_error = "errors.APIError"
     credential_headers = ("x-goog-api-key",)
     credential_params = ("key",)
     marker_headers = ("x-goog-api-key", "x-goog-api-client")
@@ -262,19 +289,58 @@ class Gemini(Provider):
             path = path.replace(f"/models/{sent}:", f"/models/{model.removeprefix('models/')}:", 1)
         bound = obj.pop(CLAMP_FIELD, None)
         if isinstance(bound, int):
-            config = dict(obj.get("generationConfig") or {})
-            thinking = config.get("thinkingConfig")
-            budget = thinking.get("thinkingBudget") if isinstance(thinking, Mapping) else None
-            if isinstance(budget, int) and budget > 0 and isinstance(thinking, Mapping):
-                budget = min(budget, bound // 2)
-                config["thinkingConfig"] = {**thinking, "thinkingBudget": budget}
-                bound -= budget
-            config["maxOutputTokens"] = max(1, bound)
-            obj["generationConfig"] = config
+            config_key = key_of(obj, "generationConfig")
+            config = dict(obj.get(config_key) or {})
+            thinking_key = key_of(config, "thinkingConfig")
+            thinking = config.get(thinking_key)
+            if isinstance(thinking, Mapping):
+                budget_key = key_of(thinking, "thinkingBudget")
+                budget = thinking.get(budget_key)
+                if isinstance(budget, int) and budget > 0:
+                    budget = min(budget, bound // 2)
+                    config[thinking_key] = {**thinking, budget_key: budget}
+                    bound -= budget
+            config[key_of(config, "maxOutputTokens")] = max(1, bound)
+            obj[config_key] = config
         return path, json.dumps(obj).encode()
 
     def meter(self, withhold: bool = False) -> StreamMeter:
         return meter_class()(self.name, withhold)
+
+    def sdk_error_class(self, status: int) -> str:
+        """As google-genai raises an answer of that status: ``ClientError`` (4xx), ``ServerError``."""
+        return "errors.ClientError" if status < 500 else "errors.ServerError"
+
+    def sdk_error_fields(self, status: int) -> dict[str, Any]:
+        """``code`` and ``status`` as on google-genai's own errors (its retry options read ``code``)."""
+        return {"code": status, "status": self.error_types.get(status, "UNKNOWN")}
+
+    def sdk_guard(self, client: Any, guard: Callable[[Any], Any]) -> Any | None:
+        """A ``google.genai.Client`` rebuilt with the same options over guard transports: its sync
+        and async HTTP clients' own transports (so its pool, TLS settings or a test's transport
+        stay underneath), given as ``client_args`` / ``async_client_args`` — google-genai's own way
+        to take a transport, which also routes ``.aio`` through httpx rather than aiohttp. The
+        original client is kept alive by the new one: collecting it would close its transports."""
+        api = getattr(client, "_api_client", None)
+        if api is None or not hasattr(client, "aio"):
+            raise TypeError(f"spendgate.wrap: expected a google.genai Client, got {type(client).__name__}")
+        if api.vertexai:
+            raise TypeError("spendgate.wrap: a Vertex AI google.genai client is not guarded; use an API key "
+                            "client (genai.Client(api_key=…)) or the proxy")
+        from spendgate.sdk._transport import Guarded
+
+        sync_http, async_http = api._httpx_client, api._async_httpx_client
+        if isinstance(getattr(sync_http, "_transport", None), Guarded):
+            return client  # already guarded
+        opts = api._http_options
+        guarded_opts = opts.model_copy(update={
+            "httpx_client": None, "httpx_async_client": None,
+            "client_args": {**(opts.client_args or {}), "transport": guard(sync_http)},
+            "async_client_args": {**(opts.async_client_args or {}), "transport": guard(async_http)},
+        })
+        wrapped = type(client)(api_key=api.api_key, http_options=guarded_opts)
+        wrapped._spendgate_original = client
+        return wrapped
 
     def api_key(self, headers: Mapping[str, str]) -> str | None:
         return headers.get("x-goog-api-key") or super().api_key(headers)
@@ -314,4 +380,5 @@ class Gemini(Provider):
     def is_tool_result(self, item: Mapping[str, Any]) -> bool:
         """A function's response travels in a ``user`` turn: part of the model's tool round."""
         parts = item.get("parts")
-        return isinstance(parts, list) and any(isinstance(p, Mapping) and "functionResponse" in p for p in parts)
+        return isinstance(parts, list) and any(isinstance(p, Mapping) and field(p, "functionResponse") is not None
+                                               for p in parts)

@@ -71,11 +71,22 @@ class Guard:
         self._last_auth: str | None = None
         self._last_hash: str | None = None
 
-    def route_of(self, path: str) -> str | None:
-        return next((r for r in self._routes if path.endswith(r)), None)
+    def route_of(self, path: str) -> tuple[str, dict[str, str]] | None:
+        """The route ``path`` ends with (a base URL may add a prefix) and the path's parameters."""
+        exact = next((r for r in self._routes if path.endswith(r)), None)
+        if exact is not None:
+            return exact, {}
+        at = 0
+        while (at := path.find("/", at)) >= 0:  # a route template, matched from each segment on
+            found = self._spec.match(path[at:])
+            if found is not None:
+                return found
+            at += 1
+        return None
 
     def before(self, request: httpx2.Request) -> Prepared:
-        route = self.route_of(request.url.path)
+        found = self.route_of(request.url.path)
+        route, params = found if found is not None else (None, {})
         if route in self._spec.free_routes or (route is None and request.method in ("GET", "HEAD", "DELETE")):
             return Prepared(request, None)
         if route is None:
@@ -87,6 +98,8 @@ class Guard:
         except ValueError as exc:
             raise self.errors.bad_request(f"spendgate: the request body is not JSON ({exc})") from None
         engine = self._engine()
+        if isinstance(body, dict):
+            body = self._spec.body_with(route, params, body)
         scopes = active_scopes()
         rules = [s.rule for s in scopes]
         req = Request(self.provider, route, body, self._identity(request), raw=raw)
@@ -101,10 +114,12 @@ class Guard:
         except StoreError as exc:
             raise self.errors.store(f"spendgate: the spend store failed, so the call was not sent: {exc}") from None
         out, withhold = outgoing(route, raw, d, self.provider)
+        path, out = self._spec.upstream(request.url.path, params, out, out is not raw)
         if out is not raw:
             headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
-            request = self.http.Request(request.method, request.url, headers=headers, content=out,
-                                     extensions=request.extensions)
+            url = request.url if path == request.url.path else request.url.copy_with(path=path)
+            request = self.http.Request(request.method, url, headers=headers, content=out,
+                                        extensions=request.extensions)
         return Prepared(request, d, withhold)
 
     def _ask(self, engine: Engine, req: Request, d: Decision, rules: list[Any]) -> Decision:
@@ -154,7 +169,7 @@ class Guard:
         """``response`` with its event stream relayed through a meter that settles at its end."""
         d = p.decision
         assert d is not None
-        meter = StreamMeter(self.provider, p.withhold)
+        meter = self._spec.meter(p.withhold)
         stream = stream_cls(response.stream, meter, lambda: self.settle_stream(d, meter))
         headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-length"]
         new: httpx2.Response = self.http.Response(response.status_code, headers=headers, stream=stream,

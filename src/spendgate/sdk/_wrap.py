@@ -26,21 +26,40 @@ if TYPE_CHECKING:
     from spendgate.sdk._transport import Errors
 
 C = TypeVar("C")
-#: the official SDK package of each provider that has one -> its error base class
-_SDKS = {p.name: p.sdk_error for p in providers.all_providers() if p.sdk_error}
 EXTRA_HINT = "pip install 'spendgate[clients]'"
+#: the HTTP status the proxy answers each of spendgate's errors with
+_STATUS = {BudgetExceeded: 402, BadRequest: 400, StoreError: 503}
 
 
 @cache
-def errors_for(sdk: str) -> Errors:
+def errors_for(provider: str) -> Errors:
+    """spendgate's errors as subclasses of ``provider``'s SDK error base class."""
     from spendgate.sdk._transport import Errors
 
-    base = getattr(importlib.import_module(sdk), _SDKS[sdk])
+    spec = providers.get(provider)
+    sdk = importlib.import_module(spec.sdk_module)
 
     def sub(cls: type[Exception]) -> Any:
-        return type(cls.__name__, (cls, base), {"__module__": "spendgate", "__doc__": cls.__doc__})
+        base: Any = sdk
+        for name in spec.sdk_error_class(_STATUS[cls]).split("."):
+            base = getattr(base, name)
+        if base.__init__ is not Exception.__init__:
+            # an SDK error built from a response (google-genai's): spendgate's error is built from its
+            # message, and the SDK's constructor is left out of the chain
+            base = type(base.__name__, (base,), {"__init__": Exception.__init__, "__module__": base.__module__})
+        return type(cls.__name__, (cls, base), {"__module__": "spendgate", "__doc__": cls.__doc__,
+                                                **spec.sdk_error_fields(_STATUS[cls])})
 
     return Errors(sub(BudgetExceeded), sub(BadRequest), sub(StoreError))
+
+
+def _provider_of(client: object) -> providers.Provider | None:
+    """The provider whose official SDK ``client`` belongs to."""
+    module = type(client).__module__
+    for p in providers.all_providers():
+        if p.sdk_error and (module == p.sdk_module or module.startswith(p.sdk_module + ".")):
+            return p
+    return None
 
 
 def _http_library(http: object) -> ModuleType | None:
@@ -59,21 +78,43 @@ def _http_library(http: object) -> ModuleType | None:
 
 
 def wrap(client: C, *, capability: str | None = None) -> C:
-    """Guard an ``OpenAI``, ``AsyncOpenAI``, ``Anthropic`` or ``AsyncAnthropic`` client, on whichever
-    HTTP client it holds (an ``httpx2`` one, or a legacy ``httpx`` one given as ``http_client``).
-    ``capability``: what the client's calls carry outside any ``spendgate.capability`` block.
+    """Guard an ``OpenAI``, ``AsyncOpenAI``, ``Anthropic``, ``AsyncAnthropic`` or ``google.genai``
+    ``Client`` (sync and ``.aio``), on whichever HTTP client it holds (an ``httpx2`` one, or a legacy
+    ``httpx`` one given as ``http_client``). ``capability``: what the client's calls carry outside
+    any ``spendgate.capability`` block.
 
     Raises :class:`ImportError` naming the ``clients`` extra when the provider SDKs are not installed."""
-    sdk = type(client).__module__.split(".", 1)[0]
-    http: Any = getattr(client, "_client", None)
-    lib = _http_library(http)
-    if sdk not in _SDKS or lib is None:
-        raise TypeError(f"spendgate.wrap: expected an OpenAI, AsyncOpenAI, Anthropic or AsyncAnthropic client, "
-                        f"got {type(client).__name__}")
+    _http_library(None)  # without the SDKs' HTTP library no client can be guarded: ImportError naming the extra
+    spec = _provider_of(client)
+    expected = ("spendgate.wrap: expected an OpenAI, AsyncOpenAI, Anthropic, AsyncAnthropic or google.genai "
+                f"client, got {type(client).__name__}")
+    if spec is None:
+        raise TypeError(expected)
     from spendgate.sdk._context import check_capability
     from spendgate.sdk._transport import Guard, Guarded, transports
 
     check_capability(capability, "spendgate.wrap capability")
+    sdk = spec.name
+
+    def guard_for(http: Any) -> Any:
+        """The guard transport over ``http``'s own transport (itself if it is one already)."""
+        lib = _http_library(http)
+        if lib is None:
+            raise TypeError(expected)
+        inner = http._transport
+        if isinstance(inner, Guarded):
+            return inner
+        kit = transports(lib)
+        g = Guard(sdk, errors_for(sdk), lib, capability=capability)
+        return kit.async_(inner, g) if isinstance(http, lib.AsyncClient) else kit.sync(inner, g)
+
+    custom = spec.sdk_guard(client, guard_for)
+    if custom is not None:
+        return custom  # type: ignore[no-any-return]
+    http: Any = getattr(client, "_client", None)
+    lib = _http_library(http)
+    if lib is None:
+        raise TypeError(expected)
 
     inner = http._transport  # the client's own transport, kept underneath the guard
     if isinstance(inner, Guarded):
@@ -84,7 +125,7 @@ def wrap(client: C, *, capability: str | None = None) -> C:
     transport = kit.async_(inner, guard) if is_async else kit.sync(inner, guard)
     cls: Any = lib.AsyncClient if is_async else lib.Client
     if lib.__name__ == "httpx2":  # the SDK's own defaults (connection limits) for its own library
-        module = importlib.import_module(sdk)
+        module = importlib.import_module(spec.sdk_module)
         cls = getattr(module, "DefaultAsyncHttpxClient" if is_async else "DefaultHttpxClient", cls)
     # the caller's own client settings come along; its connection pool lives in ``inner``, kept
     new_http: Any = cls(transport=transport, timeout=http.timeout, headers=http.headers,
