@@ -16,13 +16,14 @@ from google import genai
 from google.genai import errors, types
 
 import spendgate
+from spendgate import ledger as ledger_mod
 from spendgate import providers
 from spendgate.cli.main import main
 from spendgate.policy import default_policy, parse
 from spendgate.policy.model import Policy
 from spendgate.report import SPEND_KINDS
 from spendgate.sdk import _runtime
-from tests.harness import COMPLETION_TOKENS, PROMPT_TOKENS, Servers
+from tests.harness import COMPLETION_TOKENS, PROMPT_TOKENS, Servers, start_serve
 
 MODEL = "gemini-2.5-flash"
 #: gemini-2.5-flash's published rates, USD per million tokens (the bundled table's google row)
@@ -211,6 +212,27 @@ def test_32_concurrent_calls_admit_exactly_the_ones_that_fit(servers_for: Any, t
     assert codes.count(200) == n_fit and codes.count(402) == 32 - n_fit
     assert s.mock.reached(f"/v1/models/{MODEL}:generateContent") == n_fit
     assert charged(s) == [est] * n_fit
+
+
+def test_spendgate_serve_reaches_the_upstream_its_environment_names(servers_for: Any, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    upstream = servers_for()
+    monkeypatch.setenv("SPENDGATE_GEMINI_BASE_URL", f"http://127.0.0.1:{upstream.upstream_port}")
+    store = f"sqlite:///{tmp_path}/serve.db"
+    proc, port = start_serve(tmp_path, upstream.upstream_port, "--store", store)
+    try:
+        c = genai.Client(api_key="AIza-serve", http_options=types.HttpOptions(base_url=f"http://127.0.0.1:{port}"))
+        assert c.models.generate_content(model=MODEL, contents="hi").text == "hello"
+        assert "".join(x.text or "" for x in c.models.generate_content_stream(model=MODEL, contents="hi")) \
+            == "hello there"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    led = ledger_mod.open(store)
+    try:
+        assert [e.cost for e in led.events(0) if e.kind in SPEND_KINDS] == [MOCK_COST, MOCK_COST]
+    finally:
+        led.close()
 
 
 # -- credentials ---------------------------------------------------------------------------------
