@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -235,6 +236,40 @@ def test_spendgate_serve_reaches_the_upstream_its_environment_names(servers_for:
         led.close()
 
 
+def test_a_truncate_rule_drops_the_oldest_turns_and_the_upstream_gets_geminis_shape(servers_for: Any) -> None:
+    def turn(role: str, text: str) -> dict[str, Any]:
+        return {"role": role, "parts": [{"text": text}]}
+
+    old = "Tell me everything about the history of the printing press. " * 40
+    contents = [turn("user", old), turn("model", old), turn("user", "And paper?"), turn("model", "Paper came first."),
+                turn("user", "Thanks. One line on ink?")]
+    body = {"contents": contents, "generationConfig": {"maxOutputTokens": 50}}
+    kept = contents[2:]
+    est = servers_for().engine.estimator
+    fits = est.estimate("gemini", ROUTE, {**body, "contents": kept, "model": MODEL}).cost_nanos
+    assert est.estimate("gemini", ROUTE, {**body, "model": MODEL}).cost_nanos > fits
+    s = servers_for({"budget": [{"name": "per-call", "usd": str(Decimal(fits) / 10**9), "window": "request",
+                                 "action": "truncate"}]})
+    status, _ = post(s, f"/v1/models/{MODEL}:generateContent", body, {"x-goog-api-key": "AIza-k"})
+    assert status == 200
+    assert s.mock.seen[-1].json == {"contents": kept, "generationConfig": {"maxOutputTokens": 50}}
+    s.settled()
+    assert [(e.kind, e.cost) for e in s.store.events(0)] == [("truncate", 0), ("capture", MOCK_COST)]
+
+
+def test_a_downgrade_changes_the_model_in_the_path(servers_for: Any) -> None:
+    # the model's maximum output (65,536) fits $0.05 at flash-lite's $0.40 per Mtok, not at flash's $2.50
+    s = servers_for({"budget": [{"name": "per-call", "usd": 0.05, "window": "request", "action": "downgrade",
+                                 "downgrade": {MODEL: "gemini-2.5-flash-lite"}}]})
+    c = client(s)
+    c.models.generate_content(model=MODEL, contents="hi")
+    c.models.generate_content(model="gemini-2.5-flash-lite", contents="hi")
+    assert [x.path for x in s.mock.seen] == ["/v1/models/gemini-2.5-flash-lite:generateContent"] * 2
+    assert all("model" not in x.json for x in s.mock.seen)
+    s.settled()
+    assert [e.model for e in s.store.events(0) if e.kind in SPEND_KINDS] == ["gemini-2.5-flash-lite"] * 2
+
+
 # -- credentials ---------------------------------------------------------------------------------
 
 def test_a_key_in_the_query_is_forwarded_as_the_header_and_never_stored(servers_for: Any, tmp_path: Path) -> None:
@@ -258,6 +293,16 @@ def test_a_key_in_the_query_is_forwarded_as_the_header_and_never_stored(servers_
     status, body = post(s, f"/v1beta/models/{MODEL}:generateContent?key={secret}", {"contents": CONTENTS},
                         {"x-goog-api-key": "AIza-another"})
     assert status == 401 and "more than one credential" in body["error"]["message"]
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    payload = json.dumps({"contents": CONTENTS}).encode()
+    conn.putrequest("POST", f"/v1beta/models/{MODEL}:generateContent")
+    for name, value in (("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+                        ("x-goog-api-key", "AIza-one"), ("x-goog-api-key", "AIza-two")):
+        conn.putheader(name, value)
+    conn.endheaders(payload)
+    twice = conn.getresponse()
+    assert twice.status == 401 and b"more than one x-goog-api-key" in twice.read()
+    conn.close()
 
 
 def test_a_virtual_key_is_swapped_for_gemini_api_key(servers_for: Any, tmp_path: Path,

@@ -109,12 +109,16 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else request.path
 
 
-def _lift_key(request: web.Request, spec: providers.Provider) -> web.Request:
+def _one_credential(request: web.Request, spec: providers.Provider) -> web.Request:
     """``request`` with a credential sent as a query parameter (``?key=``) moved into the provider's
     credential header, so it is read, forwarded and stripped like one and no query kept with a
-    held request or sent upstream carries it. Two different credentials are refused."""
+    held request or sent upstream carries it. Two credentials are refused: one would be counted
+    and another billed."""
+    for name in spec.credential_headers:
+        if len(request.headers.getall(name, ())) > 1:
+            raise PermissionError(f"the request carries more than one {name} header; send one credential")
     names = {n.lower() for n in spec.credential_params}
-    found = [v for k, v in request.query.items() if k.lower() in names]
+    found = [v for k, v in request.query.items() if k.lower() in names] if names and request.query_string else []
     if not found:
         return request
     header = spec.credential_headers[0]
@@ -259,9 +263,9 @@ class Proxy:
         route = _route(request)
         provider = ROUTES[route]
         spec = providers.get(provider)
-        if spec.credential_params and request.query_string:
+        if spec.credential_headers:
             try:
-                request = _lift_key(request, spec)
+                request = _one_credential(request, spec)
             except PermissionError as exc:
                 return error_response(provider, 401, f"spendgate: {exc}")
         try:
