@@ -349,6 +349,27 @@ def test_output_bound_is_max_output_plus_thinking_budget_times_candidates() -> N
     assert generate(snake) == generate(camel) and generate(snake).input_tokens > generate(body).input_tokens + 100
 
 
+def test_inline_images_count_tiles_or_gemini_3s_most_and_other_data_by_size() -> None:
+    import base64
+    import struct
+
+    from spendgate.providers.gemini import generate
+
+    def png(w: int, h: int) -> str:
+        return base64.b64encode(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR"
+                                + struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0) + b"\0" * 64).decode()
+
+    def inline(mime: str, data: str) -> int:
+        part = {"inlineData": {"mimeType": mime, "data": data}}
+        return generate({"model": MODEL, "contents": [{"role": "user", "parts": [part]}]}).input_tokens
+
+    text_only = generate({"model": MODEL, "contents": [{"role": "user", "parts": []}]}).input_tokens
+    assert inline("image/png", png(1000, 1000)) - text_only == 2240  # 4 tiles (1,032) < Gemini 3's 2,240
+    assert inline("image/png", png(3000, 1600)) - text_only == 12 * 258
+    audio = base64.b64encode(b"\0" * 120_000).decode()
+    assert inline("audio/mp3", audio) - text_only == 120_000 // 12
+
+
 def test_an_edited_body_goes_back_to_geminis_shape() -> None:
     g = providers.get("gemini")
     params = {"model": MODEL}

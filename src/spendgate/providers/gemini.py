@@ -16,13 +16,16 @@ the header before anything reads, keeps or forwards the request, so a held reque
 **Input estimate, biased upward.** Gemini's tokenizer is not published for offline use. The text a
 request bills (every part's text, the system instruction, the tool declarations, the tool config
 and the response schema, as compact JSON where they are structures) is counted with o200k and
-multiplied by :data:`FACTOR` (1.3: Gemini's SentencePiece vocabulary splits English prose and code
-into about as many tokens as o200k, rarely 20 % more), each non-ASCII script counting at least its
-per-script floor (:mod:`spendgate.estimate.scripts`), plus :data:`PER_CONTENT` tokens a turn. An
-inline image of readable size counts Gemini's 258 tokens per 768-px tile (the whole image at most
-one tile below 384 px); any other inline data (audio, video, a PDF, an unreadable image) one token
-per :data:`INLINE_BYTES_PER_TOKEN` decoded bytes, above what each medium bills (audio 32 tokens a
-second, video 263, a PDF page 258). Not bounded before send: a ``fileData`` part (an uploaded file,
+multiplied by :data:`FACTOR` (1.3, a margin chosen rather than measured: Gemini's own counts for
+English prose and code are near o200k's, and the 30 % covers the gap where they are not; the free
+``:countTokens`` route is the way to calibrate it), each non-ASCII script counting at least its
+per-script floor (:mod:`spendgate.estimate.scripts`, set for Claude's tokenizer, which splits
+those scripts finer than Gemini's larger vocabulary), plus :data:`PER_CONTENT` tokens a turn. An
+inline image counts the larger of Gemini 2.5's 258 tokens per 768-px tile (one tile at most below
+384 px) and :data:`IMAGE_MIN`, the most a Gemini 3 ``media_resolution`` bills an image (ultra
+high); any other inline data (audio, video, a PDF, an image of unreadable size) one token per
+:data:`INLINE_BYTES_PER_TOKEN` decoded bytes, above what each medium bills (audio 32 tokens a
+second, video 263, a PDF page 258 to 560). Not bounded before send: a ``fileData`` part (an uploaded file,
 counted as its reference) and a ``cachedContent`` (read at the cache rate, unknown size); the call
 is settled from ``usageMetadata`` all the same.
 
@@ -61,8 +64,10 @@ if TYPE_CHECKING:
 FACTOR = 1.3
 #: tokens a turn adds beyond its parts (role and separators)
 PER_CONTENT = 4
-#: an image's tokens per 768 x 768 tile, and the tile's edge in pixels
+#: an image's tokens per 768 x 768 tile (Gemini 2.5), and the tile's edge in pixels
 IMAGE_TILE_TOKENS, IMAGE_TILE = 258, 768
+#: the most tokens one image bills on Gemini 3 (``MEDIA_RESOLUTION_ULTRA_HIGH``)
+IMAGE_MIN = 2240
 #: decoded bytes per token of inline data whose token count is not read from its header
 INLINE_BYTES_PER_TOKEN = 12
 
@@ -122,9 +127,9 @@ def _inline(t: _Tally, blob: Mapping[str, Any]) -> None:
         if size is not None:
             w, h = size
             tiles = 1 if max(w, h) <= 384 else math.ceil(w / IMAGE_TILE) * math.ceil(h / IMAGE_TILE)
-            t.fixed += tiles * IMAGE_TILE_TOKENS
+            t.fixed += max(tiles * IMAGE_TILE_TOKENS, IMAGE_MIN)
             return
-        by_bytes = max(by_bytes, IMAGE_TILE_TOKENS)
+        by_bytes = max(by_bytes, IMAGE_MIN)
     t.fixed += by_bytes
 
 
