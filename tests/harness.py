@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from spendgate import ledger
+from spendgate import ledger, providers
 from spendgate.demo.background import BackgroundLoop
 from spendgate.demo.upstream import COMPLETION_TOKENS, PROMPT_TOKENS, FakeUpstream
 from spendgate.engine import Engine
@@ -31,7 +31,7 @@ class Servers:
         self.engine = Engine(policy, self.store)
         self.upstream_port = self.bg.serve(self.mock.app())
         upstream = f"http://127.0.0.1:{self.upstream_port}"
-        config = ProxyConfig(upstreams={"openai": upstream, "anthropic": upstream}, admin_token=admin_token,
+        config = ProxyConfig(upstreams={p.name: upstream for p in providers.all_providers()}, admin_token=admin_token,
                              max_body_bytes=max_body_bytes, upstream_timeout_s=upstream_timeout_s)
         self.proxy = Proxy(self.engine, config)
         self.port = self.bg.serve(self.proxy.app())
@@ -60,8 +60,8 @@ def start_serve(home: Path, upstream_port: int, *args: str, port: int | None = N
     """``spendgate serve`` as its own process, returned once it accepts connections."""
     port = port or free_port()
     env = {**os.environ, "HOME": str(home), "SPENDGATE_HOME": str(home / ".spendgate"),
-           "SPENDGATE_OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}",
-           "SPENDGATE_ANTHROPIC_BASE_URL": f"http://127.0.0.1:{upstream_port}"}
+           **{f"SPENDGATE_{p.name.upper()}_BASE_URL": f"http://127.0.0.1:{upstream_port}"
+              for p in providers.all_providers()}}
     proc = subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(port), *args],
                             env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None

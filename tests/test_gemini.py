@@ -45,8 +45,7 @@ def servers_for(tmp_path: Path) -> Iterator[Any]:
 
     def make(policy: Policy | dict | None = None, store: str = "memory://", **kw: Any) -> Servers:
         pol = policy if isinstance(policy, Policy) else parse(policy) if policy is not None else default_policy()
-        s = Servers(pol, store, **kw)
-        s.proxy.config.upstreams["gemini"] = f"http://127.0.0.1:{s.upstream_port}"
+        s = Servers(pol, store, **kw)  # every registered provider's upstream is the fake one
         made.append(s)
         return s
 

@@ -2,7 +2,8 @@
 
 The client's own provider key is forwarded and counted under ``key`` = a hash of it, never stored
 raw. A spendgate virtual key (``sg-…``, :mod:`spendgate.keys`) is swapped for the provider key
-configured in the environment (``OPENAI_API_KEY`` / ``ANTHROPIC_API_KEY``).
+configured in the environment (the provider's ``key_env``: ``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``,
+``GEMINI_API_KEY`` …).
 
 **Who controls what.** What a virtual key binds (user, team, tags) is the operator's word and no
 header or body field overrides it. A client fills only what the key leaves open: its session, its
