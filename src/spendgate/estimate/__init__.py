@@ -9,19 +9,29 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
 
 from spendgate.errors import BadRequest, UnpricedModel
 from spendgate.estimate import anthropic
 from spendgate.estimate.shape import TokenShape
 from spendgate.money import fmt_usd
 from spendgate.pricing.cost import Usage, usage_nanos, worst_case_nanos
-from spendgate.pricing.table import PriceTable, Resolution
+from spendgate.pricing.table import ModelPrice, PriceTable, Rate, Resolution
+
+if TYPE_CHECKING:
+    from spendgate.providers.base import Provider
 
 log = logging.getLogger("spendgate.estimate")
 
 Unpriced = Literal["dearest", "block"]
 
+
+def free_resolution(model: str, table_provider: str) -> Resolution:
+    """``model`` at $0: what a configured upstream's ``free`` globs say it costs (a local model)."""
+    zero = Rate(Decimal(0))
+    return Resolution(model, ModelPrice(table_provider, model, zero, zero, source="free = [...] in [upstreams]"),
+                      "free")
 
 
 @dataclass(slots=True)
@@ -56,7 +66,8 @@ class Estimate:
     def describe(self) -> str:
         p = self.price
         how = {"exact": "listed price", "match": "listed alias", "dated": "base model of a dated id",
-               "imported": "imported price", "dearest": "UNPRICED, charged as the dearest model"}[p.how]
+               "imported": "imported price", "dearest": "UNPRICED, charged as the dearest model",
+               "free": "free by the upstream's configuration"}[p.how]
         if p.price.variant:
             how += f", {p.price.variant} rates"
         return (f"{self.model}: {self.input_tokens} input + {self.output_tokens} output tokens "
@@ -86,18 +97,41 @@ class Estimator:
             for route, parser in p.parsers(anthropic_factor if p.scaled_counts else None).items()}
         self._warned: set[str] = set()
 
+    def _spec(self, provider: str) -> Provider | None:
+        """The provider called ``provider``: a built-in one, or one configured (``[upstreams.NAME]``)
+        after this estimator was built, whose parsers are taken on first use."""
+        spec = self._providers.get(provider)
+        if spec is None:
+            from spendgate import providers
+
+            spec = providers.find(provider)
+            if spec is not None:
+                self._providers[provider] = spec
+                self._parsers.update({(provider, route): parser for route, parser in
+                                      spec.parsers(self.anthropic_factor if spec.scaled_counts else None).items()})
+        return spec
+
+    def _table_provider(self, provider: str) -> str:
+        """The price table's provider ``provider``'s models are looked up under: its own name, or
+        a configured upstream's ``prices``."""
+        spec = self._spec(provider)
+        return spec.price_providers[0] if spec is not None and spec.strict_prices and spec.price_providers \
+            else provider
+
     def is_free(self, provider: str, route: str) -> bool:
         """A route that costs nothing (a token count, a model list): passed through unpriced."""
-        spec = self._providers.get(provider)
+        spec = self._spec(provider)
         return spec is not None and route in spec.free_routes
 
     def output_fields(self, provider: str, route: str) -> tuple[str, ...]:
         """The body fields bounding a request's output on ``route``, the one a clamp edits first."""
-        spec = self._providers.get(provider)
+        spec = self._spec(provider)
         return (spec.output_fields.get(route) if spec is not None else None) or ("max_tokens",)
 
     def shape(self, provider: str, route: str, body: Any) -> TokenShape:
         parser = self._parsers.get((provider, route))
+        if parser is None and self._spec(provider) is not None:
+            parser = self._parsers.get((provider, route))
         if parser is None:
             raise BadRequest(f"{provider} route {route} cannot be priced")
         if not isinstance(body, Mapping):
@@ -107,20 +141,27 @@ class Estimator:
     def variant(self, provider: str, body: Any) -> dict[str, str]:
         """The price variant a request body asks for (a service tier, a speed), as its provider
         reads it; a tier left to the provider is :attr:`openai_auto_tier`."""
-        spec = self._providers.get(provider)
+        spec = self._spec(provider)
         if not isinstance(body, Mapping) or spec is None:
             return {}
         return spec.variant(body, self.openai_auto_tier)
 
     def resolve(self, model: str, provider: str) -> Resolution:
-        found = self.prices.resolve(model, provider)
+        spec = self._spec(provider)
+        table = self._table_provider(provider)
+        if spec is not None and spec.is_free_model(model):
+            return free_resolution(model, table)
+        found = self.prices.resolve(model, table)
+        if found is not None and spec is not None and spec.strict_prices \
+                and found.price.provider not in spec.price_providers:
+            found = None  # another provider's row sharing the name is not this upstream's price
         if found is not None:
             stale = self.prices.stale_note(found.price)
             return replace(found, warning=stale) if stale else found
         if self.unpriced == "block":
             raise UnpricedModel(f"no price is known for model {model!r} and the policy says "
                                 f"unpriced = \"block\"; import prices with `spendgate prices update`")
-        dear = self.prices.dearest(provider)
+        dear = self.prices.dearest(table)
         warning = (f"no price is known for {model!r}: priced as the dearest {dear.provider} model, "
                    f"{dear.model} (${dear.input.top}/${dear.output.top} per Mtok in/out)")
         if model not in self._warned:
@@ -131,7 +172,7 @@ class Estimator:
     def searches(self, provider: str, body: Any) -> int:
         """The most web searches a request allows before send, as its provider bounds them (a
         search it leaves unbounded is charged on capture from the usage)."""
-        spec = self._providers.get(provider)
+        spec = self._spec(provider)
         if not isinstance(body, Mapping) or spec is None:
             return 0
         return spec.searches(body)
@@ -145,11 +186,12 @@ class Estimator:
             bound, why = shape.api_default_output, "API default"
         elif requested is None and res.how == "dearest":
             # an unknown model may write as much as any model of its provider, not only the dearest
-            bound, why = self.prices.largest_output(provider), "largest maximum output of the provider"
+            bound = self.prices.largest_output(self._table_provider(provider))
+            why = "largest maximum output of the provider"
         else:
             bound, why = res.price.output_bound(shape.input_tokens, requested)
         out = bound * max(shape.choices, 1)
-        spec = self._providers.get(provider)
+        spec = self._spec(provider)
         if shape.cache_write is None and spec is not None and spec.writes_cache_itself \
                 and res.price.cache_write is not None:
             # a provider that writes the prompt cache by itself and bills the write (OpenAI's

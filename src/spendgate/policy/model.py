@@ -168,12 +168,38 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One ``[upstreams.NAME]`` table: an OpenAI-compatible server (Mistral, DeepSeek, a local vLLM)
+    or an Azure OpenAI resource, guarded by configuration rather than code. Its requests are read
+    in the wire format ``api`` names and priced only from the price table's ``prices`` rows."""
+
+    name: str
+    base_url: str
+    #: the registered wire format it speaks (``openai``), or ``azure`` for Azure OpenAI
+    api: str = "openai"
+    #: the price table's provider its models are priced from (never another provider's rows)
+    prices: str = ""
+    #: the environment variable holding the key a virtual key is swapped for
+    key_env: str = ""
+    #: model globs that cost nothing; empty unless the config says so
+    free: tuple[str, ...] = ()
+    #: Azure: deployment name -> the model it serves, for pricing
+    deployments: Mapping[str, str] = field(default_factory=dict)
+
+    def is_free(self, model: str) -> bool:
+        name = model.strip().lower()
+        return any(fnmatch.fnmatchcase(name, glob.lower()) for glob in self.free)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     rules: tuple[Rule, ...]
     store: str | None = None
     unpriced: Literal["dearest", "block"] = "dearest"
     on_store_error: Literal["block", "allow"] = "block"
     upstream: Mapping[str, str] = field(default_factory=dict)
+    #: ``[upstreams.NAME]``: configured OpenAI-compatible and Azure upstreams, by name
+    upstreams: Mapping[str, UpstreamSpec] = field(default_factory=dict)
     tiers: Tiers = field(default_factory=Tiers)
     timezone: str = "UTC"
     hold_ttl_s: int = 600
@@ -211,6 +237,8 @@ def policy_hash(policy: Policy) -> str:
     doc = _plain(dataclasses.asdict(policy))
     doc.pop("source", None)
     doc.pop("metrics", None)  # what is exported, not what is decided
+    if not doc.get("upstreams"):  # a policy without configured upstreams hashes as it did before them
+        doc.pop("upstreams", None)
     return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 
 

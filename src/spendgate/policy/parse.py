@@ -35,13 +35,20 @@ from spendgate.policy.model import (
     Policy,
     Rule,
     Tiers,
+    UpstreamSpec,
     Window,
 )
 
 TOP_KEYS = {"store", "unpriced", "on_store_error", "upstream", "tiers", "budget", "timezone", "hold_ttl",
             "anthropic_token_factor", "approvals", "retention_days", "upstream_timeout_s", "defaults",
             "audit", "audit_key", "alerts", "mode", "version", "effective_from", "trust_client_capability",
-            "metrics"}
+            "metrics", "upstreams"}
+UPSTREAM_KEYS = {"base_url", "api", "kind", "prices", "key_env", "free", "deployments"}
+#: an upstream's name is its route prefix (``/mistral/v1/…``): one path segment
+_UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: first path segments spendgate serves itself or Azure's API takes
+RESERVED_PREFIXES = {"spendgate", "metrics", "openai", "ui", "v1", "v1beta", "v1alpha", "model", "azure-openai"}
 APPROVAL_KEYS = {"header_max_usd", "inband_max_usd"}
 AUDIT_KEYS = {"enabled", "checkpoint_entries", "checkpoint_seconds"}
 ALERT_KEYS = {"webhooks", "admin_url"}
@@ -366,6 +373,7 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bo
     for k, v in upstream.items():
         if not isinstance(v, str) or not v.startswith(("http://", "https://")):
             raise _fail(f"upstream.{k}", f"expected an http(s) URL, got {v!r}")
+    upstreams = _upstreams(doc.get("upstreams", {}))
     store = doc.get("store")
     if store is not None and (not isinstance(store, str) or "://" not in store):
         raise _fail("store", f"expected a store URL such as sqlite:///spend.db, got {store!r}")
@@ -381,6 +389,7 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bo
         on_store_error=cast(Any, _choice(doc.get("on_store_error", "block"), "on_store_error",
                                          ("block", "allow"))),
         upstream=dict(upstream),
+        upstreams=upstreams,
         tiers=_tiers(doc["tiers"]) if "tiers" in doc else Tiers(),
         timezone=tz,
         hold_ttl_s=parse_duration(doc["hold_ttl"], "hold_ttl") if "hold_ttl" in doc else 600,
@@ -443,3 +452,68 @@ def load(path: str | Path) -> Policy:
         return parse(doc, str(p), keep_defaults=True)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
+
+
+def _upstreams(doc: Any) -> dict[str, UpstreamSpec]:
+    """``[upstreams.NAME]`` tables: OpenAI-compatible servers and Azure OpenAI, by configuration."""
+    if not isinstance(doc, Mapping):
+        raise _fail("upstreams", f"expected [upstreams.NAME] tables, got {doc!r}")
+    out = {name: _upstream(name, table) for name, table in doc.items()}
+    azure = [n for n, u in out.items() if u.api == "azure"]
+    if len(azure) > 1:
+        raise _fail(f"upstreams.{azure[1]}", f"a second Azure upstream; /openai/deployments/… is served by "
+                                             f"one, upstreams.{azure[0]}")
+    return out
+
+
+def _upstream(name: str, table: Any) -> UpstreamSpec:
+    from spendgate import providers
+
+    where = f"upstreams.{name}"
+    if not isinstance(table, Mapping):
+        raise _fail(where, f"expected a table, got {table!r}")
+    _unknown(table, UPSTREAM_KEYS, where)
+    if not _UPSTREAM_NAME.match(name):
+        raise _fail(where, "the name is the route prefix clients use (/NAME/v1/…): lowercase letters, digits, "
+                           f"- and _; got {name!r}")
+    builtin = {p.name for p in providers.all_providers()}
+    prefixes = {r.split("/")[1] for p in providers.all_providers() for r in (*p.routes, *p.free_routes)}
+    if name in builtin:
+        raise _fail(where, f"{name!r} is a built-in provider; set its URL with [upstream] {name} = \"…\"")
+    if name in prefixes | RESERVED_PREFIXES:
+        raise _fail(where, f"{name!r} is a route prefix spendgate already serves (/{name}/…); choose another name")
+    if "api" in table and "kind" in table:
+        raise _fail(f"{where}.kind", "give api or kind, not both")
+    api_key = "kind" if "kind" in table else "api"
+    api = table.get(api_key, "openai")
+    if not isinstance(api, str) or (api != "azure" and api not in builtin):
+        raise _fail(f"{where}.{api_key}", f"expected a wire format spendgate knows ({', '.join(sorted(builtin))}) "
+                                          f"or azure, got {api!r}")
+    base = table.get("base_url")
+    if base is None:
+        raise _fail(f"{where}.base_url", "missing; the upstream's http(s) URL is required")
+    parts = urlsplit(base) if isinstance(base, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail(f"{where}.base_url", f"expected an http(s) URL, got {base!r}")
+    azure = api == "azure"
+    prices = table.get("prices", "openai" if azure else name)
+    if not isinstance(prices, str) or not prices.strip():
+        raise _fail(f"{where}.prices", f"expected the price table's provider (mistral, deepseek…), got {prices!r}")
+    key_env = table.get("key_env", "AZURE_OPENAI_API_KEY" if azure else f"{name.upper().replace('-', '_')}_API_KEY")
+    if not isinstance(key_env, str) or not _ENV_NAME.match(key_env):
+        raise _fail(f"{where}.key_env", f"expected an environment variable's name, got {key_env!r}")
+    free = table.get("free", [])
+    if isinstance(free, bool):
+        free = ["*"] if free else []
+    if not isinstance(free, list) or not all(isinstance(g, str) and g.strip() for g in free):
+        raise _fail(f"{where}.free", f"expected model globs (free = [\"my-local-*\"]) or true, got {free!r}")
+    deployments = table.get("deployments", {})
+    if "deployments" in table and not azure:
+        raise _fail(f"{where}.deployments", "only an Azure upstream (api = \"azure\") has deployments")
+    if not isinstance(deployments, Mapping) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v.strip() for k, v in deployments.items()):
+        raise _fail(f"{where}.deployments", f"expected {{ deployment = \"model\" }}, got {deployments!r}")
+    if azure and not deployments:
+        raise _fail(f"{where}.deployments", "an Azure upstream needs { deployment = \"model\" } to price its calls")
+    return UpstreamSpec(name=name, base_url=base.rstrip("/"), api=api, prices=prices.strip(), key_env=key_env,
+                        free=tuple(g.strip() for g in free), deployments=dict(deployments))

@@ -3,6 +3,11 @@
 Adding a provider is one module here (a :class:`~spendgate.providers.base.Provider` subclass), its
 prices and its tests; everything else asks this registry (:func:`get`, :func:`all_providers`,
 :func:`priced_routes`, :func:`free_routes`).
+
+Upstreams added by configuration (``[upstreams.NAME]``: OpenAI-compatible servers, Azure OpenAI)
+are registered by :func:`configure` when a server or an engine starts over a policy that names
+them; from then on :func:`get` and :func:`find` know them by name, like the built-in ones.
+:func:`all_providers` stays the built-in wire formats; :func:`active` adds the configured ones.
 """
 
 from __future__ import annotations
@@ -16,25 +21,48 @@ from spendgate.providers.gemini import Gemini
 from spendgate.providers.openai import OpenAI
 
 if TYPE_CHECKING:
+    from spendgate.policy.model import UpstreamSpec
     from spendgate.pricing.table import PriceTable
 
-__all__ = ["Parser", "Provider", "all_providers", "default", "find", "for_model", "free_routes", "get", "match",
-           "priced_routes"]
+__all__ = ["Parser", "Provider", "active", "all_providers", "configure", "default", "find", "for_model",
+           "free_routes", "get", "match", "priced_routes"]
 
 #: the first is the default: the wire format of a request that names none (OpenAI-compatible)
 _REGISTRY: dict[str, Provider] = {p.name: p for p in (OpenAI(), Anthropic(), Gemini())}
+#: providers built from ``[upstreams.NAME]`` tables, by name (:func:`configure`)
+_CONFIGURED: dict[str, Provider] = {}
+
+
+def configure(upstreams: Mapping[str, UpstreamSpec]) -> tuple[Provider, ...]:
+    """The providers ``[upstreams.NAME]`` tables describe, registered (or replaced, by name) so that
+    every lookup by name — the engine's, the proxy's, the stream meter's — finds them. The policy
+    parser has checked each names a registered wire format and no built-in provider's name."""
+    from spendgate.providers import compat
+
+    built = tuple(compat.build(spec, get(spec.api if spec.api != "azure" else "openai"))
+                  for spec in upstreams.values())
+    for p in built:
+        if p.name in _REGISTRY:
+            raise ValueError(f"upstreams.{p.name}: {p.name!r} is a built-in provider")
+        _CONFIGURED[p.name] = p
+    return built
+
+
+def active() -> tuple[Provider, ...]:
+    """The built-in providers and the configured ones."""
+    return (*_REGISTRY.values(), *_CONFIGURED.values())
 
 
 def get(name: str) -> Provider:
     """The provider called ``name``; KeyError naming the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"no provider {name!r}; spendgate knows {', '.join(_REGISTRY)}") from None
+    found = _REGISTRY.get(name) or _CONFIGURED.get(name)
+    if found is None:
+        raise KeyError(f"no provider {name!r}; spendgate knows {', '.join((*_REGISTRY, *_CONFIGURED))}")
+    return found
 
 
 def find(name: str) -> Provider | None:
-    return _REGISTRY.get(name)
+    return _REGISTRY.get(name) or _CONFIGURED.get(name)
 
 
 def default() -> Provider:
@@ -74,7 +102,7 @@ def owner(path: str) -> Provider | None:
 def match(path: str) -> tuple[Provider, str, dict[str, str]] | None:
     """The provider whose route a request ``path`` is, the route (the exact path, or the template
     it fills) and the path's parameters (``{"model": …}``); None: no provider's route."""
-    for p in _REGISTRY.values():
+    for p in active():
         found = p.match(path)
         if found is not None:
             return p, found[0], found[1]

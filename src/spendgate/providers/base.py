@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +92,9 @@ class Provider:
     #: query parameters that may carry its credential (``?key=``): the proxy moves one into
     #: ``credential_headers[0]`` before anything reads, keeps or forwards the request
     credential_params: tuple[str, ...] = ()
+    #: its models are priced only from its :attr:`price_providers`' rows, never from another
+    #: provider's row sharing a model's name (a configured upstream: ``prices = "mistral"``)
+    strict_prices: bool = False
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -110,9 +113,21 @@ class Provider:
                 return route, m.groupdict()
         return None
 
+    def paths(self) -> Iterable[tuple[str, str]]:
+        """The HTTP paths (or path templates) it is served on, each with the route it is read as:
+        its routes themselves, unless it lives under a prefix or on paths of its own (a configured
+        upstream's ``/mistral/v1/…``, Azure's ``/openai/deployments/{deployment}/…``)."""
+        return ((r, r) for r in (*self.routes, *self.free_routes))
+
+    def is_free_model(self, model: str) -> bool:
+        """``model`` costs nothing here: only where the configuration says so (``free = [globs]``)."""
+        return False
+
     def body_with(self, route: str, params: Mapping[str, str], body: dict[str, Any]) -> dict[str, Any]:
         """The body the engine reads for a request on ``route`` whose path said ``params``: the body
-        itself unless the path carries what a body elsewhere would (a model)."""
+        itself unless the path carries what a body elsewhere would (a model). LookupError: the path
+        names something this provider cannot price (an unconfigured Azure deployment), so the
+        request is refused and never forwarded."""
         return body
 
     def upstream(self, path: str, params: Mapping[str, str], body: bytes, edited: bool) -> tuple[str, bytes]:

@@ -26,7 +26,7 @@ from multidict import MultiDict
 from spendgate import approvals, providers
 from spendgate import ledger as ledger_mod
 from spendgate.engine import Approval, Decision, Engine, approve_command
-from spendgate.errors import BadRequest, StoreError, UnpricedModel
+from spendgate.errors import BadRequest, ConfigError, StoreError, UnpricedModel
 from spendgate.estimate.tokens import preload
 from spendgate.events.chain import AuditLog
 from spendgate.events.process import AuditChild
@@ -85,6 +85,7 @@ class ProxyConfig:
                     upstream_timeout_s: float | None = None) -> ProxyConfig:
         ups = dict(DEFAULT_UPSTREAMS)
         ups.update(policy.upstream)
+        ups.update({name: spec.base_url for name, spec in policy.upstreams.items()})
         for p in providers.all_providers():
             env = os.environ.get(f"SPENDGATE_{p.name.upper()}_BASE_URL")
             if env:
@@ -157,16 +158,24 @@ class Proxy:
         #: keeps the engine's policy current (run-time budgets, file reloads); ``serve`` sets it, and
         #: the admin API asks it to re-read the store after a change so the change applies at once
         self.live: LivePolicy | None = None
+        #: the upstreams the policy configures (``[upstreams.NAME]``), registered by name
+        self.configured = providers.configure(engine.policy.upstreams)
+        #: HTTP path or path template -> (provider, the route it is read as)
+        known = engine.estimator.prices.entries
+        for p in self.configured:
+            if p.price_providers[0] not in known:
+                raise ConfigError(f"upstreams.{p.name}.prices: the price table has no provider "
+                                  f"{p.price_providers[0]!r}; it has {', '.join(sorted(known))}")
+        self.routes = {path: (p.name, route) for p in (*providers.all_providers(), *self.configured)
+                       for path, route in p.paths()}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
-        for p in providers.all_providers():
-            for path in p.routes:
-                app.router.add_post(path, self.guarded)
-            for path in p.free_routes:  # a token count is a POST, a model list a GET: both pass through
-                app.router.add_post(path, self.guarded)
+        for path, (name, route) in self.routes.items():
+            app.router.add_post(path, self.guarded)
+            if route in providers.get(name).free_routes:  # a token count is a POST, a model list a GET
                 app.router.add_get(path, self.passthrough)
         admin.add_routes(app, self)
         ui.add_routes(app, self)
@@ -257,11 +266,12 @@ class Proxy:
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Free routes with no body to price (``GET /v1/models``)."""
-        return await self._forward_plain(request, ROUTES[_route(request)], None, b"", None)
+        provider = self.routes[_route(request)][0]
+        path, _ = providers.get(provider).upstream(request.path, request.match_info, b"", False)
+        return await self._forward_plain(request, provider, None, b"", None, path=path)
 
     async def guarded(self, request: web.Request) -> web.StreamResponse:
-        route = _route(request)
-        provider = ROUTES[route]
+        provider, route = self.routes[_route(request)]
         spec = providers.get(provider)
         if spec.credential_headers:
             try:
@@ -281,7 +291,11 @@ class Proxy:
             return error_response(provider, 400, "spendgate: the request body nests JSON too deeply to read")
         if not isinstance(body, dict):
             return error_response(provider, 400, "spendgate: the request body must be a JSON object")
-        body = spec.body_with(route, request.match_info, body)
+        try:
+            body = spec.body_with(route, request.match_info, body)
+        except LookupError as exc:  # the path names what cannot be priced: refused, never forwarded
+            return error_response(provider, 404, f"spendgate: {exc.args[0] if exc.args else exc}",
+                                  code="spendgate_unknown_target")
         try:
             creds = await self._store_io(credentials, provider, request.headers, self.store)
             ident = identity(provider, request.headers, body, creds,
@@ -292,8 +306,9 @@ class Proxy:
             return error_response(provider, 400, f"spendgate: {exc}")
         except StoreError as exc:
             return _store_failed(provider, exc)
-        if route in providers.get(provider).free_routes:
-            return await self._forward_plain(request, provider, creds, raw, None)
+        if route in spec.free_routes:
+            path, _ = spec.upstream(request.path, request.match_info, raw, False)
+            return await self._forward_plain(request, provider, creds, raw, None, path=path)
         return await self._decide_and_forward(request, provider, route, raw, body, creds, ident)
 
     async def _decide_and_forward(self, request: web.Request, provider: str, route: str, raw: bytes,
@@ -370,6 +385,10 @@ class Proxy:
             await self._release(d)
             return error_response(provider, 400, "spendgate: the request body nests too deeply to edit",
                                   code="spendgate_unpriceable")
+        except ValueError as exc:  # the edited call cannot be made there (no Azure deployment serves it)
+            await self._release(d)
+            return error_response(provider, 400, f"spendgate: {exc}; nothing was sent, nothing charged",
+                                  code="spendgate_unsendable")
         return await self._forward_plain(request, provider, creds, out, d, withhold, path)
 
     def _answer_in_request(self, provider: str, route: str, raw: bytes, body: dict[str, Any], creds: Credentials,
@@ -478,7 +497,8 @@ class Proxy:
                              d: Decision | None, withhold: bool = False, path: str | None = None
                              ) -> web.StreamResponse:
         assert self.client is not None
-        url = self.config.upstreams[provider] + (path or request.path)
+        base = self._upstream(provider)
+        url = base + (path or request.path)
         if request.query_string:
             url += "?" + request.query_string
         headers = self._upstream_headers(request, provider, creds)
@@ -495,7 +515,7 @@ class Proxy:
         except aiohttp.ClientConnectorError as exc:
             await self._release(d)
             return error_response(provider, 502, f"spendgate: cannot reach the {provider} upstream at "
-                                                 f"{self.config.upstreams[provider]} ({exc.os_error or exc}); "
+                                                 f"{base} ({exc.os_error or exc}); "
                                                  "nothing was sent, nothing charged", code="spendgate_upstream")
         except TimeoutError:
             await self._unknown(d, None)
@@ -505,6 +525,11 @@ class Proxy:
             await self._unknown(d, None)
             return error_response(provider, 502, f"spendgate: the {provider} upstream failed ({exc}); the "
                                                  "request's worst case was charged", code="spendgate_upstream")
+
+    def _upstream(self, provider: str) -> str:
+        """The base URL ``provider``'s calls go to: the config's, else a configured upstream's own."""
+        found = self.config.upstreams.get(provider)
+        return found if found is not None else _base(providers.get(provider).default_base_url)
 
     async def _settle(self, work: Coroutine[Any, Any, None]) -> None:
         """Charge a finished call. With a local store this runs just after the reply leaves, so the
