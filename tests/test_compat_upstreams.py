@@ -12,7 +12,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from spendgate import ledger, providers
+from spendgate import keys, ledger, providers
 from spendgate.demo.upstream import FakeUpstream
 from spendgate.engine import Engine
 from spendgate.errors import ConfigError
@@ -259,3 +259,21 @@ def test_free_true_makes_every_model_of_that_upstream_free() -> None:
                               'free = true\n'))
     assert pol.upstreams["vllm"].free == ("*",)
     assert pol.upstreams["vllm"].key_env == "VLLM_API_KEY"
+
+
+def test_a_virtual_key_is_swapped_for_the_key_env_of_the_upstream(ups: Any, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    monkeypatch.setenv("MISTRAL_API_KEY", "real-mistral-key")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "real-azure-key")
+    u = ups()
+    secret, _ = keys.create(u.servers.store, user="ana")
+    openai.OpenAI(base_url=u.url + "/mistral/v1", api_key=secret, max_retries=0).chat.completions.create(
+        model="mistral-large-latest", messages=MSG, max_tokens=5)
+    openai.AzureOpenAI(azure_endpoint=u.url, api_version="2024-10-21", api_key=secret,
+                       max_retries=0).chat.completions.create(model="my-gpt4o", messages=MSG, max_tokens=5)
+    assert u.mistral.seen[-1].headers["authorization"] == "Bearer real-mistral-key"
+    sent = u.azure.seen[-1].headers
+    assert sent["api-key"] == "real-azure-key" and "authorization" not in sent
+    u.servers.settled()
+    assert [(e.provider, e.dims.get("user"), e.cost) for e in u.servers.store.events(0) if e.kind in SPEND_KINDS] == [
+        ("mistral", "ana", MISTRAL_LARGE), ("azure", "ana", GPT_4O)]
