@@ -277,3 +277,11 @@ def test_a_virtual_key_is_swapped_for_the_key_env_of_the_upstream(ups: Any, monk
     u.servers.settled()
     assert [(e.provider, e.dims.get("user"), e.cost) for e in u.servers.store.events(0) if e.kind in SPEND_KINDS] == [
         ("mistral", "ana", MISTRAL_LARGE), ("azure", "ana", GPT_4O)]
+
+
+def test_a_free_first_choice_with_paid_fallbacks_is_held_and_charged_at_the_dearest(ups: Any) -> None:
+    u = ups()
+    mistral_client(u).chat.completions.create(model="my-local-llama", messages=MSG, max_tokens=5,
+                                              extra_body={"models": ["my-local-llama", "mistral-large-latest"]})
+    assert u.mistral.seen[-1].json["model"] == "my-local-llama"
+    assert u.spend() == [("mistral", "my-local-llama", MISTRAL_LARGE)]

@@ -210,8 +210,23 @@ class Estimator:
         return Estimate(provider, route, shape, res, out, why, cost, dict(variant or {}), searches)
 
     def estimate(self, provider: str, route: str, body: Any) -> Estimate:
-        return self.price(provider, route, self.shape(provider, route, body), self.variant(provider, body),
-                          self.searches(provider, body))
+        shape, variant, searches = self.shape(provider, route, body), self.variant(provider, body), \
+            self.searches(provider, body)
+        est = self.price(provider, route, shape, variant, searches)
+        spec = self._spec(provider)
+        if spec is None or not spec.strict_prices:
+            return est
+        # an OpenAI-compatible router's fallbacks (OpenRouter's "models"): the upstream may serve any
+        # of them, so the request is held at the dearest — a free first choice never prices the rest
+        fallbacks = body.get("models") if isinstance(body, Mapping) else None
+        if not isinstance(fallbacks, list):
+            return est
+        for m in fallbacks:
+            if isinstance(m, str) and m and m != shape.model:
+                other = self.price(provider, route, replace(shape, model=m), variant, searches)
+                if other.cost_nanos > est.cost_nanos:
+                    est = replace(other, shape=shape)
+        return est
 
     def with_output(self, est: Estimate, max_output: int) -> Estimate:
         """``est`` re-priced with its per-choice output bound set to ``max_output`` (a clamp)."""
