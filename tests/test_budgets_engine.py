@@ -289,3 +289,49 @@ def test_a_remedy_is_kept_in_the_store_like_a_refusal(make: Any) -> None:
     [ev] = e.ledger.events(T0 - 1)
     assert (ev.kind, ev.decision_id, ev.rule, ev.dims["edits"]) == ("downgrade", cheaper.id, "tight",
                                                                     "model=gpt-4o-mini")
+
+
+def test_a_client_tag_named_global_never_opens_a_fresh_global_bucket(make: Any) -> None:
+    """``per = "global"`` is one bucket for every request: a tag a client names ``global`` (as a
+    key's own budget is a global rule) must not count it under a bucket of its own choosing."""
+    e = make({"budget": [{"name": "all", "requests": 1, "window": "day"}]})
+    own = parse({"budget": [{"name": "key:k1", "requests": 1, "window": "day", "immutable": True}]}).rules[0]
+    assert e.decide(chat(rules=(own,)), now=T0).allowed
+    for i in range(3):
+        d = e.decide(chat(rules=(own,), tags={"global": f"x{i}"}), now=T0)
+        assert not d.allowed and d.trip.rule.name in ("all", "key:k1")
+
+
+def test_a_downgrade_never_lands_on_a_paused_model_or_one_needing_a_capability(make: Any) -> None:
+    doc = {"budget": [{"name": "tight", "usd": 0.001, "window": "request", "action": "downgrade",
+                       "downgrade": {"gpt-4o": "gpt-4o-mini"}}]}
+    e = make(doc)
+    e.set_overrides({}, (Pause("model=gpt-4o-mini", "ops", T0),))
+    d = e.decide(chat("gpt-4o", max_tokens=500), now=T0)
+    assert not d.allowed and d.edits == {} and any("gpt-4o-mini" in n for n in d.notes)
+    gated = make({"budget": [*doc["budget"], {"name": "mini-pay", "usd": 100, "window": "day",
+                                               "match": {"model": "gpt-4o-mini"},
+                                               "requires_capability": "payment_initiate"}]})
+    d = gated.decide(chat("gpt-4o", max_tokens=500, capability="read_only"), now=T0)
+    assert not d.allowed and d.edits == {}
+    assert gated.decide(chat("gpt-4o", max_tokens=500, capability="payment_initiate"), now=T0).edits == {
+        "model": "gpt-4o-mini"}
+
+
+def test_a_pause_by_tier_applies_to_the_models_in_it(make: Any) -> None:
+    e = make({"tiers": {"frontier": ["gpt-4o"], "small": ["gpt-4o-mini"]},
+              "budget": [{"name": "big", "usd": 100, "window": "day"}]})
+    e.set_overrides({}, (Pause("tier=frontier", "ops", T0),))
+    assert not e.decide(chat("gpt-4o"), now=T0).allowed
+    assert not e.decide(chat("gpt-4o", tags={"tier": "small"}), now=T0).allowed  # a tag is no tier
+    assert e.decide(chat("gpt-4o-mini"), now=T0).allowed
+
+
+def test_a_reload_that_changes_unpriced_takes_effect(make: Any) -> None:
+    from spendgate.errors import UnpricedModel
+
+    e = make({"budget": [{"name": "big", "usd": 1000, "window": "day"}]})
+    assert e.decide(chat("no-such-model-xyz"), now=T0).allowed  # priced as the dearest
+    e.set_policy(parse({"unpriced": "block", "budget": [{"name": "big", "usd": 1000, "window": "day"}]}))
+    with pytest.raises(UnpricedModel):
+        e.decide(chat("no-such-model-xyz"), now=T0)

@@ -226,13 +226,7 @@ class Engine:
         self.spool = spool if spool is not None else Spool()
         #: the same store through an asyncio client, used by the ``a…`` methods when set
         self.aledger = aledger
-        prices = prices or PriceTable.bundled()
-        if estimator is None:
-            kwargs: dict[str, Any] = {}
-            if policy.anthropic_token_factor is not None:
-                kwargs["anthropic_factor"] = policy.anthropic_token_factor
-            estimator = Estimator(prices, policy.unpriced, **kwargs)
-        self.estimator = estimator
+        self.estimator = estimator or _estimator(prices or PriceTable.bundled(), policy)
         #: one scope's own limits (``spendgate budgets limit``), by (rule name, ``per=value``)
         self.limits: Mapping[tuple[str, str], Limit] = {}
         #: what is paused (``spendgate pause``): refused before pricing, whatever else allows
@@ -249,6 +243,12 @@ class Engine:
         rules = tuple(sorted(policy.rules, key=lambda r: not r.immutable))
         usd_limit = {r.name: usd_to_nanos(r.usd) for r in policy.rules if r.usd is not None}
         digest = policy_hash(policy)
+        old = getattr(self, "policy", None)
+        if old is not None and (old.unpriced, old.anthropic_token_factor) != (
+                policy.unpriced, policy.anthropic_token_factor):
+            # how unpriced models and offline counts are priced is the estimator's: a reload that
+            # changes either must reach it, not only the log line naming the new policy
+            self.estimator = _estimator(self.estimator.prices, policy)
         self._rules, self._usd_limit, self.policy_hash, self.policy = rules, usd_limit, digest, policy
 
     def set_overrides(self, limits: Mapping[tuple[str, str], Limit], pauses: Sequence[Pause]) -> None:
@@ -426,6 +426,12 @@ class Engine:
                 continue
             if act == "downgrade":
                 cheaper = self._downgrade_target(trip.rule, est, request.identity)
+                if cheaper is not None and self._before_pricing(
+                        replace(request, body={**body, "model": cheaper}), policy, all_rules, did, now) is not None:
+                    # a cheaper model that is paused, or that this caller's capability may not use, is
+                    # no remedy: the request would reach what it may not reach directly
+                    notes.append(f"{trip.rule.name}: {cheaper} is paused or not allowed for this caller")
+                    cheaper = None
                 if cheaper is not None:
                     body["model"] = cheaper
                     edits["model"] = cheaper
@@ -640,8 +646,9 @@ class Engine:
         dims = ident.dims()
         dims["route"] = request.route
         why = by = ""
+        tier = policy.tiers.tier_of(model) if model else ""
         for p in self.pauses:
-            if pause_applies(p, ident, model, request.provider):
+            if pause_applies(p, ident, model, request.provider, tier):
                 what = "all requests" if p.scope == "global" else p.scope
                 why = (f"spendgate: {what} paused by {p.by or 'an operator'} at {clock_text(p.at, now)}"
                        + (f" ({p.reason})" if p.reason else "") + "; nothing is sent until it is resumed "
@@ -653,7 +660,6 @@ class Engine:
                    "Use an allowed model, or ask an operator for a key that allows it.")
             by = "key-models"
         if not why:
-            tier = policy.tiers.tier_of(model) if model else ""
             have = capability_rank(ident.capability)
             for r in rules:
                 need = r.requires_capability
@@ -1089,6 +1095,13 @@ def _marks(rule: Rule, key: str, unit: str, limit: int, scope: str, period: str,
     if rule.action == "alert":
         marks.append(AlertMark(f"{key}|{period}|over", json.dumps({"type": "over", **base}), limit + 1))
     return tuple(marks)
+
+
+def _estimator(prices: PriceTable, policy: Policy) -> Estimator:
+    kwargs: dict[str, Any] = {}
+    if policy.anthropic_token_factor is not None:
+        kwargs["anthropic_factor"] = policy.anthropic_token_factor
+    return Estimator(prices, policy.unpriced, **kwargs)
 
 
 def _token_parts(usage: Usage | None) -> dict[str, int]:

@@ -205,8 +205,12 @@ def create(store: Ledger, *, user: str | None = None, team: str | None = None,
         check_capability(capability)
     if expires_at is not None and expires_at <= now:
         raise ConfigError(f"--expires: {utc_text(expires_at)} is already past")
-    secret = "sg-" + secrets.token_urlsafe(24)
-    stored = hash_key(secret)
+    taken = {k.id for k in list_keys(store)}
+    while True:  # a key is named by the first 8 hex of its hash: two keys never share a name (or a budget)
+        secret = "sg-" + secrets.token_urlsafe(24)
+        stored = hash_key(secret)
+        if stored[:8] not in taken:
+            break
     key = VirtualKey(stored[:8], user, team, dict(tags or {}), preapprove_max_usd, now, usd, tokens, requests,
                      window, tuple(models), expires_at, capability, stored)
     store.put_record(RECORD, stored, key.to_json())

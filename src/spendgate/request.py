@@ -48,6 +48,8 @@ class Identity:
         A request without a session is counted under a session derived from its credentials: a
         missing header must never let an agent skip its session budget.
         """
+        if per == "global":  # one bucket for every request: never a value a client's tag could pick
+            return NONE
         if per == "session":
             if self.session:
                 return self.session

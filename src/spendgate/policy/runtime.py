@@ -252,9 +252,10 @@ def resume(store: Ledger, scope: str) -> bool:
     return True
 
 
-def pause_applies(p: Pause, identity: Identity, model: str, provider: str) -> bool:
-    """Whether ``p`` covers a request by ``identity`` for ``model`` at ``provider``: a key by the
-    start of its hash (the id ``keys list`` shows), a model by glob, anything else by the value the
+def pause_applies(p: Pause, identity: Identity, model: str, provider: str, tier: str = "") -> bool:
+    """Whether ``p`` covers a request by ``identity`` for ``model`` (in ``tier``) at ``provider``:
+    a key by the start of its hash (the id ``keys list`` shows), a model by glob, a tier as the
+    policy's ``[tiers]`` place the model (never a client's tag), anything else by the value the
     identity is counted under."""
     if p.scope == "global":
         return True
@@ -265,6 +266,8 @@ def pause_applies(p: Pause, identity: Identity, model: str, provider: str) -> bo
         return fnmatch.fnmatchcase(model.lower(), value.lower())
     if name == "provider":
         return provider == value
+    if name == "tier":
+        return tier == value
     return identity.value(name) == value
 
 

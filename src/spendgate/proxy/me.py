@@ -63,7 +63,7 @@ async def me(request: web.Request, proxy: Proxy) -> web.Response:
     ident = identity(provider, {}, {}, creds)
     now = time.time()
     try:
-        budgets = await _io(proxy.store, budgets_of, proxy, ident, now)
+        budgets = await _io(proxy.store, budgets_of, proxy, ident, now, creds.virtual is not None)
     except StoreError as exc:
         return error_response(provider, 503, f"spendgate: the spend store failed: {exc}",
                               code="spendgate_store_error")
@@ -94,9 +94,12 @@ async def _io(store: Ledger, fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
-def budgets_of(proxy: Proxy, ident: Identity, now: float) -> list[dict[str, Any]]:
+def budgets_of(proxy: Proxy, ident: Identity, now: float, shared: bool = True) -> list[dict[str, Any]]:
     """Every budget that applies to ``ident``: one entry per bucket (rule, unit) of a windowed rule
-    in the caller's own scope, per-call limits, and per-model rules without numbers."""
+    in the caller's own scope, per-call limits, and per-model rules without numbers. ``shared``
+    False (a provider key, which spendgate cannot check: any string would do) leaves out the
+    numbers of budgets every caller shares (``per = "global"``): what others spent is not shown to
+    whoever reaches the port."""
     engine = proxy.engine
     rules: list[Rule] = [*engine.policy.rules, *ident.rules]
     out: list[dict[str, Any]] = []
@@ -113,8 +116,10 @@ def budgets_of(proxy: Proxy, ident: Identity, now: float) -> list[dict[str, Any]
                                 "spent": None, "held": None, "remaining": None, "resets_at": None,
                                 "bucket": None})
             continue
-        if rule.per in PER_REQUEST:
-            out.append({**base, "scope": f"per request's {rule.per}", "unit": None, "limit": None, "spent": None,
+        if rule.per in PER_REQUEST or (rule.per == "global" and not shared):
+            scope_text = "all requests (numbers shown to spendgate keys)" if rule.per == "global" \
+                else f"per request's {rule.per}"
+            out.append({**base, "scope": scope_text, "unit": None, "limit": None, "spent": None,
                         "held": None, "remaining": None, "resets_at": None, "bucket": None})
             continue
         scope = f"{rule.per}={ident.value(rule.per)}"
