@@ -42,7 +42,7 @@ free = ["my-local-*"]
 [upstreams.azure]
 base_url = "https://myres.openai.azure.com"
 api = "azure"
-deployments = { "my-gpt4o" = "gpt-4o", "my-mini" = "gpt-4o-mini" }
+deployments = { "my-gpt4o" = "gpt-4o", "my-mini" = "gpt-4o-mini", "my-embed" = "text-embedding-3-small" }
 key_env = "AZURE_OPENAI_API_KEY"
 """
 
@@ -191,7 +191,7 @@ def test_azure_unknown_deployment_is_refused_naming_it_and_never_forwarded(ups: 
     u = ups()
     with pytest.raises(openai.NotFoundError) as exc:
         azure_client(u).chat.completions.create(model="their-gpt5", messages=MSG, max_tokens=5)
-    assert "'their-gpt5'" in exc.value.message and "my-gpt4o, my-mini" in exc.value.message
+    assert "'their-gpt5'" in exc.value.message and "my-embed, my-gpt4o, my-mini" in exc.value.message
     assert u.azure.seen == [] and u.spend() == []
 
 
@@ -285,3 +285,11 @@ def test_a_free_first_choice_with_paid_fallbacks_is_held_and_charged_at_the_dear
                                               extra_body={"models": ["my-local-llama", "mistral-large-latest"]})
     assert u.mistral.seen[-1].json["model"] == "my-local-llama"
     assert u.spend() == [("mistral", "my-local-llama", MISTRAL_LARGE)]
+
+
+def test_azure_embeddings_deployment_is_priced_as_the_mapped_embedding_model(ups: Any) -> None:
+    u = ups()
+    out = azure_client(u).embeddings.create(model="my-embed", input="hello")
+    assert out.data[0].embedding == [0.1, 0.2]
+    assert u.azure.seen[-1].path == "/openai/deployments/my-embed/embeddings"
+    assert u.spend() == [("azure", "text-embedding-3-small", PROMPT_TOKENS * 20)]  # $0.02 per Mtok
