@@ -50,9 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("spendgate.proxy")
 T = TypeVar("T")
 
-#: Every route a provider declares: path or path template (``/v1beta/models/{model}:generateContent``,
-#: which aiohttp matches as it is) -> provider name (priced ones are decided, free ones passed through).
-ROUTES = {path: p.name for p in providers.all_providers() for path in (*p.routes, *p.free_routes)}
 DEFAULT_UPSTREAMS = {p.name: p.default_base_url for p in providers.all_providers()}
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding",
@@ -86,10 +83,10 @@ class ProxyConfig:
         ups = dict(DEFAULT_UPSTREAMS)
         ups.update(policy.upstream)
         ups.update({name: spec.base_url for name, spec in policy.upstreams.items()})
-        for p in providers.all_providers():
-            env = os.environ.get(f"SPENDGATE_{p.name.upper()}_BASE_URL")
+        for name in (*(p.name for p in providers.all_providers()), *policy.upstreams):
+            env = os.environ.get(f"SPENDGATE_{name.upper().replace('-', '_')}_BASE_URL")
             if env:
-                ups[p.name] = env
+                ups[name] = env
         return cls(upstreams={k: _base(v) for k, v in ups.items()}, admin_token=admin_token,
                    upstream_timeout_s=upstream_timeout_s or policy.upstream_timeout_s,
                    retention_days=policy.retention_days, admin_base=policy.alerts.admin_url)
