@@ -420,3 +420,30 @@ def test_the_spend_routes_apply_a_keys_own_budget_and_count_it_across_a_rotate(s
     assert status == 200, doc
     per_key = [b for b in s.store.known_buckets() if b.key.startswith("per-key|")]
     assert len(per_key) == 1, per_key  # one key, one bucket, whichever secret it used
+
+
+def test_concurrent_rotations_leave_one_working_secret_and_a_revoke_is_never_undone() -> None:
+    from tests.conftest import race
+
+    store = open_store("memory://")
+    secret, key = keys.create(store, usd=Decimal(1))
+    results = race(8, lambda: keys.rotate(store, key.id))
+    # rotations that overlap lose to one another; the ones in turn each replace the last: either
+    # way one record is left, and exactly one secret handed out opens it
+    assert [k.id for k in keys.list_keys(store)] == [key.id]
+    working = [r for r in results if r is not None and keys.lookup(store, r[0], now=time.time()) is not None]
+    assert len(working) == 1
+    assert keys.lookup(store, secret, now=time.time()) is None
+    won = working
+    # a revoke between a rotation's read and its write: the rotation withdraws its new secret
+    old_key = won[0][1]
+    real_take = store.take_record
+
+    def revoked_first(kind: str, k: str, *, now: float) -> str | None:
+        keys.revoke(store, old_key.id)  # lands first, on whichever record it finds
+        return real_take(kind, k, now=now)
+
+    store.take_record = revoked_first  # type: ignore[method-assign]
+    assert keys.rotate(store, old_key.id) is None
+    store.take_record = real_take  # type: ignore[method-assign]
+    assert keys.list_keys(store) == []

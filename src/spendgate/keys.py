@@ -247,7 +247,10 @@ def _find(store: Ledger, key_id: str) -> tuple[str, VirtualKey] | None:
 def rotate(store: Ledger, key_id: str, *, now: float | None = None) -> tuple[str, VirtualKey] | None:
     """A new secret for the key ``key_id`` (None: no such key). The key keeps its id, what it binds,
     its budget's buckets and what it counts as; the old secret stops working at once (its record is
-    deleted once the new one is written, so the key is never without a working secret)."""
+    taken once the new one is written, so the key is never without a working secret). The old
+    record is read and deleted in one step: when a ``revoke`` or another ``rotate`` took it first,
+    the new secret is withdrawn and the answer is None — a revoked key never comes back, and two
+    rotations never leave two working secrets."""
     now = time.time() if now is None else now
     found = _find(store, key_id)
     if found is None:
@@ -260,7 +263,9 @@ def rotate(store: Ledger, key_id: str, *, now: float | None = None) -> tuple[str
     key = replace(key, counted_as=key.counted_as or old)
     secret = "sg-" + secrets.token_urlsafe(24)
     store.put_record(RECORD, hash_key(secret), key.to_json())
-    store.delete_record(RECORD, old)
+    if store.take_record(RECORD, old, now=now) is None:
+        store.delete_record(RECORD, hash_key(secret))
+        return None
     return secret, key
 
 
