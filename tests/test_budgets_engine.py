@@ -335,3 +335,13 @@ def test_a_reload_that_changes_unpriced_takes_effect(make: Any) -> None:
     e.set_policy(parse({"unpriced": "block", "budget": [{"name": "big", "usd": 1000, "window": "day"}]}))
     with pytest.raises(UnpricedModel):
         e.decide(chat("no-such-model-xyz"), now=T0)
+
+
+def test_a_capability_rule_on_the_tool_tier_applies_to_tool_spend(make: Any) -> None:
+    from spendgate.request import tool_request
+
+    e = make({"budget": [{"name": "tools", "usd": 100, "window": "day", "match": {"tier": "tool"},
+                          "requires_capability": "payment_initiate"}]})
+    d = e.decide(tool_request(usd_to_nanos(1), Identity(capability="data_write"), "stripe"), now=T0)
+    assert not d.allowed and d.refused_by == "tools"
+    assert e.decide(tool_request(usd_to_nanos(1), Identity(capability="payment_execute"), "stripe"), now=T0).allowed

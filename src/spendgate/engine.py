@@ -646,7 +646,8 @@ class Engine:
         dims = ident.dims()
         dims["route"] = request.route
         why = by = ""
-        tier = policy.tiers.tier_of(model) if model else ""
+        # a tool is no model: it is in the tool tier, as the rules see it after pricing
+        tier = TOOL if request.fixed_nanos is not None else policy.tiers.tier_of(model) if model else ""
         for p in self.pauses:
             if pause_applies(p, ident, model, request.provider, tier):
                 what = "all requests" if p.scope == "global" else p.scope
