@@ -108,3 +108,18 @@ def test_a_malformed_tags_header_names_the_header() -> None:
 
     with pytest.raises(ValueError, match=r"^X-Spendgate-Tags: expected key=value pairs, got 'search'$"):
         identity("openai", {"x-spendgate-tags": "search"}, {}, Credentials("k", "sk"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "--store", "STORE", "list", "--json"],
+    ["keys", "list", "--store", "STORE", "--json"],
+    ["--store", "STORE", "keys", "--json", "list"],
+    ["budgets", "--store", "STORE", "--json", "list"],
+])
+def test_a_group_takes_the_common_flags_before_its_action(argv: list[str], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`spendgate keys --store X list` means what `spendgate keys list --store X` does."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    ledger.open(url).close()
+    assert main([url if a == "STORE" else a for a in argv]) == 0
+    assert json.loads(capsys.readouterr().out) is not None

@@ -151,7 +151,7 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``spendgate audit …``."""
-    audit = sub.add_parser("audit", help="the signed, hash-chained decision log")
+    audit = sub.add_parser("audit", parents=[common], help="the signed, hash-chained decision log")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
 
     ex = asub.add_parser("export", parents=[common], help="write the log as JSONL (entries, then checkpoints)")

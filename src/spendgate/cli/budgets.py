@@ -332,7 +332,7 @@ def _scope_help() -> str:
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``spendgate budgets …``."""
-    b = sub.add_parser("budgets", help="budgets kept in the store, changed while serve runs")
+    b = sub.add_parser("budgets", parents=[common], help="budgets kept in the store, changed while serve runs")
     bsub = b.add_subparsers(dest="budgets_command", required=True, metavar="ACTION")
     add = bsub.add_parser("add", parents=[common], help="add a run-time budget (fields as a [[budget]] table)")
     _rule_flags(add)

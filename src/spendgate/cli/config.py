@@ -56,7 +56,7 @@ def action_text(rule: Rule, mode: str) -> str:
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``spendgate config check``."""
-    cfg = sub.add_parser("config", help="validate a policy file")
+    cfg = sub.add_parser("config", parents=[common], help="validate a policy file")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     chk = csub.add_parser("check", parents=[common], help="validate without starting anything")
     chk.add_argument("file")

@@ -152,7 +152,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``spendgate keys …``."""
     from spendgate.policy.model import CAPABILITIES
 
-    keys = sub.add_parser("keys", help="spendgate virtual keys (sg-…), stored hashed")
+    keys = sub.add_parser("keys", parents=[common], help="spendgate virtual keys (sg-…), stored hashed")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     kc = ksub.add_parser("create", parents=[common], help="create a key for a user and team")
     kc.add_argument("--user", help="the user every request with this key counts under (no header overrides it)")

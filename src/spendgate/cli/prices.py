@@ -111,7 +111,7 @@ def cmd_prices_update(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """The ``prices`` command group."""
-    prices = sub.add_parser("prices", help="show or import model prices")
+    prices = sub.add_parser("prices", parents=[common], help="show or import model prices")
     psub = prices.add_subparsers(dest="prices_command", required=True, metavar="ACTION")
     show = psub.add_parser("show", parents=[common], help="a model's rates, variants and where they came from")
     show.add_argument("model")
