@@ -32,7 +32,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-PROVIDERS = ("openai", "anthropic", "google", "mistral", "deepseek", "x-ai")
+PROVIDERS = ("openai", "anthropic", "google", "mistral", "deepseek", "x-ai", "aws")
+#: genai-prices provider id -> the table's id, where they differ (AWS Bedrock's rows are ``bedrock``'s)
+TABLE_IDS = {"aws": "bedrock"}
+#: Model ids only that provider serves, whatever rows elsewhere match them: Bedrock's model ids and
+#: inference profiles (``[us.|eu.|apac.|global.…]vendor.model…``) are priced from its rows or not at
+#: all — never from a row of the vendor's own API (Anthropic's) or a reseller's (Claude on Vertex).
+#: A provider that owns ids is consulted for no other id unless a request names it.
+OWNS = {"aws": {"regex": r"^(?:(?:us|eu|apac|au|jp|in|ca|us-gov|global|regional)\.)?"
+                         r"(?:anthropic|amazon|meta|mistral|cohere|ai21|deepseek|openai|qwen|writer|google|"
+                         r"nvidia|moonshotai|zai|minimax|twelvelabs|stability|luma)\.[a-z0-9]"}}
 LITELLM_VERSION = "1.109.1"
 LITELLM_MEMBER = "litellm/model_prices_and_context_window_backup.json"
 OUT = Path(__file__).resolve().parent.parent / "src/spendgate/pricing/data/prices.json"
@@ -191,7 +200,11 @@ def _litellm_table(path: Path | None) -> dict[str, Any]:
 def _max_output(litellm: dict[str, Any], provider: str, ids: list[str]) -> int | None:
     """The largest maximum output any source gives for ``ids``: LiteLLM's rows under every prefix
     and dated snapshot, and the providers' documented limits. Never the smaller of two sources."""
-    prefixes = {"google": ("gemini/", "vertex_ai/"), "x-ai": ("xai/",)}.get(provider, (f"{provider}/",))
+    prefixes = {"google": ("gemini/", "vertex_ai/"), "x-ai": ("xai/",), "aws": ("bedrock/", "bedrock/converse/")
+                }.get(provider, (f"{provider}/",))
+    if provider == "aws":  # genai-prices' ``regional.`` rows are LiteLLM's un-prefixed and ``us.`` ids
+        bare = [i.removeprefix("regional.") for i in ids]
+        ids = [*ids, *bare, *(f"us.{i}" for i in bare if not i.startswith("global."))]
     found = [DOCUMENTED_MAX_OUTPUT[i] for i in ids if i in DOCUMENTED_MAX_OUTPUT]
     for mid in ids:
         for key in (mid, *(p + mid for p in prefixes)):
@@ -350,11 +363,14 @@ def build(litellm_json: Path | None) -> tuple[dict[str, Any], list[str]]:
                 **({} if native else {"native": False}),
             })
         providers.append({
-            "id": p.id,
+            "id": TABLE_IDS.get(p.id, p.id),
             "name": p.name,
             "model_match": _clause(p.model_match) if p.model_match else None,
+            **({"owns": OWNS[p.id]} if p.id in OWNS else {}),
             "models": models,
         })
+    # a provider that owns ids is searched after every other one for an id that names no provider
+    providers.sort(key=lambda prov: "owns" in prov)
     built = dt.date.today().isoformat()
     table = {
         "source": {

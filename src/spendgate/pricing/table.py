@@ -3,7 +3,10 @@
 The bundled table (``data/prices.json``) is built by ``scripts/build_prices.py``; prices imported
 with ``spendgate prices update --from FILE`` are consulted first. A model id resolves through, in
 order: a provider prefix (``anthropic/…``), an exact id or listed alias, the table's curated match
-rules, and a dated suffix (``-2024-08-06``, ``-20250929``) stripped back to its base id. There is
+rules, and a dated suffix (``-2024-08-06``, ``-20250929``) stripped back to its base id. A provider
+whose table entry ``owns`` a shape of id (Bedrock's model ids and inference profiles,
+``us.anthropic.claude-…-v1:0``) is the only one searched for such an id — never another provider's row
+that happens to match its name — and is searched for no other id unless the request names it. There is
 no loose prefix fallback: ``o1-pro`` never borrows ``o1``'s price. What matches nothing is priced
 by the caller's ``unpriced`` policy (see :meth:`PriceTable.dearest`), never at $0.
 """
@@ -35,6 +38,7 @@ PROVIDER_PREFIXES = {
     "deepseek": "deepseek",
     "xai": "x-ai",
     "x-ai": "x-ai",
+    "bedrock": "bedrock",
 }
 _DATED = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
 #: When neither the table nor the request bounds the output: the largest output any current
@@ -314,21 +318,26 @@ class PriceTable:
     built: str
     entries: dict[str, list[_Entry]]
     overrides: dict[str, ModelPrice] = field(default_factory=dict)
+    #: provider -> the model ids only it serves (its entry's ``owns`` clause)
+    owners: dict[str, Predicate] = field(default_factory=dict)
     _cache: dict[tuple[str, str | None, str], Resolution | None] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> PriceTable:
         src = raw["source"]
         entries: dict[str, list[_Entry]] = {}
+        owners: dict[str, Predicate] = {}
         for prov in raw["providers"]:
             rows = entries.setdefault(prov["id"], [])
+            if prov.get("owns"):
+                owners[prov["id"]] = _compile(prov["owns"])
             for m in prov["models"]:
                 periods = [(p["since"], p["rates"]) for p in m["prices"]]
                 variants = tuple(Variant.from_json(v) for v in m.get("variants", ()))
                 rows.append(_Entry(prov["id"], m["id"], _compile(m["match"]), periods,
                                    m.get("max_output"), m.get("context_window"), variants,
                                    m.get("native", True), m.get("note", ""), m.get("source")))
-        return cls(source=src["prices"], built=src["built"], entries=entries)
+        return cls(source=src["prices"], built=src["built"], entries=entries, owners=owners)
 
     @classmethod
     def bundled(cls) -> PriceTable:
@@ -340,7 +349,7 @@ class PriceTable:
             return self
         from spendgate.pricing.litellm import load_imported
 
-        table = PriceTable(self.source, self.built, self.entries, load_imported(path))
+        table = PriceTable(self.source, self.built, self.entries, load_imported(path), self.owners)
         return table
 
     # -- resolution ---------------------------------------------------------------------------
@@ -367,6 +376,9 @@ class PriceTable:
                 imported = self.overrides.get(name)
                 return Resolution(model, imported, "imported") if imported else None
             providers, name = [PROVIDER_PREFIXES[head]], tail
+        owner = next((prov for prov, owns in self.owners.items() if owns(name)), None)
+        if owner is not None:
+            providers = [owner]
         for candidate, how in ((name, None), (_DATED.sub("", name), "dated")):
             if how and candidate == name:
                 continue
@@ -381,7 +393,8 @@ class PriceTable:
         return None
 
     def _search_order(self, provider: str | None) -> list[str]:
-        order = list(self.entries)
+        """The providers to search, the route's first; one that owns its ids only when named."""
+        order = [p for p in self.entries if p not in self.owners or p == provider]
         if provider in self.entries:
             order.remove(provider)
             order.insert(0, provider)
