@@ -13,6 +13,13 @@ the hash of the key's *first* secret (16 hex, starting with the key id, so ``pau
 names it). Rotating the secret keeps it, so ``per = "key"`` budgets go on counting the same
 bucket; a key written before rotation existed is counted as the hash it is stored under, which is
 what it was always counted as.
+
+**AWS credentials.** A stock AWS SDK (boto3's ``bedrock-runtime``) signs each request with SigV4
+and sends no bearer token to a plain-HTTP endpoint, so ``keys create --aws`` also issues a key an
+access key id and secret (:func:`create_aws`). The proxy recomputes the client's signature, so it
+needs the secret itself: it is kept as-is in the store's ``vkey-aws`` record, under the access key
+id — the store must be trusted as the provider keys in spendgate's environment are (anyone who
+reads it can sign as that key). The record names the key's record; revoking the key ends it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from spendgate.policy.parse import parse_duration, parse_window
 from spendgate.request import hash_key
 
 RECORD = "vkey"
+#: access key id -> ``{"record": <the key's record name>, "id": <key id>, "secret": <AWS secret>}``
+AWS_RECORD = "vkey-aws"
 
 
 def rule_name(key_id: str) -> str:
@@ -275,3 +284,43 @@ def revoke(store: Ledger, key_id: str) -> bool:
         return False
     store.delete_record(RECORD, found[0])
     return True
+
+
+# -- AWS credentials for a key (SigV4-signing clients) -------------------------------------------------
+
+
+def create_aws(store: Ledger, key: VirtualKey) -> tuple[str, str]:
+    """An AWS access key id and secret access key for ``key`` (module docstring: kept as-is)."""
+    record = key.counted_as or ""
+    found = _find(store, key.id)
+    if found is not None:
+        record = found[0]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+    access_key_id = "SGAK" + "".join(secrets.choice(alphabet) for _ in range(16))
+    secret = secrets.token_urlsafe(30)
+    store.put_record(AWS_RECORD, access_key_id, json.dumps({"record": record, "id": key.id, "secret": secret}))
+    return access_key_id, secret
+
+
+def lookup_aws(store: Ledger, access_key_id: str, *, now: float) -> tuple[VirtualKey, str] | None:
+    """The key an AWS access key id belongs to and its secret (None: unknown, or its key revoked).
+    An expired key raises PermissionError as :func:`lookup` does."""
+    raw = store.get_record(AWS_RECORD, access_key_id, now=now)
+    if raw is None:
+        return None
+    d = json.loads(raw)
+    record, key_id, secret = str(d.get("record", "")), str(d.get("id", "")), d.get("secret")
+    if not isinstance(secret, str) or not secret:
+        return None
+    stored = store.get_record(RECORD, record, now=now) if record else None
+    if stored is not None:
+        key = VirtualKey.from_json(stored, record)
+    else:  # rotated since: the key's record moved (a revoked key has none, so it is None here)
+        found = _find(store, key_id)
+        if found is None:
+            return None
+        key = found[1]
+    if key.expired(now):
+        assert key.expires_at is not None
+        raise PermissionError(f"spendgate key {key.id} expired at {utc_text(key.expires_at)}")
+    return key, secret

@@ -4,7 +4,8 @@ OpenAI chat/completions/embeddings report ``prompt_tokens`` (cached reads *inclu
 ``completion_tokens`` (reasoning included); the Responses API ``input_tokens`` / ``output_tokens``
 with the same inclusions; Anthropic ``input_tokens`` *excluding* cache reads and writes, which
 come separately (split into 5-minute and 1-hour writes when ``cache_creation`` is present);
-Gemini ``usageMetadata`` counts thoughts apart from candidates. All become one :class:`Usage`.
+Gemini ``usageMetadata`` counts thoughts apart from candidates; Bedrock's Converse ``inputTokens``
+excludes ``cacheReadInputTokens`` and ``cacheWriteInputTokens``. All become one :class:`Usage`.
 
 Usage is read strictly. Every count the reader uses must be a non-negative integer, the input and
 output counts must both be there (an embedding's ``{prompt_tokens, total_tokens}`` has no output,
@@ -99,11 +100,14 @@ def read_usage(payload: Mapping[str, Any] | None) -> Usage:
         u = payload["usage"]
         if not isinstance(u, Mapping):
             raise UnreadableUsage("usage", u, "not an object")
-    elif any(k in payload for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")):
+    elif any(k in payload for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+                                    "inputTokens", "outputTokens")):
         u = payload  # a bare usage object
     else:
         raise UnreadableUsage("usage", MISSING)
     outer = payload if u is not payload else None
+    if "inputTokens" in u or "outputTokens" in u:
+        return _with_unknown(_converse(u, "usage"), u, "usage")
     if "prompt_tokens" in u or "completion_tokens" in u:
         return _with_unknown(_chat(u, "usage", outer), u, "usage")
     if "input_tokens" in u or "output_tokens" in u:
@@ -243,6 +247,15 @@ def _anthropic(u: Mapping[str, Any], w: str, payload: Mapping[str, Any] | None =
                  speed=_tier(u, payload, "speed"), processing=processing)
 
 
+def _converse(u: Mapping[str, Any], w: str) -> Usage:
+    """Bedrock Converse: ``inputTokens`` are the uncached input; cache reads and writes apart."""
+    inp, out = _count(u, "inputTokens", w), _count(u, "outputTokens", w)
+    read = _count(u, "cacheReadInputTokens", w, required=False)
+    written = _count(u, "cacheWriteInputTokens", w, required=False)
+    _count(u, "totalTokens", w, required=False)
+    return Usage(input=inp, cache_read=read, cache_write_5m=written, output=out)
+
+
 _MODALITIES = {"AUDIO": "audio", "IMAGE": "image", "DOCUMENT": "image", "VIDEO": "video"}
 
 
@@ -302,6 +315,7 @@ KNOWN = frozenset({
     "cache_creation_input_tokens", "ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens",
     "web_search_requests", "web_fetch_requests", "promptTokenCount", "candidatesTokenCount", "totalTokenCount",
     "cachedContentTokenCount", "thoughtsTokenCount", "toolUsePromptTokenCount",
+    "inputTokens", "outputTokens", "totalTokens", "cacheReadInputTokens", "cacheWriteInputTokens",
 })
 _BILLABLE = re.compile(r"(?:_tokens|TokenCount|_requests)$")
 

@@ -121,6 +121,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             doc: Any = {"key": secret, **key.as_dict()}
             text = (f"{secret}\n(key id {key.id}, for keys list, keys rotate and keys revoke; the key itself is "
                     "shown once: spendgate stores only its hash)")
+            if args.aws:
+                akid, asecret = keys.create_aws(store, key)
+                doc.update(aws_access_key_id=akid, aws_secret_access_key=asecret)
+                text += (f"\naws_access_key_id = {akid}\naws_secret_access_key = {asecret}\n(AWS credentials "
+                         "for SigV4 clients such as boto3's bedrock-runtime; the secret is kept in the store, "
+                         "which spendgate needs to check each signature)")
         elif args.keys_command == "list":
             docs, headers, rows = _listing(store, keys.list_keys(store), now)
             doc = {"keys": docs}
@@ -171,6 +177,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                                                       "('gpt-4o*,claude-*'); others are refused before pricing")
     kc.add_argument("--expires", metavar="WHEN", help="when the key stops working: a duration from now (30d, 12h) "
                                                       "or a date-time with its offset (2027-01-31T18:00:00+01:00)")
+    kc.add_argument("--aws", action="store_true",
+                    help="also issue an AWS access key id and secret for this key (boto3 bedrock-runtime clients)")
     kc.add_argument("--capability", metavar="CAPABILITY",
                     help=f"what the key's requests may be trusted with: one of {', '.join(CAPABILITIES)} "
                          "(a budget's requires_capability refuses requests without enough)")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from spendgate.providers.anthropic import Anthropic
 from spendgate.providers.base import Parser, Provider
+from spendgate.providers.bedrock import Bedrock
 from spendgate.providers.gemini import Gemini
 from spendgate.providers.openai import OpenAI
 
@@ -28,7 +29,7 @@ __all__ = ["Parser", "Provider", "active", "all_providers", "configure", "defaul
            "free_routes", "get", "match", "priced_routes"]
 
 #: the first is the default: the wire format of a request that names none (OpenAI-compatible)
-_REGISTRY: dict[str, Provider] = {p.name: p for p in (OpenAI(), Anthropic(), Gemini())}
+_REGISTRY: dict[str, Provider] = {p.name: p for p in (OpenAI(), Anthropic(), Gemini(), Bedrock())}
 #: providers built from ``[upstreams.NAME]`` tables, by name (:func:`configure`)
 _CONFIGURED: dict[str, Provider] = {}
 

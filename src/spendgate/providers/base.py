@@ -28,6 +28,10 @@ from typing import TYPE_CHECKING, Any
 from spendgate.estimate.shape import TokenShape
 
 if TYPE_CHECKING:
+    from yarl import URL
+
+    from spendgate.keys import VirtualKey
+    from spendgate.ledger import Ledger
     from spendgate.wire.stream import StreamMeter
 
 #: A priced route's body parser: the request body -> what it may cost in tokens.
@@ -95,6 +99,13 @@ class Provider:
     #: its models are priced only from its :attr:`price_providers`' rows, never from another
     #: provider's row sharing a model's name (a configured upstream: ``prices = "mistral"``)
     strict_prices: bool = False
+    #: its clients sign each request (AWS SigV4) rather than send a key: :meth:`authenticate` checks
+    #: the signature and :meth:`sign_upstream` signs the forwarded request anew
+    signed_requests: bool = False
+    #: the status of a request whose credentials are refused (AWS answers a bad signature with 403)
+    auth_failure_status: int = 401
+    #: the content types of its streamed responses, relayed through its :meth:`meter`
+    stream_content_types: tuple[str, ...] = ("text/event-stream",)
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -215,6 +226,23 @@ class Provider:
                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """An error in its own envelope, with spendgate's numbers under ``spendgate``."""
         raise NotImplementedError
+
+    def error_headers(self, status: int) -> dict[str, str]:
+        """Headers its SDK reads an error's type from (AWS: ``x-amzn-ErrorType``); none by default."""
+        return {}
+
+    def authenticate(self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes, store: Ledger,
+                     now: float) -> tuple[VirtualKey, str]:
+        """For :attr:`signed_requests`: the virtual key that signed the request and the credential id
+        it is known by. PermissionError: refused (no, unknown or bad credentials); LookupError:
+        spendgate cannot sign the upstream call."""
+        raise NotImplementedError
+
+    def sign_upstream(self, method: str, url: str, headers: dict[str, str], body: bytes
+                      ) -> tuple[str | URL, dict[str, str]]:
+        """The URL and headers of the request sent upstream, for a provider whose requests are
+        signed (:attr:`signed_requests`); unchanged otherwise."""
+        return url, headers
 
     def sse_error(self, status: int, message: str, *, code: str | None = None) -> bytes:
         """The last event of a stream that cannot be finished, in its own stream shape."""

@@ -38,7 +38,7 @@ from spendgate.policy import Policy
 from spendgate.pricing.table import PriceTable
 from spendgate.proxy import admin, me, ui
 from spendgate.proxy.envelope import error_response, sse_error
-from spendgate.proxy.identity import Credentials, credentials, identity
+from spendgate.proxy.identity import Credentials, credentials, identity, virtual_credentials
 from spendgate.request import Identity, Request
 from spendgate.usage import usage_from_body
 from spendgate.wire.edits import outgoing
@@ -171,7 +171,8 @@ class Proxy:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
         for path, (name, route) in self.routes.items():
-            app.router.add_post(path, self.guarded)
+            typed = type(providers.get(name)).error_headers is not providers.Provider.error_headers
+            app.router.add_post(path, self.guarded_typed if typed else self.guarded)
             if route in providers.get(name).free_routes:  # a token count is a POST, a model list a GET
                 app.router.add_get(path, self.passthrough)
         admin.add_routes(app, self)
@@ -267,6 +268,17 @@ class Proxy:
         path, _ = providers.get(provider).upstream(request.path, request.match_info, b"", False)
         return await self._forward_plain(request, provider, None, b"", None, path=path)
 
+    async def guarded_typed(self, request: web.Request) -> web.StreamResponse:
+        """:meth:`guarded` for a provider whose SDK reads an error's type from a header
+        (``x-amzn-ErrorType``): spendgate's own errors carry it; an upstream's keep their own."""
+        resp = await self.guarded(request)
+        if resp.status >= 400 and not resp.prepared:
+            spec = providers.get(self.routes[_route(request)][0])
+            for k, v in spec.error_headers(resp.status).items():
+                if k not in resp.headers:
+                    resp.headers[k] = v
+        return resp
+
     async def guarded(self, request: web.Request) -> web.StreamResponse:
         provider, route = self.routes[_route(request)]
         spec = providers.get(provider)
@@ -294,11 +306,16 @@ class Proxy:
             return error_response(provider, 404, f"spendgate: {exc.args[0] if exc.args else exc}",
                                   code="spendgate_unknown_target")
         try:
-            creds = await self._store_io(credentials, provider, request.headers, self.store)
+            if spec.signed_requests:  # a signature, checked with the virtual credentials that made it
+                vkey, cred_id = await self._store_io(spec.authenticate, request.method, request.raw_path,
+                                                     request.headers, raw, self.store, time.time())
+                creds = virtual_credentials(vkey, cred_id, None)
+            else:
+                creds = await self._store_io(credentials, provider, request.headers, self.store)
             ident = identity(provider, request.headers, body, creds,
                              trust_client_capability=self.engine.policy.trust_client_capability)
         except PermissionError as exc:
-            return error_response(provider, 401, f"spendgate: {exc}")
+            return error_response(provider, spec.auth_failure_status, f"spendgate: {exc}")
         except (LookupError, ValueError) as exc:
             return error_response(provider, 400, f"spendgate: {exc}")
         except StoreError as exc:
@@ -499,11 +516,20 @@ class Proxy:
         if request.query_string:
             url += "?" + request.query_string
         headers = self._upstream_headers(request, provider, creds)
+        spec = providers.get(provider)
+        wire: Any = url
+        if spec.signed_requests:
+            try:
+                wire, headers = spec.sign_upstream(request.method, url, headers, body)
+            except LookupError as exc:
+                await self._release(d)
+                return error_response(provider, 502, f"spendgate: {exc}; nothing was sent, nothing charged",
+                                      code="spendgate_upstream")
         try:
-            up_cm = self.client.request(request.method, url, data=body if request.method == "POST" else None,
+            up_cm = self.client.request(request.method, wire, data=body if request.method == "POST" else None,
                                         headers=headers)
             async with up_cm as up:
-                if up.content_type == "text/event-stream" and up.status < 400:
+                if up.content_type in spec.stream_content_types and up.status < 400:
                     return await self._relay_stream(request, provider, up, d, withhold)
                 data = await up.read()
                 if d is not None:

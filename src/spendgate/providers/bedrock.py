@@ -1,0 +1,429 @@
+"""AWS Bedrock's runtime API: ``Converse`` and ``ConverseStream``, called by stock AWS SDKs.
+
+The model (a model id or an inference profile: ``us.anthropic.claude-sonnet-4-5-20250929-v1:0``) is
+in the path, ``POST /model/{modelId}/converse`` and ``/model/{modelId}/converse-stream``; the proxy
+hands the engine the body with it in ``model`` (:meth:`Bedrock.body_with`), and it is priced from
+the price table's ``bedrock`` rows only (strict prices: a Bedrock id never borrows the price of the
+vendor's own API or of a reseller).
+
+**Client credentials.** An AWS SDK signs every request with SigV4 and will not send a bearer token
+to a plain-HTTP endpoint, so a client holds *virtual* AWS credentials (``spendgate keys create
+--aws``): :meth:`Bedrock.authenticate` recomputes the client's signature with botocore over the same
+method, path, query, signed headers, body and ``X-Amz-Date``, compares it in constant time, and
+refuses a bad signature or a date more than :data:`MAX_SKEW_S` off with a 403 in AWS's error shape.
+A request with no credentials, or with an access key id spendgate did not issue, is refused: it is
+never forwarded with spendgate's own credentials.
+
+**Upstream credentials.** The request is re-signed for the upstream (:meth:`Bedrock.sign_upstream`)
+with a Bedrock API key from ``AWS_BEARER_TOKEN_BEDROCK`` when set, else the proxy's own AWS
+credentials from botocore's standard chain (environment, shared files, SSO, instance role). The
+region signed for is the base URL's (``bedrock-runtime.<region>.amazonaws.com``), else
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else ``us-east-1``.
+
+**Input estimate, biased upward.** Text (messages, system prompts, tool specs and tool results as
+compact JSON) is counted with o200k and multiplied by :data:`FACTOR` (Anthropic's default count
+factor: Claude's tokenizer, the family most served here, splits finer than o200k), each non-ASCII
+script at least its per-script floor, plus :data:`PER_MESSAGE` a message; an image counts
+:data:`IMAGE_TOKENS` (Claude's most for one image), a document or video one token per
+:data:`BYTES_PER_TOKEN` bytes. **Output bound**: ``inferenceConfig.maxTokens``, else the model's
+maximum from the price table.
+
+**Usage** is the response's ``usage`` (``inputTokens`` excludes the cache reads and writes, which
+come as ``cacheReadInputTokens`` / ``cacheWriteInputTokens``; :func:`spendgate.usage.read_usage`),
+and in a stream the ``metadata`` event's. The stream is AWS event-stream binary framing, read with
+botocore's parser (:class:`botocore.eventstream.EventStreamBuffer`); the bytes are relayed as they
+came. A stream that cannot be finished ends with an ``exception`` message, which boto3 raises.
+
+**Errors** are ``{"message": …}`` with the error type in ``x-amzn-ErrorType`` (how boto3 reads
+it). A refusal is a 402 typed ``SpendgateRefused``: boto3 raises it as a ``botocore``
+``ClientError`` with spendgate's message and, neither its status nor its type being one it retries,
+does not send it again.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Mapping
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from spendgate.errors import BadRequest
+from spendgate.estimate.anthropic import DEFAULT_FACTOR, floors
+from spendgate.estimate.shape import TokenShape, dumps, optional_int
+from spendgate.estimate.tokens import counter
+from spendgate.providers.base import Parser, Provider
+
+if TYPE_CHECKING:
+    from yarl import URL
+
+    from spendgate.keys import VirtualKey
+    from spendgate.ledger import Ledger
+    from spendgate.wire.stream import StreamMeter
+
+#: Bedrock tokens per o200k token, biased upward (module docstring)
+FACTOR = DEFAULT_FACTOR
+PER_MESSAGE = 4
+#: the most tokens Claude bills one image (1.15 megapixels)
+IMAGE_TOKENS = 1600
+BYTES_PER_TOKEN = 12
+#: how far a client's X-Amz-Date may be from the proxy's clock (AWS's own limit)
+MAX_SKEW_S = 15 * 60
+#: the body field a clamp writes; :meth:`Bedrock.upstream` moves it into ``inferenceConfig``
+CLAMP_FIELD = "maxTokens"
+SERVICE = "bedrock"
+DEFAULT_REGION = "us-east-1"
+BEARER_ENV = "AWS_BEARER_TOKEN_BEDROCK"
+
+_CONVERSE = "/model/{modelId}/converse"
+_STREAM = "/model/{modelId}/converse-stream"
+_ACTIONS = {_CONVERSE: "converse", _STREAM: "converse-stream"}
+_AUTH = re.compile(r"^AWS4-HMAC-SHA256 Credential=([^/\s,]+)/(\d{8})/([^/\s,]+)/([^/\s,]+)/aws4_request,\s*"
+                   r"SignedHeaders=([a-z0-9;\-_.]+),\s*Signature=([0-9a-f]{64})$")
+_REGION_IN_HOST = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com")
+#: headers that carry the client's signature: never forwarded, the upstream request is signed anew
+_SIGNING_HEADERS = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
+
+
+class _Tally:
+    __slots__ = ("excess", "fixed", "floors", "scaled", "tc")
+
+    def __init__(self) -> None:
+        self.tc = counter("o200k_base")
+        self.floors = floors(self.tc)
+        self.scaled = self.fixed = 0
+        self.excess = 0.0
+
+    def text(self, text: str) -> None:
+        self.scaled += self.tc.count(text)
+        if not text.isascii():
+            self.excess += self.floors.excess(text, FACTOR)
+
+    def total(self) -> int:
+        return math.ceil(self.scaled * FACTOR + self.excess) + self.fixed
+
+
+def _source_bytes(block: Mapping[str, Any]) -> int:
+    source = block.get("source")
+    data = source.get("bytes") if isinstance(source, Mapping) else None
+    return math.ceil(len(data) * 3 / 4) if isinstance(data, str) else 0
+
+
+def _block(t: _Tally, block: Any, where: str) -> None:
+    if not isinstance(block, Mapping):
+        raise BadRequest(f"`{where}` must be an object, got {type(block).__name__}")
+    for key, value in block.items():
+        if key == "text" and isinstance(value, str):
+            t.text(value)
+        elif key == "image" and isinstance(value, Mapping):
+            t.fixed += max(IMAGE_TOKENS, math.ceil(_source_bytes(value) / BYTES_PER_TOKEN))
+        elif key in ("document", "video") and isinstance(value, Mapping):
+            t.fixed += math.ceil(_source_bytes(value) / BYTES_PER_TOKEN)
+            t.text(dumps({k: v for k, v in value.items() if k != "source"}))
+        elif key == "cachePoint":
+            continue
+        else:  # a tool call or result, reasoning, a guard: as JSON
+            t.text(dumps({key: value}))
+
+
+def model_of(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("the model is missing: a Bedrock request names it in its path (/model/{modelId}/converse)")
+    return model
+
+
+def converse(body: Mapping[str, Any], stream: bool = False) -> TokenShape:
+    """The token shape of a ``Converse`` / ``ConverseStream`` body (its path's model in ``model``)."""
+    model = model_of(body)
+    messages = body.get("messages", [])
+    if not isinstance(messages, list):
+        raise BadRequest(f"`messages` must be a list, got {type(messages).__name__}")
+    t = _Tally()
+    system = body.get("system") or []
+    if not isinstance(system, list):
+        raise BadRequest(f"`system` must be a list, got {type(system).__name__}")
+    for i, block in enumerate(system):
+        _block(t, block, f"system[{i}]")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping) or not isinstance(msg.get("content"), list):
+            raise BadRequest(f"`messages[{i}]` must be an object with a `content` list")
+        for j, block in enumerate(msg["content"]):
+            _block(t, block, f"messages[{i}].content[{j}]")
+        t.fixed += PER_MESSAGE
+    for name in ("toolConfig", "promptVariables"):
+        if body.get(name):
+            t.text(dumps(body[name]))
+    config = body.get("inferenceConfig") or {}
+    if not isinstance(config, Mapping):
+        raise BadRequest(f"`inferenceConfig` must be an object, got {type(config).__name__}")
+    bound = optional_int(body, CLAMP_FIELD)  # a clamp's edit
+    if bound is None:
+        bound = optional_int(config, "maxTokens")
+    return TokenShape(model=model, input_tokens=t.total(), requested_output=bound, choices=1, stream=stream,
+                      exact=False)
+
+
+# -- AWS event-stream framing ------------------------------------------------------------------------
+
+
+def _header(name: str, value: str) -> bytes:
+    n, v = name.encode(), value.encode()
+    return struct.pack("!B", len(n)) + n + b"\x07" + struct.pack("!H", len(v)) + v
+
+
+def event_message(headers: Mapping[str, str], payload: bytes) -> bytes:
+    """One event-stream message (prelude, its CRC, string headers, payload, message CRC): the only
+    message spendgate writes is the exception that ends a stream it cannot finish."""
+    hdrs = b"".join(_header(k, v) for k, v in headers.items())
+    total = 12 + len(hdrs) + len(payload) + 4
+    prelude = struct.pack("!II", total, len(hdrs))
+    prelude += struct.pack("!I", binascii.crc32(prelude) & 0xFFFFFFFF)
+    body = prelude + hdrs + payload
+    return body + struct.pack("!I", binascii.crc32(body) & 0xFFFFFFFF)
+
+
+@cache
+def meter_class() -> type[StreamMeter]:
+    """The meter of a ConverseStream (built on first use: the stream module imports the registry)."""
+    from botocore.eventstream import EventStreamBuffer  # type: ignore[import-untyped]
+
+    from spendgate.wire.stream import StreamMeter
+
+    class BedrockMeter(StreamMeter):
+        """Relays the bytes as they came; decodes the messages with botocore's parser to read the
+        ``metadata`` event's usage and the output text of the ``contentBlockDelta`` events."""
+
+        def __init__(self, provider: str, withhold_usage_chunk: bool = False) -> None:
+            super().__init__(provider, withhold_usage_chunk)
+            self._frames = EventStreamBuffer()
+            self._broken = False
+
+        def feed(self, chunk: bytes) -> bytes:
+            if not self._broken:
+                self._frames.add_data(chunk)
+                try:
+                    for message in self._frames:
+                        self._message(message.headers, message.payload)
+                except Exception:  # a frame botocore cannot read: relay on, charge what is known
+                    self._broken = True
+            return chunk
+
+        def flush(self) -> bytes:
+            return b""
+
+        def _message(self, headers: Mapping[str, Any], payload: bytes) -> None:
+            if headers.get(":message-type") != "event":
+                return
+            kind = headers.get(":event-type")
+            if kind not in ("metadata", "contentBlockDelta"):
+                return
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                return
+            if not isinstance(obj, dict):
+                return
+            if kind == "metadata":
+                self._spec.stream_usage(self, obj)
+                return
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                if isinstance(delta.get("text"), str):
+                    self.text.append(delta["text"])
+                tool = delta.get("toolUse")
+                if isinstance(tool, dict) and isinstance(tool.get("input"), str):
+                    self.text.append(tool["input"])
+                reasoning = delta.get("reasoningContent")
+                if isinstance(reasoning, dict) and isinstance(reasoning.get("text"), str):
+                    self.text.append(reasoning["text"])
+
+    return BedrockMeter
+
+
+# -- SigV4 ------------------------------------------------------------------------------------------
+
+
+def _region(url: str) -> str:
+    m = _REGION_IN_HOST.search(url)
+    if m is not None:
+        return m.group(1)
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+@cache
+def _session() -> Any:
+    import botocore.session  # type: ignore[import-untyped]
+
+    return botocore.session.get_session()
+
+
+def upstream_credentials() -> Any:
+    """The proxy's own AWS credentials from botocore's standard chain (None: none found)."""
+    return _session().get_credentials()
+
+
+def _signature(method: str, url: str, headers: Mapping[str, str], body: bytes, access_key_id: str, secret: str,
+               region: str, service: str, amz_date: str) -> str:
+    """The SigV4 signature botocore computes for this request at ``amz_date``."""
+    from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
+    from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+    from botocore.credentials import Credentials  # type: ignore[import-untyped]
+
+    req = AWSRequest(method=method, url=url, data=body, headers=dict(headers))
+    req.context["timestamp"] = amz_date
+    req.context["payload_signing_enabled"] = True
+    auth = SigV4Auth(Credentials(access_key_id, secret), service, region)
+    return str(auth.signature(auth.string_to_sign(req, auth.canonical_request(req)), req))
+
+
+class Bedrock(Provider):
+    name = "bedrock"
+    default_base_url = "https://bedrock-runtime.us-east-1.amazonaws.com"
+    routes: Mapping[str, Parser] = {_CONVERSE: converse, _STREAM: partial(converse, stream=True)}
+    output_fields: Mapping[str, tuple[str, ...]] = {r: (CLAMP_FIELD,) for r in routes}
+    conversation_fields: Mapping[str, str] = {r: "messages" for r in routes}
+    chat_route = _CONVERSE
+    price_providers = ("bedrock",)
+    strict_prices = True
+    scaled_counts = True
+    credential_headers = ("x-amz-security-token",)
+    marker_headers = ("x-amz-date",)
+    signed_requests = True
+    auth_failure_status = 403
+    stream_content_types = ("application/vnd.amazon.eventstream",)
+    error_types: Mapping[int, str] = {
+        400: "ValidationException", 401: "UnrecognizedClientException",
+        # a refusal: no AWS error type boto3 retries (ThrottlingException would be sent again)
+        402: "SpendgateRefused",
+        403: "AccessDeniedException", 404: "ResourceNotFoundException", 413: "ValidationException",
+        429: "ThrottlingException", 500: "InternalServerException", 502: "ServiceUnavailableException",
+        503: "ServiceUnavailableException", 504: "ModelTimeoutException"}
+
+    def body_with(self, route: str, params: Mapping[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        model = params.get("modelId")
+        return {**body, "model": model} if model else body
+
+    def upstream(self, path: str, params: Mapping[str, str], body: bytes, edited: bool) -> tuple[str, bytes]:
+        """The path with the model id percent-encoded as AWS SDKs send it (``%3A``), the model a
+        downgrade chose; an edited body without ``model`` and with a clamp under ``inferenceConfig``."""
+        model = params.get("modelId", "")
+        action = "converse-stream" if path.endswith("/converse-stream") else "converse"
+        if edited:
+            obj = json.loads(body)
+            chosen = obj.pop("model", None)
+            if isinstance(chosen, str) and chosen:
+                model = chosen
+            bound = obj.pop(CLAMP_FIELD, None)
+            if isinstance(bound, int):
+                obj["inferenceConfig"] = {**(obj.get("inferenceConfig") or {}), "maxTokens": max(1, bound)}
+            body = json.dumps(obj).encode()
+        return f"/model/{quote(model, safe='')}/{action}", body
+
+    def meter(self, withhold: bool = False) -> StreamMeter:
+        return meter_class()(self.name, withhold)
+
+    def stream_usage(self, meter: StreamMeter, obj: dict[str, Any]) -> bool:
+        """The ``metadata`` event's ``usage`` is the stream's whole usage: it is final."""
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            meter.usage = {"usage": usage}
+            meter.complete = True
+        return True
+
+    def error_body(self, status: int, message: str, *, code: str | None = None,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"message": message}
+        if code is not None:
+            body["code"] = code
+        if extra:
+            body["spendgate"] = dict(extra)
+        return body
+
+    def error_headers(self, status: int) -> dict[str, str]:
+        return {"x-amzn-ErrorType": self.error_types.get(status, "InternalServerException")}
+
+    def sse_error(self, status: int, message: str, *, code: str | None = None) -> bytes:
+        """An ``exception`` message ending the event stream, which boto3 raises."""
+        kind = "serviceUnavailableException" if status >= 500 else "validationException"
+        return event_message({":message-type": "exception", ":exception-type": kind,
+                              ":content-type": "application/json"},
+                             json.dumps(self.error_body(status, message, code=code)).encode())
+
+    # -- credentials --------------------------------------------------------------------------
+
+    def api_key(self, headers: Mapping[str, str]) -> str | None:
+        return None  # a Bedrock client signs; it sends no key
+
+    def authenticate(self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes, store: Ledger,
+                     now: float) -> tuple[VirtualKey, str]:
+        """The virtual key whose AWS credentials signed this request, and its access key id.
+        PermissionError: no signature, an access key id spendgate did not issue, a bad signature or
+        a stale date. LookupError: spendgate has no upstream credentials to sign the call with."""
+        from spendgate import keys
+
+        auth = headers.get("authorization", "")
+        m = _AUTH.match(auth.strip())
+        if m is None:
+            raise PermissionError("the request is not signed with spendgate's AWS credentials (AWS4-HMAC-SHA256); "
+                                  "create them with spendgate keys create --aws")
+        access_key_id, day, region, service, signed, sent = m.groups()
+        amz_date = headers.get("x-amz-date", "")
+        try:
+            at = dt.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+        except ValueError:
+            raise PermissionError(f"X-Amz-Date: expected a time such as 20261203T120000Z, got {amz_date!r}") from None
+        if abs(at.timestamp() - now) > MAX_SKEW_S or day != amz_date[:8]:
+            raise PermissionError(f"Signature expired: X-Amz-Date {amz_date} is more than 15 minutes from "
+                                  f"spendgate's clock ({dt.datetime.fromtimestamp(now, dt.UTC):%Y%m%dT%H%M%SZ})")
+        found = keys.lookup_aws(store, access_key_id, now=now)
+        if found is None:
+            raise PermissionError(f"unknown or revoked spendgate AWS access key id {access_key_id}")
+        vkey, secret = found
+        names = signed.split(";")
+        if "host" not in names:
+            raise PermissionError("the signature must cover the host header")
+        sent_hash = headers.get("x-amz-content-sha256")
+        if sent_hash is not None and "x-amz-content-sha256" in names \
+                and sent_hash != hashlib.sha256(body).hexdigest():
+            raise PermissionError("X-Amz-Content-SHA256 is not the body's hash")
+        signed_headers = {n: headers.get(n, "") for n in names}
+        url = f"http://{headers.get('host', '')}{path_qs}"
+        expected = _signature(method, url, signed_headers, body, access_key_id, secret, region, service, amz_date)
+        if not hmac.compare_digest(expected.encode(), sent.encode()):
+            raise PermissionError("The request signature we calculated does not match the signature you provided. "
+                                  "Check your spendgate AWS secret access key and signing method.")
+        if not os.environ.get(BEARER_ENV) and upstream_credentials() is None:
+            raise LookupError(f"virtual AWS credentials accepted, but spendgate has no AWS credentials of its own "
+                              f"(botocore's standard chain) nor {BEARER_ENV} to sign the call to Bedrock with")
+        return vkey, access_key_id
+
+    def sign_upstream(self, method: str, url: str, headers: dict[str, str], body: bytes
+                      ) -> tuple[str | URL, dict[str, str]]:
+        """The upstream request signed with spendgate's own credentials (module docstring); the URL
+        kept byte for byte as signed (the model id's ``%3A``)."""
+        from yarl import URL
+
+        out = {k: v for k, v in headers.items() if k.lower() not in _SIGNING_HEADERS}
+        wire = URL(url, encoded=True)
+        bearer = os.environ.get(BEARER_ENV)
+        if bearer:
+            out["Authorization"] = f"Bearer {bearer}"
+            return wire, out
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        creds = upstream_credentials()
+        if creds is None:
+            raise LookupError(f"spendgate has no AWS credentials nor {BEARER_ENV} to sign the call to Bedrock with")
+        req = AWSRequest(method=method, url=url, data=body, headers=out)
+        SigV4Auth(creds.get_frozen_credentials(), SERVICE, _region(url)).add_auth(req)
+        return wire, dict(req.headers.items())
