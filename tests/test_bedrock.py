@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import time
@@ -22,12 +23,14 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from spendgate import keys
+from spendgate import keys, providers
 from spendgate import ledger as ledger_mod
 from spendgate.cli.main import main
+from spendgate.errors import BadRequest
 from spendgate.policy import default_policy, parse
 from spendgate.pricing.table import PriceTable
 from spendgate.providers import bedrock
+from spendgate.proxy.app import ProxyConfig
 from spendgate.report import SPEND_KINDS
 from spendgate.usage import UnreadableUsage, read_usage
 from tests.harness import Servers
@@ -78,6 +81,9 @@ ROUTE = "/model/{modelId}/converse"
 #: the upstream's usage: uncached input, cache reads, cache writes, output
 USAGE = {"inputTokens": 1200, "outputTokens": 345, "totalTokens": 1200 + 345 + 400 + 60,
          "cacheReadInputTokens": 400, "cacheWriteInputTokens": 60}
+#: the same usage as an Anthropic body reports it (InvokeModel)
+ANTHROPIC_USAGE = {"input_tokens": 1200, "output_tokens": 345, "cache_read_input_tokens": 400,
+                   "cache_creation_input_tokens": 60}
 PROXY_KEY, PROXY_SECRET = "AKIDSPENDGATEPROXY01", "proxy-secret-access-key"
 
 
@@ -105,7 +111,34 @@ class FakeBedrock:
         app = web.Application()
         app.router.add_post("/model/{modelId}/converse", self.converse)
         app.router.add_post("/model/{modelId}/converse-stream", self.stream)
+        app.router.add_post("/model/{modelId}/invoke", self.invoke)
+        app.router.add_post("/model/{modelId}/invoke-with-response-stream", self.invoke_stream)
         return app
+
+    async def invoke(self, request: web.Request) -> web.Response:
+        await self._check(request)
+        return web.json_response({"id": "msg_1", "type": "message", "role": "assistant",
+                                  "content": [{"type": "text", "text": "hello"}], "stop_reason": "end_turn",
+                                  "usage": ANTHROPIC_USAGE})
+
+    async def invoke_stream(self, request: web.Request) -> web.StreamResponse:
+        await self._check(request)
+        resp = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream"})
+        await resp.prepare(request)
+        start_usage = {**ANTHROPIC_USAGE, "output_tokens": 1}
+        events = [{"type": "message_start", "message": {"id": "msg_1", "role": "assistant", "usage": start_usage}},
+                  {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                  {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hello"}},
+                  {"type": "content_block_stop", "index": 0},
+                  {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                   "usage": {"output_tokens": ANTHROPIC_USAGE["output_tokens"]}},
+                  {"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 1200}}]
+        for e in events:
+            payload = json.dumps({"bytes": base64.b64encode(json.dumps(e).encode()).decode()}).encode()
+            await resp.write(bedrock.event_message({":message-type": "event", ":event-type": "chunk",
+                                                    ":content-type": "application/json"}, payload))
+        await resp.write_eof()
+        return resp
 
     async def _check(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -337,3 +370,77 @@ def test_converse_usage_is_read_strictly() -> None:
                 {"inputTokens": 5}, {"inputTokens": 5, "outputTokens": 1, "cacheReadInputTokens": 1.5}):
         with pytest.raises(UnreadableUsage):
             read_usage({"usage": bad})
+
+
+INVOKE_BODY = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 500, "messages": MESSAGES}
+
+
+def test_invoke_model_with_an_anthropic_body_is_charged_from_its_usage(servers_for: Any, table: PriceTable) -> None:
+    s, fake = servers_for()
+    out = client(s, aws_key(s)).invoke_model(modelId=MODEL, body=json.dumps(INVOKE_BODY))
+    assert json.loads(out["body"].read())["content"][0]["text"] == "hello"
+    assert charged(s) == [expected_cost(table)]
+    assert fake.seen[-1] == (f"/model/{MODEL.replace(':', '%3A')}/invoke", INVOKE_BODY)
+
+
+def test_invoke_stream_is_relayed_and_charged_from_its_anthropic_events(servers_for: Any, table: PriceTable) -> None:
+    s, _ = servers_for()
+    out = client(s, aws_key(s)).invoke_model_with_response_stream(modelId=MODEL, body=json.dumps(INVOKE_BODY))
+    events = [json.loads(e["chunk"]["bytes"]) for e in out["body"]]
+    assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta",
+                                           "content_block_stop", "message_delta", "message_stop"]
+    assert events[2]["delta"]["text"] == "hello"
+    assert charged(s) == [expected_cost(table)]
+
+
+def test_invoke_with_another_familys_body_is_refused_and_never_forwarded(servers_for: Any) -> None:
+    s, fake = servers_for()
+    with pytest.raises(ClientError) as raised:
+        client(s, aws_key(s)).invoke_model(modelId="meta.llama3-70b-instruct-v1:0",
+                                           body=json.dumps({"prompt": "hi", "max_gen_len": 10}))
+    assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert raised.value.response["Error"]["Code"] == "ValidationException"
+    assert "Converse" in raised.value.response["Error"]["Message"]
+    assert fake.seen == []
+
+
+def test_converse_shape_bounds_output_and_asks_for_cache_writes() -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "inferenceConfig": {"maxTokens": 700}}
+    shape = bedrock.converse(body)
+    assert (shape.requested_output, shape.cache_write, shape.stream) == (700, None, False)
+    cached = {**body, "system": [{"text": "You are terse."}, {"cachePoint": {"type": "default"}}]}
+    assert bedrock.converse(cached, stream=True).cache_write == "5m"
+    assert bedrock.converse(cached).input_tokens > shape.input_tokens
+    with pytest.raises(BadRequest):
+        bedrock.converse({"model": MODEL, "messages": "hi"})
+
+
+def test_a_clamped_converse_body_goes_back_in_bedrocks_shape() -> None:
+    p = providers.get("bedrock")
+    edited = json.dumps({"model": "global.anthropic.claude-haiku-4-5-20251001-v1:0", "messages": MESSAGES,
+                         "maxTokens": 100, "inferenceConfig": {"maxTokens": 900, "temperature": 0}}).encode()
+    path, out = p.upstream(f"/model/{MODEL}/converse", {"modelId": MODEL}, edited, True)
+    assert path == "/model/global.anthropic.claude-haiku-4-5-20251001-v1%3A0/converse"
+    assert json.loads(out) == {"messages": MESSAGES, "inferenceConfig": {"maxTokens": 100, "temperature": 0}}
+
+
+def test_the_upstream_base_url_comes_from_the_policy_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ProxyConfig.from_policy(default_policy()).upstreams["bedrock"] == \
+        "https://bedrock-runtime.us-east-1.amazonaws.com"
+    pol = parse({"upstream": {"bedrock": "https://bedrock-runtime.eu-west-1.amazonaws.com"}})
+    assert ProxyConfig.from_policy(pol).upstreams["bedrock"] == "https://bedrock-runtime.eu-west-1.amazonaws.com"
+    monkeypatch.setenv("SPENDGATE_BEDROCK_BASE_URL", "http://127.0.0.1:9")
+    assert ProxyConfig.from_policy(pol).upstreams["bedrock"] == "http://127.0.0.1:9"
+    assert bedrock._region("https://bedrock-runtime.eu-west-1.amazonaws.com/model/x/converse") == "eu-west-1"
+    monkeypatch.setenv("AWS_REGION", "ap-southeast-2")
+    assert bedrock._region("http://127.0.0.1:9/model/x/converse") == "ap-southeast-2"
+
+
+def test_a_bedrock_api_key_signs_the_upstream_call_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(bedrock.BEARER_ENV, "bedrock-api-key-1")
+    url, headers = providers.get("bedrock").sign_upstream(
+        "POST", "http://127.0.0.1:9/model/x%3A0/converse",
+        {"Authorization": "AWS4-HMAC-SHA256 Credential=SGAK…", "X-Amz-Date": "20261203T000000Z",
+         "Content-Type": "application/json"}, b"{}")
+    assert headers == {"Content-Type": "application/json", "Authorization": "Bearer bedrock-api-key-1"}
+    assert str(url).endswith("/model/x%3A0/converse")

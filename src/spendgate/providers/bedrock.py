@@ -1,4 +1,5 @@
-"""AWS Bedrock's runtime API: ``Converse`` and ``ConverseStream``, called by stock AWS SDKs.
+"""AWS Bedrock's runtime API: ``Converse``, ``ConverseStream``, ``InvokeModel`` and
+``InvokeModelWithResponseStream``, called by stock AWS SDKs.
 
 The model (a model id or an inference profile: ``us.anthropic.claude-sonnet-4-5-20250929-v1:0``) is
 in the path, ``POST /model/{modelId}/converse`` and ``/model/{modelId}/converse-stream``; the proxy
@@ -28,6 +29,12 @@ script at least its per-script floor, plus :data:`PER_MESSAGE` a message; an ima
 :data:`BYTES_PER_TOKEN` bytes. **Output bound**: ``inferenceConfig.maxTokens``, else the model's
 maximum from the price table.
 
+**InvokeModel** (``/model/{modelId}/invoke``, ``/invoke-with-response-stream``) is priced for
+Anthropic-family bodies (``anthropic_version``, ``messages``, ``max_tokens``), counted as Anthropic's
+Messages API counts them; its usage is the Anthropic ``usage`` of the response, or of the stream's
+``message_start`` and ``message_delta`` events, which arrive base64-encoded inside ``chunk`` events.
+Any other model family's invoke body is refused (400, never forwarded): call it through Converse.
+
 **Usage** is the response's ``usage`` (``inputTokens`` excludes the cache reads and writes, which
 come as ``cacheReadInputTokens`` / ``cacheWriteInputTokens``; :func:`spendgate.usage.read_usage`),
 and in a stream the ``metadata`` event's. The stream is AWS event-stream binary framing, read with
@@ -42,6 +49,7 @@ does not send it again.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import datetime as dt
 import hashlib
@@ -58,8 +66,10 @@ from urllib.parse import quote
 
 from spendgate.errors import BadRequest
 from spendgate.estimate.anthropic import DEFAULT_FACTOR, floors
+from spendgate.estimate.anthropic import messages as anthropic_messages
 from spendgate.estimate.shape import TokenShape, dumps, optional_int
 from spendgate.estimate.tokens import counter
+from spendgate.providers.anthropic import merge_usage
 from spendgate.providers.base import Parser, Provider
 
 if TYPE_CHECKING:
@@ -85,7 +95,9 @@ BEARER_ENV = "AWS_BEARER_TOKEN_BEDROCK"
 
 _CONVERSE = "/model/{modelId}/converse"
 _STREAM = "/model/{modelId}/converse-stream"
-_ACTIONS = {_CONVERSE: "converse", _STREAM: "converse-stream"}
+_INVOKE = "/model/{modelId}/invoke"
+_INVOKE_STREAM = "/model/{modelId}/invoke-with-response-stream"
+_ACTIONS = ("converse-stream", "converse", "invoke-with-response-stream", "invoke")
 _AUTH = re.compile(r"^AWS4-HMAC-SHA256 Credential=([^/\s,]+)/(\d{8})/([^/\s,]+)/([^/\s,]+)/aws4_request,\s*"
                    r"SignedHeaders=([a-z0-9;\-_.]+),\s*Signature=([0-9a-f]{64})$")
 _REGION_IN_HOST = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com")
@@ -117,9 +129,11 @@ def _source_bytes(block: Mapping[str, Any]) -> int:
     return math.ceil(len(data) * 3 / 4) if isinstance(data, str) else 0
 
 
-def _block(t: _Tally, block: Any, where: str) -> None:
+def _block(t: _Tally, block: Any, where: str) -> str | None:
+    """Count one content block; the cache TTL a ``cachePoint`` block asks for (None: none)."""
     if not isinstance(block, Mapping):
         raise BadRequest(f"`{where}` must be an object, got {type(block).__name__}")
+    ttl = None
     for key, value in block.items():
         if key == "text" and isinstance(value, str):
             t.text(value)
@@ -129,9 +143,10 @@ def _block(t: _Tally, block: Any, where: str) -> None:
             t.fixed += math.ceil(_source_bytes(value) / BYTES_PER_TOKEN)
             t.text(dumps({k: v for k, v in value.items() if k != "source"}))
         elif key == "cachePoint":
-            continue
+            ttl = "1h" if isinstance(value, Mapping) and value.get("ttl") == "1h" else "5m"
         else:  # a tool call or result, reasoning, a guard: as JSON
             t.text(dumps({key: value}))
+    return ttl
 
 
 def model_of(body: Mapping[str, Any]) -> str:
@@ -151,25 +166,39 @@ def converse(body: Mapping[str, Any], stream: bool = False) -> TokenShape:
     system = body.get("system") or []
     if not isinstance(system, list):
         raise BadRequest(f"`system` must be a list, got {type(system).__name__}")
-    for i, block in enumerate(system):
-        _block(t, block, f"system[{i}]")
+    ttls = [_block(t, block, f"system[{i}]") for i, block in enumerate(system)]
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping) or not isinstance(msg.get("content"), list):
             raise BadRequest(f"`messages[{i}]` must be an object with a `content` list")
-        for j, block in enumerate(msg["content"]):
-            _block(t, block, f"messages[{i}].content[{j}]")
+        ttls += [_block(t, block, f"messages[{i}].content[{j}]") for j, block in enumerate(msg["content"])]
         t.fixed += PER_MESSAGE
     for name in ("toolConfig", "promptVariables"):
         if body.get(name):
             t.text(dumps(body[name]))
+            if b'"cachePoint"' in dumps(body[name]).encode():
+                ttls.append("1h" if b'"1h"' in dumps(body[name]).encode() else "5m")
+    asked = [x for x in ttls if x is not None]
+    cache_write = ("1h" if "1h" in asked else "5m") if asked else None
     config = body.get("inferenceConfig") or {}
     if not isinstance(config, Mapping):
         raise BadRequest(f"`inferenceConfig` must be an object, got {type(config).__name__}")
     bound = optional_int(body, CLAMP_FIELD)  # a clamp's edit
     if bound is None:
         bound = optional_int(config, "maxTokens")
-    return TokenShape(model=model, input_tokens=t.total(), requested_output=bound, choices=1, stream=stream,
-                      exact=False)
+    return TokenShape(model=model, input_tokens=t.total(), requested_output=bound, choices=1,
+                      cache_write=cache_write, stream=stream, exact=False)
+
+
+def invoke(body: Mapping[str, Any], stream: bool = False, factor: float = DEFAULT_FACTOR) -> TokenShape:
+    """The token shape of an ``InvokeModel`` body: an Anthropic-family body, counted as Anthropic's
+    Messages API (module docstring); any other family's is refused."""
+    model = model_of(body)
+    if "anthropic_version" not in body and ".anthropic." not in f".{model}":
+        raise BadRequest(f"/model/{model}/invoke is priced only for Anthropic-family bodies (anthropic_version, "
+                         "messages, max_tokens); call other models through Converse (/model/{modelId}/converse)")
+    shape = anthropic_messages(body, factor)
+    shape.stream = stream
+    return shape
 
 
 # -- AWS event-stream framing ------------------------------------------------------------------------
@@ -224,13 +253,18 @@ def meter_class() -> type[StreamMeter]:
             if headers.get(":message-type") != "event":
                 return
             kind = headers.get(":event-type")
-            if kind not in ("metadata", "contentBlockDelta"):
+            if kind not in ("metadata", "contentBlockDelta", "chunk"):
                 return
             try:
                 obj = json.loads(payload)
-            except ValueError:
+                if kind == "chunk":  # InvokeModel's stream: the model's own event, base64-encoded
+                    obj = json.loads(base64.b64decode(obj["bytes"], validate=True))
+            except (ValueError, KeyError, TypeError):
                 return
             if not isinstance(obj, dict):
+                return
+            if kind == "chunk":
+                self._anthropic_event(obj)
                 return
             if kind == "metadata":
                 self._spec.stream_usage(self, obj)
@@ -245,6 +279,14 @@ def meter_class() -> type[StreamMeter]:
                 reasoning = delta.get("reasoningContent")
                 if isinstance(reasoning, dict) and isinstance(reasoning.get("text"), str):
                     self.text.append(reasoning["text"])
+
+        def _anthropic_event(self, obj: dict[str, Any]) -> None:
+            kind = obj.get("type")
+            if kind in ("message_start", "message_delta"):
+                self._spec.stream_usage(self, obj)
+            elif kind == "content_block_delta" and isinstance(obj.get("delta"), dict):
+                self.text.extend(obj["delta"][f] for f in ("text", "thinking", "partial_json")
+                                 if isinstance(obj["delta"].get(f), str))
 
     return BedrockMeter
 
@@ -288,8 +330,10 @@ def _signature(method: str, url: str, headers: Mapping[str, str], body: bytes, a
 class Bedrock(Provider):
     name = "bedrock"
     default_base_url = "https://bedrock-runtime.us-east-1.amazonaws.com"
-    routes: Mapping[str, Parser] = {_CONVERSE: converse, _STREAM: partial(converse, stream=True)}
-    output_fields: Mapping[str, tuple[str, ...]] = {r: (CLAMP_FIELD,) for r in routes}
+    routes: Mapping[str, Parser] = {_CONVERSE: converse, _STREAM: partial(converse, stream=True),
+                                    _INVOKE: invoke, _INVOKE_STREAM: partial(invoke, stream=True)}
+    output_fields: Mapping[str, tuple[str, ...]] = {_CONVERSE: (CLAMP_FIELD,), _STREAM: (CLAMP_FIELD,),
+                                                    _INVOKE: ("max_tokens",), _INVOKE_STREAM: ("max_tokens",)}
     conversation_fields: Mapping[str, str] = {r: "messages" for r in routes}
     chat_route = _CONVERSE
     price_providers = ("bedrock",)
@@ -308,6 +352,13 @@ class Bedrock(Provider):
         429: "ThrottlingException", 500: "InternalServerException", 502: "ServiceUnavailableException",
         503: "ServiceUnavailableException", 504: "ModelTimeoutException"}
 
+    def parsers(self, factor: float | None) -> dict[str, Parser]:
+        """Invoke bodies are Anthropic's: counted with the policy's ``anthropic_token_factor``."""
+        if factor is None:
+            return dict(self.routes)
+        return {**self.routes, _INVOKE: partial(invoke, factor=factor),
+                _INVOKE_STREAM: partial(invoke, stream=True, factor=factor)}
+
     def body_with(self, route: str, params: Mapping[str, str], body: dict[str, Any]) -> dict[str, Any]:
         model = params.get("modelId")
         return {**body, "model": model} if model else body
@@ -316,7 +367,7 @@ class Bedrock(Provider):
         """The path with the model id percent-encoded as AWS SDKs send it (``%3A``), the model a
         downgrade chose; an edited body without ``model`` and with a clamp under ``inferenceConfig``."""
         model = params.get("modelId", "")
-        action = "converse-stream" if path.endswith("/converse-stream") else "converse"
+        action = next(a for a in _ACTIONS if path.endswith(f"/{a}"))
         if edited:
             obj = json.loads(body)
             chosen = obj.pop("model", None)
@@ -332,10 +383,19 @@ class Bedrock(Provider):
         return meter_class()(self.name, withhold)
 
     def stream_usage(self, meter: StreamMeter, obj: dict[str, Any]) -> bool:
-        """The ``metadata`` event's ``usage`` is the stream's whole usage: it is final."""
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            meter.usage = {"usage": usage}
+        """ConverseStream: the ``metadata`` event's ``usage`` is the whole usage, final. An invoke
+        stream's Anthropic events: ``message_start``'s usage, completed by ``message_delta``'s."""
+        kind = obj.get("type")
+        if kind == "message_start":
+            msg = obj.get("message")
+            if isinstance(msg, dict) and isinstance(msg.get("usage"), dict):
+                meter.usage = dict(msg["usage"])
+        elif kind == "message_delta":
+            if isinstance(obj.get("usage"), dict):
+                meter.usage = merge_usage(meter.usage or {}, obj["usage"])
+                meter.complete = True
+        elif isinstance(obj.get("usage"), dict):
+            meter.usage = {"usage": obj["usage"]}
             meter.complete = True
         return True
 
