@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -106,6 +107,7 @@ class FakeBedrock:
     def __init__(self) -> None:
         self.seen: list[tuple[str, dict[str, Any]]] = []
         self.usage: dict[str, int] = dict(USAGE)
+        self.cut = False
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -175,6 +177,10 @@ class FakeBedrock:
                   event("contentBlockStop", {"contentBlockIndex": 0}),
                   event("messageStop", {"stopReason": "end_turn"}),
                   event("metadata", {"usage": self.usage, "metrics": {"latencyMs": 12}})]
+        if self.cut:  # the upstream breaks off after the first text
+            await resp.write(b"".join(frames[:3]))
+            request.transport.close()  # type: ignore[union-attr]
+            return resp
         data = b"".join(frames)
         for i in range(0, len(data), 7):  # frames split across reads
             await resp.write(data[i:i + 7])
@@ -444,3 +450,20 @@ def test_a_bedrock_api_key_signs_the_upstream_call_when_set(monkeypatch: pytest.
          "Content-Type": "application/json"}, b"{}")
     assert headers == {"Content-Type": "application/json", "Authorization": "Bearer bedrock-api-key-1"}
     assert str(url).endswith("/model/x%3A0/converse")
+
+
+def test_a_cut_stream_ends_with_an_exception_boto3_raises_and_is_charged_input_plus_output_seen(
+        servers_for: Any) -> None:
+    s, fake = servers_for()
+    fake.cut = True
+    out = client(s, aws_key(s)).converse_stream(modelId=MODEL, messages=MESSAGES, inferenceConfig={"maxTokens": 500})
+    got: list[dict[str, Any]] = []
+    with pytest.raises(ClientError) as raised:
+        for e in out["stream"]:
+            got.append(e)
+    assert "broke off the stream" in str(raised.value)
+    assert [e["contentBlockDelta"]["delta"]["text"] for e in got[1:]] == ["hello", " there"]
+    [event] = [e for e in (s.settled(), s.store.events(0))[1] if e.kind in SPEND_KINDS]
+    assert event.kind == "unknown" and event.cost > 0
+    # "hello there" relayed: 2 o200k tokens, scaled up as the input counts are
+    assert event.output_tokens == math.ceil(2 * s.engine.estimator.anthropic_factor)
