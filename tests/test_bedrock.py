@@ -467,3 +467,20 @@ def test_a_cut_stream_ends_with_an_exception_boto3_raises_and_is_charged_input_p
     assert event.kind == "unknown" and event.cost > 0
     # "hello there" relayed: 2 o200k tokens, scaled up as the input counts are
     assert event.output_tokens == math.ceil(2 * s.engine.estimator.anthropic_factor)
+
+
+def test_an_unknown_bedrock_route_is_refused_in_aws_shape(servers_for: Any) -> None:
+    s, fake = servers_for()
+    with pytest.raises(ClientError) as raised:
+        client(s, aws_key(s)).apply_guardrail(guardrailIdentifier="g1", guardrailVersion="1", source="INPUT",
+                                               content=[{"text": {"text": "hi"}}])
+    assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert raised.value.response["Error"]["Code"] == "ResourceNotFoundException"
+    assert "not a route spendgate can price" in raised.value.response["Error"]["Message"]
+    assert fake.seen == []
+
+
+def test_converse_tool_results_are_part_of_the_tool_round() -> None:
+    p = providers.get("bedrock")
+    assert p.is_tool_result({"role": "user", "content": [{"toolResult": {"toolUseId": "t1", "content": []}}]})
+    assert not p.is_tool_result({"role": "user", "content": [{"text": "hi"}]})

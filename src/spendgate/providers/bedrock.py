@@ -382,6 +382,13 @@ class Bedrock(Provider):
     def meter(self, withhold: bool = False) -> StreamMeter:
         return meter_class()(self.name, withhold)
 
+    def is_tool_result(self, item: Mapping[str, Any]) -> bool:
+        """A ``user`` message carrying tool results (Converse ``toolResult`` blocks, or an Anthropic
+        invoke body's ``tool_result``): part of the assistant's tool round."""
+        content = item.get("content")
+        return isinstance(content, list) and any(
+            isinstance(b, Mapping) and ("toolResult" in b or b.get("type") == "tool_result") for b in content)
+
     def stream_usage(self, meter: StreamMeter, obj: dict[str, Any]) -> bool:
         """ConverseStream: the ``metadata`` event's ``usage`` is the whole usage, final. An invoke
         stream's Anthropic events: ``message_start``'s usage, completed by ``message_delta``'s."""
@@ -430,6 +437,9 @@ class Bedrock(Provider):
         a stale date. LookupError: spendgate has no upstream credentials to sign the call with."""
         from spendgate import keys
 
+        getall = getattr(headers, "getall", None)
+        if getall is not None and any(len(getall(h, ())) > 1 for h in ("authorization", "x-amz-date")):
+            raise PermissionError("the request carries more than one Authorization or X-Amz-Date header")
         auth = headers.get("authorization", "")
         m = _AUTH.match(auth.strip())
         if m is None:

@@ -254,13 +254,15 @@ class Proxy:
     # -- routes -------------------------------------------------------------------------------
 
     async def unknown(self, request: web.Request) -> web.StreamResponse:
-        provider = providers.by_headers(request.headers).name
+        spec = providers.by_headers(request.headers)
+        provider, typed = spec.name, spec.error_headers(404)
         if request.method == "POST":
             priced = sorted({path for _, path in providers.priced_routes()})
             return error_response(provider, 404, f"spendgate: {request.path} is not a route spendgate can price, "
                                                  "so it is refused; priced routes are " + ", ".join(priced),
-                                  code="spendgate_unknown_route")
-        return error_response(provider, 404, f"spendgate: no such route {request.method} {request.path}")
+                                  code="spendgate_unknown_route", headers=typed)
+        return error_response(provider, 404, f"spendgate: no such route {request.method} {request.path}",
+                              headers=typed)
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Free routes with no body to price (``GET /v1/models``)."""
