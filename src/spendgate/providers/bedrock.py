@@ -59,7 +59,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -344,6 +344,11 @@ class Bedrock(Provider):
     signed_requests = True
     auth_failure_status = 403
     stream_content_types = ("application/vnd.amazon.eventstream",)
+    #: ``spendgate.wrap`` takes a boto3 / botocore ``bedrock-runtime`` client (:meth:`sdk_guard`)
+    sdk_package = "botocore"
+    sdk_error = "exceptions.ClientError"
+    #: the botocore service a wrapped client must be for
+    sdk_service = "bedrock-runtime"
     error_types: Mapping[int, str] = {
         400: "ValidationException", 401: "UnrecognizedClientException",
         # a refusal: no AWS error type boto3 retries (ThrottlingException would be sent again)
@@ -405,6 +410,25 @@ class Bedrock(Provider):
             meter.usage = {"usage": obj["usage"]}
             meter.complete = True
         return True
+
+    def sdk_error_fields(self, status: int) -> dict[str, Any]:
+        """``response`` and ``operation_name`` as on botocore's own ``ClientError`` (code read from
+        ``e.response["Error"]["Code"]``, status from its ``ResponseMetadata``)."""
+        kind = self.error_types.get(status, "InternalServerException")
+
+        def response(err: Exception) -> dict[str, Any]:
+            return {"Error": {"Code": kind, "Message": str(err)},
+                    "ResponseMetadata": {"HTTPStatusCode": status}}
+
+        return {"response": property(response), "operation_name": None}
+
+    def sdk_guard(self, client: Any, guard: Callable[[Any], Any]) -> Any | None:
+        """A boto3 ``bedrock-runtime`` client guarded by handlers on its own botocore events
+        (:mod:`spendgate.sdk._botocore`): the same client, returned, nothing patched. ``guard`` is
+        ``wrap``'s binder, whose ``guard(library)`` is a :class:`~spendgate.sdk._transport.Guard`."""
+        from spendgate.sdk._botocore import guard_client
+
+        return guard_client(client, guard, self.sdk_service)
 
     def error_body(self, status: int, message: str, *, code: str | None = None,
                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ loaded by :func:`spendgate.wrap` only, so ``import spendgate`` works without the
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
@@ -42,6 +42,18 @@ class Errors:
     exceeded: type[BudgetExceeded]
     bad_request: type[BadRequest]
     store: type[StoreError]
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """A priced request, whichever library carries it: its hold (None: a free route), the path and
+    bytes to send (``body is raw``: unchanged) and whether to withhold the usage event."""
+
+    decision: Decision | None
+    path: str
+    raw: bytes
+    body: bytes
+    withhold: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +97,27 @@ class Guard:
         return None
 
     def before(self, request: httpx2.Request) -> Prepared:
-        found = self.route_of(request.url.path)
-        route, params = found if found is not None else (None, {})
-        if route in self._spec.free_routes or (route is None and request.method in ("GET", "HEAD", "DELETE")):
+        priced = self.price(request.method, request.url.path, request.headers, request.read)
+        if priced.decision is None:
             return Prepared(request, None)
+        if priced.body is not priced.raw:
+            headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
+            url = request.url if priced.path == request.url.path else request.url.copy_with(path=priced.path)
+            request = self.http.Request(request.method, url, headers=headers, content=priced.body,
+                                        extensions=request.extensions)
+        return Prepared(request, priced.decision, priced.withhold)
+
+    def price(self, method: str, path: str, headers: Mapping[str, str], read: Callable[[], bytes]) -> Priced:
+        """Price and hold the request ``method path`` (its body read by ``read`` only when the route
+        is priced), independent of the HTTP library that carries it: the decision (None: a free
+        route), and the path and bytes to send. Raises the SDK-typed refusal when it does not fit."""
+        found = self.route_of(path)
+        route, params = found if found is not None else (None, {})
+        if route in self._spec.free_routes or (route is None and method in ("GET", "HEAD", "DELETE")):
+            return Priced(None, path, b"", b"")
         if route is None:
-            raise self.errors.bad_request(
-                f"spendgate: {request.method} {request.url.path} cannot be priced, so it was not sent")
-        raw = request.read()
+            raise self.errors.bad_request(f"spendgate: {method} {path} cannot be priced, so it was not sent")
+        raw = read()
         try:
             body = json.loads(raw)
         except ValueError as exc:
@@ -102,7 +127,7 @@ class Guard:
             body = self._spec.body_with(route, params, body)
         scopes = active_scopes()
         rules = [s.rule for s in scopes]
-        req = Request(self.provider, route, body, self._identity(request), raw=raw)
+        req = Request(self.provider, route, body, self.identity_of(headers), raw=raw)
         try:
             d = engine.decide(req, extra_rules=rules)
             if not d.allowed:
@@ -114,21 +139,20 @@ class Guard:
         except StoreError as exc:
             raise self.errors.store(f"spendgate: the spend store failed, so the call was not sent: {exc}") from None
         out, withhold = outgoing(route, raw, d, self.provider)
-        path, out = self._spec.upstream(request.url.path, params, out, out is not raw)
-        if out is not raw:
-            headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
-            url = request.url if path == request.url.path else request.url.copy_with(path=path)
-            request = self.http.Request(request.method, url, headers=headers, content=out,
-                                        extensions=request.extensions)
-        return Prepared(request, d, withhold)
+        new_path, out = self._spec.upstream(path, params, out, out is not raw)
+        return Priced(d, new_path, raw, out, withhold)
 
     def _ask(self, engine: Engine, req: Request, d: Decision, rules: list[Any]) -> Decision:
         """A refusal, unless the tripped budget's ``on_exceed`` callable lets the call through once."""
         return answer_refusal(engine, req, d, rules, self.errors.exceeded)
 
     def _identity(self, request: httpx2.Request) -> Identity:
+        return self.identity_of(request.headers)
+
+    def identity_of(self, headers: Mapping[str, str]) -> Identity:
+        """Who the call is for: the active tags and capability, and the hash of the key it carries."""
         tags = active_tags()
-        auth = self._spec.api_key(request.headers) or ""
+        auth = self._spec.api_key(headers) or ""
         if auth != self._last_auth:  # a client sends one key: hash it once, not per call
             self._last_auth, self._last_hash = auth, hash_key(auth) if auth else None
         return Identity(key=self._last_hash, tags=tags, user=tags.get("user"), team=tags.get("team"),

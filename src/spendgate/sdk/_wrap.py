@@ -23,7 +23,7 @@ from spendgate import providers
 from spendgate.errors import BadRequest, BudgetExceeded, StoreError
 
 if TYPE_CHECKING:
-    from spendgate.sdk._transport import Errors
+    from spendgate.sdk._transport import Errors, Guard
 
 C = TypeVar("C")
 EXTRA_HINT = "pip install 'spendgate[clients]'"
@@ -77,17 +77,46 @@ def _http_library(http: object) -> ModuleType | None:
     return None
 
 
+class _Binder:
+    """What a provider's ``sdk_guard`` hook is given. Called with an HTTP client: the guard transport
+    over that client's own transport (itself if it is one already). ``guard(library)``: a fresh
+    :class:`~spendgate.sdk._transport.Guard` for an SDK that is not on an httpx library (botocore,
+    whose hooks the binding registers itself)."""
+
+    def __init__(self, sdk: str, capability: str | None, expected: str) -> None:
+        self.sdk, self.capability, self.expected = sdk, capability, expected
+
+    def guard(self, library: ModuleType) -> Guard:
+        from spendgate.sdk._transport import Guard
+
+        return Guard(self.sdk, errors_for(self.sdk), library, capability=self.capability)
+
+    def __call__(self, http: Any) -> Any:
+        from spendgate.sdk._transport import Guarded, transports
+
+        lib = _http_library(http)
+        if lib is None:
+            raise TypeError(self.expected)
+        inner = http._transport
+        if isinstance(inner, Guarded):
+            return inner
+        kit = transports(lib)
+        g = self.guard(lib)
+        return kit.async_(inner, g) if isinstance(http, lib.AsyncClient) else kit.sync(inner, g)
+
+
 def wrap(client: C, *, capability: str | None = None) -> C:
     """Guard an ``OpenAI``, ``AsyncOpenAI``, ``Anthropic``, ``AsyncAnthropic`` or ``google.genai``
     ``Client`` (sync and ``.aio``), on whichever HTTP client it holds (an ``httpx2`` one, or a legacy
-    ``httpx`` one given as ``http_client``). ``capability``: what the client's calls carry outside
+    ``httpx`` one given as ``http_client``), or a boto3 ``bedrock-runtime`` client (on its botocore
+    event hooks: the same client is returned). ``capability``: what the client's calls carry outside
     any ``spendgate.capability`` block.
 
     Raises :class:`ImportError` naming the ``clients`` extra when the provider SDKs are not installed."""
     _http_library(None)  # without the SDKs' HTTP library no client can be guarded: ImportError naming the extra
     spec = _provider_of(client)
-    expected = ("spendgate.wrap: expected an OpenAI, AsyncOpenAI, Anthropic, AsyncAnthropic or google.genai "
-                f"client, got {type(client).__name__}")
+    expected = ("spendgate.wrap: expected an OpenAI, AsyncOpenAI, Anthropic, AsyncAnthropic, google.genai or "
+                f"boto3 bedrock-runtime client, got {type(client).__name__}")
     if spec is None:
         raise TypeError(expected)
     from spendgate.sdk._context import check_capability
@@ -96,18 +125,7 @@ def wrap(client: C, *, capability: str | None = None) -> C:
     check_capability(capability, "spendgate.wrap capability")
     sdk = spec.name
 
-    def guard_for(http: Any) -> Any:
-        """The guard transport over ``http``'s own transport (itself if it is one already)."""
-        lib = _http_library(http)
-        if lib is None:
-            raise TypeError(expected)
-        inner = http._transport
-        if isinstance(inner, Guarded):
-            return inner
-        kit = transports(lib)
-        g = Guard(sdk, errors_for(sdk), lib, capability=capability)
-        return kit.async_(inner, g) if isinstance(http, lib.AsyncClient) else kit.sync(inner, g)
-
+    guard_for = _Binder(sdk, capability, expected)
     custom = spec.sdk_guard(client, guard_for)
     if custom is not None:
         return custom  # type: ignore[no-any-return]
