@@ -18,10 +18,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from spendgate.errors import BadRequest
-from spendgate.estimate import images, schemas
-from spendgate.estimate.scripts import Floors
+from spendgate.estimate import images
 from spendgate.estimate.shape import TokenShape, dumps, optional_int, require_list, require_model
-from spendgate.estimate.tokens import TokenCounter, counter
+from spendgate.estimate.tally import Tally, tally
 
 #: Claude tokens per o200k token, biased upward (README: "Anthropic input estimates").
 DEFAULT_FACTOR = 1.7
@@ -34,48 +33,7 @@ IMAGE_WORST = 1600
 PDF_BYTES_PER_TOKEN = 12
 
 
-class _Tally:
-    """Input tokens of one request: o200k tokens to scale by the factor, the script floors' excess
-    over that (README: "Anthropic input estimates"), and fixed tokens (images, documents)."""
-
-    __slots__ = ("excess", "factor", "fixed", "floors", "scaled", "tc")
-
-    def __init__(self, tc: TokenCounter, floors: Floors, factor: float) -> None:
-        self.tc, self.floors, self.factor = tc, floors, factor
-        self.scaled = self.fixed = 0
-        self.excess = 0.0
-
-    def text(self, text: str) -> None:
-        self.scaled += self.tc.count(text)
-        if not text.isascii():
-            self.excess += self.floors.excess(text, self.factor)
-
-    def bound(self, text: str) -> float:
-        """``text``'s tokens as this estimate counts them (scaled, floored), not yet added."""
-        return self.factor * self.tc.count(text) + (0.0 if text.isascii() else self.floors.excess(text, self.factor))
-
-    def tools(self, tools: Any) -> None:
-        """The tool list: its JSON, or — when an ``input_schema`` uses ``$ref``s — each tool with
-        its schema's references inlined, if that is longer (:func:`schemas.bound`)."""
-        text = dumps(tools)
-        if not schemas.is_composite(text):
-            self.text(text)
-            return
-        inlined = 0.0
-        for tool in tools if isinstance(tools, list) else [tools]:
-            schema = tool.get("input_schema") if isinstance(tool, Mapping) else None
-            if isinstance(schema, Mapping):
-                rest = {k: v for k, v in tool.items() if k != "input_schema"}
-                inlined += self.bound(dumps(rest)) + schemas.bound(schema, self.bound)
-            else:
-                inlined += self.bound(dumps(tool))
-        self.excess += max(self.bound(text), inlined)
-
-    def total(self) -> int:
-        return math.ceil(self.scaled * self.factor + self.excess) + self.fixed
-
-
-def _block_tokens(t: _Tally, block: Any) -> None:
+def _block_tokens(t: Tally, block: Any) -> None:
     """Adds one content block to ``t``."""
     if isinstance(block, str):
         t.text(block)
@@ -115,7 +73,7 @@ def _block_tokens(t: _Tally, block: Any) -> None:
         t.text(dumps(block))
 
 
-def _content_tokens(t: _Tally, content: Any) -> None:
+def _content_tokens(t: Tally, content: Any) -> None:
     if isinstance(content, str):
         t.text(content)
     elif isinstance(content, list):
@@ -145,8 +103,7 @@ def _cache_ttl(node: Any) -> str | None:
 
 def messages(body: Mapping[str, Any], factor: float = DEFAULT_FACTOR) -> TokenShape:
     model = require_model(body)
-    tc = counter("o200k_base")
-    t = _Tally(tc, floors(tc), factor)
+    t = tally(factor)
     msgs = require_list(body, "messages")
     _content_tokens(t, body.get("system"))
     for msg in msgs:
@@ -166,14 +123,3 @@ def messages(body: Mapping[str, Any], factor: float = DEFAULT_FACTOR) -> TokenSh
         stream=bool(body.get("stream")),
         exact=False,
     )
-
-
-_floors: dict[int, Floors] = {}
-
-
-def floors(tc: TokenCounter) -> Floors:
-    """The process-wide script floors over ``tc`` (shared so their cache is shared)."""
-    got = _floors.get(id(tc))
-    if got is None:
-        got = _floors.setdefault(id(tc), Floors(tc.count_uncached))
-    return got

@@ -65,10 +65,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from spendgate.errors import BadRequest
-from spendgate.estimate.anthropic import DEFAULT_FACTOR, floors
+from spendgate.estimate.anthropic import DEFAULT_FACTOR
 from spendgate.estimate.anthropic import messages as anthropic_messages
 from spendgate.estimate.shape import TokenShape, dumps, optional_int
-from spendgate.estimate.tokens import counter
+from spendgate.estimate.tally import Tally, tally
 from spendgate.providers.anthropic import merge_usage
 from spendgate.providers.base import Parser, Provider
 
@@ -105,31 +105,13 @@ _REGION_IN_HOST = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaw
 _SIGNING_HEADERS = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
 
 
-class _Tally:
-    __slots__ = ("excess", "fixed", "floors", "scaled", "tc")
-
-    def __init__(self) -> None:
-        self.tc = counter("o200k_base")
-        self.floors = floors(self.tc)
-        self.scaled = self.fixed = 0
-        self.excess = 0.0
-
-    def text(self, text: str) -> None:
-        self.scaled += self.tc.count(text)
-        if not text.isascii():
-            self.excess += self.floors.excess(text, FACTOR)
-
-    def total(self) -> int:
-        return math.ceil(self.scaled * FACTOR + self.excess) + self.fixed
-
-
 def _source_bytes(block: Mapping[str, Any]) -> int:
     source = block.get("source")
     data = source.get("bytes") if isinstance(source, Mapping) else None
     return math.ceil(len(data) * 3 / 4) if isinstance(data, str) else 0
 
 
-def _block(t: _Tally, block: Any, where: str) -> str | None:
+def _block(t: Tally, block: Any, where: str) -> str | None:
     """Count one content block; the cache TTL a ``cachePoint`` block asks for (None: none)."""
     if not isinstance(block, Mapping):
         raise BadRequest(f"`{where}` must be an object, got {type(block).__name__}")
@@ -162,7 +144,7 @@ def converse(body: Mapping[str, Any], stream: bool = False) -> TokenShape:
     messages = body.get("messages", [])
     if not isinstance(messages, list):
         raise BadRequest(f"`messages` must be a list, got {type(messages).__name__}")
-    t = _Tally()
+    t = tally(FACTOR)
     system = body.get("system") or []
     if not isinstance(system, list):
         raise BadRequest(f"`system` must be a list, got {type(system).__name__}")

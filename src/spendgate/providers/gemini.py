@@ -52,9 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 from spendgate.errors import BadRequest
 from spendgate.estimate import images
-from spendgate.estimate.anthropic import floors
 from spendgate.estimate.shape import TokenShape, dumps, optional_int
-from spendgate.estimate.tokens import counter
+from spendgate.estimate.tally import Tally, tally
 from spendgate.providers.base import Parser, Provider
 
 if TYPE_CHECKING:
@@ -97,27 +96,7 @@ def field(obj: Mapping[str, Any], camel: str) -> Any:
     return obj.get(key_of(obj, camel))
 
 
-class _Tally:
-    """Input tokens of one request: o200k tokens to scale, the script floors' excess, fixed tokens."""
-
-    __slots__ = ("excess", "fixed", "floors", "scaled", "tc")
-
-    def __init__(self) -> None:
-        self.tc = counter("o200k_base")
-        self.floors = floors(self.tc)
-        self.scaled = self.fixed = 0
-        self.excess = 0.0
-
-    def text(self, text: str) -> None:
-        self.scaled += self.tc.count(text)
-        if not text.isascii():
-            self.excess += self.floors.excess(text, FACTOR)
-
-    def total(self) -> int:
-        return math.ceil(self.scaled * FACTOR + self.excess) + self.fixed
-
-
-def _inline(t: _Tally, blob: Mapping[str, Any]) -> None:
+def _inline(t: Tally, blob: Mapping[str, Any]) -> None:
     data, mime = blob.get("data"), str(field(blob, "mimeType") or "")
     if not isinstance(data, str):
         raise BadRequest(f"`inlineData.data` must be a base64 string, got {type(data).__name__}")
@@ -133,7 +112,7 @@ def _inline(t: _Tally, blob: Mapping[str, Any]) -> None:
     t.fixed += by_bytes
 
 
-def _part(t: _Tally, part: Any) -> None:
+def _part(t: Tally, part: Any) -> None:
     if isinstance(part, str):
         t.text(part)
         return
@@ -150,7 +129,7 @@ def _part(t: _Tally, part: Any) -> None:
         t.text(dumps(rest))
 
 
-def _content(t: _Tally, content: Any, where: str) -> None:
+def _content(t: Tally, content: Any, where: str) -> None:
     if isinstance(content, str):
         t.text(content)
     elif isinstance(content, Mapping):
@@ -196,7 +175,7 @@ def generate(body: Mapping[str, Any], stream: bool = False) -> TokenShape:
     config = field(body, "generationConfig") or {}
     if not isinstance(config, Mapping):
         raise BadRequest(f"`generationConfig` must be an object, got {type(config).__name__}")
-    t = _Tally()
+    t = tally(FACTOR)
     system = field(body, "systemInstruction")
     if system is not None:
         _content(t, system, "systemInstruction")
