@@ -202,21 +202,7 @@ def meter_class() -> type[StreamMeter]:
         """A Gemini event stream: every event carries ``usageMetadata`` (no ``"usage"`` key), and the
         output text sits in ``candidates[].content.parts[].text``."""
 
-        def _observe(self, event: bytes) -> bool:
-            data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
-            if not data or data[:1] != b"{":
-                return True
-            if b'"usageMetadata"' not in data:
-                self._unread.append(data)
-                return True
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                return True
-            if isinstance(obj, dict):
-                self._texts_of(obj)
-                return self._spec.stream_usage(self, obj)
-            return True
+        usage_marker = b'"usageMetadata"'
 
         def _texts_of(self, obj: dict[str, Any]) -> None:
             for cand in obj.get("candidates") or ():

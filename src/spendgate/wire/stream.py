@@ -20,6 +20,9 @@ _SEP = (b"\r\n\r\n", b"\n\n")
 
 
 class StreamMeter:
+    #: the bytes an event carrying usage contains: only those events are parsed as they pass
+    usage_marker = b'"usage"'
+
     def __init__(self, provider: str, withhold_usage_chunk: bool = False) -> None:
         self.provider = provider
         self._spec = providers.get(provider)
@@ -58,7 +61,7 @@ class StreamMeter:
         data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
         if not data or data == b"[DONE]" or data[:1] != b"{":
             return True
-        if b'"usage"' not in data:
+        if self.usage_marker not in data:
             self._unread.append(data)
             return True
         try:
