@@ -54,6 +54,7 @@ class FakeUpstream:
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
         for version in ("v1", "v1beta"):  # Gemini puts the model in the path
             app.router.add_post(f"/{version}/models/{{model}}:generateContent", self.gemini)
             app.router.add_post(f"/{version}/models/{{model}}:streamGenerateContent", self.gemini)
@@ -226,6 +227,16 @@ class FakeUpstream:
     async def gemini_count(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
         return web.json_response({"totalTokens": 42})
+
+    async def transcriptions(self, request: web.Request) -> web.StreamResponse:
+        """A route spendgate cannot price (multipart audio in, text out, no usage): what a
+        ``flat_holds`` entry passes through. ``x-mock: fail`` answers 400."""
+        self.seen.append(Seen(request.path, request.query_string, CIMultiDict(request.headers),
+                              await request.read()))
+        if request.headers.get("x-mock") == "fail":
+            return web.json_response({"error": {"message": "bad audio", "type": "invalid_request_error"}},
+                                     status=400)
+        return web.json_response({"text": "hello"})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)

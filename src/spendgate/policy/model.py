@@ -220,6 +220,9 @@ class Policy:
     #: take ``X-Spendgate-Capability`` from clients (off: only a virtual key's capability counts)
     trust_client_capability: bool = False
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    #: ``flat_holds``: exact paths spendgate cannot price, passed through under a fixed hold of
+    #: this many dollars each and charged exactly that on success (opt-in; empty: refused)
+    flat_holds: Mapping[str, Decimal] = field(default_factory=dict)
     source: str = "built-in defaults"
 
     def mode_of(self, rule: Rule) -> Mode:
@@ -239,6 +242,8 @@ def policy_hash(policy: Policy) -> str:
     doc.pop("metrics", None)  # what is exported, not what is decided
     if not doc.get("upstreams"):  # a policy without configured upstreams hashes as it did before them
         doc.pop("upstreams", None)
+    if not doc.get("flat_holds"):  # likewise a policy without flat holds
+        doc.pop("flat_holds", None)
     return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 
 

@@ -42,7 +42,7 @@ from spendgate.policy.model import (
 TOP_KEYS = {"store", "unpriced", "on_store_error", "upstream", "tiers", "budget", "timezone", "hold_ttl",
             "anthropic_token_factor", "approvals", "retention_days", "upstream_timeout_s", "defaults",
             "audit", "audit_key", "alerts", "mode", "version", "effective_from", "trust_client_capability",
-            "metrics", "upstreams"}
+            "metrics", "upstreams", "flat_holds"}
 UPSTREAM_KEYS = {"base_url", "api", "kind", "prices", "key_env", "free", "deployments"}
 #: an upstream's name is its route prefix (``/mistral/v1/…``): one path segment
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -58,6 +58,8 @@ MAX_ALERT_AT = Decimal(10)
 BUDGET_KEYS = {"name", "usd", "tokens", "requests", "window", "timezone", "per", "match", "action", "downgrade",
                "alert_at", "immutable", "min_output", "mode", "requires_capability"}
 MATCH_KEYS = {"model", "provider", "tier", "tags"}
+#: what a flat-hold path may not contain: a route template, a query, a fragment, whitespace
+_FLAT_PATH_BAD = re.compile(r"[{}?#\s]")
 _DURATION = re.compile(r"^(\d+)(s|m|h|d|w)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -405,8 +407,26 @@ def parse(doc: Mapping[str, Any], source: str = "<policy>", *, keep_defaults: bo
         effective_from=_instant(doc["effective_from"], "effective_from") if "effective_from" in doc else None,
         trust_client_capability=_bool(doc.get("trust_client_capability", False), "trust_client_capability"),
         metrics=_metrics(doc["metrics"]) if "metrics" in doc else MetricsSettings(),
+        flat_holds=_flat_holds(doc["flat_holds"]) if "flat_holds" in doc else {},
         source=source,
     )
+
+
+def _flat_holds(raw: Any) -> dict[str, Decimal]:
+    """``flat_holds = { "/v1/audio/transcriptions" = 0.50 }``: routes spendgate cannot price that the
+    operator lets through under a fixed hold each. A path is exact (no template, no query), so a
+    listed route opens that one path and nothing near it."""
+    if not isinstance(raw, Mapping):
+        raise _fail("flat_holds", f'expected a table of path = dollars such as {{ "/v1/audio/speech" = 0.05 }}, '
+                                  f"got {raw!r}")
+    out: dict[str, Decimal] = {}
+    for path, usd in raw.items():
+        where = f'flat_holds."{path}"'
+        if not path.startswith("/") or path == "/" or _FLAT_PATH_BAD.search(path):
+            raise _fail(where, "expected an exact path starting with \"/\" (no {template}, query or spaces), "
+                               f"got {path!r}")
+        out[path] = parse_usd(usd, where)
+    return out
 
 
 def _bool(value: Any, where: str) -> bool:

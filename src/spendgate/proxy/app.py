@@ -32,7 +32,7 @@ from spendgate.events.chain import AuditLog
 from spendgate.events.process import AuditChild
 from spendgate.events.sender import AlertSender
 from spendgate.events.signing import load_key
-from spendgate.money import nanos_to_usd
+from spendgate.money import nanos_to_usd, usd_to_nanos
 from spendgate.observe.metrics import metrics_routes
 from spendgate.policy import Policy
 from spendgate.pricing.table import PriceTable
@@ -165,6 +165,13 @@ class Proxy:
                                   f"{p.price_providers[0]!r}; it has {', '.join(sorted(known))}")
         self.routes = {path: (p.name, route) for p in (*providers.all_providers(), *self.configured)
                        for path, route in p.paths()}
+        #: ``flat_holds``' paths, served from start; each one's amount is read from the policy in
+        #: force per request (a reload changes an amount at once; a new path needs a restart)
+        self.flat = tuple(engine.policy.flat_holds)
+        for path in self.flat:
+            if path in self.routes:
+                raise ConfigError(f'flat_holds."{path}": this route is already priced by its tokens; '
+                                  "remove it from flat_holds")
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -175,6 +182,8 @@ class Proxy:
             app.router.add_post(path, self.guarded_typed if typed else self.guarded)
             if route in providers.get(name).free_routes:  # a token count is a POST, a model list a GET
                 app.router.add_get(path, self.passthrough)
+        for path in self.flat:
+            app.router.add_post(path, self.flat_hold)
         admin.add_routes(app, self)
         ui.add_routes(app, self)
         me.add_routes(app, self)
@@ -263,6 +272,80 @@ class Proxy:
                                   code="spendgate_unknown_route", headers=typed)
         return error_response(provider, 404, f"spendgate: no such route {request.method} {request.path}",
                               headers=typed)
+
+    def _flat_provider(self, request: web.Request) -> providers.Provider:
+        """Whose URL space a flat-hold path is in: a configured upstream whose ``/NAME`` prefix
+        starts it, else the provider the client's headers name (``anthropic-version``), else the
+        default one — the same choice an unknown route's refusal makes."""
+        for p in self.configured:
+            prefix = getattr(p, "prefix", None)
+            if isinstance(prefix, str) and request.path.startswith(prefix + "/"):
+                return p
+        return providers.by_headers(request.headers)
+
+    async def flat_hold(self, request: web.Request) -> web.StreamResponse:
+        """A route the config passes through under a flat hold (``flat_holds``): its body is never
+        read as a model call (it may be multipart audio), the request is decided as a fixed amount
+        named by its path under every budget and rule, forwarded byte for byte, and charged exactly
+        that amount on a 2xx answer — flagged estimated, as the real cost is unknown — or released
+        on an error status."""
+        usd = self.engine.policy.flat_holds.get(request.path)
+        if usd is None:  # a reloaded policy dropped it: refused like any route spendgate cannot price
+            return await self.unknown(request)
+        nanos = usd_to_nanos(usd)
+        spec = self._flat_provider(request)
+        provider, route = spec.name, request.path
+        if spec.credential_headers:
+            try:
+                request = _one_credential(request, spec)
+            except PermissionError as exc:
+                return error_response(provider, 401, f"spendgate: {exc}")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(provider, 413, f"spendgate: request body over the "
+                                                 f"{self.config.max_body_bytes:,}-byte limit")
+        body = {"model": route}
+        try:
+            if spec.signed_requests:
+                vkey, cred_id = await self._store_io(spec.authenticate, request.method, request.raw_path,
+                                                     request.headers, raw, self.store, time.time())
+                creds = virtual_credentials(vkey, cred_id, None)
+            else:
+                creds = await self._store_io(credentials, provider, request.headers, self.store)
+            ident = identity(provider, request.headers, body, creds,
+                             trust_client_capability=self.engine.policy.trust_client_capability)
+        except PermissionError as exc:
+            return error_response(provider, spec.auth_failure_status, f"spendgate: {exc}")
+        except (LookupError, ValueError) as exc:
+            return error_response(provider, 400, f"spendgate: {exc}")
+        except StoreError as exc:
+            return _store_failed(provider, exc)
+        now = time.time()
+        dry = request.headers.get("x-spendgate-estimate") == "1"
+        req = Request(provider, route, body, ident, raw=raw, dry=dry, fixed_nanos=nanos)
+        who = ident.fingerprint()
+        try:
+            d = await self.engine.adecide(req, now=now)
+            if d.action == "hold" and not dry:  # approved by id: the held request's retry passes
+                by_id = await self._store_io(self._approved_by_id, who, raw, now)
+                if by_id is not None:
+                    d = await self.engine.adecide(req, now=now, approval=by_id)
+        except StoreError as exc:
+            return _store_failed(provider, exc)
+        if dry:
+            await self.engine.arelease(d, now=now)
+            return web.json_response({"spendgate": d.to_dict(), "allowed": d.allowed,
+                                      "message": d.message or (d.estimate.describe() if d.estimate else ""),
+                                      "edits": {}}, headers={"X-Spendgate-Decision": d.id})
+        if not d.allowed:
+            try:
+                return await self._store_io(self._refuse, request, provider, route, raw, d, ident, who, now, raw,
+                                            ())
+            except StoreError as exc:
+                return _store_failed(provider, exc)
+        path, _ = spec.upstream(request.path, {}, raw, False)
+        return await self._forward_plain(request, provider, creds, raw, d, path=path, flat=nanos)
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Free routes with no body to price (``GET /v1/models``)."""
@@ -510,8 +593,10 @@ class Proxy:
         return headers
 
     async def _forward_plain(self, request: web.Request, provider: str, creds: Credentials | None, body: bytes,
-                             d: Decision | None, withhold: bool = False, path: str | None = None
-                             ) -> web.StreamResponse:
+                             d: Decision | None, withhold: bool = False, path: str | None = None,
+                             flat: int | None = None) -> web.StreamResponse:
+        """Send the request upstream and relay the answer. ``flat``: a flat-hold route's amount, the
+        charge for any 2xx answer whatever its body says (no usage is read from it)."""
         assert self.client is not None
         base = self._upstream(provider)
         url = base + (path or request.path)
@@ -531,6 +616,8 @@ class Proxy:
             up_cm = self.client.request(request.method, wire, data=body if request.method == "POST" else None,
                                         headers=headers)
             async with up_cm as up:
+                if flat is not None:
+                    return await self._relay_flat(request, up, d, flat)
                 if up.content_type in spec.stream_content_types and up.status < 400:
                     return await self._relay_stream(request, provider, up, d, withhold)
                 data = await up.read()
@@ -626,6 +713,33 @@ class Proxy:
         n = await asyncio.to_thread(self.engine.drain_spool)
         if n:
             log.info("applied %d charge(s) kept while the store was failing", n)
+
+    async def _relay_flat(self, request: web.Request, up: aiohttp.ClientResponse, d: Decision | None,
+                          nanos: int) -> web.StreamResponse:
+        """A flat-hold route's answer, relayed as it arrives (a transcription may stream): an error
+        status releases the hold; any other is charged exactly ``nanos``, flagged estimated — also
+        when the client leaves early, since the provider bills the call anyway."""
+        if up.status >= 400:
+            data = await up.read()
+            await self._release(d)
+            return web.Response(status=up.status, body=data, headers=self._reply_headers(up.headers, d))
+        resp = web.StreamResponse(status=up.status, headers=self._reply_headers(up.headers, d))
+        try:
+            await resp.prepare(request)
+            try:
+                async for chunk in up.content.iter_any():
+                    await resp.write(chunk)
+            except (aiohttp.ClientError, TimeoutError, ConnectionResetError):
+                resp.force_close()  # either side broke off after the status line: the charge stands
+            else:
+                await resp.write_eof()
+        finally:
+            await self._settle(self._charge_flat(d, nanos))
+        return resp
+
+    async def _charge_flat(self, d: Decision | None, nanos: int) -> None:
+        if d is not None and d.hold_id is not None:
+            await self.engine.acapture_amount(d, nanos, estimated=True)
 
     async def _settle_plain(self, status: int, data: bytes, d: Decision | None) -> None:
         if d is None or d.hold_id is None:
