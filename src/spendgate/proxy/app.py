@@ -306,21 +306,10 @@ class Proxy:
             return error_response(provider, 413, f"spendgate: request body over the "
                                                  f"{self.config.max_body_bytes:,}-byte limit")
         body = {"model": route}
-        try:
-            if spec.signed_requests:
-                vkey, cred_id = await self._store_io(spec.authenticate, request.method, request.raw_path,
-                                                     request.headers, raw, self.store, time.time())
-                creds = virtual_credentials(vkey, cred_id, None)
-            else:
-                creds = await self._store_io(credentials, provider, request.headers, self.store)
-            ident = identity(provider, request.headers, body, creds,
-                             trust_client_capability=self.engine.policy.trust_client_capability)
-        except PermissionError as exc:
-            return error_response(provider, spec.auth_failure_status, f"spendgate: {exc}")
-        except (LookupError, ValueError) as exc:
-            return error_response(provider, 400, f"spendgate: {exc}")
-        except StoreError as exc:
-            return _store_failed(provider, exc)
+        who_is = await self._caller(request, provider, spec, raw, body)
+        if isinstance(who_is, web.StreamResponse):
+            return who_is
+        creds, ident = who_is
         now = time.time()
         dry = request.headers.get("x-spendgate-estimate") == "1"
         req = Request(provider, route, body, ident, raw=raw, dry=dry, fixed_nanos=nanos)
@@ -390,8 +379,22 @@ class Proxy:
         except LookupError as exc:  # the path names what cannot be priced: refused, never forwarded
             return error_response(provider, 404, f"spendgate: {exc.args[0] if exc.args else exc}",
                                   code="spendgate_unknown_target")
+        who_is = await self._caller(request, provider, spec, raw, body)
+        if isinstance(who_is, web.StreamResponse):
+            return who_is
+        creds, ident = who_is
+        if route in spec.free_routes:
+            path, _ = spec.upstream(request.path, request.match_info, raw, False)
+            return await self._forward_plain(request, provider, creds, raw, None, path=path)
+        return await self._decide_and_forward(request, provider, route, raw, body, creds, ident)
+
+    async def _caller(self, request: web.Request, provider: str, spec: providers.Provider, raw: bytes,
+                      body: dict[str, Any]) -> tuple[Credentials, Identity] | web.StreamResponse:
+        """Who sent ``request``: its credentials (a signature checked with the virtual credentials
+        that made it, for a provider whose requests are signed) and the identity they count under —
+        or the error to answer with."""
         try:
-            if spec.signed_requests:  # a signature, checked with the virtual credentials that made it
+            if spec.signed_requests:
                 vkey, cred_id = await self._store_io(spec.authenticate, request.method, request.raw_path,
                                                      request.headers, raw, self.store, time.time())
                 creds = virtual_credentials(vkey, cred_id, None)
@@ -405,10 +408,7 @@ class Proxy:
             return error_response(provider, 400, f"spendgate: {exc}")
         except StoreError as exc:
             return _store_failed(provider, exc)
-        if route in spec.free_routes:
-            path, _ = spec.upstream(request.path, request.match_info, raw, False)
-            return await self._forward_plain(request, provider, creds, raw, None, path=path)
-        return await self._decide_and_forward(request, provider, route, raw, body, creds, ident)
+        return creds, ident
 
     async def _decide_and_forward(self, request: web.Request, provider: str, route: str, raw: bytes,
                                   body: dict[str, Any], creds: Credentials, ident: Identity) -> web.StreamResponse:
