@@ -104,6 +104,7 @@ def test_unlisted_unknown_route_is_still_refused_and_not_forwarded(servers: Any)
     status, body = post(s, "/v1/audio/speech")
     assert status == 404
     assert body["error"]["code"] == "spendgate_unknown_route"
+    assert "flat_holds" in body["error"]["message"]  # the refusal names the way through
     assert s.mock.reached("/v1/audio/speech") == 0
     assert spend(s) == []
 

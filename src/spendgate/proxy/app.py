@@ -268,7 +268,9 @@ class Proxy:
         if request.method == "POST":
             priced = sorted({path for _, path in providers.priced_routes()})
             return error_response(provider, 404, f"spendgate: {request.path} is not a route spendgate can price, "
-                                                 "so it is refused; priced routes are " + ", ".join(priced),
+                                                 "so it is refused (an operator may pass it through at a fixed "
+                                                 "hold with flat_holds in the policy); priced routes are "
+                                                 + ", ".join(priced),
                                   code="spendgate_unknown_route", headers=typed)
         return error_response(provider, 404, f"spendgate: no such route {request.method} {request.path}",
                               headers=typed)
