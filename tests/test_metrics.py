@@ -35,8 +35,8 @@ from spendgate.policy.parse import parse
 from spendgate.report import SPEND_KINDS
 from spendgate.request import Identity, Request
 from tests.harness import Servers, start_serve
+from tests.test_audit_alerts_serve import BILLED as O1_BILLED
 
-O1_BILLED = json.dumps({"prompt_tokens": 10, "completion_tokens": 2000, "total_tokens": 2010})
 MINI_BILLED = json.dumps({"prompt_tokens": 123, "completion_tokens": 45, "total_tokens": 168})
 POLICY = """
 defaults = false

@@ -25,8 +25,8 @@ from spendgate.ledger import Event
 from spendgate.observe.tail import Cursor, parse_filter
 from tests.harness import Servers, start_serve
 from tests.redis_server import RedisServer
+from tests.test_audit_alerts_serve import BILLED
 
-BILLED = json.dumps({"prompt_tokens": 10, "completion_tokens": 2000, "total_tokens": 2010})
 POLICY = """
 defaults = false
 

@@ -22,28 +22,11 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 
 from spendgate.policy import default_policy
 from tests.harness import Servers, start_serve
+from tests.test_audit_alerts_serve import BILLED, O1, POLICY
 
 CHROMIUM = os.environ.get("SPENDGATE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "ui-admin-token"
-# o1-pro: $150 in / $600 out per Mtok; 10 in + 2,000 out billed: $1.2015 a request, $1.21 worst case
-BILLED = json.dumps({"prompt_tokens": 10, "completion_tokens": 2000, "total_tokens": 2010})
-O1: dict[str, Any] = {"model": "o1-pro", "max_tokens": 2000, "messages": [{"role": "user", "content": "go on"}]}
-POLICY = """
-defaults = false
 
-[[budget]]
-name = "per-call"
-usd = 5
-window = "request"
-action = "block"
-
-[[budget]]
-name = "user-day"
-usd = 3
-window = "day"
-per = "user"
-action = "hold"
-"""
 PAGES = ("/ui/", "/ui/budgets", "/ui/approvals", "/ui/decisions", "/ui/keys")
 
 

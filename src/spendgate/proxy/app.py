@@ -297,16 +297,10 @@ class Proxy:
         nanos = usd_to_nanos(usd)
         spec = self._flat_provider(request)
         provider, route = spec.name, request.path
-        if spec.credential_headers:
-            try:
-                request = _one_credential(request, spec)
-            except PermissionError as exc:
-                return error_response(provider, 401, f"spendgate: {exc}")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(provider, 413, f"spendgate: request body over the "
-                                                 f"{self.config.max_body_bytes:,}-byte limit")
+        got = await self._read(request, provider, spec)
+        if isinstance(got, web.StreamResponse):
+            return got
+        request, raw = got
         body = {"model": route}
         who_is = await self._caller(request, provider, spec, raw, body)
         if isinstance(who_is, web.StreamResponse):
@@ -358,16 +352,10 @@ class Proxy:
     async def guarded(self, request: web.Request) -> web.StreamResponse:
         provider, route = self.routes[_route(request)]
         spec = providers.get(provider)
-        if spec.credential_headers:
-            try:
-                request = _one_credential(request, spec)
-            except PermissionError as exc:
-                return error_response(provider, 401, f"spendgate: {exc}")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(provider, 413, f"spendgate: request body over the "
-                                                 f"{self.config.max_body_bytes:,}-byte limit")
+        got = await self._read(request, provider, spec)
+        if isinstance(got, web.StreamResponse):
+            return got
+        request, raw = got
         try:
             body = json.loads(raw)
         except ValueError as exc:
@@ -389,6 +377,21 @@ class Proxy:
             path, _ = spec.upstream(request.path, request.match_info, raw, False)
             return await self._forward_plain(request, provider, creds, raw, None, path=path)
         return await self._decide_and_forward(request, provider, route, raw, body, creds, ident)
+
+    async def _read(self, request: web.Request, provider: str, spec: providers.Provider
+                    ) -> tuple[web.Request, bytes] | web.StreamResponse:
+        """The request (its credential moved into its header) and its body — or the error to answer:
+        two copies of a credential, a body over the limit."""
+        if spec.credential_headers:
+            try:
+                request = _one_credential(request, spec)
+            except PermissionError as exc:
+                return error_response(provider, 401, f"spendgate: {exc}")
+        try:
+            return request, await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(provider, 413, f"spendgate: request body over the "
+                                                 f"{self.config.max_body_bytes:,}-byte limit")
 
     async def _caller(self, request: web.Request, provider: str, spec: providers.Provider, raw: bytes,
                       body: dict[str, Any]) -> tuple[Credentials, Identity] | web.StreamResponse:
