@@ -249,6 +249,8 @@ class Engine:
             # how unpriced models and offline counts are priced is the estimator's: a reload that
             # changes either must reach it, not only the log line naming the new policy
             self.estimator = _estimator(self.estimator.prices, policy)
+        #: the rules that require a capability (checked before pricing; none in most policies)
+        self._gated = tuple(r for r in rules if r.requires_capability is not None)
         self._rules, self._usd_limit, self.policy_hash, self.policy = rules, usd_limit, digest, policy
 
     def set_overrides(self, limits: Mapping[tuple[str, str], Limit], pauses: Sequence[Pause]) -> None:
@@ -325,9 +327,10 @@ class Engine:
         did = secrets.token_hex(8)
         if self.estimator.is_free(request.provider, request.route):
             return Decision(did, "allow", True, None, request.body, message="free route")
-        policy, all_rules = self.policy, (*self._rules, *request.identity.rules, *extra_rules)
+        policy, extra = self.policy, (*request.identity.rules, *extra_rules)
+        all_rules = (*self._rules, *extra)
         # spend that already happened is recorded whatever is paused or required: it cannot be refused
-        early = None if request.force else self._before_pricing(request, policy, all_rules, did, now)
+        early = None if request.force else self._before_pricing(request, policy, extra, did, now)
         if early is not None:
             if not request.dry:
                 yield from self._log_refusal(early, request)
@@ -427,7 +430,7 @@ class Engine:
             if act == "downgrade":
                 cheaper = self._downgrade_target(trip.rule, est, request.identity)
                 if cheaper is not None and self._before_pricing(
-                        replace(request, body={**body, "model": cheaper}), policy, all_rules, did, now) is not None:
+                        replace(request, body={**body, "model": cheaper}), policy, extra, did, now) is not None:
                     # a cheaper model that is paused, or that this caller's capability may not use, is
                     # no remedy: the request would reach what it may not reach directly
                     notes.append(f"{trip.rule.name}: {cheaper} is paused or not allowed for this caller")
@@ -637,14 +640,17 @@ class Engine:
                 log.warning("would_refuse of %s not logged in the store: %s", did, exc)
             self.emit(event, request.raw)
 
-    def _before_pricing(self, request: Request, policy: Policy, rules: Sequence[Rule], did: str,
+    def _before_pricing(self, request: Request, policy: Policy, extra: Sequence[Rule], did: str,
                         now: float) -> Decision | None:
-        """Refusals that need no price: a pause, a model the caller's key does not allow, a rule whose
-        capability the caller lacks. Each is a block no approval lifts."""
+        """Refusals that need no price: a pause, a model the caller's key does not allow, a rule (of
+        the policy, or ``extra``: the key's and the SDK's) whose capability the caller lacks. Each is
+        a block no approval lifts."""
         ident = request.identity
+        # the rules with a capability are few and known per policy: most requests check nothing here
+        gated = [*self._gated, *(r for r in extra if r.requires_capability is not None)]
+        if not self.pauses and not ident.models and not gated:
+            return None
         model = str(request.body.get("model") or "")
-        dims = ident.dims()
-        dims["route"] = request.route
         why = by = ""
         # a tool is no model: it is in the tool tier, as the rules see it after pricing
         tier = TOOL if request.fixed_nanos is not None else policy.tiers.tier_of(model) if model else ""
@@ -662,7 +668,7 @@ class Engine:
             by = "key-models"
         if not why:
             have = capability_rank(ident.capability)
-            for r in rules:
+            for r in gated:
                 need = r.requires_capability
                 if need is None or capability_rank(need) <= have:
                     continue
@@ -677,6 +683,8 @@ class Engine:
                 break
         if not why:
             return None
+        dims = ident.dims()
+        dims["route"] = request.route
         return Decision(did, "block", False, None, request.body, message=why, dims=dims, at=now, refused_by=by)
 
     def _bucket_trip(self, owner: tuple[Rule, str, float | None], state: BucketState,
