@@ -76,6 +76,11 @@ class ProxyConfig:
     retention_days: int | None = 90
     #: where the admin API is reached, for the approve link in a hold's notification
     admin_base: str | None = None
+    #: this server runs the store's upkeep (stale holds, ended buckets, old events) and drains the spool;
+    #: of several servers on one store started together (``serve --workers``), one does
+    upkeep: bool = True
+    #: this server sends the alert outbox (when webhooks are configured); one of several workers does
+    send_alerts: bool = True
 
     @classmethod
     def from_policy(cls, policy: Policy, admin_token: str | None = None,
@@ -212,9 +217,10 @@ class Proxy:
         if isinstance(self.audit, AuditChild):
             await self.audit.start()
         self._background = [loop.create_task(self._every(UPKEEP_EVERY_S, self.upkeep)),
-                            loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool))]
+                            loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool))
+                            ] if self.config.upkeep else []
         webhooks = self.engine.policy.alerts.webhooks
-        if webhooks:  # an instance with nowhere to send leaves the outbox to those that have somewhere
+        if webhooks and self.config.send_alerts:  # an instance with nowhere to send leaves the outbox to those that have somewhere
             self._sender = AlertSender(self.store, webhooks, store_url=self.store.url,
                                        admin_base=self.config.admin_base)
             self._sending = loop.create_task(self._sender.run(ALERT_POLL_S))
