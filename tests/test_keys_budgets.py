@@ -396,6 +396,32 @@ def test_keys_list_adds_a_column_only_when_some_key_sets_it(tmp_path: Path,
     assert bob.split()[:2] == [bob.split()[0], "bob"] and "$" not in bob
 
 
+def test_keys_list_shows_the_aws_access_key_id_of_an_aws_key_and_never_its_secret(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/k.db"
+    assert main(["keys", "create", "--user", "bob", "--store", url, "--json"]) == 0
+    bob = json.loads(capsys.readouterr().out)
+    assert main(["keys", "create", "--user", "ana", "--aws", "--store", url, "--json"]) == 0
+    ana = json.loads(capsys.readouterr().out)
+    akid, secret = ana["aws_access_key_id"], ana["aws_secret_access_key"]
+    assert akid.startswith("SGAK") and len(akid) == 20
+    assert main(["keys", "list", "--store", url, "--json"]) == 0
+    out = capsys.readouterr().out
+    listed = {k["id"]: k for k in json.loads(out)["keys"]}
+    assert listed[ana["id"]]["aws_access_key_ids"] == [akid]
+    assert "aws_access_key_ids" not in listed[bob["id"]]
+    assert secret not in out and "aws_secret_access_key" not in out
+    assert main(["keys", "list", "--store", url]) == 0
+    table = capsys.readouterr().out
+    head, _, *rows = table.splitlines()
+    assert head.split() == ["id", "user", "team", "aws", "access", "key", "id", "tags", "preapprove", "max",
+                            "created"]
+    [ana_row] = [r for r in rows if r.split()[0] == ana["id"]]
+    [bob_row] = [r for r in rows if r.split()[0] == bob["id"]]
+    assert ana_row.split()[1:3] == ["ana", akid] and akid not in bob_row
+    assert secret not in table
+
+
 # -- the spend routes ------------------------------------------------------------------------------
 
 

@@ -302,6 +302,21 @@ def create_aws(store: Ledger, key: VirtualKey) -> tuple[str, str]:
     return access_key_id, secret
 
 
+def aws_access_key_ids(store: Ledger, *, now: float) -> dict[str, list[str]]:
+    """Each key id's AWS access key ids (``keys create --aws``), sorted: what ``keys list`` shows so
+    an operator can tell which key a boto3 client's ``aws_access_key_id`` is. The secrets are
+    never returned."""
+    found: dict[str, list[str]] = {}
+    for access_key_id, raw in store.records(AWS_RECORD, now=now):
+        try:
+            key_id = json.loads(raw).get("id")
+        except (ValueError, AttributeError):
+            continue  # a record this version cannot read names no key it lists
+        if isinstance(key_id, str) and key_id:
+            found.setdefault(key_id, []).append(access_key_id)
+    return {k: sorted(v) for k, v in found.items()}
+
+
 def lookup_aws(store: Ledger, access_key_id: str, *, now: float) -> tuple[VirtualKey, str] | None:
     """The key an AWS access key id belongs to and its secret (None: unknown, or its key revoked).
     An expired key raises PermissionError as :func:`lookup` does."""

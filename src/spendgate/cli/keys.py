@@ -73,14 +73,17 @@ def budget_of(store: Ledger, key: VirtualKey, now: float) -> list[tuple[str, int
 
 
 #: ``keys list`` columns shown only when some key sets them (a store of plain keys lists as it always did)
-OPTIONAL = ("budget", "spent", "remaining", "models", "capability", "expires")
+OPTIONAL = ("budget", "spent", "remaining", "models", "capability", "expires", "aws access key id")
 
 
 def _listing(store: Ledger, found: list[VirtualKey], now: float
              ) -> tuple[list[dict[str, Any]], tuple[str, ...], list[tuple[Any, ...]]]:
     """``keys list``: one JSON document per key (exact strings), and the table's headers and rows."""
+    from spendgate.keys import aws_access_key_ids
+
     docs: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
+    aws = aws_access_key_ids(store, now=now)  # the ids only: a secret is never listed
     for k in sorted(found, key=lambda k: k.created):
         budget = [(unit, limit, spent, held, max(0, limit - spent - held))
                   for unit, limit, spent, held in budget_of(store, k, now)]
@@ -89,6 +92,8 @@ def _listing(store: Ledger, found: list[VirtualKey], now: float
         doc["status"] = "expired" if expired else "active"
         doc["budget"] = {unit: {"limit": _exact(unit, limit), "spent": _exact(unit, spent), "held": _exact(unit, held),
                                 "remaining": _exact(unit, left)} for unit, limit, spent, held, left in budget}
+        if aws.get(k.id):
+            doc["aws_access_key_ids"] = aws[k.id]
         docs.append(doc)
         expires = (("expired " if expired else "") + when(k.expires_at)) if k.expires_at is not None else ""
         rows.append({"id": k.id, "user": k.user or "", "team": k.team or "",
@@ -98,6 +103,7 @@ def _listing(store: Ledger, found: list[VirtualKey], now: float
                      "remaining": " + ".join(_shown(u, left) for u, *_, left in budget),
                      "models": ",".join(k.models), "capability": k.capability or "",
                      "expires": styled(expires, "bold red") if expired else expires,
+                     "aws access key id": ",".join(aws.get(k.id, ())),
                      "tags": ",".join(f"{a}={b}" for a, b in k.tags.items()),
                      "preapprove max": usd(k.preapprove_max_usd) if k.preapprove_max_usd is not None else "",
                      "created": when(k.created) if k.created else ""})
