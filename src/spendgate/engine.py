@@ -296,7 +296,8 @@ class Engine:
                     fn = getattr(ledger, name, None) if ledger is not None else None
                     if fn is not None:
                         result = await fn(**kwargs)
-                    elif ledger is not None:  # a call the asyncio client lacks (rare: approvals) runs on a thread
+                    elif ledger is not None and self.ledger.networked:
+                        # a call the asyncio client lacks (rare: approvals) runs on a thread
                         result = await asyncio.to_thread(getattr(self.ledger, name), **kwargs)
                     else:
                         result = getattr(self.ledger, name)(**kwargs)

@@ -32,6 +32,7 @@ from spendgate.events.chain import AuditLog
 from spendgate.events.process import AuditChild
 from spendgate.events.sender import AlertSender
 from spendgate.events.signing import load_key
+from spendgate.ledger.group import GroupCommit
 from spendgate.money import nanos_to_usd, usd_to_nanos
 from spendgate.observe.metrics import metrics_routes
 from spendgate.policy import Policy
@@ -205,6 +206,8 @@ class Proxy:
 
             # the request path talks to a networked store through its asyncio client, on this loop
             self.engine.aledger = AsyncRedisLedger(self.store.url)
+        elif self.engine.aledger is None:  # a local store: captures committed in groups
+            self.engine.aledger = GroupCommit(self.store)
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.config.upstream_timeout_s),
@@ -220,7 +223,8 @@ class Proxy:
                             loop.create_task(self._every(SPOOL_DRAIN_EVERY_S, self.drain_spool))
                             ] if self.config.upkeep else []
         webhooks = self.engine.policy.alerts.webhooks
-        if webhooks and self.config.send_alerts:  # an instance with nowhere to send leaves the outbox to those that have somewhere
+        # an instance with nowhere to send leaves the outbox to those that have somewhere
+        if webhooks and self.config.send_alerts:
             self._sender = AlertSender(self.store, webhooks, store_url=self.store.url,
                                        admin_base=self.config.admin_base)
             self._sending = loop.create_task(self._sender.run(ALERT_POLL_S))
