@@ -83,8 +83,12 @@ def serve_bare(port: int, upstream: str) -> None:
                 return resp
             return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
 
+    async def stop(_: web.Application) -> None:
+        await state["c"].close()
+
     app = web.Application()
     app.on_startup.append(start)
+    app.on_cleanup.append(stop)
     app.router.add_post("/{tail:.*}", relay)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
@@ -164,6 +168,10 @@ def main() -> None:
                     help="also run spendgate with N run-time budgets (spendgate budgets add) in its store — once "
                          "scoped to other models (loaded, weighed, not applying), once all applying to every "
                          "request — and print what each adds")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run spendgate from another checkout (its root or its src/ directory, e.g. a "
+                         "`git worktree` of the previous release) in the same alternating blocks, and print "
+                         "what this build adds or saves against it")
     ap.add_argument("--role", choices=("upstream", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -193,6 +201,16 @@ def main() -> None:
                                        "--config", f"{tmp}/audit-off.toml", "--store",
                                        f"sqlite:///{tmp}/bench-off.db"], env=env, stderr=subprocess.DEVNULL))
         ports.append(off_port)
+    if args.baseline:
+        src = Path(args.baseline).resolve()
+        src = src / "src" if (src / "src" / "spendgate").is_dir() else src
+        if not (src / "spendgate").is_dir():
+            ap.error(f"--baseline {args.baseline}: no spendgate package there (give a checkout's root or its src/)")
+        base_port = free_port()
+        procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(base_port),
+                                       "--store", f"sqlite:///{tmp}/bench-baseline.db"],
+                                      env={**env, "PYTHONPATH": str(src)}, stderr=subprocess.DEVNULL))
+        ports.append(base_port)
     rule_cases = ("loaded", "applying") if args.runtime_rules else ()
     for case in rule_cases:
         rules_port = free_port()
@@ -209,11 +227,15 @@ def main() -> None:
                  "spendgate": f"http://127.0.0.1:{sg_port}"}
         if args.audit_off:
             paths["audit off"] = f"http://127.0.0.1:{ports[3]}"
+        if args.baseline:
+            base_i = 3 + bool(args.audit_off)
+            paths["baseline"] = f"http://127.0.0.1:{ports[base_i]}"
         for i, case in enumerate(rule_cases):
             paths[f"rules {case}"] = f"http://127.0.0.1:{ports[len(ports) - len(rule_cases) + i]}"
         print(f"{'case':34} {'c':>2} {'direct p50/p99 µs':>18} {'bare p50/p99':>16} {'spendgate p50/p99':>18} "
               f"{'added vs direct p50/p99':>24} {'vs bare p50':>12}"
               + (f" {'audit off p50/p99':>18} {'audit adds p50/p99':>19}" if args.audit_off else "")
+              + (f" {'baseline p50':>13} {'this build adds':>16}" if args.baseline else "")
               + "".join(f" {f'{args.runtime_rules} rules {c} p50':>22} {'adds':>6}" for c in rule_cases))
         for name, (path, body) in CASES.items():
             for stream in (False, True):
@@ -229,6 +251,9 @@ def main() -> None:
                     if args.audit_off:
                         o50, o99 = pct(res["audit off"], .5), pct(res["audit off"], .99)
                         off = f" {o50:8.0f}/{o99:<9.0f} {s50 - o50:9.0f}/{s99 - o99:<9.0f}"
+                    if args.baseline:
+                        o50 = pct(res["baseline"], .5)
+                        off += f" {o50:13.0f} {s50 - o50:16.0f}"
                     for case in rule_cases:
                         r50 = pct(res[f"rules {case}"], .5)
                         off += f" {r50:22.0f} {r50 - s50:6.0f}"
@@ -251,6 +276,13 @@ def main() -> None:
             wall = time.perf_counter() - t
             print(f"the same with the audit log off: {n / wall:,.0f} requests/s, proxy CPU "
                   f"{(cpu_seconds(procs[3].pid) - before) / n * 1e6:,.0f} µs per request")
+        if args.baseline:
+            before = cpu_seconds(procs[base_i].pid)
+            t = time.perf_counter()
+            asyncio.run(drive({"baseline": paths["baseline"]}, path, body, n, 16))
+            wall = time.perf_counter() - t
+            print(f"the baseline ({args.baseline}): {n / wall:,.0f} requests/s, proxy CPU "
+                  f"{(cpu_seconds(procs[base_i].pid) - before) / n * 1e6:,.0f} µs per request")
         for i, case in enumerate(rule_cases):
             proc = procs[len(procs) - len(rule_cases) + i]
             before = cpu_seconds(proc.pid)
