@@ -64,8 +64,25 @@ RATE_FIELDS = {
     "web_searches_kcount": "web_search_k",
     "storage_searches_kcount": "file_search_k",
 }
-#: Units priced per second, hour or character (whisper, tts): not token-priced, left out and reported.
-UNTOKENED = {"audio_hours", "input_audio_hours", "input_mchars"}
+#: Units priced per hour of audio or per character (whisper, tts): not token-priced, so kept apart as
+#: per-unit prices (``per_unit``: USD per minute, per character), which routes priced per unit and
+#: ``spendgate prices show`` read.
+UNTOKENED = {"audio_hours": ("minute", Decimal(60)), "input_audio_hours": ("minute", Decimal(60)),
+             "input_mchars": ("character", Decimal(1_000_000))}
+#: Models OpenAI prices per image by size and quality, from its published price list (the sources
+#: carry none of them): dall-e-2 and dall-e-3, which OpenAI retired from its own API on 2026-05-12
+#: and OpenAI-compatible and Azure upstreams may still serve. Option: ``quality/size``.
+DOCUMENTED_PER_IMAGE = {
+    "dall-e-3": {"standard/1024x1024": "0.04", "standard/1024x1792": "0.08", "standard/1792x1024": "0.08",
+                 "hd/1024x1024": "0.08", "hd/1024x1792": "0.12", "hd/1792x1024": "0.12"},
+    "dall-e-2": {"standard/256x256": "0.016", "standard/512x512": "0.018", "standard/1024x1024": "0.02"},
+}
+DOCUMENTED_PER_IMAGE_SOURCE = "OpenAI's published per-image prices (openai.com/api/pricing, 2023-11-06 to retirement)"
+#: Per-token rates LiteLLM has for a model genai-prices lists without them (gpt-4o-audio-preview's
+#: audio rates, gpt-image-1's image output rate): merged into the genai-prices row, never replacing a
+#: rate it has. Only these kinds: a model's text rates stay genai-prices'.
+MERGED_UNIT_RATES = ("input_audio", "output_audio", "cache_audio_read", "input_image", "output_image",
+                     "cache_image_read")
 #: Maximum output per the providers' own model pages, where LiteLLM has none or has less
 #: (claude-3-7-sonnet: 128K with the output-128k beta header; Gemini 2.5+: 65,536, LiteLLM says 65,535).
 #: A bound is the larger of this and LiteLLM's, never smaller than either.
@@ -330,6 +347,72 @@ def _coverage(table: dict[str, Any], litellm: dict[str, Any]) -> tuple[dict[str,
     return add, left_out
 
 
+def _litellm_entries(litellm: dict[str, Any], provider: str, ids: list[str]) -> list[dict[str, Any]]:
+    """LiteLLM's rows for ``ids`` of ``provider``: the ids themselves, with or without a provider
+    prefix, and their dated snapshots (``gpt-4o-audio-preview-2024-12-17``)."""
+    alternatives = "|".join(re.escape(i.lower()) for i in ids)
+    rx = re.compile(rf"^(?:[\w-]+/)?(?:{alternatives})(?:-\d{{4}}-\d{{2}}-\d{{2}}|-\d{{8}})?$")
+    return [v for k, v in litellm.items() if isinstance(v, dict) and rx.match(k.lower())
+            and LITELLM_PROVIDERS.get(str(v.get("litellm_provider"))) == TABLE_IDS.get(provider, provider)]
+
+
+def _merge_units(litellm: dict[str, Any], provider: str, ids: list[str], periods: list[dict[str, Any]],
+                 variants: list[dict[str, Any]], note: list[str]) -> list[str]:
+    """Merge the audio and image token rates LiteLLM has for a model into genai-prices' row where
+    that row lacks them (:data:`MERGED_UNIT_RATES`); of several LiteLLM snapshots, the dearest rate.
+    genai-prices lists a GPT Image model's image output rate as its ``output`` when it has no text
+    output (gpt-image-1: $40): the merged ``output_image`` equals it, and each variant (batch) gets
+    its own ``output`` as its ``output_image`` too. Returns what was merged, for the build report."""
+    entries = _litellm_entries(litellm, provider, ids)
+    merged = []
+    for name in MERGED_UNIT_RATES:
+        found = [r for e in entries if (r := _litellm_rate(e, _LITELLM_RATES[name])) is not None]
+        if not found:
+            continue
+        rate = max(found, key=lambda r: Decimal(_base(r)))
+        applied = False
+        for period in periods:
+            if name not in period["rates"]:
+                period["rates"][name] = rate
+                applied = True
+        if not applied:
+            continue
+        merged.append(f"{name} {_base(rate)}")
+        if name == "output_image":
+            standard = periods[-1]["rates"]
+            if _base(standard.get("output", "")) == _base(rate):
+                for v in variants:
+                    if "output" in v["rates"] and "output_image" not in v["rates"]:
+                        v["rates"]["output_image"] = v["rates"]["output"]
+    if merged:
+        note.append(f"{', '.join(merged)} per Mtok from litellm {LITELLM_VERSION} (genai-prices lacks them)")
+    return merged
+
+
+def _per_unit(model: Any, match: Any) -> dict[str, Any] | None:
+    """A per-unit price row (per minute of audio, per character) for a genai-prices model priced in
+    :data:`UNTOKENED` units only; None when it has token prices or none at all."""
+    prices = model.prices if not isinstance(model.prices, list) else None
+    if prices is None:
+        return None
+    found = {}
+    for field, (unit, per) in UNTOKENED.items():
+        v = getattr(prices, field, None)
+        if v is not None:
+            found[unit] = max(found.get(unit, Decimal(0)), Decimal(v) / per)
+    if len(found) != 1:
+        return None
+    [(unit, price)] = found.items()
+    return {"id": model.id, "match": match, "unit": unit, "prices": {"": _num(price)},
+            "source": f"genai-prices {_genai_version()} (pydantic)", "since": None}
+
+
+def _genai_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("genai-prices")
+
+
 def build(litellm_json: Path | None) -> tuple[dict[str, Any], list[str]]:
     import importlib.metadata
 
@@ -342,15 +425,25 @@ def build(litellm_json: Path | None) -> tuple[dict[str, Any], list[str]]:
         if p.id not in PROVIDERS:
             continue
         models = []
+        per_unit = []
         for m in p.models:
             note: list[str] = []
             periods = _price_periods(m, note)
-            if any("input" not in q["rates"] or "output" not in q["rates"] for q in periods):
-                report.append(f"genai-prices {p.id}/{m.id}: left out, not priced per token")
-                continue
             match = _clause(m.match)
+            if any("input" not in q["rates"] or "output" not in q["rates"] for q in periods):
+                unit_row = _per_unit(m, match)
+                if unit_row is not None:
+                    per_unit.append(unit_row)
+                    report.append(f"genai-prices {p.id}/{m.id}: priced per {unit_row['unit']}, not per token")
+                else:
+                    report.append(f"genai-prices {p.id}/{m.id}: left out, not priced per token")
+                continue
             ids = [m.id, *_equals_ids(match)]
             native = p.model_match is None or _matches(p.model_match, m.id)
+            variants = _variants(m)
+            merged = _merge_units(litellm, p.id, ids, periods, variants, note)
+            if merged:
+                report.append(f"genai-prices {p.id}/{m.id}: {', '.join(merged)} merged from LiteLLM")
             models.append({
                 "id": m.id,
                 "name": m.name,
@@ -358,16 +451,22 @@ def build(litellm_json: Path | None) -> tuple[dict[str, Any], list[str]]:
                 "context_window": m.context_window,
                 "max_output": _max_output(litellm, p.id, ids),
                 "prices": periods,
-                **({"variants": v} if (v := _variants(m)) else {}),
+                **({"variants": variants} if variants else {}),
                 **({"note": "; ".join(note)} if note else {}),
                 **({} if native else {"native": False}),
             })
+        if p.id == "openai":
+            known = {u["id"] for u in per_unit}
+            per_unit.extend({"id": mid, "match": {"equals": mid}, "unit": "image", "prices": dict(prices),
+                             "source": DOCUMENTED_PER_IMAGE_SOURCE, "since": "2023-11-06"}
+                            for mid, prices in DOCUMENTED_PER_IMAGE.items() if mid not in known)
         providers.append({
             "id": TABLE_IDS.get(p.id, p.id),
             "name": p.name,
             "model_match": _clause(p.model_match) if p.model_match else None,
             **({"owns": OWNS[p.id]} if p.id in OWNS else {}),
             "models": models,
+            **({"per_unit": per_unit} if per_unit else {}),
         })
     # a provider that owns ids is searched after every other one for an id that names no provider
     providers.sort(key=lambda prov: "owns" in prov)

@@ -222,13 +222,33 @@ def _chat(u: Mapping[str, Any], w: str, payload: Mapping[str, Any] | None = None
     return _openai(u, w, prompt, output, "prompt_tokens_details", "completion_tokens_details", payload)
 
 
+def _is_images(u: Mapping[str, Any]) -> bool:
+    """The Images API's usage (``/v1/images/generations``, ``/edits``): its ``input_tokens_details``
+    always splits ``text_tokens`` from ``image_tokens``, which no Responses usage does (the Realtime
+    and transcription shapes that also say ``text_tokens`` name it ``input_token_details``)."""
+    d = u.get("input_tokens_details")
+    return isinstance(d, Mapping) and "text_tokens" in d
+
+
 def _responses(u: Mapping[str, Any], w: str, payload: Mapping[str, Any] | None = None) -> Usage:
     inp, out = _count(u, "input_tokens", w), _count(u, "output_tokens", w)
     _count(u, "total_tokens", w, required=False)
     # the Realtime API says ``input_token_details``; Responses ``input_tokens_details``
     ind = "input_token_details" if "input_token_details" in u else "input_tokens_details"
     outd = "output_token_details" if "output_token_details" in u else "output_tokens_details"
-    return _openai(u, w, inp, out, ind, outd, payload)
+    usage = _openai(u, w, inp, out, ind, outd, payload)
+    if _is_images(u):
+        o = _part(u, "output_tokens_details", w)
+        if "image_tokens" not in o and "text_tokens" not in o:
+            # the Images API's output_tokens are "the number of image tokens in the output image":
+            # billed at the image output rate, never the (lower) text one
+            usage.output_image = usage.output - usage.reasoning - usage.output_audio
+        elif "image_tokens" not in o:
+            # only text is broken out: the rest of the output is the image
+            text = _at_most(_count(o, "text_tokens", f"{w}.output_tokens_details"), out,
+                            f"{w}.output_tokens_details.text_tokens", f"{w}.output_tokens")
+            usage.output_image = out - text
+    return usage
 
 
 def _anthropic(u: Mapping[str, Any], w: str, payload: Mapping[str, Any] | None = None) -> Usage:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from spendgate.errors import BadRequest, UnpricedModel
 from spendgate.estimate import anthropic
 from spendgate.estimate.shape import TokenShape
-from spendgate.money import fmt_usd
+from spendgate.money import fmt_usd, usd_to_nanos
 from spendgate.pricing.cost import Usage, usage_nanos, worst_case_nanos
 from spendgate.pricing.table import ModelPrice, PriceTable, Rate, Resolution
 
@@ -65,6 +65,9 @@ class Estimate:
 
     def describe(self) -> str:
         p = self.price
+        if self.shape.per_image is not None:
+            return (f"{self.model}: {self.shape.choices} image(s) at {self.shape.per_image} at "
+                    f"{p.price.provider}/{p.price.model} (per-image price) = {fmt_usd(self.cost_nanos)}")
         how = {"exact": "listed price", "match": "listed alias", "dated": "base model of a dated id",
                "imported": "imported price", "dearest": "UNPRICED, charged as the dearest model",
                "free": "free by the upstream's configuration"}[p.how]
@@ -177,8 +180,40 @@ class Estimator:
             return 0
         return spec.searches(body)
 
+    def per_image(self, provider: str, route: str, shape: TokenShape) -> Estimate:
+        """A model priced per image (dall-e-2/3): ``choices`` images at the price of the option the
+        request names — exact, since such a model bills nothing else and reports no usage. A model
+        the table has no per-image price for is priced at the dearest per-image price of its
+        provider (or refused with ``unpriced = "block"``)."""
+        assert shape.per_image is not None
+        table = self._table_provider(provider)
+        unit = self.prices.unit_price(shape.model, table)
+        warning = None
+        if unit is None or unit.unit != "image":
+            if self.unpriced == "block":
+                raise UnpricedModel(f"no per-image price is known for model {shape.model!r} and the policy says "
+                                    "unpriced = \"block\"")
+            images = [u for u in self.prices.units.get(table, ()) if u.unit == "image"] or \
+                [u for us in self.prices.units.values() for u in us if u.unit == "image"]
+            if not images:
+                raise UnpricedModel(f"no per-image price is known for model {shape.model!r}")
+            unit = max(images, key=lambda u: u.top)
+            warning = f"no per-image price is known for {shape.model!r}: priced as {unit.model}'s dearest image"
+        each = unit.price_of(shape.per_image)
+        if each is None:
+            each = unit.top
+        cost = usd_to_nanos(each * max(shape.choices, 1))
+        # any token the provider might report is priced as one image: never below the hold's basis
+        per_token = Rate(each * 1_000_000)
+        mp = ModelPrice(unit.provider, unit.model, per_token, per_token, source=unit.source, since=unit.since,
+                        note=f"priced per image: {shape.per_image} at ${each}")
+        res = Resolution(shape.model, mp, "exact" if warning is None else "dearest", warning)
+        return Estimate(provider, route, shape, res, 0, shape.output_why or "per image", cost)
+
     def price(self, provider: str, route: str, shape: TokenShape,
               variant: Mapping[str, str] | None = None, searches: int = 0) -> Estimate:
+        if shape.per_image is not None:
+            return self.per_image(provider, route, shape)
         res = self.resolve(shape.model, provider)
         at = res.price.at_variant(variant) if variant else res.price
         requested = shape.requested_output
@@ -190,6 +225,8 @@ class Estimator:
             why = "largest maximum output of the provider"
         else:
             bound, why = res.price.output_bound(shape.input_tokens, requested)
+            if requested is not None and shape.output_why:
+                why = shape.output_why
         out = bound * max(shape.choices, 1)
         spec = self._spec(provider)
         if shape.cache_write is None and spec is not None and spec.writes_cache_itself \
@@ -197,12 +234,12 @@ class Estimator:
             # a provider that writes the prompt cache by itself and bills the write (OpenAI's
             # gpt-5.6, gpt-6): any input may be a cache write, so it is held at the dearer rate
             shape = replace(shape, cache_write="5m")
-        cost = worst_case_nanos(res.price, shape.input_tokens, out, shape.cache_write)
+        cost = worst_case_nanos(res.price, shape.input_tokens, out, shape.cache_write, shape.input_audio)
         if at is not res.price:
             # a dearer variant (priority, fast) is held at its rates; a cheaper one (flex) at the
             # standard rates, since the provider may serve and bill the standard tier instead, and
             # capture re-prices at the tier the response says it served
-            dearer = worst_case_nanos(at, shape.input_tokens, out, shape.cache_write)
+            dearer = worst_case_nanos(at, shape.input_tokens, out, shape.cache_write, shape.input_audio)
             if dearer >= cost:
                 res, cost = replace(res, price=at, standard=res.price), dearer
         if searches:

@@ -27,6 +27,14 @@ class TokenShape:
     stream: bool = False
     #: True when the input count is exact (tiktoken for OpenAI), False when calibrated
     exact: bool = True
+    #: why the output bound is what it is, when the body sets it by other means than a token count
+    #: (an image's size and quality)
+    output_why: str | None = None
+    #: a model priced per image: the option each of its ``choices`` images is priced at
+    #: (``"hd/1024x1792"``); None for token-priced requests
+    per_image: str | None = None
+    #: input tokens (part of ``input_tokens``) that are audio, held at the audio input rate
+    input_audio: int = 0
 
 
 def require_model(body: Mapping[str, Any]) -> str:

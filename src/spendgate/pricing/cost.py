@@ -95,8 +95,13 @@ def output_rate(price: ModelPrice, input_tokens: int) -> Decimal:
 
 
 def worst_case_nanos(price: ModelPrice, input_tokens: int, output_tokens: int,
-                     cache_write: str | None = None) -> int:
-    usd = (input_tokens * input_rate(price, input_tokens, cache_write)
+                     cache_write: str | None = None, input_audio: int = 0) -> int:
+    """The most ``input_tokens`` in (``input_audio`` of them audio, held at the dearer of the
+    model's audio and text input rates) and ``output_tokens`` out can cost."""
+    rate = input_rate(price, input_tokens, cache_write)
+    audio = min(max(input_audio, 0), input_tokens)
+    audio_rate = max(rate, price.input_audio.at(input_tokens)) if price.input_audio is not None else rate
+    usd = ((input_tokens - audio) * rate + audio * audio_rate
            + output_tokens * output_rate(price, input_tokens)) / _MTOK
     return usd_to_nanos(usd)
 

@@ -226,6 +226,37 @@ class ModelPrice:
         return best
 
 
+#: The units a model priced per unit (not per token) is billed in, and how a price is quoted.
+UNIT_LABELS = {"image": "per image", "character": "per character", "minute": "per minute of audio"}
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPrice:
+    """A model billed per image, per character or per minute of audio rather than per token
+    (dall-e-2/3, tts-1, whisper-1): its prices by option (``"hd/1024x1792"`` for an image,
+    ``""`` when one price fits all), with their source and date like every price."""
+
+    provider: str
+    model: str
+    unit: str
+    prices: Mapping[str, Decimal]
+    source: str
+    since: str | None = None
+    match: Predicate | None = field(default=None, compare=False)
+
+    def price_of(self, option: str) -> Decimal | None:
+        """The price of one unit with ``option`` (None: the model has no such option)."""
+        return self.prices.get(option)
+
+    @property
+    def top(self) -> Decimal:
+        return max(self.prices.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"unit": self.unit, "quoted": UNIT_LABELS.get(self.unit, self.unit),
+                "prices": {k: str(v) for k, v in self.prices.items()}, "source": self.source, "since": self.since}
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
     """A resolved price and how it was found; ``how`` is shown in every decision."""
@@ -320,6 +351,8 @@ class PriceTable:
     overrides: dict[str, ModelPrice] = field(default_factory=dict)
     #: provider -> the model ids only it serves (its entry's ``owns`` clause)
     owners: dict[str, Predicate] = field(default_factory=dict)
+    #: provider -> its models priced per image, character or minute rather than per token
+    units: dict[str, list[UnitPrice]] = field(default_factory=dict)
     _cache: dict[tuple[str, str | None, str], Resolution | None] = field(default_factory=dict)
 
     @classmethod
@@ -327,8 +360,13 @@ class PriceTable:
         src = raw["source"]
         entries: dict[str, list[_Entry]] = {}
         owners: dict[str, Predicate] = {}
+        units: dict[str, list[UnitPrice]] = {}
         for prov in raw["providers"]:
             rows = entries.setdefault(prov["id"], [])
+            for u in prov.get("per_unit", ()):
+                units.setdefault(prov["id"], []).append(UnitPrice(
+                    prov["id"], u["id"], u["unit"], {k: Decimal(v) for k, v in u["prices"].items()},
+                    u["source"], u.get("since"), _compile(u["match"])))
             if prov.get("owns"):
                 owners[prov["id"]] = _compile(prov["owns"])
             for m in prov["models"]:
@@ -337,7 +375,7 @@ class PriceTable:
                 rows.append(_Entry(prov["id"], m["id"], _compile(m["match"]), periods,
                                    m.get("max_output"), m.get("context_window"), variants,
                                    m.get("native", True), m.get("note", ""), m.get("source")))
-        return cls(source=src["prices"], built=src["built"], entries=entries, owners=owners)
+        return cls(source=src["prices"], built=src["built"], entries=entries, owners=owners, units=units)
 
     @classmethod
     def bundled(cls) -> PriceTable:
@@ -349,8 +387,25 @@ class PriceTable:
             return self
         from spendgate.pricing.litellm import load_imported
 
-        table = PriceTable(self.source, self.built, self.entries, load_imported(path), self.owners)
+        table = PriceTable(self.source, self.built, self.entries, load_imported(path), self.owners, self.units)
         return table
+
+    def unit_price(self, model: str, provider: str | None = None) -> UnitPrice | None:
+        """The per-unit price of ``model`` (dall-e-3 per image, tts-1 per character), or None when
+        it is not priced per unit. A provider prefix or a dated suffix is stripped as for tokens."""
+        name = model.strip().lower()
+        provs = [provider] if provider in self.units else list(self.units)
+        if "/" in name:
+            head, name = name.split("/", 1)
+            if head not in PROVIDER_PREFIXES:
+                return None
+            provs = [PROVIDER_PREFIXES[head]]
+        for candidate in dict.fromkeys((name, _DATED.sub("", name))):
+            for prov in provs:
+                for u in self.units.get(prov, ()):
+                    if u.model.lower() == candidate or (u.match is not None and u.match(candidate)):
+                        return u
+        return None
 
     # -- resolution ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""OpenAI's wire format: chat completions, Responses, legacy completions, embeddings.
+"""OpenAI's wire format: chat completions, Responses, legacy completions, embeddings, image generation.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}``; a chat stream reports usage in a last
 chunk with ``choices: []`` (only when ``stream_options.include_usage`` is set — the proxy sets it
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from spendgate.estimate import image_gen
 from spendgate.estimate import openai as counting
 from spendgate.providers.base import Parser, Provider
 
@@ -42,6 +43,8 @@ class OpenAI(Provider):
         "/v1/responses": counting.responses,
         "/v1/completions": counting.completions,
         "/v1/embeddings": counting.embeddings,
+        # JSON bodies only: /v1/images/edits is multipart (images in), which the proxy does not read
+        "/v1/images/generations": image_gen.generations,
     }
     free_routes = frozenset({"/v1/models"})
     output_fields: Mapping[str, tuple[str, ...]] = {
