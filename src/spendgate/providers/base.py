@@ -124,6 +124,11 @@ class Provider:
                 return route, m.groupdict()
         return None
 
+    def match_direct(self, path: str) -> tuple[str, dict[str, str]] | None:
+        """:meth:`match` for a request a client sends to the upstream itself (``spendgate.wrap``),
+        not through the proxy's own paths (a configured upstream's ``/NAME`` prefix)."""
+        return self.match(path)
+
     def paths(self) -> Iterable[tuple[str, str]]:
         """The HTTP paths (or path templates) it is served on, each with the route it is read as:
         its routes themselves, unless it lives under a prefix or on paths of its own (a configured
@@ -146,6 +151,12 @@ class Provider:
         re-serialized from the body the engine read (a downgrade, a clamp), so what
         :meth:`body_with` added, or an edit the wire format keeps elsewhere, is put back in place."""
         return path, body
+
+    def upstream_direct(self, path: str, params: Mapping[str, str], body: bytes, edited: bool
+                        ) -> tuple[str, bytes]:
+        """:meth:`upstream` for a request a client sends to the upstream itself (``spendgate.wrap``):
+        its path is the upstream's already, with no proxy prefix to drop."""
+        return self.upstream(path, params, body, edited)
 
     # -- its SDK --------------------------------------------------------------------------------
 

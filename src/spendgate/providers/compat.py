@@ -130,6 +130,15 @@ class Compat(Configured):
     def upstream(self, path: str, params: Mapping[str, str], body: bytes, edited: bool) -> tuple[str, bytes]:
         return self.wire.upstream(path.removeprefix(self.prefix), params, body, edited)
 
+    def match_direct(self, path: str) -> tuple[str, dict[str, str]] | None:
+        """A client of the upstream itself sends the wire format's paths, without ``/NAME``."""
+        return self.wire.match(path)
+
+    def upstream_direct(self, path: str, params: Mapping[str, str], body: bytes, edited: bool
+                        ) -> tuple[str, bytes]:
+        """Nothing to drop: a base URL whose own path starts with ``/NAME`` keeps it."""
+        return self.wire.upstream(path, params, body, edited)
+
 
 #: Azure OpenAI's paths -> the OpenAI route each is read as
 AZURE_PATHS: Mapping[str, str] = {

@@ -143,7 +143,7 @@ class BotocoreBinding:
                 body = self._read_blob(d, parsed, body)
             self.guard.settle_body(d, status, body if isinstance(body, bytes) else b"")
             return
-        meter = self.guard._spec.meter(priced.withhold)
+        meter = (priced.spec or self.guard._spec).meter(priced.withhold)
         stream._raw_stream = _MeteredRaw(stream._raw_stream, meter, lambda: self.guard.settle_stream(d, meter))
 
     def _read_blob(self, d: Decision, parsed: dict[str, Any], body: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from spendgate import ledger
 from spendgate.engine import Engine
-from spendgate.errors import StoreError
+from spendgate.errors import ConfigError, StoreError
 from spendgate.policy import Policy, default_policy, load
 from spendgate.policy.live import LivePolicy
 from spendgate.pricing.table import PriceTable
@@ -49,9 +49,11 @@ def configure(store: str | None = None, policy: str | Path | Policy | None = Non
     url = store or os.environ.get("SPENDGATE_STORE") or pol.store or ledger.default_url()
     # a missing or unreadable signing key fails here, before any request is decided unlogged
     key = load_key(pol.audit.key) if pol.audit.enabled else None
-    store_ = ledger.open(url)
     # the prices in force are the bundled table and those imported with `spendgate prices update`
-    new = Engine(pol, store_, PriceTable.bundled().with_overrides(ledger.home() / "prices.json"))
+    prices = PriceTable.bundled().with_overrides(ledger.home() / "prices.json")
+    _register_upstreams(pol, prices)
+    store_ = ledger.open(url)
+    new = Engine(pol, store_, prices)
     # this process's own chain of the signed decision log
     audit = None if key is None else AuditLog(store_, key, checkpoint_entries=pol.audit.checkpoint_entries,
                                               checkpoint_seconds=pol.audit.checkpoint_seconds)
@@ -70,6 +72,20 @@ def configure(store: str | None = None, policy: str | Path | Policy | None = Non
     if old is not None:
         old.ledger.close()
     return new
+
+
+def _register_upstreams(pol: Policy, prices: PriceTable) -> None:
+    """The policy's ``[upstreams.NAME]`` tables registered as providers, so a wrapped client whose
+    URL is under one's ``base_url`` is priced as it (its price table, ``free`` globs, Azure
+    deployments); a table naming a price provider the table lacks is refused here, as ``serve``
+    refuses it, before any call is priced."""
+    from spendgate import providers
+
+    for name, spec in pol.upstreams.items():
+        if spec.prices not in prices.entries:
+            raise ConfigError(f"upstreams.{name}.prices: the price table has no provider {spec.prices!r}; "
+                              f"it has {', '.join(sorted(prices.entries))}")
+    providers.configure(pol.upstreams)
 
 
 @atexit.register

@@ -47,13 +47,15 @@ class Errors:
 @dataclass(frozen=True, slots=True)
 class Priced:
     """A priced request, whichever library carries it: its hold (None: a free route), the path and
-    bytes to send (``body is raw``: unchanged) and whether to withhold the usage event."""
+    bytes to send (``body is raw``: unchanged), whether to withhold the usage event, and the
+    provider it was priced as (its stream meter reads the answer)."""
 
     decision: Decision | None
     path: str
     raw: bytes
     body: bytes
     withhold: bool = False
+    spec: providers.Provider | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +63,29 @@ class Prepared:
     request: httpx2.Request
     decision: Decision | None
     withhold: bool = False
+    spec: providers.Provider | None = None
+
+
+def _base(url: str) -> str:
+    """A base URL as configured upstreams are compared: no trailing ``/`` nor ``/v1``."""
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+#: the most request URLs a guard remembers the configured upstream of (per policy)
+_URLS_KEPT = 1024
 
 
 class Guard:
     """Everything the sync and async transports share: decide before, settle after.
 
     ``http`` is the HTTP library of the client being guarded (``httpx2`` or legacy ``httpx``): the
-    requests and responses the guard builds must be that library's, or the client rejects them."""
+    requests and responses the guard builds must be that library's, or the client rejects them.
+
+    ``provider`` is the wire format of the client's SDK. A request whose URL is under the
+    ``base_url`` of an upstream the policy configures over that wire format (``[upstreams.NAME]``:
+    an OpenAI-compatible server, Azure OpenAI) is priced as that upstream — its price table, its
+    ``free`` globs, its Azure ``deployments`` — exactly as the proxy prices its ``/NAME`` routes."""
 
     def __init__(self, provider: str, errors: Errors, http: ModuleType,
                  engine: Callable[[], Engine] = _runtime.engine, capability: str | None = None) -> None:
@@ -79,25 +97,59 @@ class Guard:
         self.http = http
         self._engine = engine
         self._spec = providers.get(provider)
-        self._routes = sorted((*self._spec.routes, *self._spec.free_routes), key=len, reverse=True)
+        self._routes: dict[providers.Provider, list[str]] = {}
         self._last_auth: str | None = None
         self._last_hash: str | None = None
+        self._policy_seen: object = None
+        self._by_url: dict[str, providers.Provider] = {}
 
-    def route_of(self, path: str) -> tuple[str, dict[str, str]] | None:
+    def provider_for(self, url: str | None, engine: Engine) -> providers.Provider:
+        """The provider a request to ``url`` is priced as: the configured upstream whose base URL it
+        is under (the longest such), else the SDK's own. Remembered per URL until the policy changes."""
+        upstreams = engine.policy.upstreams
+        if url is None or not upstreams:
+            return self._spec
+        if engine.policy is not self._policy_seen:
+            self._policy_seen, self._by_url = engine.policy, {}
+        at = url.split("?", 1)[0]
+        found = self._by_url.get(at)
+        if found is None:
+            found = self._spec
+            best = -1
+            for name, up in upstreams.items():
+                base = _base(up.base_url)
+                if len(base) > best and (at == base or at.startswith(base + "/")):
+                    spec = providers.find(name)
+                    if spec is None:  # an engine built over the policy without registering its upstreams
+                        providers.configure(upstreams)
+                        spec = providers.get(name)
+                    if getattr(spec, "wire", None) is self._spec:
+                        found, best = spec, len(base)
+            if len(self._by_url) < _URLS_KEPT:
+                self._by_url[at] = found
+        return found
+
+    def route_of(self, path: str, spec: providers.Provider | None = None) -> tuple[str, dict[str, str]] | None:
         """The route ``path`` ends with (a base URL may add a prefix) and the path's parameters."""
-        exact = next((r for r in self._routes if path.endswith(r)), None)
+        spec = spec or self._spec
+        routes = self._routes.get(spec)
+        if routes is None:
+            routes = self._routes[spec] = sorted((*spec.routes, *spec.free_routes), key=len, reverse=True)
+        exact = next((r for r in routes if path.endswith(r)), None)
         if exact is not None:
             return exact, {}
         at = 0
         while (at := path.find("/", at)) >= 0:  # a route template, matched from each segment on
-            found = self._spec.match(path[at:])
+            found = spec.match_direct(path[at:])
             if found is not None:
                 return found
             at += 1
         return None
 
     def before(self, request: httpx2.Request) -> Prepared:
-        priced = self.price(request.method, request.url.path, request.headers, request.read)
+        url = request.url
+        priced = self.price(request.method, url.path, request.headers, request.read,
+                            url=f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}")
         if priced.decision is None:
             return Prepared(request, None)
         if priced.body is not priced.raw:
@@ -105,29 +157,37 @@ class Guard:
             url = request.url if priced.path == request.url.path else request.url.copy_with(path=priced.path)
             request = self.http.Request(request.method, url, headers=headers, content=priced.body,
                                         extensions=request.extensions)
-        return Prepared(request, priced.decision, priced.withhold)
+        return Prepared(request, priced.decision, priced.withhold, priced.spec)
 
-    def price(self, method: str, path: str, headers: Mapping[str, str], read: Callable[[], bytes]) -> Priced:
+    def price(self, method: str, path: str, headers: Mapping[str, str], read: Callable[[], bytes],
+              url: str | None = None) -> Priced:
         """Price and hold the request ``method path`` (its body read by ``read`` only when the route
         is priced), independent of the HTTP library that carries it: the decision (None: a free
-        route), and the path and bytes to send. Raises the SDK-typed refusal when it does not fit."""
-        found = self.route_of(path)
+        route), and the path and bytes to send. ``url``: the request's URL without its query, which
+        names a configured upstream. Raises the SDK-typed refusal when it does not fit."""
+        engine = self._engine()
+        spec = self.provider_for(url, engine)
+        found = self.route_of(path, spec)
         route, params = found if found is not None else (None, {})
-        if route in self._spec.free_routes or (route is None and method in ("GET", "HEAD", "DELETE")):
+        if route in spec.free_routes or (route is None and method in ("GET", "HEAD", "DELETE")):
             return Priced(None, path, b"", b"")
         if route is None:
-            raise self.errors.bad_request(f"spendgate: {method} {path} cannot be priced, so it was not sent")
+            hint = (" (an Azure OpenAI deployment or an OpenAI-compatible server is priced when its URL is under "
+                    "the base_url of an [upstreams.NAME] table of the policy)" if spec is providers.default() else "")
+            raise self.errors.bad_request(f"spendgate: {method} {path} cannot be priced, so it was not sent{hint}")
         raw = read()
         try:
             body = json.loads(raw)
         except ValueError as exc:
             raise self.errors.bad_request(f"spendgate: the request body is not JSON ({exc})") from None
-        engine = self._engine()
         if isinstance(body, dict):
-            body = self._spec.body_with(route, params, body)
+            try:
+                body = spec.body_with(route, params, body)
+            except LookupError as exc:  # the path names what cannot be priced (an unconfigured deployment)
+                raise self.errors.bad_request(f"spendgate: {exc.args[0] if exc.args else exc}") from None
         scopes = active_scopes()
         rules = [s.rule for s in scopes]
-        req = Request(self.provider, route, body, self.identity_of(headers), raw=raw)
+        req = Request(spec.name, route, body, self.identity_of(headers, spec), raw=raw)
         try:
             d = engine.decide(req, extra_rules=rules)
             if not d.allowed:
@@ -138,9 +198,13 @@ class Guard:
             raise self.errors.exceeded(f"spendgate: {exc}", {"action": "block", "rule": "unpriced"}) from None
         except StoreError as exc:
             raise self.errors.store(f"spendgate: the spend store failed, so the call was not sent: {exc}") from None
-        out, withhold = outgoing(route, raw, d, self.provider)
-        new_path, out = self._spec.upstream(path, params, out, out is not raw)
-        return Priced(d, new_path, raw, out, withhold)
+        out, withhold = outgoing(route, raw, d, spec.name)
+        try:
+            new_path, out = spec.upstream_direct(path, params, out, out is not raw)
+        except ValueError as exc:  # a downgrade no configured deployment serves: the call cannot be made
+            engine.release(d)
+            raise self.errors.bad_request(f"spendgate: {exc}") from None
+        return Priced(d, new_path, raw, out, withhold, spec)
 
     def _ask(self, engine: Engine, req: Request, d: Decision, rules: list[Any]) -> Decision:
         """A refusal, unless the tripped budget's ``on_exceed`` callable lets the call through once."""
@@ -149,10 +213,10 @@ class Guard:
     def _identity(self, request: httpx2.Request) -> Identity:
         return self.identity_of(request.headers)
 
-    def identity_of(self, headers: Mapping[str, str]) -> Identity:
+    def identity_of(self, headers: Mapping[str, str], spec: providers.Provider | None = None) -> Identity:
         """Who the call is for: the active tags and capability, and the hash of the key it carries."""
         tags = active_tags()
-        auth = self._spec.api_key(headers) or ""
+        auth = (spec or self._spec).api_key(headers) or ""
         if auth != self._last_auth:  # a client sends one key: hash it once, not per call
             self._last_auth, self._last_hash = auth, hash_key(auth) if auth else None
         return Identity(key=self._last_hash, tags=tags, user=tags.get("user"), team=tags.get("team"),
@@ -193,7 +257,7 @@ class Guard:
         """``response`` with its event stream relayed through a meter that settles at its end."""
         d = p.decision
         assert d is not None
-        meter = self._spec.meter(p.withhold)
+        meter = (p.spec or self._spec).meter(p.withhold)
         stream = stream_cls(response.stream, meter, lambda: self.settle_stream(d, meter))
         headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-length"]
         new: httpx2.Response = self.http.Response(response.status_code, headers=headers, stream=stream,
