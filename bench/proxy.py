@@ -269,6 +269,12 @@ def main() -> None:
         print(f"\nthroughput through spendgate at c=16: {n / wall:,.0f} requests/s "
               f"(including this load generator on the same {os.cpu_count()} cores); "
               f"proxy CPU {cpu / n * 1e6:,.0f} µs per request")
+        before = cpu_seconds(procs[1].pid)
+        t = time.perf_counter()
+        asyncio.run(drive({"bare passthrough": paths["bare passthrough"]}, path, body, n, 16))
+        wall = time.perf_counter() - t
+        print(f"the bare passthrough (the floor): {n / wall:,.0f} requests/s, CPU "
+              f"{(cpu_seconds(procs[1].pid) - before) / n * 1e6:,.0f} µs per request")
         if args.audit_off:
             before = cpu_seconds(procs[3].pid)
             t = time.perf_counter()
