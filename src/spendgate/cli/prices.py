@@ -9,7 +9,7 @@ from typing import Any
 from spendgate import ledger
 from spendgate.cli.context import Context
 from spendgate.cli.output import WARN, emit_json, say, table, usd, working
-from spendgate.pricing.table import FEE_RATES, ModelPrice, Rate
+from spendgate.pricing.table import FEE_RATES, UNIT_LABELS, ModelPrice, Rate, UnitPrice
 
 
 def _rate_cells(name: str, rate: Rate) -> tuple[str, str, str]:
@@ -29,9 +29,41 @@ def _variant_rows(p: ModelPrice) -> list[tuple[str, str, str]]:
     return rows
 
 
+#: where a model priced per unit is priced: image generation is a priced route; speech,
+#: transcription and translation bodies are not read, so their routes pass only under ``flat_holds``
+UNIT_ROUTES = {"image": "/v1/images/generations: held and charged at this price per image",
+               "character": "/v1/audio/speech: not priced by spendgate; pass it with flat_holds",
+               "minute": "/v1/audio/transcriptions, /v1/audio/translations: not priced by spendgate; "
+                         "pass them with flat_holds"}
+
+
+def _show_unit(ctx: Context, args: argparse.Namespace, unit: UnitPrice) -> int:
+    """A model priced per image, character or minute of audio rather than per token."""
+    warning = ctx.prices.stale_warning()
+    doc = {"model": args.model, "known": True, "resolved": f"{unit.provider}/{unit.model}", "how": "per unit",
+           **unit.to_json(), "route": UNIT_ROUTES.get(unit.unit), "table_built": ctx.prices.built,
+           "warning": warning}
+    if args.json:
+        emit_json(doc)
+        return 0
+    print(f"{args.model} -> {unit.provider}/{unit.model} (priced {UNIT_LABELS.get(unit.unit, unit.unit)})")
+    table(("option", "USD"), [(opt or "any", f"{usd(p)} {UNIT_LABELS.get(unit.unit, unit.unit)}")
+                              for opt, p in unit.prices.items()])
+    if unit.unit in UNIT_ROUTES:
+        print(f"route: {UNIT_ROUTES[unit.unit]}")
+    print(f"source: {unit.source}" + (f", price since {unit.since}" if unit.since else "") +
+          f"; table built {ctx.prices.built}")
+    if warning:
+        say(f"warning: {warning}", WARN)
+    return 0
+
+
 def cmd_prices_show(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
     res = ctx.prices.resolve(args.model, args.provider)
+    unit = ctx.prices.unit_price(args.model, args.provider) if res is None else None
+    if unit is not None:
+        return _show_unit(ctx, args, unit)
     if res is None:
         dear = ctx.prices.dearest(args.provider)
         doc: dict[str, Any] = {

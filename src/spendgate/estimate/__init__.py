@@ -65,9 +65,10 @@ class Estimate:
 
     def describe(self) -> str:
         p = self.price
-        if self.shape.per_image is not None:
-            return (f"{self.model}: {self.shape.choices} image(s) at {self.shape.per_image} at "
-                    f"{p.price.provider}/{p.price.model} (per-image price) = {fmt_usd(self.cost_nanos)}")
+        if self.shape.per_unit is not None and p.price.note.startswith("priced per "):
+            kind, option, count = self.shape.per_unit
+            return (f"{self.model}: {count:,} {kind}(s)" + (f" at {option}" if option else "") +
+                    f" at {p.price.provider}/{p.price.model} (per-{kind} price) = {fmt_usd(self.cost_nanos)}")
         how = {"exact": "listed price", "match": "listed alias", "dated": "base model of a dated id",
                "imported": "imported price", "dearest": "UNPRICED, charged as the dearest model",
                "free": "free by the upstream's configuration"}[p.how]
@@ -180,40 +181,46 @@ class Estimator:
             return 0
         return spec.searches(body)
 
-    def per_image(self, provider: str, route: str, shape: TokenShape) -> Estimate:
-        """A model priced per image (dall-e-2/3): ``choices`` images at the price of the option the
-        request names — exact, since such a model bills nothing else and reports no usage. A model
-        the table has no per-image price for is priced at the dearest per-image price of its
-        provider (or refused with ``unpriced = "block"``)."""
-        assert shape.per_image is not None
+    def per_unit(self, provider: str, route: str, shape: TokenShape) -> Estimate | None:
+        """A model priced per unit (dall-e-2/3 per image, tts-1 per character): the units the request
+        asks for at the price of the option it names — exact, since such a model bills nothing else.
+        None when the table prices the model per token (gpt-4o-mini-tts on the speech route): the
+        token counts price it. A model known to neither, on a route whose models are priced per image,
+        is priced at the dearest per-image price of its provider (or refused with ``unpriced = "block"``)."""
+        assert shape.per_unit is not None
+        kind, option, count = shape.per_unit
         table = self._table_provider(provider)
         unit = self.prices.unit_price(shape.model, table)
         warning = None
-        if unit is None or unit.unit != "image":
+        if unit is None or unit.unit != kind:
+            if kind != "image" or self.prices.resolve(shape.model, table) is not None:
+                return None
             if self.unpriced == "block":
                 raise UnpricedModel(f"no per-image price is known for model {shape.model!r} and the policy says "
                                     "unpriced = \"block\"")
-            images = [u for u in self.prices.units.get(table, ()) if u.unit == "image"] or \
-                [u for us in self.prices.units.values() for u in us if u.unit == "image"]
+            images = [u for u in self.prices.units.get(table, ()) if u.unit == kind] or \
+                [u for us in self.prices.units.values() for u in us if u.unit == kind]
             if not images:
-                raise UnpricedModel(f"no per-image price is known for model {shape.model!r}")
+                raise UnpricedModel(f"no per-{kind} price is known for model {shape.model!r}")
             unit = max(images, key=lambda u: u.top)
             warning = f"no per-image price is known for {shape.model!r}: priced as {unit.model}'s dearest image"
-        each = unit.price_of(shape.per_image)
+        each = unit.price_of(option)
         if each is None:
             each = unit.top
-        cost = usd_to_nanos(each * max(shape.choices, 1))
-        # any token the provider might report is priced as one image: never below the hold's basis
+        cost = usd_to_nanos(each * count)
+        # any token the provider might report is priced as one unit: never below the hold's basis
         per_token = Rate(each * 1_000_000)
         mp = ModelPrice(unit.provider, unit.model, per_token, per_token, source=unit.source, since=unit.since,
-                        note=f"priced per image: {shape.per_image} at ${each}")
+                        note=f"priced per {kind}" + (f": {option}" if option else "") + f" at ${each}")
         res = Resolution(shape.model, mp, "exact" if warning is None else "dearest", warning)
-        return Estimate(provider, route, shape, res, 0, shape.output_why or "per image", cost)
+        return Estimate(provider, route, shape, res, 0, shape.output_why or f"per {kind}", cost)
 
     def price(self, provider: str, route: str, shape: TokenShape,
               variant: Mapping[str, str] | None = None, searches: int = 0) -> Estimate:
-        if shape.per_image is not None:
-            return self.per_image(provider, route, shape)
+        if shape.per_unit is not None:
+            unit_priced = self.per_unit(provider, route, shape)
+            if unit_priced is not None:
+                return unit_priced
         res = self.resolve(shape.model, provider)
         at = res.price.at_variant(variant) if variant else res.price
         requested = shape.requested_output

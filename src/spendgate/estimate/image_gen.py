@@ -106,7 +106,7 @@ def generations(body: Mapping[str, Any]) -> TokenShape:
             raise BadRequest(f"{name} takes size {', '.join(sizes)} and quality {', '.join(qualities)}; "
                              f"got {size} {quality}")
         return TokenShape(model=model, input_tokens=0, requested_output=0, choices=n,
-                          per_image=f"{quality}/{size}", output_why=f"{n} image(s) at {quality} {size}")
+                          per_unit=("image", f"{quality}/{size}", n), output_why=f"{n} image(s) at {quality} {size}")
     per_image, why = tokens_per_image(model, size, quality)
     partial = optional_int(body, "partial_images") or 0
     if partial:

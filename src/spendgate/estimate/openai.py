@@ -141,11 +141,26 @@ def _messages_tokens(tc: TokenCounter, model: str, messages: list[Any]) -> int:
     return total
 
 
+def _audio_tokens(tc: TokenCounter, messages: list[Any]) -> int:
+    """The part of the count that is input audio (``input_audio`` content parts), held at the
+    model's audio input rate. Counted as the tokens of the part's JSON (its base64 data): audio bills
+    about 10 tokens a second, and a second of any format OpenAI accepts is more than 1,000 base64
+    characters, so this bounds the audio tokens many times over."""
+    total = 0
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, Mapping) else None
+        if isinstance(content, list):
+            total += sum(tc.count(dumps(part)) for part in content
+                         if isinstance(part, Mapping) and part.get("type") == "input_audio")
+    return total
+
+
 def chat(body: Mapping[str, Any]) -> TokenShape:
     model = require_model(body)
     enc = encoding_for_model(model)
     tc = counter(enc)
-    n_in = _messages_tokens(tc, model, require_list(body, "messages"))
+    messages = require_list(body, "messages")
+    n_in = _messages_tokens(tc, model, messages)
     if body.get("tools") is not None:
         func_init = FUNC_INIT_O200K if enc == "o200k_base" else FUNC_INIT_CL100K
         n_in += _function_tools(tc, require_list(body, "tools"), func_init)
@@ -153,14 +168,33 @@ def chat(body: Mapping[str, Any]) -> TokenShape:
         legacy = [{"type": "function", "function": f} for f in require_list(body, "functions")]
         n_in += _function_tools(tc, legacy, FUNC_INIT_CL100K)
     if isinstance(body.get("response_format"), Mapping):
-        n_in += tc.count(dumps(body["response_format"]))
+        n_in += _format_tokens(tc, body["response_format"])
     return TokenShape(
         model=model,
         input_tokens=n_in,
         requested_output=optional_int(body, "max_completion_tokens", "max_tokens"),
         choices=optional_int(body, "n") or 1,
         stream=bool(body.get("stream")),
+        input_audio=_audio_tokens(tc, messages),
     )
+
+
+def _format_tokens(tc: TokenCounter, fmt: Mapping[str, Any]) -> int:
+    """A structured output format (chat ``response_format``, Responses ``text.format``): its JSON, or
+    — for a schema with ``$ref``, ``$defs`` or combinators — the larger of that and the schema with
+    its references written out where they are used, as tool schemas are counted."""
+    text = dumps(fmt)
+    if not schemas.is_composite(text):
+        return tc.count(text)
+    inner = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), Mapping) else fmt
+    schema = inner.get("schema") if isinstance(inner, Mapping) else None
+    if not isinstance(schema, Mapping):
+        return tc.count(text)
+    rest = tc.count(dumps({k: v for k, v in fmt.items() if k != "json_schema"} if inner is not fmt
+                          else {k: v for k, v in fmt.items() if k != "schema"}))
+    if inner is not fmt:
+        rest += tc.count(dumps({k: v for k, v in inner.items() if k != "schema"}))
+    return max(tc.count(text), rest + _schema_tokens(tc, schema))
 
 
 def _response_items_tokens(tc: TokenCounter, model: str, items: Any) -> int:
@@ -196,7 +230,9 @@ def responses(body: Mapping[str, Any]) -> TokenShape:
     if isinstance(body.get("instructions"), str):
         n_in += PER_MESSAGE + tc.count(body["instructions"])
     n_in += _responses_tools(tc, body.get("tools"))
-    if isinstance(body.get("text"), Mapping) and body["text"].get("format"):
+    if isinstance(body.get("text"), Mapping) and isinstance(body["text"].get("format"), Mapping):
+        n_in += _format_tokens(tc, body["text"]["format"])
+    elif isinstance(body.get("text"), Mapping) and body["text"].get("format"):
         n_in += tc.count(dumps(body["text"]["format"]))
     return TokenShape(
         model=model,

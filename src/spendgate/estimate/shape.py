@@ -30,9 +30,11 @@ class TokenShape:
     #: why the output bound is what it is, when the body sets it by other means than a token count
     #: (an image's size and quality)
     output_why: str | None = None
-    #: a model priced per image: the option each of its ``choices`` images is priced at
-    #: (``"hd/1024x1792"``); None for token-priced requests
-    per_image: str | None = None
+    #: what the request costs where its model is priced per unit, not per token: the unit
+    #: (``"image"``, ``"character"``), the option each unit is priced at (``"hd/1024x1792"``, or ``""``)
+    #: and how many (the images are ``choices``; None for token-only requests). A model the table
+    #: prices per token is priced from the token counts instead.
+    per_unit: tuple[str, str, int] | None = None
     #: input tokens (part of ``input_tokens``) that are audio, held at the audio input rate
     input_audio: int = 0
 

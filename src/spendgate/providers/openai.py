@@ -1,4 +1,7 @@
 """OpenAI's wire format: chat completions, Responses, legacy completions, embeddings, image generation.
+Speech, transcriptions, translations and image edits are refused unless the policy passes them
+through under a flat hold (``flat_holds``); their models' per-character and per-minute prices are in
+the table for ``spendgate prices show``.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}``; a chat stream reports usage in a last
 chunk with ``choices: []`` (only when ``stream_options.include_usage`` is set — the proxy sets it
