@@ -182,18 +182,22 @@ def chat(body: Mapping[str, Any]) -> TokenShape:
 def _format_tokens(tc: TokenCounter, fmt: Mapping[str, Any]) -> int:
     """A structured output format (chat ``response_format``, Responses ``text.format``): its JSON, or
     — for a schema with ``$ref``, ``$defs`` or combinators — the larger of that and the schema with
-    its references written out where they are used, as tool schemas are counted."""
+    its references written out where they are used (the schema is their root), as tool schemas are
+    counted, plus the format's other fields (name, strict) as JSON."""
     text = dumps(fmt)
     if not schemas.is_composite(text):
         return tc.count(text)
-    inner = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), Mapping) else fmt
-    schema = inner.get("schema") if isinstance(inner, Mapping) else None
+    # chat nests the schema under ``json_schema``; Responses' ``text.format`` holds it directly
+    nested = fmt.get("json_schema")
+    inner: Mapping[str, Any] = nested if isinstance(nested, Mapping) else fmt
+    schema = inner.get("schema")
     if not isinstance(schema, Mapping):
         return tc.count(text)
-    rest = tc.count(dumps({k: v for k, v in fmt.items() if k != "json_schema"} if inner is not fmt
-                          else {k: v for k, v in fmt.items() if k != "schema"}))
+    rest = tc.count(dumps({k: v for k, v in fmt.items() if k != "json_schema"}))
     if inner is not fmt:
         rest += tc.count(dumps({k: v for k, v in inner.items() if k != "schema"}))
+    else:
+        rest = tc.count(dumps({k: v for k, v in fmt.items() if k != "schema"}))
     return max(tc.count(text), rest + _schema_tokens(tc, schema))
 
 
