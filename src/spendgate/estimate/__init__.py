@@ -26,6 +26,13 @@ log = logging.getLogger("spendgate.estimate")
 
 Unpriced = Literal["dearest", "block"]
 
+#: Output tokens a web search call takes at the least, where a request allows searches without a
+#: bound (a provider's :meth:`~spendgate.providers.base.Provider.searches` returns a negative count):
+#: the call is a tool call the model writes — its framing (recipient, channel, ``<|call|>``) and a JSON
+#: query (``{"query": "…"}``) are well over 10 o200k tokens, so ``output bound ÷ 10`` searches bound
+#: what it can run. A request that names its bound (``max_tool_calls``, ``max_uses``) is held at that.
+TOKENS_PER_SEARCH = 10
+
 
 def free_resolution(model: str, table_provider: str) -> Resolution:
     """``model`` at $0: what a configured upstream's ``free`` globs say it costs (a local model)."""
@@ -48,8 +55,11 @@ class Estimate:
     cost_nanos: int
     #: the price variant the request asks for (``{"service_tier": "priority"}``), held at its rates
     variant: Mapping[str, str] = field(default_factory=dict)
-    #: web searches the request allows at most (Anthropic's ``max_uses``), held at the model's fee
+    #: web searches the request allows at most (Anthropic's ``max_uses``, OpenAI's ``max_tool_calls``,
+    #: else the output bound ÷ :data:`TOKENS_PER_SEARCH`), held at the model's fee
     searches: int = 0
+    #: False when ``searches`` was derived from the output bound (the request named no bound)
+    searches_named: bool = True
 
     @property
     def model(self) -> str:
@@ -249,9 +259,14 @@ class Estimator:
             dearer = worst_case_nanos(at, shape.input_tokens, out, shape.cache_write, shape.input_audio)
             if dearer >= cost:
                 res, cost = replace(res, price=at, standard=res.price), dearer
+        named = searches >= 0
+        if searches < 0:
+            # web search allowed with no bound on the request (no ``max_tool_calls``): each search is
+            # a tool call the model writes into its output, so the output bound bounds them
+            searches = -(-out // TOKENS_PER_SEARCH)
         if searches:
             cost += usage_nanos(res.price, Usage(web_searches=searches))
-        return Estimate(provider, route, shape, res, out, why, cost, dict(variant or {}), searches)
+        return Estimate(provider, route, shape, res, out, why, cost, dict(variant or {}), searches, named)
 
     def estimate(self, provider: str, route: str, body: Any) -> Estimate:
         shape, variant, searches = self.shape(provider, route, body), self.variant(provider, body), \
@@ -275,4 +290,4 @@ class Estimator:
     def with_output(self, est: Estimate, max_output: int) -> Estimate:
         """``est`` re-priced with its per-choice output bound set to ``max_output`` (a clamp)."""
         return self.price(est.provider, est.route, replace(est.shape, requested_output=max_output), est.variant,
-                          est.searches)
+                          est.searches if est.searches_named else -1)

@@ -71,6 +71,20 @@ class OpenAI(Provider):
             tier = auto_tier
         return {"service_tier": tier}
 
+    def searches(self, body: Mapping[str, Any]) -> int:
+        """The web searches a Responses request may run, each billed per call: its
+        ``max_tool_calls`` (a cap on all built-in tool calls) when it allows a ``web_search*`` tool;
+        -1 when it names no cap, so the estimator bounds them by the output bound
+        (:data:`spendgate.estimate.TOKENS_PER_SEARCH`); 0 without a web search tool."""
+        tools = body.get("tools")
+        if not isinstance(tools, list) or not any(
+                isinstance(t, Mapping) and str(t.get("type", "")).startswith("web_search") for t in tools):
+            return 0
+        cap = body.get("max_tool_calls")
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
+            return cap
+        return -1
+
     def route_for(self, body: Mapping[str, Any]) -> str:
         if "messages" in body:
             return "/v1/chat/completions"
