@@ -197,3 +197,31 @@ def test_an_import_merges_variants_rate_by_rate_and_lists_the_variant_rates_it_l
     assert priority.cache_read is not None and priority.cache_read.base == Decimal("0.25"), "kept: the file lacks it"
     flex = after.resolve("gpt-5.4", "openai").price.at_variant({"service_tier": "flex"})  # type: ignore[union-attr]
     assert dict(flex.input.tiers) == {272_000: Decimal("2.5")}, "the variant's >272K tier stays in force"
+
+
+def test_provider_prefixed_rows_take_effect_for_that_providers_model(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    mistral = {"input_cost_per_token": 4e-06, "output_cost_per_token": 1.2e-05, "mode": "chat",
+               "litellm_provider": "mistral", "max_output_tokens": 8191}
+    gemini = {"input_cost_per_token": 2.5e-06, "output_cost_per_token": 2e-05, "mode": "chat",
+              "litellm_provider": "gemini"}
+    rows = {"mistral/mistral-large-latest": mistral, "gemini/gemini-2.5-pro": gemini}
+    assert run(capsys, "prices", "update", "--from", str(write(tmp_path, rows)))[0] == 0
+    for model, provider, rates in (("mistral-large-latest", "mistral", (4, 12)),
+                                   ("mistral/mistral-large-latest", None, (4, 12)),
+                                   ("gemini-2.5-pro", "google", (Decimal("2.5"), 20)),
+                                   ("gemini/gemini-2.5-pro", None, (Decimal("2.5"), 20))):
+        res = table().resolve(model, provider)
+        assert res is not None and res.how == "imported", model
+        assert (res.price.input.base, res.price.output.base) == rates
+    assert table().resolve("mistral-large-latest", "mistral").price.provider == "mistral"  # type: ignore[union-attr]
+    # merged over the bundled row: its long-context tier (a field the file lacks) stays
+    assert table().resolve("gemini-2.5-pro", "google").price.input.tiers  # type: ignore[union-attr]
+
+
+def test_a_resellers_prefixed_row_never_replaces_the_providers_own_price(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    before = table().resolve("gpt-4o", "openai").price  # type: ignore[union-attr]
+    row = {"input_cost_per_token": 5e-06, "output_cost_per_token": 2e-05, "mode": "chat", "litellm_provider": "azure"}
+    assert run(capsys, "prices", "update", "--from", str(write(tmp_path, {"azure/gpt-4o": row})))[0] == 0
+    assert table().resolve("gpt-4o", "openai").price.input == before.input  # type: ignore[union-attr]

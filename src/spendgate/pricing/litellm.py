@@ -80,6 +80,24 @@ def _check_numbers(model_id: str, entry: dict[str, Any], allow_free: bool) -> st
 
 
 
+#: LiteLLM key prefixes naming the provider's own API (``mistral/mistral-large-latest``): such a row
+#: is stored under the table's provider id and model (``mistral/mistral-large-latest``,
+#: ``google/gemini-2.5-pro``), where a request for that model on that provider finds it. A reseller's
+#: prefix (``azure/``, ``vertex_ai/``, ``bedrock/``) is kept as written: its prices are not the
+#: provider's own, so they never replace them.
+FIRST_PARTY = {"openai": "openai", "anthropic": "anthropic", "gemini": "google", "mistral": "mistral",
+               "deepseek": "deepseek", "xai": "x-ai", "x-ai": "x-ai"}
+
+
+def import_key(model_id: str) -> tuple[str, str | None]:
+    """The key a LiteLLM row is stored under, and the table provider a first-party prefix names."""
+    key = model_id.lower()
+    head, sep, tail = key.partition("/")
+    if sep and head in FIRST_PARTY and tail:
+        return f"{FIRST_PARTY[head]}/{tail}", FIRST_PARTY[head]
+    return key, None
+
+
 def convert(raw: dict[str, Any], source: str, allow_free: bool = False
             ) -> tuple[dict[str, ModelPrice], list[str], dict[str, str]]:
     """LiteLLM rows -> prices keyed by lower-case model id; also the ids skipped and why, and the
@@ -94,7 +112,7 @@ def convert(raw: dict[str, Any], source: str, allow_free: bool = False
             continue
         zero = _check_numbers(model_id, entry, allow_free)
         if zero is not None:
-            free[model_id.lower()] = zero
+            free[import_key(model_id)[0]] = zero
             continue
         try:
             rates = {name: _rate(entry, key) for name, key in _FIELDS.items()}
@@ -112,9 +130,10 @@ def convert(raw: dict[str, Any], source: str, allow_free: bool = False
             continue
         max_out = entry.get("max_output_tokens")
         ctx = entry.get("max_input_tokens")
-        out[model_id.lower()] = ModelPrice(
-            provider=str(entry.get("litellm_provider") or "unknown"),
-            model=model_id,
+        key, first_party = import_key(model_id)
+        out[key] = ModelPrice(
+            provider=first_party or str(entry.get("litellm_provider") or "unknown"),
+            model=model_id.split("/", 1)[1] if first_party else model_id,
             input=inp,
             output=outp,
             cache_read=rates["cache_read"],

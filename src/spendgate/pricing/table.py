@@ -441,6 +441,10 @@ class PriceTable:
             if imported is not None:
                 return Resolution(model, imported, "imported")
             for prov in providers:
+                # an imported row a file keyed by provider (``mistral/mistral-large-latest``)
+                imported = self.overrides.get(f"{prov}/{candidate}")
+                if imported is not None:
+                    return Resolution(model, imported, "imported")
                 hit = self._match(prov, candidate, day)
                 if hit is not None:
                     price, kind = hit
