@@ -336,11 +336,15 @@ def _coverage(table: dict[str, Any], litellm: dict[str, Any]) -> tuple[dict[str,
         if prov is None:
             continue
         model_id = key.split("/", 1)[-1].lower()
-        if (prov, model_id) in seen or resolver.resolve(model_id, prov) is not None:
+        if (prov, model_id) in seen or resolver.resolve(model_id, prov) is not None \
+                or resolver.unit_price(model_id, prov) is not None:
             continue
         seen.add((prov, model_id))
         row = _litellm_row(key, entry)
-        if isinstance(row, str):
+        summary = model_id.rsplit("/", 1)[-1]
+        if isinstance(row, str) and "/" in model_id and resolver.resolve(summary, prov) is not None:
+            left_out.append(f"{prov}/{model_id} (a per-image summary of {summary}, priced by its image tokens)")
+        elif isinstance(row, str):
             left_out.append(f"{prov}/{model_id} ({row})")
         else:
             add.setdefault(prov, []).append(row)
@@ -395,7 +399,7 @@ def _per_unit(model: Any, match: Any) -> dict[str, Any] | None:
     prices = model.prices if not isinstance(model.prices, list) else None
     if prices is None:
         return None
-    found = {}
+    found: dict[str, Decimal] = {}
     for field, (unit, per) in UNTOKENED.items():
         v = getattr(prices, field, None)
         if v is not None:
@@ -488,7 +492,32 @@ def build(litellm_json: Path | None) -> tuple[dict[str, Any], list[str]]:
         for row in extra:
             report.append(f"litellm {prov['id']}/{row['id']}: not in genai-prices, added from LiteLLM")
     report.extend(f"litellm {x}: left out" for x in left_out)
+    report.extend(_unread_fields(litellm))
     return table, report
+
+
+#: LiteLLM cost fields the build reads (per token, per image/character/second for left-out rows)
+_READ_FIELDS = {*_LITELLM_RATES.values(), "input_cost_per_image", "input_cost_per_pixel", "output_cost_per_pixel",
+                "input_cost_per_character", "input_cost_per_second", "output_cost_per_second"}
+
+
+def _unread_fields(litellm: dict[str, Any]) -> list[str]:
+    """The cost fields LiteLLM gives OpenAI, Anthropic and Google rows that the table has no rate for
+    (per-query search context, Maps grounding, code interpreter sessions…), with how many rows give
+    each: what that source has that the table lacks, beyond whole models."""
+    counts: dict[str, int] = {}
+    for entry in litellm.values():
+        if not isinstance(entry, dict) or LITELLM_PROVIDERS.get(str(entry.get("litellm_provider"))) is None:
+            continue
+        for field, v in entry.items():
+            # a number, or a table of them (search context cost per query, by context size)
+            priced = (isinstance(v, int | float) and v > 0) or (isinstance(v, dict) and bool(v))
+            if ("cost" in field or "price" in field) and priced:
+                stem = re.sub(r"(?:_above_\d+k_tokens|_priority|_flex|_batches|_above_1hr)+$", "", field)
+                if field not in _READ_FIELDS and stem not in _READ_FIELDS:
+                    counts[stem] = counts.get(stem, 0) + 1
+    return [f"litellm field {f} ({n} OpenAI/Anthropic/Google rows): not in the table"
+            for f, n in sorted(counts.items())]
 
 
 def _matches(clause: Any, model_id: str) -> bool:
@@ -519,7 +548,7 @@ def main() -> None:
     args.out.write_text(json.dumps(table, indent=1, sort_keys=False) + "\n")
     n = sum(len(p["models"]) for p in table["providers"])
     added = sum(1 for r in report if r.endswith("added from LiteLLM"))
-    lacking = [r for r in report if r.endswith("left out") or "left out," in r]
+    lacking = [r for r in report if r.endswith("left out") or "left out," in r or r.endswith("not in the table")]
     print(f"wrote {n} models from {len(table['providers'])} providers to {args.out}")
     print(f"{added} models only LiteLLM prices were added; {len(lacking)} models the sources have are "
           "not in the table (not priced per token, or $0):")

@@ -1,0 +1,64 @@
+"""``scripts/build_prices.py``'s merging and reporting, on small LiteLLM-shaped data (the sources
+themselves are read only when the table is rebuilt)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def build() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "scripts" / "build_prices.py"
+    spec = importlib.util.spec_from_file_location("build_prices", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["build_prices"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+LITELLM: dict[str, Any] = {
+    "gpt-image-1": {"litellm_provider": "openai", "mode": "image_generation", "input_cost_per_token": 5e-06,
+                    "output_cost_per_image_token": 4e-05, "input_cost_per_image_token": 1e-05},
+    "gpt-4o-audio-preview-2024-12-17": {"litellm_provider": "openai", "mode": "chat",
+                                        "input_cost_per_audio_token": 4e-05, "output_cost_per_audio_token": 8e-05},
+    "gpt-4o-audio-preview-2025-06-03": {"litellm_provider": "openai", "mode": "chat",
+                                        "input_cost_per_audio_token": 4e-05, "output_cost_per_audio_token": 8e-05},
+    "azure/gpt-4o-audio-preview": {"litellm_provider": "azure", "mode": "chat",
+                                   "input_cost_per_audio_token": 9e-05},
+    "gpt-5": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1.25e-06,
+              "search_context_cost_per_query": {"search_context_size_low": 0.01},
+              "code_interpreter_cost_per_session": 0.03},
+}
+
+
+def test_an_image_models_output_rate_becomes_its_image_output_rate_and_its_variants_follow(
+        build: ModuleType) -> None:
+    periods = [{"since": None, "rates": {"input": "5", "output": "40", "input_image": "10"}}]
+    variants = [{"when": {"processing": "batch"}, "since": "2026-10-14", "rates": {"input": "2.5", "output": "20"}}]
+    note: list[str] = []
+    merged = build._merge_units(LITELLM, "openai", ["gpt-image-1"], periods, variants, note)
+    assert merged == ["output_image 40"]
+    assert periods[0]["rates"]["output_image"] == "40"
+    assert periods[0]["rates"]["input_image"] == "10", "a rate genai-prices has is never replaced"
+    assert variants[0]["rates"]["output_image"] == "20"
+    assert "litellm" in note[0]
+
+
+def test_audio_rates_come_from_the_dated_snapshots_never_a_resellers_row(build: ModuleType) -> None:
+    periods = [{"since": None, "rates": {"input": "2.5", "output": "10"}}]
+    merged = build._merge_units(LITELLM, "openai", ["gpt-4o-audio-preview"], periods, [], [])
+    assert merged == ["input_audio 40", "output_audio 80"]
+
+
+def test_the_report_names_litellm_fields_the_table_has_no_rate_for(build: ModuleType) -> None:
+    lines = build._unread_fields(LITELLM)
+    assert any("search_context_cost_per_query" in x for x in lines)
+    assert any("code_interpreter_cost_per_session" in x for x in lines)
+    assert not any("output_cost_per_image_token" in x or "input_cost_per_token" in x for x in lines)
