@@ -232,3 +232,24 @@ def test_images_usage_reads_output_as_image_tokens_but_responses_usage_does_not(
     resp = read_usage({"usage": {"input_tokens": 10, "output_tokens": 100, "total_tokens": 110,
                                  "input_tokens_details": {"cached_tokens": 0}}})
     assert resp.output_image == 0
+
+
+def test_a_clamp_rule_cannot_shrink_an_image_and_refuses_it_rather_than_under_hold() -> None:
+    r = Rig(parse({"budget": [{"name": "per-call", "usd": "0.05", "window": "request", "action": "clamp",
+                               "min_output": 1}]}))
+    try:
+        with pytest.raises(openai.APIStatusError) as err:  # $0.16642 worst case: over $0.05, not clampable
+            r.client.images.generate(model="gpt-image-1", prompt="x", quality="high", size="1024x1024")
+        assert err.value.status_code == 402
+        assert r.upstream.bodies == [], "never sent (with or without a max_tokens it would ignore)"
+    finally:
+        r.close()
+
+
+def test_an_image_body_is_read_as_an_image_request_by_spendgate_estimate() -> None:
+    from spendgate import providers
+
+    spec = providers.get("openai")
+    assert spec.route_for({"model": "gpt-image-1", "prompt": "x"}) == "/v1/images/generations"
+    assert spec.route_for({"prompt": "x", "size": "256x256"}) == "/v1/images/generations"
+    assert spec.route_for({"model": "gpt-3.5-turbo-instruct", "prompt": "x"}) == "/v1/completions"

@@ -288,6 +288,11 @@ class Estimator:
         return est
 
     def with_output(self, est: Estimate, max_output: int) -> Estimate:
-        """``est`` re-priced with its per-choice output bound set to ``max_output`` (a clamp)."""
+        """``est`` re-priced with its per-choice output bound set to ``max_output`` (a clamp). A
+        request whose output no body field bounds (an image: its size and quality set it) keeps its
+        cost — a clamp cannot lower it — and is marked as having no output left to clamp, so the
+        rule, finding nothing more to take, refuses it."""
+        if est.shape.fixed_output:
+            return replace(est, output_tokens=0, output_bound_from=f"{est.output_bound_from}; cannot be clamped")
         return self.price(est.provider, est.route, replace(est.shape, requested_output=max_output), est.variant,
                           est.searches if est.searches_named else -1)

@@ -46,6 +46,12 @@ DALLE = {"dall-e-2": ("1024x1024", "standard", ("256x256", "512x512", "1024x1024
          "dall-e-3": ("1024x1024", "standard", ("1024x1024", "1024x1792", "1792x1024"), ("standard", "hd"))}
 
 
+def is_image_model(model: str) -> bool:
+    """A model that generates images on ``/v1/images/generations`` (GPT Image, dall-e)."""
+    name = model.strip().lower().rsplit("/", 1)[-1]
+    return name.startswith(("gpt-image-", "chatgpt-image-", "dall-e-"))
+
+
 def _model(body: Mapping[str, Any]) -> str:
     model = body.get("model")
     if model is None:
@@ -105,7 +111,7 @@ def generations(body: Mapping[str, Any]) -> TokenShape:
         if size not in sizes or quality not in qualities:
             raise BadRequest(f"{name} takes size {', '.join(sizes)} and quality {', '.join(qualities)}; "
                              f"got {size} {quality}")
-        return TokenShape(model=model, input_tokens=0, requested_output=0, choices=n,
+        return TokenShape(model=model, input_tokens=0, requested_output=0, choices=n, fixed_output=True,
                           per_unit=("image", f"{quality}/{size}", n), output_why=f"{n} image(s) at {quality} {size}")
     per_image, why = tokens_per_image(model, size, quality)
     partial = optional_int(body, "partial_images") or 0
@@ -113,4 +119,4 @@ def generations(body: Mapping[str, Any]) -> TokenShape:
         per_image += PARTIAL_IMAGE_TOKENS * partial
         why += f" + {partial} partial image(s)"
     return TokenShape(model=model, input_tokens=len(prompt.encode()), requested_output=per_image, choices=n,
-                      stream=body.get("stream") is True, output_why=why)
+                      stream=body.get("stream") is True, output_why=why, fixed_output=True)

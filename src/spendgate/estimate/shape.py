@@ -37,6 +37,9 @@ class TokenShape:
     per_unit: tuple[str, str, int] | None = None
     #: input tokens (part of ``input_tokens``) that are audio, held at the audio input rate
     input_audio: int = 0
+    #: the output bound is set by what the request asks for (an image's size and quality), not by a
+    #: token count the body carries: no clamp can lower it
+    fixed_output: bool = False
 
 
 def require_model(body: Mapping[str, Any]) -> str:

@@ -88,6 +88,9 @@ class OpenAI(Provider):
     def route_for(self, body: Mapping[str, Any]) -> str:
         if "messages" in body:
             return "/v1/chat/completions"
+        if "prompt" in body and (image_gen.is_image_model(str(body.get("model", "")))
+                                 or any(k in body for k in ("size", "quality", "response_format"))):
+            return "/v1/images/generations"
         if "prompt" in body:
             return "/v1/completions"
         if "input" in body and "embedding" in str(body.get("model", "")):
