@@ -149,4 +149,7 @@ def wrap(client: C, *, capability: str | None = None) -> C:
     new_http: Any = cls(transport=transport, timeout=http.timeout, headers=http.headers,
                         follow_redirects=http.follow_redirects, event_hooks=http.event_hooks)
     wrapped: C = client.with_options(http_client=new_http)  # type: ignore[attr-defined]
+    # the SDKs close their HTTP client when it is collected, and with it ``inner``, which the new
+    # one forwards to: the original is kept as long as the wrapped client lives
+    wrapped._spendgate_original = client  # type: ignore[attr-defined]
     return wrapped
