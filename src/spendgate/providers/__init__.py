@@ -20,16 +20,17 @@ from spendgate.providers.base import Parser, Provider
 from spendgate.providers.bedrock import Bedrock
 from spendgate.providers.gemini import Gemini
 from spendgate.providers.openai import OpenAI
+from spendgate.providers.vertex import PROVIDERS as VERTEX
 
 if TYPE_CHECKING:
     from spendgate.policy.model import UpstreamSpec
     from spendgate.pricing.table import PriceTable
 
 __all__ = ["Parser", "Provider", "active", "all_providers", "configure", "default", "find", "for_model",
-           "free_routes", "get", "match", "priced_routes"]
+           "free_routes", "get", "match", "priced_routes", "served_for"]
 
 #: the first is the default: the wire format of a request that names none (OpenAI-compatible)
-_REGISTRY: dict[str, Provider] = {p.name: p for p in (OpenAI(), Anthropic(), Gemini(), Bedrock())}
+_REGISTRY: dict[str, Provider] = {p.name: p for p in (OpenAI(), Anthropic(), Gemini(), Bedrock(), *VERTEX)}
 #: providers built from ``[upstreams.NAME]`` tables, by name (:func:`configure`)
 _CONFIGURED: dict[str, Provider] = {}
 
@@ -112,6 +113,12 @@ def match(path: str) -> tuple[Provider, str, dict[str, str]] | None:
 
 def all_providers() -> tuple[Provider, ...]:
     return tuple(_REGISTRY.values())
+
+
+def served_for(sdk: str) -> tuple[Provider, ...]:
+    """The providers whose routes the clients of ``sdk``'s official SDK also call (:attr:`Provider.sdk_of`):
+    Vertex AI's, for the google-genai and anthropic clients."""
+    return tuple(p for p in _REGISTRY.values() if p.sdk_of == sdk)
 
 
 def priced_routes() -> frozenset[tuple[str, str]]:

@@ -45,9 +45,9 @@ class Anthropic(Provider):
     conversation_fields: Mapping[str, str] = {"/v1/messages": "messages"}
     sdk_error = "AnthropicError"
     chat_route = "/v1/messages"
-    price_providers = ("anthropic",)
+    price_providers: tuple[str, ...] = ("anthropic",)
     scaled_counts = True
-    marker_headers = ("x-api-key", "anthropic-version")
+    marker_headers: tuple[str, ...] = ("x-api-key", "anthropic-version")
     error_types: Mapping[int, str] = {400: "invalid_request_error", 401: "authentication_error", 402: "budget_exceeded",
                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                    502: "api_error", 503: "overloaded_error", 504: "api_error"}

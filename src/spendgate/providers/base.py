@@ -104,6 +104,13 @@ class Provider:
     signed_requests: bool = False
     #: the status of a request whose credentials are refused (AWS answers a bad signature with 403)
     auth_failure_status: int = 401
+    #: the provider whose official SDK's clients call this one's routes too (Vertex AI's paths are
+    #: called by google-genai and anthropic clients): ``spendgate.wrap`` of such a client prices a
+    #: request on these routes as this provider, raising that SDK's errors ("": none)
+    sdk_of: str = ""
+    #: the provider whose configured upstream base URL this one's calls go to when none is
+    #: configured for it by name (two wire formats on one host: Vertex AI's); "" for its own
+    base_url_from: str = ""
     #: the content types of its streamed responses, relayed through its :meth:`meter`
     stream_content_types: tuple[str, ...] = ("text/event-stream",)
 

@@ -228,12 +228,12 @@ class Gemini(Provider):
     output_fields: Mapping[str, tuple[str, ...]] = {r: (CLAMP_FIELD,) for r in routes}
     conversation_fields: Mapping[str, str] = {r: "contents" for r in routes}
     chat_route = _GENERATE.format(v="v1beta")
-    price_providers = ("google",)
+    price_providers: tuple[str, ...] = ("google",)
     sdk_package = "google.genai"
     sdk_error = "errors.APIError"
     credential_headers = ("x-goog-api-key",)
     credential_params = ("key",)
-    marker_headers = ("x-goog-api-key", "x-goog-api-client")
+    marker_headers: tuple[str, ...] = ("x-goog-api-key", "x-goog-api-client")
     error_types: Mapping[int, str] = {
         400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
         # a budget refusal: a 4xx google-genai raises as ClientError and no client retries
@@ -290,13 +290,12 @@ class Gemini(Provider):
         and async HTTP clients' own transports (so its pool, TLS settings or a test's transport
         stay underneath), given as ``client_args`` / ``async_client_args`` — google-genai's own way
         to take a transport, which also routes ``.aio`` through httpx rather than aiohttp. The
-        original client is kept alive by the new one: collecting it would close its transports."""
+        original client is kept alive by the new one: collecting it would close its transports.
+        A Vertex AI client (``vertexai=True``) is rebuilt the same way, with its project, location and
+        credentials."""
         api = getattr(client, "_api_client", None)
         if api is None or not hasattr(client, "aio"):
             raise TypeError(f"spendgate.wrap: expected a google.genai Client, got {type(client).__name__}")
-        if api.vertexai:
-            raise TypeError("spendgate.wrap: a Vertex AI google.genai client is not guarded; use an API key "
-                            "client (genai.Client(api_key=…)) or the proxy")
         from spendgate.sdk._transport import Guarded
 
         sync_http, async_http = api._httpx_client, api._async_httpx_client
@@ -308,7 +307,11 @@ class Gemini(Provider):
             "client_args": {**(opts.client_args or {}), "transport": guard(sync_http)},
             "async_client_args": {**(opts.async_client_args or {}), "transport": guard(async_http)},
         })
-        wrapped = type(client)(api_key=api.api_key, http_options=guarded_opts)
+        # a Vertex AI client keeps its project, location and credentials (the token it already
+        # holds: nothing is fetched again); its calls are priced as the ``vertex`` provider's
+        vertex = {"vertexai": True, "project": api.project, "location": api.location,
+                  "credentials": api._credentials} if api.vertexai else {}
+        wrapped = type(client)(api_key=api.api_key, http_options=guarded_opts, **vertex)
         wrapped._spendgate_original = client
         return wrapped
 

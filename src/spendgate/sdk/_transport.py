@@ -97,6 +97,8 @@ class Guard:
         self.http = http
         self._engine = engine
         self._spec = providers.get(provider)
+        #: the providers whose routes this SDK's clients also call (Vertex AI's), tried after its own
+        self._served = providers.served_for(provider)
         self._routes: dict[providers.Provider, list[str]] = {}
         self._last_auth: str | None = None
         self._last_hash: str | None = None
@@ -168,6 +170,12 @@ class Guard:
         engine = self._engine()
         spec = self.provider_for(url, engine)
         found = self.route_of(path, spec)
+        if found is None and spec is self._spec:  # a route of another provider its clients call (Vertex AI's)
+            for other in self._served:
+                found = self.route_of(path, other)
+                if found is not None:
+                    spec = other
+                    break
         route, params = found if found is not None else (None, {})
         if route in spec.free_routes or (route is None and method in ("GET", "HEAD", "DELETE")):
             return Priced(None, path, b"", b"")
