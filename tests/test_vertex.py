@@ -75,6 +75,9 @@ def vertex_app(mock: FakeUpstream, app: web.Application | None = None) -> web.Ap
     """The fake's answers on Vertex's paths (added to ``app``, the fake's own app, if given)."""
     app = app or web.Application()
     for v in ("v1", "v1beta1"):
+        express = f"/{v}/publishers/google/models/{{model}}"
+        app.router.add_post(f"{express}:generateContent", mock.gemini)
+        app.router.add_post(f"{express}:streamGenerateContent", mock.gemini)
         base = f"/{v}/projects/{{project}}/locations/{{location}}/publishers"
         app.router.add_post(f"{base}/google/models/{{model}}:generateContent", mock.gemini)
         app.router.add_post(f"{base}/google/models/{{model}}:streamGenerateContent", mock.gemini)
@@ -157,6 +160,19 @@ def test_gemini_on_vertex_json_stream_and_count_through_the_proxy(vertex_for: An
     assert "127.0.0.1" in _HOSTS, "the audit hook sees this process's connections"
 
 
+def test_gemini_on_vertex_express_mode_with_an_api_key(vertex_for: Any) -> None:
+    v = vertex_for()
+    c = genai.Client(vertexai=True, api_key="AQ.express-key", http_options=types.HttpOptions(base_url=v.url))
+    _KEPT.append(c)
+    assert c.models.generate_content(model=GEMINI, contents="hi").text == "hello"
+    assert "".join(x.text or "" for x in c.models.generate_content_stream(model=GEMINI, contents="hi")) \
+        == "hello there"
+    express = f"/v1beta1/publishers/google/models/{GEMINI}"
+    assert [s.path for s in v.mock.seen] == [f"{express}:generateContent", f"{express}:streamGenerateContent"]
+    assert all(s.headers["x-goog-api-key"] == "AQ.express-key" for s in v.mock.seen)
+    assert v.spend() == [("vertex", GEMINI, GEMINI_COST)] * 2
+
+
 def test_claude_on_vertex_json_stream_and_count_through_the_proxy(vertex_for: Any) -> None:
     v = vertex_for()
     c = claude_client(v.url)
@@ -185,6 +201,14 @@ def test_a_refusal_is_each_sdks_own_error_with_spendgates_message_and_nothing_is
     with pytest.raises(anthropic.APIStatusError) as aerr:
         claude_client(v.url).messages.create(model=CLAUDE, max_tokens=100, messages=MSG)  # type: ignore[arg-type]
     assert aerr.value.status_code == 402 and 'budget "tiny"' in aerr.value.message
+    assert v.mock.seen == [] and v.spend() == []
+
+
+def test_an_unknown_vertex_route_is_refused_and_never_forwarded(vertex_for: Any) -> None:
+    v = vertex_for()
+    with pytest.raises(errors.ClientError) as err:
+        genai_client(v.url).models.embed_content(model="gemini-embedding-001", contents="hi")
+    assert err.value.code == 404 and "not a route spendgate can price" in (err.value.message or "")
     assert v.mock.seen == [] and v.spend() == []
 
 

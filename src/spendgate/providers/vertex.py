@@ -5,8 +5,9 @@ provider here over the adapter it shares with the first-party API:
 
 - :class:`VertexGemini` (``vertex``): Gemini's ``generateContent`` / ``streamGenerateContent``
   (``alt=sse``) and ``countTokens`` (free) on
-  ``/{v1,v1beta1}/projects/{project}/locations/{location}/publishers/google/models/{model}:…``; the
-  body, ``usageMetadata``, streams and error envelope are the Google AI API's (:mod:`.gemini`).
+  ``/{v1,v1beta1}/projects/{project}/locations/{location}/publishers/google/models/{model}:…`` (and
+  on ``/{v1,v1beta1}/publishers/google/models/{model}:…``, express mode's); the body,
+  ``usageMetadata``, streams and error envelope are the Google AI API's (:mod:`.gemini`).
 - :class:`VertexAnthropic` (``vertex-anthropic``): Claude's Messages body (with
   ``anthropic_version``, the model in the path, not the body) on
   ``…/publishers/anthropic/models/{model}:rawPredict`` and ``:streamRawPredict``, and the free
@@ -46,6 +47,8 @@ from spendgate.providers.gemini import CLAMP_FIELD, Gemini, generate
 #: the API versions Vertex serves (google-genai calls ``v1beta1`` by default, anthropic's ``v1``)
 VERSIONS = ("v1", "v1beta1")
 _PREFIX = "/{v}/projects/{{project}}/locations/{{location}}/publishers"
+#: Gemini's paths: under a project and location, or with neither (express mode, an API key's calls)
+_GOOGLE_PREFIXES = tuple(p for v in VERSIONS for p in (_PREFIX.format(v=v), f"/{v}/publishers"))
 #: the environment variable holding the access token a virtual key is swapped for
 TOKEN_ENV = "VERTEX_ACCESS_TOKEN"
 DEFAULT_BASE_URL = "https://aiplatform.googleapis.com"
@@ -66,11 +69,11 @@ class VertexGemini(Gemini):
     default_base_url = DEFAULT_BASE_URL
     key_env = TOKEN_ENV
     routes: Mapping[str, Parser] = {
-        **{f"{_PREFIX.format(v=v)}/google/models/{{model}}:generateContent": generate for v in VERSIONS},
-        **{f"{_PREFIX.format(v=v)}/google/models/{{model}}:streamGenerateContent": partial(generate, stream=True)
-           for v in VERSIONS},
+        **{f"{p}/google/models/{{model}}:generateContent": generate for p in _GOOGLE_PREFIXES},
+        **{f"{p}/google/models/{{model}}:streamGenerateContent": partial(generate, stream=True)
+           for p in _GOOGLE_PREFIXES},
     }
-    free_routes = frozenset(f"{_PREFIX.format(v=v)}/google/models/{{model}}:countTokens" for v in VERSIONS)
+    free_routes = frozenset(f"{p}/google/models/{{model}}:countTokens" for p in _GOOGLE_PREFIXES)
     output_fields: Mapping[str, tuple[str, ...]] = {r: (CLAMP_FIELD,) for r in routes}
     conversation_fields: Mapping[str, str] = {r: "contents" for r in routes}
     chat_route = f"{_PREFIX.format(v='v1')}/google/models/{{model}}:generateContent"
