@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from spendgate import ledger
 from spendgate.errors import StoreError
-from spendgate.ledger.base import Bucket, Capture, Event, Line
+from spendgate.ledger.base import Bucket, Capture, Event, HoldRequest, Line
 from spendgate.ledger.group import GroupCommit
 from spendgate.policy import parse
 from tests.harness import COMPLETION_TOKENS, PROMPT_TOKENS, Servers
@@ -89,12 +89,12 @@ def test_a_failed_commit_is_every_callers_failure_and_leaves_every_hold(tmp_path
         pass
 
     door = Failing(store, window_s=0)
-    original = store.capture_many
+    original = store.commit
 
-    def broken(captures: list[Capture]) -> list[bool]:
+    def broken(holds: object, captures: object) -> tuple[list[object], list[bool]]:
         raise StoreError("disk full")
 
-    store.capture_many = broken  # type: ignore[method-assign]
+    store.commit = broken  # type: ignore[method-assign]
 
     async def run() -> list[BaseException | bool]:
         return list(await asyncio.gather(*(door.capture(h, {"usd": 1}, now=NOW) for h in hids),
@@ -102,7 +102,7 @@ def test_a_failed_commit_is_every_callers_failure_and_leaves_every_hold(tmp_path
 
     out = asyncio.run(run())
     assert all(isinstance(r, StoreError) for r in out)
-    store.capture_many = original  # type: ignore[method-assign]
+    store.commit = original  # type: ignore[method-assign]
     assert _spent(store)[0] == (0, 900)  # the holds still count every request at its worst case
     store.close()
 
@@ -149,20 +149,87 @@ def test_a_process_killed_with_captures_queued_leaves_the_hold_charged_at_its_wo
     store.close()
 
 
+def test_holds_asked_together_share_a_commit_and_admit_exactly_what_fits(tmp_path: Path) -> None:
+    store = ledger.open(f"sqlite:///{tmp_path / 's.db'}")
+    door = GroupCommit(store)
+    bucket = Bucket("tight", 7 * 1_000)
+
+    async def run() -> list[bool]:
+        auths = await asyncio.gather(*(door.authorize([Line(bucket, 1_000)], now=NOW, ttl=60) for _ in range(32)))
+        return [a.ok for a in auths]
+
+    admitted = asyncio.run(run())
+    assert admitted.count(True) == 7 and admitted[:7] == [True] * 7  # in the order asked, as one by one
+    assert (door.commits, door.holds) == (1, 32)
+    assert [(s.spent, s.held) for s in store.states([bucket], now=NOW)] == [(0, 7_000)]
+    store.close()
+
+
+TWO_PROCS = textwrap.dedent("""
+    import asyncio, sys
+    from spendgate import ledger
+    from spendgate.ledger.base import Bucket, Event, Line
+    from spendgate.ledger.group import GroupCommit
+    store = ledger.open(sys.argv[1])
+    door = GroupCommit(store)
+    b = Bucket("shared", 25 * 1_000)
+
+    async def one(i):
+        a = await door.authorize([Line(b, 1_000)], now=1.8e9, ttl=60)
+        if a.ok:
+            await door.capture(a.hold_id, {"usd": 400}, now=1.8e9)
+        return a.ok
+
+    async def main():
+        ok = 0
+        for _ in range(10):
+            ok += sum(await asyncio.gather(*(one(i) for i in range(8))))
+        await door.close()
+        print(ok)
+
+    asyncio.run(main())
+""")
+
+
+def test_two_processes_grouping_holds_on_one_file_stay_exact(tmp_path: Path) -> None:
+    """Each process's groups take SQLite's write lock like a single hold does: 160 requests of $1
+    held and 40 c captured, against a $25 limit, from two processes at once."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    ledger.open(url).close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCS, url], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    admitted = sum(int(p.communicate()[0]) for p in procs)
+    [state] = ledger.open(url).states([Bucket("shared", 25_000)], now=1.8e9)
+    assert state.held == 0 and state.spent == admitted * 400
+    # every hold fitted when placed: while holds were outstanding the bucket never went past $25,
+    # and once captured each left $0.60 of room, so more than 25 were admitted in all
+    assert 25 < admitted <= 160 and state.spent <= 25_000
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 10**9), st.booleans()), min_size=1, max_size=25))
-def test_a_batch_charges_exactly_what_the_same_captures_one_by_one_would(tmp_path_factory: pytest.TempPathFactory,
-                                                                      ops: list[tuple[int, int, bool]]) -> None:
-    """Repeated and unknown hold ids included: a hold captured twice is charged once, in both."""
+@given(ops=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 10**9), st.booleans()), min_size=1, max_size=25),
+       asks=st.lists(st.tuples(st.integers(1, 4 * 10**9), st.integers(0, 2)), max_size=12))
+def test_a_batch_charges_exactly_what_the_same_calls_one_by_one_would(tmp_path_factory: pytest.TempPathFactory,
+                                                                   ops: list[tuple[int, int, bool]],
+                                                                   asks: list[tuple[int, int]]) -> None:
+    """Repeated and unknown hold ids included (a hold captured twice is charged once, in both), and
+    holds that fit or not on buckets the captures also touch."""
     d = tmp_path_factory.mktemp("batch")
     one, many = (ledger.open(f"sqlite:///{d / n}") for n in ("one.db", "many.db"))
     for store in (one, many):
         for i in range(10):
             _hold(store, 10**9, f"h{i}")
+    tight = Bucket("user:a", 12 * 10**9)
+    holds = [HoldRequest([Line(b, amount) for b in (BUCKETS[0], tight, BUCKETS[2])[:k + 1]], NOW + 1, 60,
+                         hold_id=f"n{j}") for j, (amount, k) in enumerate(asks)]
     caps = [Capture(f"h{i}", {"usd": amount}, NOW + 1, Event(NOW + 1, "capture", f"h{i}", "m", "p", amount)
                     if logged else None) for i, amount, logged in ops]
+    alone_holds = [one.authorize(h.lines, now=h.now, ttl=h.ttl, hold_id=h.hold_id).ok for h in holds]
     alone = [one.capture(c.hold_id, c.actual, now=c.now, event=c.event) for c in caps]
-    assert many.capture_many(caps) == alone
+    placed, captured = many.commit(holds, caps)
+    assert [a.ok for a in placed] == alone_holds
+    assert captured == alone
     assert _spent(many) == _spent(one)
     assert [(e.kind, e.cost) for e in many.events(0)] == [(e.kind, e.cost) for e in one.events(0)]
     one.close()
@@ -187,7 +254,7 @@ def test_concurrent_requests_through_the_proxy_share_commits_and_charge_exactly(
         s.settled()
         door = s.engine.aledger
         assert isinstance(door, GroupCommit)
-        assert door.captures == 32 and door.commits < 32
+        assert door.captures == 32 and door.holds == 32 and door.commits < 64
         cost = PROMPT_TOKENS * 150 + COMPLETION_TOKENS * 600  # gpt-4o-mini: $0.15 / $0.60 per Mtok
         captured = [e.cost for e in s.store.events(0) if e.kind == "capture"]
         assert captured == [cost] * 32

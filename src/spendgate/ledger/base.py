@@ -188,6 +188,17 @@ def event_of_doc(doc: Mapping[str, Any]) -> Event:
 
 
 @dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """One :meth:`Ledger.authorize`'s arguments, for :meth:`Ledger.commit`."""
+
+    lines: Sequence[Line]
+    now: float
+    ttl: float
+    event: Event | None = None
+    hold_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Capture:
     """One :meth:`Ledger.capture`'s arguments, for :meth:`Ledger.capture_many`."""
 
@@ -311,7 +322,16 @@ class Ledger(ABC):
         """:meth:`capture` for each of ``captures``, in order; what each returned. A backend that
         can commit them together (one transaction) does, so a busy server writes once for many
         finished requests; the outcome of each is the one :meth:`capture` alone would have had."""
-        return [self.capture(c.hold_id, c.actual, now=c.now, event=c.event) for c in captures]
+        return self.commit((), captures)[1]
+
+    def commit(self, holds: Sequence[HoldRequest], captures: Sequence[Capture]
+               ) -> tuple[list[Authorization], list[bool]]:
+        """:meth:`authorize` for each of ``holds``, in order, then :meth:`capture` for each of
+        ``captures``: what each returned, as if called one by one (each authorization sees the holds
+        placed before it). A backend that can run them in one transaction does: requests that
+        arrive together share one commit."""
+        return ([self.authorize(h.lines, now=h.now, ttl=h.ttl, event=h.event, hold_id=h.hold_id) for h in holds],
+                [self.capture(c.hold_id, c.actual, now=c.now, event=c.event) for c in captures])
 
     @abstractmethod
     def release(self, hold_id: str, *, now: float, event: Event | None = None) -> bool:
@@ -444,27 +464,31 @@ class TransactionalLedger(Ledger):
 
     def authorize(self, lines: Sequence[Line], *, now: float, ttl: float,
                   event: Event | None = None, hold_id: str | None = None) -> Authorization:
+        with self._transaction():
+            return self._authorize_locked(lines, now, ttl, event, hold_id)
+
+    def _authorize_locked(self, lines: Sequence[Line], now: float, ttl: float, event: Event | None,
+                          hold_id: str | None) -> Authorization:
         hid = hold_id or new_hold_id()
         marked = any(line.alerts for line in lines)  # no marks: not one more statement
-        with self._transaction():
-            expired = tuple(self._expire_locked(now))
-            states = [self._state(line.bucket, now) for line in lines]
-            refused = tuple(
-                s.key for s, line in zip(states, lines, strict=True)
-                if s.limit is not None and line.amount > 0
-                and s.spent + s.held + line.amount > s.limit + s.granted
-            )
-            if refused:
-                if marked and (marks := fired(lines, (), refused)):
-                    self._add_alerts(marks, now)
-                return Authorization(False, None, tuple(states), refused, expired)
-            self._put_hold(_Hold(hid, now + ttl, list(lines), event))
-            after = tuple(
-                BucketState(s.key, s.unit, s.limit, s.spent, s.held + line.amount, s.granted, s.frees_at)
-                for s, line in zip(states, lines, strict=True)
-            )
-            if marked and (marks := fired(lines, [s.used for s in after], ())):
+        expired = tuple(self._expire_locked(now))
+        states = [self._state(line.bucket, now) for line in lines]
+        refused = tuple(
+            s.key for s, line in zip(states, lines, strict=True)
+            if s.limit is not None and line.amount > 0
+            and s.spent + s.held + line.amount > s.limit + s.granted
+        )
+        if refused:
+            if marked and (marks := fired(lines, (), refused)):
                 self._add_alerts(marks, now)
+            return Authorization(False, None, tuple(states), refused, expired)
+        self._put_hold(_Hold(hid, now + ttl, list(lines), event))
+        after = tuple(
+            BucketState(s.key, s.unit, s.limit, s.spent, s.held + line.amount, s.granted, s.frees_at)
+            for s, line in zip(states, lines, strict=True)
+        )
+        if marked and (marks := fired(lines, [s.used for s in after], ())):
+            self._add_alerts(marks, now)
         return Authorization(True, hid, after, (), expired)
 
     def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
@@ -472,12 +496,15 @@ class TransactionalLedger(Ledger):
         with self._transaction():
             return self._capture_locked(hold_id, actual, now, event)
 
-    def capture_many(self, captures: Sequence[Capture]) -> list[bool]:
+    def commit(self, holds: Sequence[HoldRequest], captures: Sequence[Capture]
+               ) -> tuple[list[Authorization], list[bool]]:
         """One transaction for all of them: one commit (one WAL append, each bucket's pages written
-        once) however many requests finished together. All or none: a failure leaves every hold
-        in place (each is then charged at its worst case when it expires, or spooled by the caller)."""
+        once) however many requests arrived or finished together. All or none: a failure places no
+        hold and leaves every captured hold in place (each then charged at its worst case when it
+        expires, or spooled by the caller)."""
         with self._transaction():
-            return [self._capture_locked(c.hold_id, c.actual, c.now, c.event) for c in captures]
+            return ([self._authorize_locked(h.lines, h.now, h.ttl, h.event, h.hold_id) for h in holds],
+                    [self._capture_locked(c.hold_id, c.actual, c.now, c.event) for c in captures])
 
     def _capture_locked(self, hold_id: str, actual: Mapping[str, int], now: float, event: Event | None) -> bool:
         hold = self._pop_hold(hold_id)
