@@ -32,7 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import proxy as bench  # noqa: E402  (the bench's fake upstream, load driver and helpers)
+import proxy as bench  # the bench's fake upstream, load driver and helpers
 
 Func = tuple[str, int, str]
 
