@@ -6,37 +6,123 @@ import argparse
 import logging
 import math
 import os
+import ssl
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from spendgate.cli.context import Context, os_reason
 from spendgate.errors import ConfigError
 
+if TYPE_CHECKING:
+    from spendgate.proxy.workers import Role
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """One server in this process, or ``--workers N`` processes on one port (:mod:`spendgate.proxy.workers`)."""
+    from spendgate.proxy.app import ProxyConfig
+    from spendgate.proxy.workers import Listener, Supervisor
+
+    ctx = Context.from_args(args)
+    tls = _tls(args)  # read before any worker starts: a bad file is one line, here
+    shared = not ctx.store_url.startswith("memory:")
+    workers = args.workers if args.workers is not None else _env_workers()
+    if workers is None:
+        workers = DEFAULT_WORKERS
+    elif workers == AUTO:  # a memory:// store lives in one process: auto is one there
+        workers = _auto() if shared else 1
+    if workers > 1 and not shared:
+        raise ConfigError(f"--workers {workers}: the store {ctx.store_url} lives in one process's memory, so "
+                          "worker processes could not share its budgets; use a sqlite:// or redis:// store "
+                          "(--store), or --workers 1")
+    if workers == 1:
+        return _serve(args, ctx, tls)
+    try:
+        listener = Listener(args.host, args.port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {os_reason(exc)} "
+                          "(is another server on that port? choose one with --port)") from exc
+    token = args.admin_token or os.environ.get("SPENDGATE_ADMIN_TOKEN")
+    ups = ", ".join(f"{k} -> {v}" for k, v in ProxyConfig.from_policy(ctx.policy).upstreams.items())
+
+    def announce() -> None:
+        print(f"spendgate: guarding {_scheme(tls)}://{args.host}:{listener.port} (store {ctx.store_url}; policy "
+              f"{ctx.policy.source}; upstreams {ups}; admin API {'on' if token else 'off'}; {workers} workers)",
+              file=sys.stderr, flush=True)
+        stale = ctx.prices.stale_warning()
+        if stale:
+            print(f"spendgate: warning: {stale}", file=sys.stderr, flush=True)
+
+    flags = {k: v for k, v in vars(args).items() if k != "func" and _plain(v)}
+    flags["port"] = listener.port
+    return Supervisor(workers, listener, flags, announce).run()
+
+
+#: how many processes ``serve`` runs without --workers or SPENDGATE_WORKERS
+DEFAULT_WORKERS = 1
+#: ``--workers auto``: one per core available (a memory:// store: one)
+AUTO = 0
+
+
+def _auto() -> int:
+    from spendgate.proxy.workers import default_workers
+
+    return default_workers()
+
+
+def run_worker(args: argparse.Namespace, role: Role, ready: Callable[[], None]) -> None:
+    """One of ``serve --workers N``'s processes: serve on the sockets the parent bound, count into the
+    shared metrics directory, and say ``ready`` once listening (the parent prints the banner)."""
+    import socket
+
+    from spendgate.observe import metrics
+
+    ctx = Context.from_args(args)
+    metrics.share_counters(Path(role.metrics_dir), f"w{role.index}-{os.getpid()}")
+    socks = [socket.socket(fileno=fd) for fd in role.fds]
+    for sock in socks:  # a child of this worker (its audit writer) must not keep the port open after it
+        sock.set_inheritable(False)
+    _serve(args, ctx, _tls(args), socks=socks, role=role, ready=ready)
+
+
+def _serve(args: argparse.Namespace, ctx: Context, tls: ssl.SSLContext | None, *,
+           socks: list[Any] | None = None, role: Role | None = None,
+           ready: Callable[[], None] | None = None) -> int:
     from aiohttp import web
 
     from spendgate.policy.live import LivePolicy
     from spendgate.proxy.app import build
 
-    ctx = Context.from_args(args)
     token = args.admin_token or os.environ.get("SPENDGATE_ADMIN_TOKEN")
     proxy = build(ctx.policy, ctx.store_url, token, upstream_timeout_s=args.upstream_timeout, prices=ctx.prices,
-                  admin_base=f"http://{args.host}:{args.port}")
+                  admin_base=f"{_scheme(tls)}://{args.host}:{args.port}")
+    if role is not None:  # one worker of several runs the sweeper, drains the spool and sends alerts
+        proxy.config.upkeep = proxy.config.send_alerts = role.upkeep
     # the file (reloaded on SIGHUP or when it changes) plus the store's run-time budgets, kept current
     path = getattr(args, "config", None) or os.environ.get("SPENDGATE_CONFIG") or None
     live = LivePolicy(proxy.engine, proxy.store, path, ctx.policy)
     proxy.live = live
-    _policy_log()
+    _policy_log("spendgate: " if role is None else f"spendgate: worker {role.index}: ")
     ups = ", ".join(f"{k} -> {v}" for k, v in proxy.config.upstreams.items())
     listening = False
+    app = proxy.app()
+    loop = _fast_loop()
+    if role is not None:
+        from spendgate.proxy.workers import watch_parent
+
+        app.on_response_prepare.append(_worker_header(str(role.index)))
+        watch_parent(loop, live.announce)
 
     def started(_aiohttp_banner: str) -> None:
         """aiohttp calls its ``print`` once every socket is bound: only then is "guarding" true."""
         nonlocal listening
         listening = True
-        print(f"spendgate: guarding http://{args.host}:{args.port} (store {ctx.store_url}; policy "
+        if ready is not None:  # a worker: the parent prints the banner, then asks for the policy's lines
+            ready()
+            return
+        print(f"spendgate: guarding {_scheme(tls)}://{args.host}:{args.port} (store {ctx.store_url}; policy "
               f"{ctx.policy.source}; upstreams {ups}; admin API {'on' if token else 'off'})",
               file=sys.stderr, flush=True)
         stale = ctx.prices.stale_warning()
@@ -44,9 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"spendgate: warning: {stale}", file=sys.stderr, flush=True)
         live.announce()  # the policy in force (hash, version), said after the banner
 
+    where: dict[str, Any] = {"sock": socks} if socks is not None else {"host": args.host, "port": args.port}
     try:
-        web.run_app(proxy.app(), host=args.host, port=args.port, print=started, access_log=None,
-                    handle_signals=True, loop=_fast_loop())
+        web.run_app(app, **where, print=started, access_log=None, handle_signals=True, loop=loop,
+                    ssl_context=tls)
     except OSError as exc:
         if listening:
             raise
@@ -55,7 +142,76 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy_log() -> None:
+def _worker_header(index: str) -> Callable[[Any, Any], Awaitable[None]]:
+    """``X-Spendgate-Worker: N`` on every answer of worker N: which process served a request."""
+
+    async def stamp(_request: Any, response: Any) -> None:
+        response.headers["X-Spendgate-Worker"] = index
+
+    return stamp
+
+
+def _scheme(tls: ssl.SSLContext | None) -> str:
+    return "https" if tls is not None else "http"
+
+
+def _plain(value: object) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _env_workers() -> int | None:
+    raw = os.environ.get("SPENDGATE_WORKERS")
+    if not raw:
+        return None
+    try:
+        return _count(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"SPENDGATE_WORKERS: {exc}") from exc
+
+
+def _count(raw: str) -> int:
+    """A number of processes, 1 or more, or ``auto`` (:data:`AUTO`)."""
+    if raw.strip().lower() == "auto":
+        return AUTO
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, 1 or more, or auto, got {raw!r}")
+    return value
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context from ``--tls-cert`` and ``--tls-key`` (None: plain HTTP). Every
+    way the pair can be wrong is one line naming the flag and the file."""
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        given, missing = ("--tls-cert", "--tls-key") if cert is not None else ("--tls-key", "--tls-cert")
+        raise ConfigError(f"{given} needs {missing} too: HTTPS takes a certificate and its private key")
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{flag} {path}: cannot read it: {os_reason(exc)}") from exc
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    def no_password() -> bytes:
+        raise ConfigError(f"--tls-key {key}: the key is encrypted; give it unencrypted (readable only by "
+                          "the server's user)")
+
+    try:
+        ctx.load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"--tls-cert {cert} with --tls-key {key}: not a PEM certificate and its matching "
+                          f"private key ({exc.reason or exc})") from exc
+    return ctx
+
+
+def _policy_log(prefix: str = "spendgate: ") -> None:
     """What the live policy says (each policy applied, with its hash and version; a reload that
     failed, naming the key) goes to stderr beside the banner: an operator watching a reload sees
     whether it took."""
@@ -63,7 +219,7 @@ def _policy_log() -> None:
     if any(getattr(h, "spendgate_serve", False) for h in logger.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("spendgate: %(message)s"))
+    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
     handler.spendgate_serve = True  # type: ignore[attr-defined]
     handler.addFilter(_Repeats())
     logger.addHandler(handler)
@@ -123,4 +279,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     sv.add_argument("--admin-token", help="token for /spendgate/… (env SPENDGATE_ADMIN_TOKEN); off when unset")
     sv.add_argument("--upstream-timeout", type=_seconds, metavar="S",
                     help="seconds to wait for an upstream's next bytes (default: the policy's upstream_timeout_s, 600)")
+    sv.add_argument("--workers", type=_count, metavar="N",
+                    help="server processes on the one port, or auto: one per core available (default: env "
+                         "SPENDGATE_WORKERS, else 1; a memory:// store has 1)")
+    sv.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    sv.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key (unencrypted)")
     sv.set_defaults(func=cmd_serve)

@@ -14,6 +14,13 @@ Two kinds of numbers, read two ways:
   read, and kept for :data:`CACHE_S` seconds, so several scrapers cost one store read. A hold
   past its TTL still counts as held until the next upkeep (at most a minute) charges it.
 
+With ``spendgate serve --workers N`` a scrape reaches one worker of N, so the counters are kept
+where every worker can read them: each worker writes its own into a file of a directory the parent
+made (:func:`share_counters`, :class:`CounterFile`: in-place writes of 64-bit integers into a
+memory map, a few hundred nanoseconds each), and the worker answering a scrape sums every file,
+those of workers that died included, so a counter never goes back. Money stays integer
+nano-dollars; latency sums are kept in integer nanoseconds.
+
 Label cardinality is bounded whatever clients send:
 
 - budget gauges: per rule, the ``[metrics] top_scopes`` scopes (default 20) with the most spent +
@@ -44,12 +51,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 import logging
+import mmap
+import struct
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -109,25 +120,119 @@ class _Labels:
         return OTHER
 
 
+class CounterFile:
+    """One process's counters in a file other processes read: ``key -> int64``.
+
+    The layout is prometheus_client's multiprocess file with integers instead of doubles (exact
+    nano-dollars): 8 bytes holding the bytes used, then records of a 4-byte key length, the key
+    (UTF-8 JSON) padded to 8 bytes and the 8-byte value. A key's record is written before the used
+    length grows to include it, and a value is one aligned 8-byte store, so a reader sees each
+    counter at some value it had. Only the owning process writes (under :class:`Metrics`' lock)."""
+
+    INITIAL = 64 * 1024
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "w+b")  # noqa: SIM115 - open for the life of the process
+        self._f.truncate(self.INITIAL)
+        self._map = mmap.mmap(self._f.fileno(), self.INITIAL)
+        self._used = 8
+        struct.pack_into("<Q", self._map, 0, self._used)
+        self._offsets: dict[str, int] = {}
+
+    def set(self, key: str, value: int) -> None:
+        at = self._offsets.get(key)
+        if at is None:
+            at = self._add(key)
+        struct.pack_into("<q", self._map, at, value)
+
+    def _add(self, key: str) -> int:
+        raw = key.encode()
+        padded = raw + b" " * (-(4 + len(raw)) % 8)
+        size = 4 + len(padded) + 8
+        if self._used + size > len(self._map):
+            grown = max(len(self._map) * 2, self._used + size)
+            self._f.truncate(grown)
+            self._map.close()
+            self._map = mmap.mmap(self._f.fileno(), grown)
+        struct.pack_into(f"<I{len(padded)}sq", self._map, self._used, len(raw), padded, 0)
+        at = self._used + 4 + len(padded)
+        self._used += size
+        struct.pack_into("<Q", self._map, 0, self._used)
+        self._offsets[key] = at
+        return at
+
+    @staticmethod
+    def read(path: Path) -> dict[str, int]:
+        data = path.read_bytes()
+        if len(data) < 8:
+            return {}
+        (used,) = struct.unpack_from("<Q", data, 0)
+        out: dict[str, int] = {}
+        pos = 8
+        while pos + 4 <= min(used, len(data)):
+            (n,) = struct.unpack_from("<I", data, pos)
+            padded = n + (-(4 + n) % 8)
+            key = data[pos + 4:pos + 4 + n].decode()
+            (out[key],) = struct.unpack_from("<q", data, pos + 4 + padded)
+            pos += 4 + padded + 8
+        return out
+
+
+#: where the counters are shared (``serve --workers``): (directory, this process's file name)
+_SHARED: tuple[Path, str] | None = None
+
+
+def share_counters(directory: Path, name: str) -> None:
+    """Count into ``directory/name.counts`` and serve the sum of every file in ``directory``:
+    a worker of ``serve --workers`` calls this before its app is built."""
+    global _SHARED
+    _SHARED = (directory, name)
+
+
+def _key(*parts: str) -> str:
+    return json.dumps(parts, separators=(",", ":"))
+
+
 class _Histogram:
     """Counts per bucket and a sum: what one ``observe`` costs is a bisect and two additions."""
 
-    def __init__(self, bounds: Sequence[float] = LATENCY_BOUNDS) -> None:
+    def __init__(self, bounds: Sequence[float] = LATENCY_BOUNDS, name: str = "",
+                 shared: CounterFile | None = None) -> None:
         self.bounds = tuple(bounds)
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
+        self.name = name
+        self.shared = shared
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
+        i = bisect_left(self.bounds, value)
+        self.counts[i] += 1
         self.sum += value
+        if self.shared is not None:
+            self.shared.set(_key(self.name, str(i)), self.counts[i])
+            self.shared.set(_key(self.name, "sum_ns"), round(self.sum * 1e9))
 
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+    def family(self, name: str, doc: str, totals: Mapping[str, int] | None = None) -> HistogramMetricFamily:
+        counts, total = self.counts, self.sum
+        if totals is not None:  # every worker's, from their files
+            counts = [totals.get(_key(self.name, str(i)), 0) for i in range(len(self.counts))]
+            total = totals.get(_key(self.name, "sum_ns"), 0) / 1e9
         cumulative, buckets = 0, []
-        for bound, n in zip(self.bounds, self.counts, strict=False):
+        for bound, n in zip(self.bounds, counts, strict=False):
             cumulative += n
             buckets.append((repr(float(bound)), float(cumulative)))
-        buckets.append(("+Inf", float(cumulative + self.counts[-1])))
-        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+        buckets.append(("+Inf", float(cumulative + counts[-1])))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
+def _tables(totals: Mapping[str, int]) -> dict[str, dict[Any, int]]:
+    """Summed shared files by counter: name -> labels -> value (a single label alone, not a tuple)."""
+    out: dict[str, dict[Any, int]] = {}
+    for raw, n in totals.items():
+        name, *labels = json.loads(raw)
+        out.setdefault(name, {})[labels[0] if len(labels) == 1 else tuple(labels)] = n
+    return out
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -159,8 +264,14 @@ class Metrics:
         self._approvals: dict[str, int] = {}
         self._released = 0
         self._store_errors: dict[str, int] = {"request": 0, "scrape": 0}
-        self._decision_s = _Histogram()
-        self._added_s = _Histogram()
+        #: the directory every worker's counters are in, and this one's file (``serve --workers``)
+        self._dir: Path | None = None
+        self._file: CounterFile | None = None
+        if _SHARED is not None:
+            self._dir = _SHARED[0]
+            self._file = CounterFile(_SHARED[0] / f"{_SHARED[1]}.counts")
+        self._decision_s = _Histogram(name="decision_s", shared=self._file)
+        self._added_s = _Histogram(name="added_s", shared=self._file)
         self._providers, self._models, self._rules, self._channels = _Labels(), _Labels(), _Labels(), _Labels()
         self._gauges: list[Metric] = []
         self._gauges_at = -1e18
@@ -175,28 +286,25 @@ class Metrics:
     def observe(self, event: Event, policy_hash: str, raw: bytes | None) -> None:
         """The engine observer: count one event. O(1), no I/O."""
         kind = event.kind
+        inc = self._inc
         if kind in SPEND_KINDS:
             with self._lock:
                 provider, model = self._providers(event.provider), self._models(event.model)
-                key = (provider, model)
-                self._spend[key] = self._spend.get(key, 0) + event.cost
-                tin, tout = ("input", provider, model), ("output", provider, model)
-                self._tokens[tin] = self._tokens.get(tin, 0) + event.input_tokens
-                self._tokens[tout] = self._tokens.get(tout, 0) + event.output_tokens
+                inc(self._spend, "spend", (provider, model), event.cost)
+                inc(self._tokens, "tokens", ("input", provider, model), event.input_tokens)
+                inc(self._tokens, "tokens", ("output", provider, model), event.output_tokens)
                 for part, label in _TOKEN_PARTS:  # parts of input and output (a capture's usage)
                     n = event.amounts.get(part)
                     if n:
-                        tkey = (label, provider, model)
-                        self._tokens[tkey] = self._tokens.get(tkey, 0) + n
-                self._charges[kind] = self._charges.get(kind, 0) + 1
+                        inc(self._tokens, "tokens", (label, provider, model), n)
+                inc(self._charges, "charges", kind, 1)
                 if event.estimated:
-                    self._estimated[kind] = self._estimated.get(kind, 0) + 1
+                    inc(self._estimated, "estimated", kind, 1)
         elif kind in DECISION_KINDS:
             arrived = _ARRIVED.get() if kind in TIMED_KINDS else None
             took = time.time() - event.ts if kind in TIMED_KINDS else -1.0
             with self._lock:
-                dkey = (kind, self._rules(event.rule))
-                self._decisions[dkey] = self._decisions.get(dkey, 0) + 1
+                inc(self._decisions, "decisions", (kind, self._rules(event.rule)), 1)
                 if 0 <= took < 3600:  # a replayed or simulated clock is no latency
                     self._decision_s.observe(took)
                 if arrived is not None:
@@ -205,15 +313,38 @@ class Metrics:
                 _ARRIVED.set(None)
         elif kind == "approval":
             with self._lock:
-                channel = self._channels(event.dims.get("channel", ""))
-                self._approvals[channel] = self._approvals.get(channel, 0) + 1
+                inc(self._approvals, "approvals", self._channels(event.dims.get("channel", "")), 1)
         elif kind == "released":
             with self._lock:
                 self._released += 1
+                if self._file is not None:
+                    self._file.set(_key("released"), self._released)
+
+    def _inc(self, table: dict[Any, int], name: str, key: Any, n: int) -> None:
+        """``table[key] += n``, and the same in this worker's shared file (under the lock)."""
+        value = table.get(key, 0) + n
+        table[key] = value
+        if self._file is not None:
+            self._file.set(_key(name, *key) if isinstance(key, tuple) else _key(name, key), value)
 
     def store_error(self, where: str) -> None:
         with self._lock:
-            self._store_errors[where] = self._store_errors.get(where, 0) + 1
+            self._inc(self._store_errors, "store_errors", where, 1)
+
+    def _totals(self) -> dict[str, int] | None:
+        """Every worker's counters summed (None: this process alone counts). Blocking."""
+        if self._dir is None:
+            return None
+        totals: dict[str, int] = {}
+        for path in sorted(self._dir.glob("*.counts")):
+            try:
+                values = CounterFile.read(path)
+            except (OSError, ValueError, struct.error) as exc:  # a file half made by a starting worker
+                log.warning("metrics: %s could not be read: %s", path, exc)
+                continue
+            for key, n in values.items():
+                totals[key] = totals.get(key, 0) + n
+        return totals
 
     @web.middleware
     async def middleware(self, request: web.Request,
@@ -253,15 +384,25 @@ class Metrics:
         return generate_latest(self.registry)
 
     def collect(self) -> Iterator[Metric]:
-        """The ``prometheus_client`` collector: the counters as they are now, the gauges as last read."""
+        """The ``prometheus_client`` collector: the counters as they are now (every worker's, when
+        shared), the gauges as last read."""
+        totals = self._totals()
         with self._lock:
             spend, tokens, decisions = dict(self._spend), dict(self._tokens), dict(self._decisions)
             charges, estimated, approved = dict(self._charges), dict(self._estimated), dict(self._approvals)
             released, errors, up = self._released, dict(self._store_errors), self._store_up
             decision_s = self._decision_s.family("spendgate_decision_seconds",
-                                                 "Time from taking a request up to its decision, store included.")
+                                                 "Time from taking a request up to its decision, store included.",
+                                                 totals)
             added_s = self._added_s.family("spendgate_added_latency_seconds",
-                                           "Time the guard adds before a request leaves: arrival to decision.")
+                                           "Time the guard adds before a request leaves: arrival to decision.",
+                                           totals)
+        if totals is not None:
+            t = _tables(totals)
+            spend, tokens, decisions = t.get("spend", {}), t.get("tokens", {}), t.get("decisions", {})
+            charges, estimated, approved = t.get("charges", {}), t.get("estimated", {}), t.get("approvals", {})
+            released = totals.get(_key("released"), 0)
+            errors = {"request": 0, "scrape": 0, **t.get("store_errors", {})}
         usd = CounterMetricFamily("spendgate_spend_usd", "Dollars charged (captured, unknown outcome, expired "
                                   "holds), by provider and model.", labels=["provider", "model"])
         nanos = CounterMetricFamily("spendgate_spend_nanodollars", "The same charges in integer nano-dollars "
