@@ -44,6 +44,10 @@ class Upstreams:
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure.chat)
         app.router.add_post("/openai/deployments/{deployment}/embeddings", self.azure.embeddings)
         app.router.add_post("/openai/v1/chat/completions", self.azure.chat)
+        self.bare = FakeUpstream()  # an OpenAI-compatible API without /v1 in its paths
+        bare = web.Application()
+        bare.router.add_post("/chat/completions", self.bare.chat)
+        self.bare_url = f"http://127.0.0.1:{self.bg.serve(bare)}"
         self.mistral_url = f"http://127.0.0.1:{self.bg.serve(self.mistral.app())}"
         self.azure_url = f"http://127.0.0.1:{self.bg.serve(app)}"
         self.other_url = f"http://127.0.0.1:{self.bg.serve(self.other.app())}"
@@ -56,6 +60,10 @@ base_url = "{self.mistral_url}/v1"
 api = "openai"
 prices = "mistral"
 free = ["my-local-*"]
+
+[upstreams.bare]
+base_url = "{self.bare_url}"
+prices = "mistral"
 
 [upstreams.azure]
 base_url = "{self.azure_url}"
@@ -209,6 +217,13 @@ def test_openai_client_on_a_configured_base_url_is_priced_from_its_table(ups: Up
     assert [s.path for s in ups.mistral.seen] == ["/v1/chat/completions"] * 4
     assert spend() == [("mistral", "mistral-large-latest", MISTRAL_LARGE)] * 2 + [
         ("mistral", "gpt-4o", MISTRAL_DEAREST), ("mistral", "my-local-llama", 0)]
+
+
+def test_a_configured_api_without_v1_in_its_paths_is_priced_as_its_upstream(ups: Upstreams) -> None:
+    c = spendgate.wrap(openai.OpenAI(base_url=ups.bare_url, api_key="k", max_retries=0))
+    c.chat.completions.create(model="mistral-large-latest", messages=MSG, max_tokens=5)
+    assert [s.path for s in ups.bare.seen] == ["/chat/completions"]
+    assert spend() == [("bare", "mistral-large-latest", MISTRAL_LARGE)]
 
 
 def test_the_same_client_elsewhere_is_priced_as_openai(ups: Upstreams) -> None:

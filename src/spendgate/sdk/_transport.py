@@ -176,6 +176,8 @@ class Guard:
                 if found is not None:
                     spec = other
                     break
+        elif found is None:  # a configured upstream whose API has no /v1 in its paths (DeepSeek's base URL)
+            found = self.route_of("/v1" + path, spec)
         route, params = found if found is not None else (None, {})
         if route in spec.free_routes or (route is None and method in ("GET", "HEAD", "DELETE")):
             return Priced(None, path, b"", b"")
