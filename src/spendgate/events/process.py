@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -30,6 +29,7 @@ import sys
 from collections import deque
 from collections.abc import Sequence
 
+from spendgate import fastjson
 from spendgate.ledger.base import Event, event_of_doc
 
 log = logging.getLogger("spendgate.audit")
@@ -116,7 +116,7 @@ class AuditChild:
 
 def _line(event: Event, policy_hash: str, request: bytes | None) -> bytes:
     digest = hashlib.sha256(request).hexdigest() if request is not None else None
-    return f"[{event.to_json()},{json.dumps(policy_hash)},{json.dumps(digest)}]\n".encode()
+    return f"[{event.to_json()},{fastjson.dumps(policy_hash)},{fastjson.dumps(digest)}]\n".encode()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for raw in sys.stdin.buffer:
             try:
-                doc, policy_hash, digest = json.loads(raw)
+                doc, policy_hash, digest = fastjson.loads(raw)
                 audit.add(event_of_doc(doc), policy_hash, digest)
             except (ValueError, TypeError, KeyError) as exc:  # a bug in the server, never a reason to stop logging
                 log.error("audit chain %s: an unreadable event line was skipped (%s)", args.chain, exc)

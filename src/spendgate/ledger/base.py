@@ -15,7 +15,6 @@ Amounts are integers: nano-dollars for ``usd`` buckets, tokens for ``tokens`` bu
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from abc import ABC, abstractmethod
@@ -24,6 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from spendgate import fastjson
 from spendgate.errors import StoreError
 
 Unit = Literal["usd", "tokens", "requests"]
@@ -170,13 +170,13 @@ class Event:
             doc["bucket"] = self.bucket
         if self.amounts:
             doc["amounts"] = dict(self.amounts)
-        return json.dumps(doc, separators=(",", ":"))
+        return fastjson.dumps(doc)
 
     @classmethod
     def from_json(cls, raw: str) -> Event:
         """Read a row written by :meth:`to_json`, by this version or an earlier one (rows from before
         ``rule``, ``bucket`` and ``amounts`` lack them: they read as a plain charge)."""
-        return event_of_doc(json.loads(raw))
+        return event_of_doc(fastjson.loads(raw))
 
 
 def event_of_doc(doc: Mapping[str, Any]) -> Event:
@@ -738,11 +738,11 @@ def audit_conflict(chain: str, have: int, first_seq: int, n: int) -> StoreError:
 
 def serialize_hold(hold: _Hold) -> tuple[str, str | None]:
     """(lines JSON, event JSON) for backends that store holds as text."""
-    lines = json.dumps([[ln.bucket.key, ln.bucket.limit, ln.bucket.window_s, ln.bucket.unit, ln.amount]
-                        for ln in hold.lines], separators=(",", ":"))
+    lines = fastjson.dumps([[ln.bucket.key, ln.bucket.limit, ln.bucket.window_s, ln.bucket.unit, ln.amount]
+                            for ln in hold.lines])
     return lines, hold.event.to_json() if hold.event else None
 
 
 def deserialize_hold(hold_id: str, expires_at: float, lines: str, event: str | None) -> _Hold:
-    parsed = [Line(Bucket(k, lim, win, unit), amt) for k, lim, win, unit, amt in json.loads(lines)]
+    parsed = [Line(Bucket(k, lim, win, unit), amt) for k, lim, win, unit, amt in fastjson.loads(lines)]
     return _Hold(hold_id, expires_at, parsed, Event.from_json(event) if event else None)

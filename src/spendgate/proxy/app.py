@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 from multidict import MultiDict
 
-from spendgate import approvals, providers
+from spendgate import approvals, fastjson, providers
 from spendgate import ledger as ledger_mod
 from spendgate.engine import Approval, Decision, Engine, approve_command
 from spendgate.errors import BadRequest, ConfigError, StoreError, UnpricedModel
@@ -367,7 +367,7 @@ class Proxy:
             return got
         request, raw = got
         try:
-            body = json.loads(raw)
+            body = fastjson.loads(raw)
         except ValueError as exc:
             return error_response(provider, 400, f"spendgate: the request body is not valid JSON ({exc})")
         except RecursionError:
