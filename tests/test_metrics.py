@@ -358,3 +358,50 @@ def test_cached_and_reasoning_tokens_are_counted_apart_from_a_captures_usage() -
     assert tokens("cache_write", "anthropic", "claude-sonnet-4-5") == 500
     kinds = {s.labels["type"] for s in samples["spendgate_tokens_total"]}
     assert kinds == {"input", "output", "cache_read", "cache_write", "reasoning"}
+
+
+def test_workers_counters_are_summed_from_their_files_exactly_and_never_go_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve --workers``: each worker counts into its own file; a scrape on any of them shows the
+    sum of all, exactly as one process counting every event would, a dead worker's counts included."""
+    from spendgate.observe import metrics as metrics_mod
+
+    store = ledger.open("memory://")
+    events = [Event(time.time() - 0.001, "allow", f"d{i}", "gpt-4o", "openai", 0) for i in range(7)]
+    # $1M a charge: integer nano-dollars, summed exactly across the files
+    events += [Event(time.time(), "capture", f"c{i}", "gpt-4o", "openai", 10**15 + i, estimated=i == 2,
+                     input_tokens=100 + i, output_tokens=7) for i in range(5)]
+    events += [Event(time.time(), "released", "r", "gpt-4o", "openai", 0),
+               Event(time.time(), "block", "b", "o1-pro", "openai", 0, rule="user-day")]
+    alone = Metrics(store)
+    workers = []
+    for name in ("w1", "w2", "w3"):
+        monkeypatch.setattr(metrics_mod, "_SHARED", (tmp_path, name))
+        workers.append(Metrics(store))
+    monkeypatch.setattr(metrics_mod, "_SHARED", None)
+    for i, event in enumerate(events):
+        alone.observe(event, "", None)
+        workers[i % 3].observe(event, "", None)
+    workers[2].store_error("request")
+    alone.store_error("request")
+    dead = workers.pop()  # a worker that died: its file stays, and with it its counts
+    local_sums = sum(m._decision_s.sum for m in (*workers, dead))  # each timed at its own instant
+
+    def counters(m: Metrics) -> dict[str, list[Sample]]:
+        return {k: v for k, v in _samples(m.exposition().decode()).items() if not k.startswith("spendgate_budget")}
+
+    def flat(samples: dict[str, list[Sample]]) -> set[tuple[str, str, float]]:
+        """Every sample but the latency sums (float seconds, summed in another order)."""
+        return {(k, json.dumps(s.labels, sort_keys=True), s.value) for k, v in samples.items() for s in v
+                if not k.endswith("_seconds_sum")}
+
+    expected = counters(alone)
+    assert len(flat(expected)) > 40
+    for m in workers:
+        got = counters(m)
+        assert flat(got) == flat(expected)
+        # latency sums are kept in integer nanoseconds
+        assert _value(got, "spendgate_decision_seconds_sum") == pytest.approx(local_sums, abs=3e-9)
+    nanos = _value(counters(workers[0]), "spendgate_spend_nanodollars_total", provider="openai", model="gpt-4o")
+    assert nanos == 5 * 10**15 + 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w1.counts", "w2.counts", "w3.counts"]
