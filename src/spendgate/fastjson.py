@@ -29,11 +29,12 @@ def loads(raw: str | bytes | bytearray) -> Any:
 
 
 def dumps(obj: Any) -> str:
-    """``obj`` as compact JSON text; values orjson cannot write (integers beyond 64 bits) as :mod:`json` does."""
+    """``obj`` as compact JSON text; what orjson cannot write (integers beyond 64 bits, strings with a
+    lone surrogate, non-string keys) as :mod:`json` writes it."""
     try:
         return orjson.dumps(obj).decode()
-    except TypeError:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    except TypeError:  # ASCII-escaped: a lone surrogate in a string is written as \udXXX, never lost
+        return json.dumps(obj, separators=(",", ":"))
 
 
 def dumpb(obj: Any) -> bytes:
@@ -41,4 +42,4 @@ def dumpb(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj)
     except TypeError:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(obj, separators=(",", ":")).encode()
