@@ -115,6 +115,8 @@ def test_the_openai_client_trusting_the_certificate_is_served_over_https_and_cha
         plain = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="sk-client", max_retries=0)
         with pytest.raises(openai.APIConnectionError):
             plain.chat.completions.create(**BODY)
+        for c in (client, stranger, plain):
+            c.close()
         s.stop()
     finally:
         s.kill()

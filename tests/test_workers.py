@@ -463,3 +463,28 @@ def test_metrics_counter_files_sum_across_processes(tmp_path: Path) -> None:
     read = CounterFile.read(tmp_path / "a.counts")
     assert len(read) == 5000 and read[json.dumps(["spend", "m4999"])] == 4999 * 10**12
     assert CounterFile.read(tmp_path / "b.counts") == {'["released"]': 3}
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting for a reaper counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_workers_stop_by_themselves_when_the_parent_is_killed(tmp_path: Path, upstream: Servers) -> None:
+    s = Workers(tmp_path, upstream.upstream_port, "--store", f"sqlite:///{tmp_path / 'spend.db'}",
+                "--config", str(_policy(tmp_path, "defaults = false\n")))
+    try:
+        pids = s.workers()
+        assert len(pids) == 2
+        s.proc.kill()  # SIGKILL: the parent passes nothing on
+        s.proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while not all(_gone(p) for p in pids):  # each sees its stdin close and stops as on SIGTERM
+            assert time.monotonic() < deadline, [p for p in pids if not _gone(p)]
+            time.sleep(0.05)
+        assert _refused(s.port)
+    finally:
+        s.kill()
