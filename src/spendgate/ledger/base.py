@@ -507,7 +507,7 @@ class TransactionalLedger(Ledger):
                     [self._capture_locked(c.hold_id, c.actual, c.now, c.event) for c in captures])
 
     def _capture_locked(self, hold_id: str, actual: Mapping[str, int], now: float, event: Event | None) -> bool:
-        hold = self._pop_hold(hold_id)
+        hold = self._pop_hold(hold_id, event=False)
         if hold is None:
             return False
         for line in hold.lines:
@@ -518,7 +518,7 @@ class TransactionalLedger(Ledger):
 
     def release(self, hold_id: str, *, now: float, event: Event | None = None) -> bool:
         with self._transaction():
-            if self._pop_hold(hold_id) is None:
+            if self._pop_hold(hold_id, event=False) is None:
                 return False
             if event is not None:
                 self._add_event(event)
@@ -667,7 +667,10 @@ class TransactionalLedger(Ledger):
         limit and window: the sweep prunes by what the policy says now, not what it first said."""
 
     @abstractmethod
-    def _pop_hold(self, hold_id: str) -> _Hold | None: ...
+    def _pop_hold(self, hold_id: str, *, event: bool = True) -> _Hold | None:
+        """Remove a hold from its buckets and return it; ``event=False`` when the caller does not
+        need the event kept with it (a capture or a release has its own), which a backend that stores
+        it as text may then leave unread."""
 
     @abstractmethod
     def _stale_holds(self, now: float) -> Iterator[str]: ...

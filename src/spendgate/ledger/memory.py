@@ -81,7 +81,7 @@ class MemoryLedger(TransactionalLedger):
             self._held_by[line.bucket.key] += line.amount
             self._buckets[line.bucket.key] = line.bucket
 
-    def _pop_hold(self, hold_id: str) -> _Hold | None:
+    def _pop_hold(self, hold_id: str, *, event: bool = True) -> _Hold | None:
         hold = self._holds.pop(hold_id, None)
         if hold is not None:
             for line in hold.lines:

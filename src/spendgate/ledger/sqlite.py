@@ -328,12 +328,12 @@ class SQLiteLedger(TransactionalLedger):
         self._db.executemany(_UPSERT_BUCKET, [(b.key, b.limit, b.window_s, b.unit, b.ends_at, ln.amount, 1)
                                               for ln in hold.lines for b in (ln.bucket,)])
 
-    def _pop_hold(self, hold_id: str) -> _Hold | None:
-        row = self._db.execute("DELETE FROM holds WHERE id=? RETURNING expires_at, lines, event",
-                               (hold_id,)).fetchone()
+    def _pop_hold(self, hold_id: str, *, event: bool = True) -> _Hold | None:
+        row = self._db.execute("DELETE FROM holds WHERE id=? RETURNING expires_at, lines"
+                               + (", event" if event else ""), (hold_id,)).fetchone()
         if row is None:
             return None
-        hold = deserialize_hold(hold_id, row[0], row[1], row[2])
+        hold = deserialize_hold(hold_id, row[0], row[1], row[2] if event else None)
         self._db.executemany("UPDATE buckets SET held = held - ?, holds = holds - 1 WHERE key=?",
                              [(ln.amount, ln.bucket.key) for ln in hold.lines])
         return hold

@@ -601,7 +601,7 @@ class Proxy:
 
     def _upstream_headers(self, request: web.Request, provider: str, creds: Credentials | None) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-spendgate-")}
+                   if (low := k.lower()) not in HOP_BY_HOP and not low.startswith("x-spendgate-")}
         headers["Accept-Encoding"] = "identity"  # usage must be readable; a compressed body is not
         if creds is not None and creds.virtual is not None and creds.forward:
             headers = providers.get(provider).apply_key(headers, creds.forward)
