@@ -49,6 +49,7 @@ def test_concurrent_captures_commit_once_and_each_caller_hears_its_own_outcome(t
     amounts = [1_000 * (i + 1) for i in range(20)]
     hids = [_hold(store, 5_000_000, f"h{i}") for i in range(20)]
     door = GroupCommit(store, window_s=3600)  # only the batch size or close() commits
+    door._open = 100  # as if many more requests were in flight
 
     async def run() -> list[bool]:
         tasks = [asyncio.create_task(door.capture(h, {"usd": a}, now=NOW + 1,
@@ -68,10 +69,31 @@ def test_concurrent_captures_commit_once_and_each_caller_hears_its_own_outcome(t
     store.close()
 
 
+def test_the_last_request_in_flight_commits_its_capture_without_waiting_for_the_window(tmp_path: Path) -> None:
+    store = ledger.open(f"sqlite:///{tmp_path / 's.db'}")
+    door = GroupCommit(store, window_s=3600)
+    b = Bucket("g", 10**12)
+
+    async def run() -> tuple[list[bool], int]:
+        first, second = await asyncio.gather(*(door.authorize([Line(b, 100)], now=NOW, ttl=60) for _ in range(2)))
+        assert first.hold_id is not None and second.hold_id is not None
+        early = asyncio.create_task(door.capture(first.hold_id, {"usd": 10}, now=NOW))
+        await asyncio.sleep(0.01)  # another request is in flight: the first capture waits for company
+        waiting = int(not early.done())
+        last = await door.capture(second.hold_id, {"usd": 20}, now=NOW)  # nothing else in flight
+        return [await early, last], waiting
+
+    assert asyncio.run(run()) == ([True, True], 1)
+    assert (door.commits, door.captures) == (2, 2)
+    assert [(s.spent, s.held) for s in store.states([b], now=NOW)] == [(30, 0)]
+    store.close()
+
+
 def test_a_full_batch_commits_without_waiting_for_the_window(tmp_path: Path) -> None:
     store = ledger.open(f"sqlite:///{tmp_path / 's.db'}")
     hids = [_hold(store, 100, f"h{i}") for i in range(8)]
     door = GroupCommit(store, window_s=3600, max_batch=4)
+    door._open = 100  # many requests in flight (holds placed by others): only a full batch commits early
 
     async def run() -> list[bool]:
         return list(await asyncio.gather(*(door.capture(h, {"usd": 1}, now=NOW) for h in hids)))
@@ -115,11 +137,13 @@ CHILD = textwrap.dedent("""
     store = ledger.open(sys.argv[1])
     now = float(sys.argv[2])
     b = Bucket("global", 10**12)
-    assert store.authorize([Line(b, 5_000)], now=now, ttl=60, hold_id="h1",
-                           event=Event(now, "hold", "d1", "m", "p", 5_000)).ok
     door = GroupCommit(store, window_s=3600)
 
     async def main():
+        # two requests in flight; the first finishes, and its capture waits for the other's
+        for hid in ("h1", "h2"):
+            assert (await door.authorize([Line(b, 5_000)], now=now, ttl=60, hold_id=hid,
+                                         event=Event(now, "hold", "d1", "m", "p", 5_000))).ok
         task = asyncio.create_task(door.capture("h1", {"usd": 1_234}, now=now,
                                                 event=Event(now, "capture", "d1", "m", "p", 1_234)))
         await asyncio.sleep(0)
@@ -140,12 +164,12 @@ def test_a_process_killed_with_captures_queued_leaves_the_hold_charged_at_its_wo
     child.wait()
     store = ledger.open(url)
     b = Bucket("global", 10**12)
-    assert [(s.spent, s.held) for s in store.states([b], now=NOW)] == [(0, 5_000)]  # still held, not lost
+    assert [(s.spent, s.held) for s in store.states([b], now=NOW)] == [(0, 10_000)]  # still held, not lost
     assert [e.kind for e in store.events(0)] == []  # nothing claimed a capture that never committed
     gone = store.expire(NOW + 61)
-    assert [g.charged for g in gone] == [{"usd": 5_000}]
-    assert [(s.spent, s.held) for s in store.states([b], now=NOW + 61)] == [(5_000, 0)]
-    assert [(e.kind, e.cost, e.estimated) for e in store.events(0)] == [("expired", 5_000, True)]
+    assert [g.charged for g in gone] == [{"usd": 5_000}] * 2
+    assert [(s.spent, s.held) for s in store.states([b], now=NOW + 61)] == [(10_000, 0)]
+    assert [(e.kind, e.cost, e.estimated) for e in store.events(0)] == [("expired", 5_000, True)] * 2
     store.close()
 
 

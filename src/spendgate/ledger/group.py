@@ -4,9 +4,10 @@ A request's authorization must be written before the request is sent — that wr
 but its capture can wait a few milliseconds: until it is written the hold still counts the request
 at its worst case, so the ledger over-counts in the meantime and never under-counts. So captures
 queue here and are committed together, in one transaction, :data:`WINDOW_S` after the first of
-them (or at once when :data:`MAX_BATCH` are waiting): under load one commit settles many finished
-requests, and with one request at a time the write lands in the idle gap while the next request's
-upstream call is in flight, instead of in front of it.
+them — or at the end of the current turn of the event loop when no other request is in flight (a
+hold placed here and not yet settled) or :data:`MAX_BATCH` are waiting: under load one commit
+settles many finished requests, and with one request at a time the write lands in the gap after
+the reply has left, before the client's next request arrives.
 
 Nothing acknowledged is lost: a capture's coroutine returns only after its transaction committed,
 and only then does the engine log it (the audit log, metrics). A crash before the commit leaves
@@ -47,6 +48,8 @@ class GroupCommit:
         self._captures: list[tuple[Capture, asyncio.Future[bool]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._soon: asyncio.Handle | None = None
+        #: holds placed through this door and not yet captured or released: the requests in flight
+        self._open = 0
         #: commits made and the holds and captures they carried (for the benches and tests)
         self.commits = 0
         self.holds = 0
@@ -61,14 +64,20 @@ class GroupCommit:
         self._holds.append((HoldRequest(lines, now, ttl, event, hold_id), done))
         if self._soon is None:
             self._soon = loop.call_soon(self.flush)
-        return await done
+        auth = await done
+        if auth.ok:
+            self._open += 1
+        return auth
 
     async def capture(self, hold_id: str, actual: Mapping[str, int], *, now: float,
                       event: Event | None = None) -> bool:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
         self._captures.append((Capture(hold_id, actual, now, event), done))
-        if len(self._captures) >= self.max_batch:
+        self._open = max(0, self._open - 1)
+        if len(self._captures) >= self.max_batch or not self._open:
+            # a full batch, or no other request in flight to wait for: commit at the end of this
+            # turn of the loop, in the gap before the next request arrives
             if self._soon is None:
                 self._soon = loop.call_soon(self.flush)
         elif self._timer is None:
@@ -76,6 +85,7 @@ class GroupCommit:
         return await done
 
     async def release(self, hold_id: str, *, now: float, event: Event | None = None) -> bool:
+        self._open = max(0, self._open - 1)
         return self.ledger.release(hold_id, now=now, event=event)
 
     async def grant(self, bucket: Bucket, amount: int, *, now: float, until: float) -> None:
