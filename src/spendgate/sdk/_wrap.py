@@ -112,6 +112,11 @@ def wrap(client: C, *, capability: str | None = None) -> C:
     event hooks: the same client is returned). ``capability``: what the client's calls carry outside
     any ``spendgate.capability`` block.
 
+    A call whose URL is under the ``base_url`` of an ``[upstreams.NAME]`` table of the policy is
+    priced as that upstream (an ``AzureOpenAI`` client's deployments through its ``deployments`` map,
+    an OpenAI-compatible server from its ``prices`` table and ``free`` globs); a Vertex AI client
+    (``genai.Client(vertexai=True)``, ``AnthropicVertex``) is priced as Vertex's providers.
+
     Raises :class:`ImportError` naming the ``clients`` extra when the provider SDKs are not installed."""
     _http_library(None)  # without the SDKs' HTTP library no client can be guarded: ImportError naming the extra
     spec = _provider_of(client)
