@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
+from functools import lru_cache
 
 from spendgate.ledger import Bucket
 from spendgate.money import usd_to_nanos
@@ -56,8 +58,15 @@ def rule_limit(rule: Rule, unit: str, override: Limit | None = None) -> int | No
     if own is not None:
         return own
     if unit == "usd":
-        return usd_to_nanos(rule.usd) if rule.usd is not None else None
+        return _nanos(rule.usd) if rule.usd is not None else None
     return rule.tokens if unit == "tokens" else rule.requests
+
+
+@lru_cache(maxsize=4096)
+def _nanos(usd: Decimal) -> int:
+    """A rule's dollar limit in nano-dollars: asked for every bucket of every request, and a policy
+    has few distinct limits."""
+    return usd_to_nanos(usd)
 
 
 @dataclass(frozen=True, slots=True)

@@ -578,11 +578,11 @@ class Engine:
         lines: list[Line] = []
         owners: dict[str, tuple[Rule, str, float | None]] = {}
         amounts = {"usd": est.cost_nanos, "tokens": est.tokens, "requests": 1}
+        of_request = {"model": est.model, "provider": request.provider, "tier": tier}
         for r in rules:
             if r.window.kind == "request":
                 continue
-            value = {"model": est.model, "provider": request.provider, "tier": tier}.get(r.per) \
-                or request.identity.value(r.per)
+            value = of_request.get(r.per) or request.identity.value(r.per)
             scope = f"{r.per}={value}"
             enforce = r.action != "alert" and r.name not in bypass and self.policy.mode_of(r) == "enforce"
             for rb in rule_buckets(r, scope, now, self.limits.get((r.name, scope))):

@@ -31,6 +31,10 @@ def capability_rank(capability: str | None) -> int:
     return CAPABILITIES.index(capability) if capability in CAPABILITIES else -1
 
 
+#: the last calendar period worked out per (period, zone): (its first instant, the next one's, its label)
+_PERIODS: dict[tuple[str, ZoneInfo], tuple[float, float, str]] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class Window:
     """``request`` (one call), ``rolling`` (seconds), a ``calendar`` period, or ``total``."""
@@ -41,21 +45,36 @@ class Window:
     text: str = ""
 
     def period_of(self, now: float, tz: ZoneInfo) -> tuple[str, float]:
-        """The calendar period containing ``now``: its label and when the next one starts."""
+        """The calendar period containing ``now``: its label and when the next one starts.
+
+        Asked for every calendar rule of every request: the last answer per (period, zone) is kept
+        with the instants it holds for, so the time-zone arithmetic runs once a period."""
+        memo = _PERIODS.get((self.period, tz))
+        if memo is not None and memo[0] <= now < memo[1]:
+            return memo[2], memo[1]
+        label, start, reset = self._period(now, tz)
+        _PERIODS[(self.period, tz)] = (start, reset, label)
+        return label, reset
+
+    def _period(self, now: float, tz: ZoneInfo) -> tuple[str, float, float]:
         local = dt.datetime.fromtimestamp(now, tz)
         day = local.date()
         if self.period == "day":
-            nxt = day + dt.timedelta(days=1)
+            first, nxt = day, day + dt.timedelta(days=1)
             label = day.isoformat()
         elif self.period == "week":
-            nxt = day + dt.timedelta(days=7 - day.weekday())
+            first, nxt = day - dt.timedelta(days=day.weekday()), day + dt.timedelta(days=7 - day.weekday())
             iso = day.isocalendar()
             label = f"{iso.year}-W{iso.week:02d}"
         else:
-            nxt = (day.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
+            first = day.replace(day=1)
+            nxt = (first + dt.timedelta(days=32)).replace(day=1)
             label = f"{day.year}-{day.month:02d}"
+        # where a midnight falls in a clock change the start may land after ``now``: then the memo's
+        # range holds nothing and the period is worked out afresh each time
+        start = dt.datetime.combine(first, dt.time(), tz).timestamp()
         reset = dt.datetime.combine(nxt, dt.time(), tz).timestamp()
-        return label, reset
+        return label, start, reset
 
 
 @dataclass(frozen=True, slots=True)
