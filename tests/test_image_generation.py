@@ -12,6 +12,8 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spendgate import ledger
 from spendgate.demo.background import BackgroundLoop
@@ -21,6 +23,7 @@ from spendgate.money import usd_to_nanos
 from spendgate.policy import default_policy, parse
 from spendgate.policy.model import Policy
 from spendgate.pricing import PriceTable
+from spendgate.pricing.cost import usage_nanos
 from spendgate.proxy.app import Proxy, ProxyConfig
 from spendgate.usage import read_usage
 
@@ -253,3 +256,31 @@ def test_an_image_body_is_read_as_an_image_request_by_spendgate_estimate() -> No
     assert spec.route_for({"model": "gpt-image-1", "prompt": "x"}) == "/v1/images/generations"
     assert spec.route_for({"prompt": "x", "size": "256x256"}) == "/v1/images/generations"
     assert spec.route_for({"model": "gpt-3.5-turbo-instruct", "prompt": "x"}) == "/v1/completions"
+
+
+@given(model=st.sampled_from(sorted(PUBLISHED)), quality=st.sampled_from(["low", "medium", "high", "auto", None]),
+       size=st.sampled_from(["1024x1024", "1024x1536", "1536x1024", "auto", None]), n=st.integers(1, 10),
+       prompt=st.text(max_size=200), cached=st.integers(0, 50))
+@settings(max_examples=300, deadline=None)
+def test_the_hold_bounds_every_capture_the_published_counts_allow(model: str, quality: str | None, size: str | None,
+                                                                   n: int, prompt: str, cached: int) -> None:
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n}
+    if quality:
+        body["quality"] = quality
+    if size:
+        body["size"] = size
+    est = Estimator(PriceTable.bundled()).estimate("openai", "/v1/images/generations", body)
+    # the most the provider can bill: every prompt byte a text token, the dearest image it may make
+    q = [quality] if quality in ("low", "medium", "high") else ["low", "medium", "high"]
+    s = [size] if size in ("1024x1024", "1024x1536", "1536x1024") else ["1024x1024", "1024x1536", "1536x1024"]
+    worst_out = n * max(tok for (qq, ss), tok in _ALL_TOKENS.items() if qq in q and ss in s)
+    text = len(prompt.encode())
+    reported = usage(text, 0, worst_out)
+    reported["input_tokens_details"]["cached_tokens"] = min(cached, text)
+    price = PriceTable.bundled().resolve(model, "openai").price  # type: ignore[union-attr]
+    assert est.cost_nanos >= usage_nanos(price, read_usage(reported))
+
+
+_ALL_TOKENS = {(q, s): t for q, row in {"low": (272, 408, 400), "medium": (1056, 1584, 1568),
+                                        "high": (4160, 6240, 6208)}.items()
+               for s, t in zip(("1024x1024", "1024x1536", "1536x1024"), row, strict=True)}
