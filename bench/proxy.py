@@ -146,6 +146,17 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def throughput(url: str, proc: subprocess.Popen[bytes], path: str, body: dict[str, Any], n: int,
+               concurrency: int = 16) -> tuple[float, float]:
+    """``n`` requests through ``url`` at ``concurrency``: (requests per second, CPU µs per request of
+    ``proc`` and its children)."""
+    before = cpu_seconds(proc.pid)
+    t = time.perf_counter()
+    asyncio.run(drive({"x": url}, path, body, n, concurrency))
+    wall = time.perf_counter() - t
+    return n / wall, (cpu_seconds(proc.pid) - before) / n * 1e6
+
+
 def wait_listening(port: int, deadline: float = 30.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -260,51 +271,28 @@ def main() -> None:
                     print(f"{label:34} {c:2d} {d50:8.0f}/{d99:<9.0f} {b50:7.0f}/{b99:<8.0f} {s50:8.0f}/{s99:<9.0f} "
                           f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{off}")
         path, body = CASES["openai chat"]
-        before = cpu_seconds(procs[2].pid)
-        t = time.perf_counter()
         n = args.n * 2
-        asyncio.run(drive({"spendgate": paths["spendgate"]}, path, body, n, 16))
-        wall = time.perf_counter() - t
-        cpu = cpu_seconds(procs[2].pid) - before
-        print(f"\nthroughput through spendgate at c=16: {n / wall:,.0f} requests/s "
+        rps, cpu = throughput(paths["spendgate"], procs[2], path, body, n)
+        print(f"\nthroughput through spendgate at c=16: {rps:,.0f} requests/s "
               f"(including this load generator on the same {os.cpu_count()} cores); "
-              f"proxy CPU {cpu / n * 1e6:,.0f} µs per request")
-        before = cpu_seconds(procs[1].pid)
-        t = time.perf_counter()
-        asyncio.run(drive({"bare passthrough": paths["bare passthrough"]}, path, body, n, 16))
-        wall = time.perf_counter() - t
-        print(f"the bare passthrough (the floor): {n / wall:,.0f} requests/s, CPU "
-              f"{(cpu_seconds(procs[1].pid) - before) / n * 1e6:,.0f} µs per request")
+              f"proxy CPU {cpu:,.0f} µs per request")
+        rps, cpu = throughput(paths["bare passthrough"], procs[1], path, body, n)
+        print(f"the bare passthrough (the floor): {rps:,.0f} requests/s, CPU {cpu:,.0f} µs per request")
         if args.audit_off:
-            before = cpu_seconds(procs[3].pid)
-            t = time.perf_counter()
-            asyncio.run(drive({"audit off": paths["audit off"]}, path, body, n, 16))
-            wall = time.perf_counter() - t
-            print(f"the same with the audit log off: {n / wall:,.0f} requests/s, proxy CPU "
-                  f"{(cpu_seconds(procs[3].pid) - before) / n * 1e6:,.0f} µs per request")
+            rps, cpu = throughput(paths["audit off"], procs[3], path, body, n)
+            print(f"the same with the audit log off: {rps:,.0f} requests/s, proxy CPU {cpu:,.0f} µs per request")
         if args.baseline:
-            before = cpu_seconds(procs[base_i].pid)
-            t = time.perf_counter()
-            asyncio.run(drive({"baseline": paths["baseline"]}, path, body, n, 16))
-            wall = time.perf_counter() - t
-            print(f"the baseline ({args.baseline}): {n / wall:,.0f} requests/s, proxy CPU "
-                  f"{(cpu_seconds(procs[base_i].pid) - before) / n * 1e6:,.0f} µs per request")
+            rps, cpu = throughput(paths["baseline"], procs[base_i], path, body, n)
+            print(f"the baseline ({args.baseline}): {rps:,.0f} requests/s, proxy CPU {cpu:,.0f} µs per request")
         for i, case in enumerate(rule_cases):
-            proc = procs[len(procs) - len(rule_cases) + i]
-            before = cpu_seconds(proc.pid)
-            t = time.perf_counter()
-            asyncio.run(drive({case: paths[f"rules {case}"]}, path, body, n, 16))
-            wall = time.perf_counter() - t
-            print(f"the same with {args.runtime_rules} run-time budgets {case}: {n / wall:,.0f} requests/s, "
-                  f"proxy CPU {(cpu_seconds(proc.pid) - before) / n * 1e6:,.0f} µs per request")
+            rps, cpu = throughput(paths[f"rules {case}"], procs[len(procs) - len(rule_cases) + i], path, body, n)
+            print(f"the same with {args.runtime_rules} run-time budgets {case}: {rps:,.0f} requests/s, "
+                  f"proxy CPU {cpu:,.0f} µs per request")
         if args.sustain:  # a store's costs that grow with its size (WAL, indexes) show only over time
             for name, proc in (("bare passthrough", procs[1]), ("spendgate", procs[2])):
-                before = cpu_seconds(proc.pid)
-                t = time.perf_counter()
-                asyncio.run(drive({name: paths[name]}, path, body, args.sustain, 16))
-                wall = time.perf_counter() - t
-                print(f"sustained, {args.sustain:,} requests at c=16 through {name}: {args.sustain / wall:,.0f} "
-                      f"requests/s, CPU {(cpu_seconds(proc.pid) - before) / args.sustain * 1e6:,.0f} µs per request")
+                rps, cpu = throughput(paths[name], proc, path, body, args.sustain)
+                print(f"sustained, {args.sustain:,} requests at c=16 through {name}: {rps:,.0f} "
+                      f"requests/s, CPU {cpu:,.0f} µs per request")
     finally:
         stop_all(procs)
 
