@@ -248,6 +248,12 @@ class LeasedLedger:
                     if s is not None and s.free < ln.amount:
                         s.exact_until = now + self.settings.exact_s
             why = "short"
+        elif any((s := self._slices.get(ln.bucket.key)) is not None and s.exact_until > now
+                 and (s.lease > s.holds or s.captured > s.acked) for ln in lines):
+            # the slice of a bucket decided per request still holds room or captures not charged
+            # yet: hand them back first, or the request is weighed against this instance's own slice
+            async with self._lock:
+                await self._sync(self.clock(), {})
         self.stats.exact += 1
         self.stats.by_reason[why] = self.stats.by_reason.get(why, 0) + 1
         auth = await self.exact.authorize(lines, now=now, ttl=ttl, event=event, hold_id=hold_id)
@@ -411,9 +417,14 @@ class LeasedLedger:
             self._task = asyncio.get_running_loop().create_task(self._flusher(), name="spendgate-leases")
 
     async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.flush_s)
+            # a timer on the event, not wait_for: a cancelled wait_for can swallow the cancellation
+            tick = loop.call_later(self.settings.flush_s, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                tick.cancel()
             self._wake.clear()
             now = self.clock()
             if not self._due(now):
