@@ -55,13 +55,14 @@ class LeaseSettings:
     #: a slice covers this many seconds of the bucket's traffic at this instance
     seconds: float = 2.0
     #: ... and at least this many of the largest recent request on it
-    min_requests: int = 4
+    min_requests: int = 8
     #: the lease hold's TTL in Redis: a crashed instance's slices are charged after this long
     ttl: float = 30.0
     #: renew (rewrite) the hold at least this often, so it never lapses while the instance lives
     renew_s: float = 5.0
-    #: write captures back after at most this long ...
-    flush_s: float = 0.05
+    #: write captures back after at most this long (a capture waiting here is covered by the slice in
+    #: Redis meanwhile: the interval trades how soon others see spent, not safety, for round trips) ...
+    flush_s: float = 0.25
     #: ... or once this many captures and events wait
     batch: int = 64
     #: a slice unused this long is handed back
@@ -377,8 +378,6 @@ class LeasedLedger:
         expired: tuple[ExpiredHold, ...] = ()
         if self._expired:
             expired, self._expired = tuple(self._expired), []
-        if any(s.free < s.lease // 4 for s, _ in taken):
-            self._wake.set()  # refill before the slice runs out
         return Authorization(True, hid, tuple(states), (), expired)
 
     def _state(self, ln: Line, s: Slice) -> BucketState:
