@@ -425,3 +425,81 @@ def test_a_slice_never_covers_more_holds_than_redis_holds_for_it(ops: list[tuple
         unsent = s.captured - redis_.done
         assert sum(local) == s.holds
         assert s.holds + unsent <= redis_.have, (s.holds, unsent, redis_.have)
+
+
+def test_a_local_hold_past_its_ttl_is_charged_as_held_and_flagged(redis_server: RedisServer) -> None:
+    url = _url(redis_server)
+    b = Bucket("ttl", 10 * USD)
+    clock = [time.time()]
+
+    async def go() -> None:
+        leased = LeasedLedger(url, clock=lambda: clock[0])
+        ev = Event(clock[0], "capture", "slow", "gpt-4o", "openai", 5000)
+        auth = await leased.authorize([Line(b, 5000)], now=clock[0], ttl=60, event=ev)
+        assert auth.hold_id is not None
+        clock[0] += 61
+        await leased.flush()
+        assert not await leased.capture(auth.hold_id, {"usd": 10}, now=clock[0]), "expired: its charge was the hold"
+        nxt = await leased.authorize([Line(b, 1)], now=clock[0], ttl=60)
+        assert [(g.hold_id, g.charged) for g in nxt.expired] == [(auth.hold_id, {"usd": 5000})]
+        assert nxt.hold_id is not None and await leased.release(nxt.hold_id, now=clock[0])
+        await leased.close()
+
+    run(go)
+    store = ledger.open(url)
+    assert store.states([b], now=time.time())[0].spent == 5000
+    [expired] = [e for e in store.events(0) if e.kind == "expired"]
+    assert (expired.decision_id, expired.cost, expired.estimated) == ("slow", 5000, True)
+    store.close()
+
+
+def test_an_instance_that_outlived_its_lease_charges_nothing_twice(redis_server: RedisServer) -> None:
+    """A stall past the lease's TTL: another process expires the hold and charges every slice in full.
+    The stalled instance's holds then read as expired, its waiting captures are not charged again, and
+    it leases afresh."""
+    url = _url(redis_server)
+    b = Bucket("stalled", 10 * USD)
+    store = ledger.open(url)
+
+    async def go() -> None:
+        leased = LeasedLedger(url, settings=LeaseSettings(ttl=30.0))
+        now = time.time()
+        a1 = await leased.authorize([Line(b, 1000)], now=now, ttl=600)
+        a2 = await leased.authorize([Line(b, 1000)], now=now, ttl=600)
+        assert a1.hold_id and a2.hold_id and await leased.capture(a1.hold_id, {"usd": 600}, now=now)
+        lease = leased._slices["stalled"].lease
+        gone = store.expire(time.time() + 31)
+        assert [g.charged for g in gone] == [{"usd": lease}]
+        await leased.flush()
+        assert leased.stats.gone == 1
+        assert not await leased.capture(a2.hold_id, {"usd": 700}, now=now), "covered by the expired slice"
+        a3 = await leased.authorize([Line(b, 1000)], now=now, ttl=600)
+        assert a3.hold_id and await leased.capture(a3.hold_id, {"usd": 250}, now=now)
+        await leased.close()
+        s = store.states([b], now=time.time())[0]
+        assert (s.spent, s.held) == (lease + 250, 0)
+
+    run(go)
+    store.close()
+
+
+@pytest.mark.parametrize(("query", "seconds"), [("", None), ("?leases=off", None), ("?leases=on", 2.0),
+                                                ("?prefix=x&leases=1&lease_s=0.5", 0.5)])
+def test_leases_are_turned_on_in_the_store_url(query: str, seconds: float | None,
+                                               redis_server: RedisServer) -> None:
+    from spendgate.ledger.lease import lease_settings
+
+    got = lease_settings(redis_server.url + query)
+    assert (got.seconds if got else None) == seconds
+    store = ledger.open(redis_server.url + query)  # redis-py never sees spendgate's own options
+    store.check(time.time())
+    store.close()
+
+
+@pytest.mark.parametrize("query", ["?leases=maybe", "?leases=on&lease_s=0", "?lease_s=2"])
+def test_a_bad_lease_option_is_an_error_naming_it(query: str) -> None:
+    from spendgate.errors import StoreError
+    from spendgate.ledger.lease import lease_settings
+
+    with pytest.raises(StoreError, match="lease"):
+        lease_settings("redis://127.0.0.1:6379/0" + query)

@@ -165,6 +165,31 @@ class Slice:
             self.rate_t = now
 
 
+def lease_settings(url: str) -> LeaseSettings | None:
+    """The leases a Redis store URL asks for: ``?leases=on`` (``1``, ``true``, ``yes``) turns them on,
+    ``&lease_s=N`` sizes a slice at N seconds of traffic (default 2); None when they are off (the
+    default: every request authorized in Redis). Anything else is an error naming the option."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    query = dict(parse_qsl(urlsplit(url).query))
+    raw = query.get("leases", "off").lower()
+    if raw not in ("on", "1", "true", "yes", "off", "0", "false", "no"):
+        raise StoreError(f"store URL option leases={raw!r}: expected on or off")
+    if raw in ("off", "0", "false", "no"):
+        if "lease_s" in query:
+            raise StoreError("store URL option lease_s is set but leases are off (add leases=on)")
+        return None
+    if "lease_s" not in query:
+        return LeaseSettings()
+    try:
+        seconds = float(query["lease_s"])
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 60:
+        raise StoreError(f"store URL option lease_s={query['lease_s']!r}: expected seconds, above 0 and at most 60")
+    return LeaseSettings(seconds=seconds)
+
+
 @dataclass(slots=True)
 class _Local:
     """A hold decided in memory: the slices it took from, and what it took."""
@@ -293,9 +318,12 @@ class LeasedLedger:
         await self.exact.grant(bucket, amount, now=now, until=until)
 
     async def flush(self) -> None:
-        """Write every capture and event waiting here to Redis now (one round trip)."""
+        """Write every capture and event waiting here to Redis now (one round trip), local holds
+        past their TTL charged as held first."""
         async with self._lock:
-            await self._sync(self.clock(), {})
+            now = self.clock()
+            self._expire_local(now)
+            await self._sync(now, {})
 
     async def close(self) -> None:
         """Write back what waits and hand every slice back (local holds still open stay covered

@@ -284,6 +284,9 @@ class AsyncRedisLedger:
         await self._r.connection_pool.disconnect()
 
 
+#: URL options read by :func:`spendgate.ledger.lease.lease_settings` (``?leases=on&lease_s=2``)
+LEASE_OPTIONS = ("leases", "lease_s")
+
 POOL_OPTIONS: dict[str, Any] = {"max_connections": POOL_SIZE, "timeout": 10, "decode_responses": True,
                                 "socket_timeout": 5, "socket_connect_timeout": 2, "health_check_interval": 30}
 
@@ -293,6 +296,8 @@ def _parse(url: str) -> tuple[str, str, str]:
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", "spendgate")
+    for key in LEASE_OPTIONS:  # spendgate's own (ledger/lease.py), never redis-py's
+        query.pop(key, None)
     return _redacted(url), f"{{{prefix}}}:", urlunsplit(parts._replace(query=urlencode(query)))
 
 

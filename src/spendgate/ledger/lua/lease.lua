@@ -23,8 +23,10 @@ if op == 'lease' then
   -- Returns 'ok' then 5 items per entry (slice, spent, held, granted, frees), or 'gone' (the hold
   -- expired: nothing applied), then the holds expired first (4 items each, as 'expire').
   local now, ttl, id, expect = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
-  local expired = expire(now)
   local hkey = P .. 'hold:' .. id
+  -- the instance is alive: a hold of its that no one has expired yet is renewed before expiry runs
+  if redis.call('ZSCORE', HOLDS, id) then redis.call('ZADD', HOLDS, now + ttl, id) end
+  local expired = expire(now)
   local raw = redis.call('HGET', hkey, 'l')
   local out = {}
   if expect == '1' and not raw then
