@@ -60,7 +60,7 @@ def start_serve(home: Path, upstream_port: int, *args: str, port: int | None = N
     """``spendgate serve`` as its own process, returned once it accepts connections."""
     port = port or free_port()
     env = {**os.environ, "HOME": str(home), "SPENDGATE_HOME": str(home / ".spendgate"),
-           **{f"SPENDGATE_{p.name.upper()}_BASE_URL": f"http://127.0.0.1:{upstream_port}"
+           **{f"SPENDGATE_{p.name.upper().replace('-', '_')}_BASE_URL": f"http://127.0.0.1:{upstream_port}"
               for p in providers.all_providers()}}
     proc = subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(port), *args],
                             env=env, stderr=subprocess.PIPE, text=True)

@@ -422,7 +422,8 @@ def test_dry_run_estimates_without_calling_the_provider(servers_for: Any) -> Non
     ("/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "model"),
     ("/v1/chat/completions", b'{"model": "gpt-4o", "messages": [], "max_tokens": "many"}', 400, "max_tokens"),
-    ("/v1/images/generations", b'{"model": "gpt-image-1"}', 404, "not a route spendgate can price"),
+    ("/v1/audio/speech", b'{"model": "tts-1"}', 404, "not a route spendgate can price"),
+    ("/v1/images/generations", b'{"model": "gpt-image-1"}', 400, "prompt"),
 ])
 def test_bad_input_is_a_4xx_that_names_the_problem(servers_for: Any, path: str, body: bytes, status: int,
                                                     needle: str) -> None:

@@ -16,6 +16,7 @@ from spendgate.estimate import TOKENS_PER_SEARCH, Estimator
 from spendgate.money import usd_to_nanos
 from spendgate.policy import default_policy, parse
 from spendgate.pricing import PriceTable
+from spendgate.pricing.cost import worst_case_nanos
 from tests.harness import Servers
 
 MTOK = Decimal(1_000_000)
@@ -103,3 +104,21 @@ def test_a_clamp_rederives_the_searches_from_the_smaller_output_bound() -> None:
                                                      "max_output_tokens": 10_000})
     assert wide.searches == 1000
     assert est.with_output(wide, 500).searches == 50
+
+
+def test_anthropic_web_search_without_max_uses_is_held_at_the_output_bound() -> None:
+    """Before: a web_search tool without ``max_uses`` added nothing to the hold, though each search
+    it ran was charged on capture ($10 per 1,000): the capture could beat the hold."""
+    est = Estimator(PriceTable.bundled())
+    base = {"model": "claude-sonnet-4-5", "max_tokens": 1000, "messages": [{"role": "user", "content": "news?"}]}
+    bare = est.estimate("anthropic", "/v1/messages", base)
+    unbounded = est.estimate("anthropic", "/v1/messages",
+                             {**base, "tools": [{"type": "web_search_20250305", "name": "web_search"}]})
+    capped = est.estimate("anthropic", "/v1/messages",
+                          {**base, "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]})
+    assert (unbounded.searches, unbounded.searches_named) == (1000 // TOKENS_PER_SEARCH, False)
+    assert capped.searches == 3
+    fee = nanos(SEARCH)  # Anthropic: $10 per 1,000 searches
+    for e in (bare, capped, unbounded):  # the tokens' worst case, plus every search at the fee
+        tokens = worst_case_nanos(e.price.price, e.input_tokens, e.output_tokens, e.shape.cache_write)
+        assert e.cost_nanos == tokens + e.searches * fee

@@ -403,3 +403,18 @@ def test_wrap_guards_anthropic_vertex_sync_and_async(upstream: tuple[FakeUpstrea
         c.messages.create(model=CLAUDE, max_tokens=100, messages=MSG)  # type: ignore[arg-type]
     assert isinstance(err.value, anthropic.AnthropicError) and 'budget "tiny"' in str(err.value)
     assert len(mock.seen) == 3
+
+
+def test_claude_on_vertex_follows_the_vertex_host_unless_named_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spendgate.policy import parse
+    from spendgate.proxy.app import ProxyConfig
+
+    monkeypatch.delenv("SPENDGATE_VERTEX_BASE_URL", raising=False)
+    monkeypatch.delenv("SPENDGATE_VERTEX_ANTHROPIC_BASE_URL", raising=False)
+    regional = "https://us-east5-aiplatform.googleapis.com"
+    ups = ProxyConfig.from_policy(parse({"upstream": {"vertex": regional}})).upstreams
+    assert ups["vertex-anthropic"] == ups["vertex"] == regional
+    monkeypatch.setenv("SPENDGATE_VERTEX_BASE_URL", "http://127.0.0.1:9")
+    assert ProxyConfig.from_policy(parse({})).upstreams["vertex-anthropic"] == "http://127.0.0.1:9"
+    own = ProxyConfig.from_policy(parse({"upstream": {"vertex": regional, "vertex-anthropic": "http://x"}}))
+    assert own.upstreams["vertex-anthropic"] == "http://x"

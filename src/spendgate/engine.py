@@ -793,7 +793,10 @@ class Engine:
         return None
 
     def _clamp(self, trip: Trip, est: Estimate) -> int | None:
-        """The largest per-choice output bound that fits ``trip``'s headroom, if ≥ min_output."""
+        """The largest per-choice output bound that fits ``trip``'s headroom, if ≥ min_output
+        (None for an output no field bounds, such as a generated image: a clamp cannot lower it)."""
+        if est.shape.fixed_output:
+            return None
         choices = max(est.shape.choices, 1)
         if trip.unit == "tokens":
             fit = (trip.headroom - est.input_tokens) // choices

@@ -62,8 +62,8 @@ class Anthropic(Provider):
         return {"speed": speed} if isinstance(speed, str) else {}
 
     def searches(self, body: Mapping[str, Any]) -> int:
-        """The sum of its web-search tools' ``max_uses``. A tool without one is not bounded before
-        send; its searches are charged on capture from ``usage.server_tool_use``."""
+        """The sum of its web-search tools' ``max_uses``; -1 when a web-search tool has none (the
+        estimator then bounds its searches by the output bound), so an unbounded tool is held too."""
         tools = body.get("tools")
         if not isinstance(tools, list):
             return 0
@@ -71,8 +71,9 @@ class Anthropic(Provider):
         for tool in tools:
             if isinstance(tool, Mapping) and str(tool.get("type", "")).startswith("web_search"):
                 uses = tool.get("max_uses")
-                if isinstance(uses, int) and not isinstance(uses, bool) and uses > 0:
-                    n += uses
+                if not isinstance(uses, int) or isinstance(uses, bool) or uses <= 0:
+                    return -1
+                n += uses
         return n
 
     def api_key(self, headers: Mapping[str, str]) -> str | None:

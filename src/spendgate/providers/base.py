@@ -206,7 +206,9 @@ class Provider:
         return {}
 
     def searches(self, body: Mapping[str, Any]) -> int:
-        """The most per-request-priced searches the body allows before send (0: none bounded)."""
+        """The most per-request-priced searches the body allows before send (0: none; negative:
+        allowed without a bound, which the estimator bounds by the output bound, one search per
+        ``estimate.TOKENS_PER_SEARCH`` output tokens)."""
         return 0
 
     #: it writes the prompt cache by itself and bills the write: any input may be a cache write

@@ -89,10 +89,15 @@ class ProxyConfig:
         ups = dict(DEFAULT_UPSTREAMS)
         ups.update(policy.upstream)
         ups.update({name: spec.base_url for name, spec in policy.upstreams.items()})
+        named = set(policy.upstream)  # base URLs set for the provider itself
         for name in (*(p.name for p in providers.all_providers()), *policy.upstreams):
             env = os.environ.get(f"SPENDGATE_{name.upper().replace('-', '_')}_BASE_URL")
             if env:
                 ups[name] = env
+                named.add(name)
+        for p in providers.all_providers():  # a second wire format on another's host follows that host
+            if p.base_url_from and p.name not in named and p.base_url_from in ups:
+                ups[p.name] = ups[p.base_url_from]
         return cls(upstreams={k: _base(v) for k, v in ups.items()}, admin_token=admin_token,
                    upstream_timeout_s=upstream_timeout_s or policy.upstream_timeout_s,
                    retention_days=policy.retention_days, admin_base=policy.alerts.admin_url)
