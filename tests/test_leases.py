@@ -503,3 +503,27 @@ def test_a_bad_lease_option_is_an_error_naming_it(query: str) -> None:
 
     with pytest.raises(StoreError, match="lease"):
         lease_settings("redis://127.0.0.1:6379/0" + query)
+
+
+def test_a_request_takes_from_every_slice_or_from_none(redis_server: RedisServer) -> None:
+    url = _url(redis_server)
+    wide, narrow = Bucket("wide", 100 * USD), Bucket("narrow", 25)
+
+    async def go() -> None:
+        leased = LeasedLedger(url)
+        now = time.time()
+        kept = []
+        for _ in range(2):
+            auth = await leased.authorize([Line(wide, 10), Line(narrow, 10)], now=now, ttl=60)
+            assert auth.ok
+            kept.append(auth.hold_id)
+        before = leased._slices["wide"].holds
+        refused = await leased.authorize([Line(wide, 10), Line(narrow, 10)], now=now, ttl=60)
+        assert not refused.ok and refused.refused == ("narrow",)
+        assert leased._slices["wide"].holds == before, "the refused request took nothing from wide's slice"
+        assert (await leased.authorize([Line(wide, 10)], now=now, ttl=60)).ok
+        await leased.close()
+        s = ledger.open(url).states([wide, narrow], now=now)
+        assert [x.held for x in s] == [30, 20], "three holds on wide, two on narrow, no slice left"
+
+    run(go)
