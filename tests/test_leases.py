@@ -108,6 +108,8 @@ def test_near_the_limit_requests_are_decided_exactly_in_redis(redis_server: Redi
         st_ = refused.state("small")
         assert st_.spent + st_.held == 100
         assert leased.stats.exact >= 1, "the bucket's last room was decided per request"
+        assert leased.stats.by_reason.get("short") == 1, \
+            "one request found its slice short; the next went straight to the per-request path"
         for hid in held[:3]:
             assert hid is not None and await leased.capture(hid, {"usd": 4}, now=now)
         again = await leased.authorize([Line(b, 18)], now=now, ttl=60)
@@ -388,6 +390,8 @@ class _Script:
         keep = max(floor, min(want, max(self.have - c, 0)))
         new = max(keep, min(want, grow_to)) if want > keep else keep
         self.have = new
+        if new == 0:
+            self.done = 0  # the line is dropped with its total
         return new
 
 

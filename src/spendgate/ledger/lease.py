@@ -140,6 +140,11 @@ class Slice:
         self.acked = self.inflight[0]
         self.lease = lease
         self.inflight = None
+        if lease == 0:
+            # the script dropped the line, and with it the total it had charged: count afresh (no
+            # capture can have come in meanwhile: a slice sent with nothing held admits nothing)
+            self.captured -= self.acked
+            self.acked = 0
 
     def failed(self) -> None:
         """The batch's outcome is unknown: keep only what the script was sure to leave (a resend of
@@ -271,6 +276,8 @@ class LeasedLedger:
                     return fast
                 for ln in lines:
                     s = self._slices.get(ln.bucket.key)
+                    if s is None and ln.bucket.limit is not None:  # handed back whole: remember why
+                        s = self._slices[ln.bucket.key] = Slice(ln.bucket, now)
                     if s is not None and s.free < ln.amount:
                         s.exact_until = now + self.settings.exact_s
             why = "short"
@@ -555,7 +562,7 @@ class LeasedLedger:
             lease, spent, held, granted, frees = res[1 + 5 * i: 6 + 5 * i]
             s.landed(int(lease))
             s.state = (int(spent), int(held), int(granted), None if float(frees) < 0 else float(frees))
-            if s.lease == 0 and s.holds == 0 and s.captured == s.acked:
+            if s.lease == 0 and s.holds == 0 and s.captured == s.acked and s.exact_until <= now:
                 del self._slices[s.bucket.key]
         self._expect = any(s.lease > 0 for s in self._slices.values())
         self._expired += _expired_holds(now, res[1 + n:])
