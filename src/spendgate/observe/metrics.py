@@ -138,16 +138,18 @@ class CounterFile:
         self._map = mmap.mmap(self._f.fileno(), self.INITIAL)
         self._used = 8
         struct.pack_into("<Q", self._map, 0, self._used)
-        self._offsets: dict[str, int] = {}
+        self._offsets: dict[tuple[str, ...], int] = {}
 
-    def set(self, key: str, value: int) -> None:
+    def set(self, key: tuple[str, ...], value: int) -> None:
+        """``key`` (a counter's name and label values) is ``value`` now: a dict lookup and one
+        8-byte store once the key has its record."""
         at = self._offsets.get(key)
         if at is None:
             at = self._add(key)
-        struct.pack_into("<q", self._map, at, value)
+        _PACK_INTO(self._map, at, value)
 
-    def _add(self, key: str) -> int:
-        raw = key.encode()
+    def _add(self, key: tuple[str, ...]) -> int:
+        raw = _key(*key).encode()
         padded = raw + b" " * (-(4 + len(raw)) % 8)
         size = 4 + len(padded) + 8
         if self._used + size > len(self._map):
@@ -179,6 +181,8 @@ class CounterFile:
         return out
 
 
+_PACK_INTO = struct.Struct("<q").pack_into
+
 #: where the counters are shared (``serve --workers``): (directory, this process's file name)
 _SHARED: tuple[Path, str] | None = None
 
@@ -192,6 +196,9 @@ def share_counters(directory: Path, name: str) -> None:
 
 def _key(*parts: str) -> str:
     return json.dumps(parts, separators=(",", ":"))
+
+
+_INDEX = tuple(str(i) for i in range(len(LATENCY_BOUNDS) + 1))
 
 
 class _Histogram:
@@ -210,8 +217,8 @@ class _Histogram:
         self.counts[i] += 1
         self.sum += value
         if self.shared is not None:
-            self.shared.set(_key(self.name, str(i)), self.counts[i])
-            self.shared.set(_key(self.name, "sum_ns"), round(self.sum * 1e9))
+            self.shared.set((self.name, _INDEX[i]), self.counts[i])
+            self.shared.set((self.name, "sum_ns"), round(self.sum * 1e9))
 
     def family(self, name: str, doc: str, totals: Mapping[str, int] | None = None) -> HistogramMetricFamily:
         counts, total = self.counts, self.sum
@@ -318,14 +325,14 @@ class Metrics:
             with self._lock:
                 self._released += 1
                 if self._file is not None:
-                    self._file.set(_key("released"), self._released)
+                    self._file.set(("released",), self._released)
 
     def _inc(self, table: dict[Any, int], name: str, key: Any, n: int) -> None:
         """``table[key] += n``, and the same in this worker's shared file (under the lock)."""
         value = table.get(key, 0) + n
         table[key] = value
         if self._file is not None:
-            self._file.set(_key(name, *key) if isinstance(key, tuple) else _key(name, key), value)
+            self._file.set((name, *key) if isinstance(key, tuple) else (name, key), value)
 
     def store_error(self, where: str) -> None:
         with self._lock:
