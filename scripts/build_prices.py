@@ -493,7 +493,25 @@ def build(litellm_json: Path | None) -> tuple[dict[str, Any], list[str]]:
             report.append(f"litellm {prov['id']}/{row['id']}: not in genai-prices, added from LiteLLM")
     report.extend(f"litellm {x}: left out" for x in left_out)
     report.extend(_unread_fields(litellm))
+    for prov in providers:
+        for row in prov["models"]:
+            if _grounding_per_prompt(prov["id"], row["id"]):
+                row["web_search_per"] = "prompt"
     return table, report
+
+
+#: Gemini 1.x and 2.x models: Google bills Grounding with Google Search once per grounded prompt
+#: ($35 per 1,000), whatever the model searched; Gemini 3 and later per search query the model runs
+#: ($14 per 1,000). genai-prices has the fee (``web_searches_kcount``) but not what it counts, so the
+#: unit is set here from Google's pricing pages (https://ai.google.dev/gemini-api/docs/pricing,
+#: https://cloud.google.com/vertex-ai/generative-ai/pricing — "per 1,000 grounded prompts" for the
+#: 2.x models, "per 1,000 search queries" for the 3.x ones; read 2026-12-03). A row it does not mark
+#: is charged per search, the larger hold.
+_PER_PROMPT_GROUNDING = re.compile(r"^gemini-[12](?:[.-]|$)")
+
+
+def _grounding_per_prompt(provider: str, model_id: str) -> bool:
+    return provider == "google" and _PER_PROMPT_GROUNDING.match(model_id) is not None
 
 
 #: LiteLLM cost fields the build reads (per token, per image/character/second for left-out rows)

@@ -95,7 +95,9 @@ def read_usage(payload: Mapping[str, Any] | None) -> Usage:
         meta = payload["usageMetadata"]
         if not isinstance(meta, Mapping):
             raise UnreadableUsage("usageMetadata", meta, "not an object")
-        return _with_unknown(_gemini(meta, "usageMetadata"), meta, "usageMetadata")
+        usage = _with_unknown(_gemini(meta, "usageMetadata"), meta, "usageMetadata")
+        usage.web_searches, usage.grounded = grounding(payload)
+        return usage
     if "usage" in payload:
         u = payload["usage"]
         if not isinstance(u, Mapping):
@@ -326,6 +328,51 @@ def _gemini(m: Mapping[str, Any], w: str) -> Usage:
                  cache_image_read=c_image, input_video=u_video, output_audio=o_audio, output_image=o_image)
 
 
+def _queries(gm: Mapping[str, Any], w: str) -> int:
+    """The search queries one candidate's ``groundingMetadata`` says the model ran: its distinct
+    non-empty ``webSearchQueries`` (Google bills Gemini 3 per query and, for billing, "ignores the
+    empty web search queries when counting unique queries")."""
+    key = "webSearchQueries" if "webSearchQueries" in gm else "web_search_queries"
+    queries = gm.get(key)
+    if queries is None:
+        return 0
+    if not isinstance(queries, list):
+        raise UnreadableUsage(f"{w}.{key}", queries, "not a list")
+    for i, q in enumerate(queries):
+        if not isinstance(q, str):
+            raise UnreadableUsage(f"{w}.{key}[{i}]", q, "not a string")
+    return len({q for q in queries if q.strip()})
+
+
+def grounding(payload: Mapping[str, Any]) -> tuple[int, int]:
+    """``(queries, grounded)`` of a Gemini response: the search queries its candidates ran (each
+    candidate's distinct non-empty ``groundingMetadata.webSearchQueries``, summed), and 1 when any
+    candidate carries ``groundingMetadata`` (a grounded prompt, what Gemini 2.x bills). A stream's
+    meter carries them beside the usage as ``web_search_queries`` and ``grounded``. A malformed
+    grounding is unreadable, never read as no search."""
+    queries = grounded = 0
+    if "web_search_queries" in payload or "grounded" in payload:
+        queries = _count(payload, "web_search_queries", "grounding", required=False)
+        grounded = _count(payload, "grounded", "grounding", required=False)
+    cands = payload.get("candidates")
+    if cands is None:
+        return queries, grounded
+    if not isinstance(cands, list):
+        raise UnreadableUsage("candidates", cands, "not a list")
+    for i, cand in enumerate(cands):
+        if not isinstance(cand, Mapping):
+            continue
+        key = "groundingMetadata" if "groundingMetadata" in cand else "grounding_metadata"
+        gm = cand.get(key)
+        if gm is None:
+            continue
+        if not isinstance(gm, Mapping):
+            raise UnreadableUsage(f"candidates[{i}].{key}", gm, "not an object")
+        grounded = 1
+        queries += _queries(gm, f"candidates[{i}].{key}")
+    return queries, grounded
+
+
 #: Every count the readers know (billed or only checked); any other ``*_tokens`` / ``*TokenCount``
 #: / ``*_requests`` count is reported in :attr:`Usage.unknown` and logged once by the engine.
 KNOWN = frozenset({
@@ -382,6 +429,8 @@ def usage_from_body(data: bytes) -> Mapping[str, Any] | None:
         except (UnicodeDecodeError, ValueError):
             break
         if isinstance(value, dict):
+            if wrap == "usageMetadata" and (b'"groundingMetadata"' in data or b'"grounding_metadata"' in data):
+                break  # Gemini grounding: its searches are in the candidates, read from the whole body
             if data.count(b'"service_tier":') > 1:
                 break  # one is nested (a Responses output item can echo a client's JSON): parse it all
             found: dict[str, Any] = {wrap: value}

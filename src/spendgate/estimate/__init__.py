@@ -17,7 +17,7 @@ from spendgate.estimate import anthropic
 from spendgate.estimate.shape import TokenShape
 from spendgate.money import fmt_usd, usd_to_nanos
 from spendgate.pricing.cost import Usage, usage_nanos, worst_case_nanos
-from spendgate.pricing.table import ModelPrice, PriceTable, Rate, Resolution
+from spendgate.pricing.table import PER_PROMPT, ModelPrice, PriceTable, Rate, Resolution
 
 if TYPE_CHECKING:
     from spendgate.providers.base import Provider
@@ -56,7 +56,8 @@ class Estimate:
     #: the price variant the request asks for (``{"service_tier": "priority"}``), held at its rates
     variant: Mapping[str, str] = field(default_factory=dict)
     #: web searches the request allows at most (Anthropic's ``max_uses``, OpenAI's ``max_tool_calls``,
-    #: else the output bound ÷ :data:`TOKENS_PER_SEARCH`), held at the model's fee
+    #: else the output bound ÷ :data:`TOKENS_PER_SEARCH`; 1 for a model billed per grounded prompt),
+    #: held at the model's fee
     searches: int = 0
     #: False when ``searches`` was derived from the output bound (the request named no bound)
     searches_named: bool = True
@@ -260,7 +261,11 @@ class Estimator:
             if dearer >= cost:
                 res, cost = replace(res, price=at, standard=res.price), dearer
         named = searches >= 0
-        if searches < 0:
+        if searches and res.price.web_search_per == PER_PROMPT:
+            # a model billed once per grounded prompt (Gemini 2.x grounding): one fee, however many
+            # searches the request allows or the model runs
+            searches = 1
+        elif searches < 0:
             # web search allowed with no bound on the request (no ``max_tool_calls``): each search is
             # a tool call the model writes into its output, so the output bound bounds them
             searches = -(-out // TOKENS_PER_SEARCH)

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from spendgate.money import usd_to_nanos
-from spendgate.pricing.table import ModelPrice, Rate
+from spendgate.pricing.table import PER_PROMPT, ModelPrice, Rate
 
 _MTOK = Decimal(1_000_000)
 
@@ -25,6 +25,10 @@ class Usage:
     ``cache_read`` cached text, the writes are cache writes, and audio, image and video tokens are
     counted apart (``input_audio`` uncached, ``cache_audio_read`` cached). ``output`` is every
     output token; ``reasoning``, ``output_audio`` and ``output_image`` are parts of it.
+    ``web_searches`` are the searches the model ran (Anthropic's ``web_search_requests``, OpenAI's
+    ``web_search_call`` items, Gemini's grounding queries); ``grounded`` is 1 when the response was
+    grounded with Google Search at all, which is what a model billed per grounded prompt
+    (``web_search_per = "prompt"``: Gemini 2.x) is charged for, once, however many it ran.
     ``tier`` / ``speed`` / ``processing`` are what the provider says it served (None: not said);
     ``unknown`` names counts the reader did not know but that look billable.
     """
@@ -43,6 +47,7 @@ class Usage:
     output_audio: int = 0
     output_image: int = 0
     web_searches: int = 0
+    grounded: int = 0
     tier: str | None = field(default=None, compare=False)
     speed: str | None = field(default=None, compare=False)
     processing: str | None = field(default=None, compare=False)
@@ -62,7 +67,7 @@ class Usage:
     def counts(self) -> dict[str, Any]:
         names = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output", "reasoning",
                  "input_audio", "cache_audio_read", "input_image", "cache_image_read", "input_video",
-                 "output_audio", "output_image", "web_searches")
+                 "output_audio", "output_image", "web_searches", "grounded")
         return {n: getattr(self, n) for n in names if getattr(self, n)}
 
     @property
@@ -130,10 +135,19 @@ def usage_nanos(price: ModelPrice, usage: Usage) -> int:
         + usage.output_audio * _or(price.output_audio, out, n)
         + usage.output_image * _or(price.output_image, out, n)
     ) / _MTOK
-    if usage.web_searches:
+    searches = search_fees(price, usage)
+    if searches:
         fee = price.web_search_k.at(n) if price.web_search_k is not None else WEB_SEARCH_K_FALLBACK
-        usd += usage.web_searches * fee / 1000
+        usd += searches * fee / 1000
     return usd_to_nanos(usd)
+
+
+def search_fees(price: ModelPrice, usage: Usage) -> int:
+    """How many search fees ``usage`` bills at ``price``: one per search, or — for a model billed
+    per grounded prompt (Gemini 2.x) — one for a grounded response, however many searches it ran."""
+    if price.web_search_per == PER_PROMPT:
+        return 1 if usage.grounded or usage.web_searches else 0
+    return usage.web_searches
 
 
 #: A web search on a model whose fee the table does not list is charged the dearest fee listed,

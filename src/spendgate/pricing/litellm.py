@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from spendgate.errors import ConfigError
-from spendgate.pricing.table import RATE_NAMES, UNIT_RATES, ModelPrice, PriceTable, Rate, Variant
+from spendgate.pricing.table import PER_SEARCH, RATE_NAMES, UNIT_RATES, ModelPrice, PriceTable, Rate, Variant
 
 _MTOK = Decimal(1_000_000)
 _FIELDS = {
@@ -304,7 +304,8 @@ def write_import(plan: ImportPlan, dest: Path) -> None:
         "models": {
             k: {"provider": p.provider, "model": p.model, "rates": p.rates_json(),
                 "variants": [v.to_json() for v in p.variants], "source": p.source,
-                "max_output": p.max_output, "context_window": p.context_window}
+                "max_output": p.max_output, "context_window": p.context_window,
+                **({"web_search_per": p.web_search_per} if p.web_search_per != PER_SEARCH else {})}
             for k, p in plan.prices.items()
         },
     }
@@ -333,7 +334,8 @@ def load_imported(path: Path) -> dict[str, ModelPrice]:
         return {
             k: _model_price(m["provider"], m["model"], m["rates"], m.get("max_output"),
                             m.get("context_window"), m.get("source") or doc["source"], None,
-                            tuple(Variant.from_json(v) for v in m.get("variants", ())))
+                            tuple(Variant.from_json(v) for v in m.get("variants", ())),
+                            web_search_per=m.get("web_search_per", PER_SEARCH))
             for k, m in doc["models"].items()
         }
     except (KeyError, TypeError, json.JSONDecodeError) as exc:

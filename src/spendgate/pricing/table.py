@@ -163,6 +163,10 @@ class ModelPrice:
     #: False for another vendor's model a provider resells (Claude on Vertex): never a "dearest"
     native: bool = True
     note: str = ""
+    #: what ``web_search_k`` is charged per: :data:`PER_SEARCH` (each search the model runs —
+    #: Anthropic's and OpenAI's searches, Gemini 3's grounding queries) or :data:`PER_PROMPT` (one fee
+    #: per grounded request, whatever it searched — Gemini 1.x/2.x grounding)
+    web_search_per: str = "search"
 
     def output_bound(self, input_tokens: int, requested: int | None) -> tuple[int, str]:
         """The most output tokens a request can be billed for, and why that number."""
@@ -224,6 +228,10 @@ class ModelPrice:
             if (cand.output.top, cand.input.top) > (best.output.top, best.input.top):
                 best = cand
         return best
+
+
+#: ``web_search_per`` values: a fee per search the model runs, or one per request it grounds
+PER_SEARCH, PER_PROMPT = "search", "prompt"
 
 
 #: The units a model priced per unit (not per token) is billed in, and how a price is quoted.
@@ -314,6 +322,7 @@ class _Entry:
     native: bool = True
     note: str = ""
     source: str | None = None
+    web_search_per: str = PER_SEARCH
 
     def price(self, today: str, source: str) -> ModelPrice:
         since, rates = self.periods[0]
@@ -322,12 +331,13 @@ class _Entry:
                 since, rates = p_since, p_rates
         return _model_price(self.provider, self.model, rates, self.max_output,
                             self.context_window, self.source or source, since, self.variants,
-                            self.native, self.note)
+                            self.native, self.note, self.web_search_per)
 
 
 def _model_price(provider: str, model: str, rates: Mapping[str, Any], max_output: int | None,
                  context_window: int | None, source: str, since: str | None,
-                 variants: tuple[Variant, ...] = (), native: bool = True, note: str = "") -> ModelPrice:
+                 variants: tuple[Variant, ...] = (), native: bool = True, note: str = "",
+                 web_search_per: str = "search") -> ModelPrice:
     def get(name: str) -> Rate | None:
         return Rate.from_json(rates[name]) if name in rates else None
 
@@ -338,7 +348,17 @@ def _model_price(provider: str, model: str, rates: Mapping[str, Any], max_output
     return ModelPrice(provider, model, inp, out, get("cache_read"), get("cache_write"),
                       get("cache_write_1h"), get("reasoning"), max_output, context_window,
                       source, since, variants=variants, native=native, note=note,
-                      **extra)  # type: ignore[arg-type]
+                      web_search_per=_search_unit(provider, model, web_search_per), **extra)  # type: ignore[arg-type]
+
+
+def _search_unit(provider: str, model: str, unit: Any) -> str:
+    """A row's ``web_search_per``: :data:`PER_PROMPT` only where the table says so; absent is
+    :data:`PER_SEARCH`, which holds the more (one fee per search, the searches bounded by the
+    output bound); any other value is refused, so a misspelt row never prices searches as less."""
+    if unit not in (PER_SEARCH, PER_PROMPT):
+        raise ConfigError(f"price table: {provider}/{model} has web_search_per {unit!r}, "
+                          f"not {PER_SEARCH!r} or {PER_PROMPT!r}")
+    return str(unit)
 
 
 @dataclass
@@ -374,7 +394,8 @@ class PriceTable:
                 variants = tuple(Variant.from_json(v) for v in m.get("variants", ()))
                 rows.append(_Entry(prov["id"], m["id"], _compile(m["match"]), periods,
                                    m.get("max_output"), m.get("context_window"), variants,
-                                   m.get("native", True), m.get("note", ""), m.get("source")))
+                                   m.get("native", True), m.get("note", ""), m.get("source"),
+                                   m.get("web_search_per", PER_SEARCH)))
         return cls(source=src["prices"], built=src["built"], entries=entries, owners=owners, units=units)
 
     @classmethod

@@ -74,6 +74,16 @@ _GENERATE = "/{v}/models/{{model}}:generateContent"
 _STREAM = "/{v}/models/{{model}}:streamGenerateContent"
 _COUNT = "/{v}/models/{{model}}:countTokens"
 VERSIONS = ("v1beta", "v1")
+#: A tool's keys that ground an answer with Google Search, billed per grounded prompt (Gemini 2.x)
+#: or per search query (Gemini 3), in both spellings proto JSON takes (google-genai sends
+#: ``googleSearch`` and ``googleSearchRetrieval``; Vertex's ``enterpriseWebSearch`` searches the web too)
+SEARCH_TOOLS = ("googleSearch", "google_search", "googleSearchRetrieval", "google_search_retrieval",
+                "enterpriseWebSearch", "enterprise_web_search")
+#: Tools whose answers carry ``groundingMetadata`` without web searches (Google Maps, Vertex AI Search
+#: / RAG retrieval): a grounded prompt, charged one fee at a model billed per grounded prompt
+OTHER_GROUNDING = ("googleMaps", "google_maps", "retrieval")
+#: the bytes an event with grounding contains
+GROUNDING_MARKERS = (b'"groundingMetadata"', b'"grounding_metadata"')
 #: the body field a clamp writes; :meth:`Gemini.upstream` moves it under ``generationConfig``
 CLAMP_FIELD = "maxOutputTokens"
 
@@ -192,6 +202,45 @@ def generate(body: Mapping[str, Any], stream: bool = False) -> TokenShape:
                       choices=max(1, n or 1), stream=stream, exact=False)
 
 
+class Grounding:
+    """The grounding a Gemini stream reported so far, kept beside its usage for capture."""
+
+    def __init__(self) -> None:
+        #: candidate index -> the distinct non-empty queries seen, and the most any one event listed
+        self.queries: dict[int, set[str]] = {}
+        self.listed: dict[int, int] = {}
+        self.grounded = 0
+        #: the last ``usageMetadata`` put beside it (None: none yet)
+        self.meta: Any = None
+
+    def note(self, obj: Mapping[str, Any]) -> None:
+        """Keep one event's grounding. Whether a stream repeats the queries so far in each event
+        or sends each once, a candidate's count is the larger of its distinct non-empty queries
+        over the whole stream and the most one event listed: never fewer than it ran."""
+        for i, cand in enumerate(obj.get("candidates") or ()):
+            gm = field(cand, "groundingMetadata") if isinstance(cand, Mapping) else None
+            if not isinstance(gm, Mapping):
+                continue
+            self.grounded = 1
+            index = cand.get("index", i)
+            index = index if isinstance(index, int) else i
+            queries = field(gm, "webSearchQueries")
+            if isinstance(queries, list):
+                kept = {q for q in queries if isinstance(q, str) and q.strip()}
+                self.queries.setdefault(index, set()).update(kept)
+                self.listed[index] = max(self.listed.get(index, 0), len(kept))
+
+    def beside(self, meta: Any) -> dict[str, Any]:
+        """The usage to capture: ``meta`` with the grounding seen so far beside it
+        (:func:`spendgate.usage.grounding` reads both)."""
+        self.meta = meta
+        out: dict[str, Any] = {"usageMetadata": meta}
+        if self.grounded:
+            out["grounded"] = 1
+            out["web_search_queries"] = sum(max(len(q), self.listed.get(i, 0)) for i, q in self.queries.items())
+        return out
+
+
 @cache
 def meter_class() -> type[StreamMeter]:
     """The meter of a Gemini event stream (built on first use: the stream module imports the
@@ -200,9 +249,28 @@ def meter_class() -> type[StreamMeter]:
 
     class GeminiMeter(StreamMeter):
         """A Gemini event stream: every event carries ``usageMetadata`` (no ``"usage"`` key), and the
-        output text sits in ``candidates[].content.parts[].text``."""
+        output text sits in ``candidates[].content.parts[].text``. A grounded answer's
+        ``groundingMetadata`` is kept too, from whichever events carry it (:class:`Grounding`)."""
 
         usage_marker = b'"usageMetadata"'
+
+        def __init__(self, provider: str, withhold_usage_chunk: bool = False) -> None:
+            super().__init__(provider, withhold_usage_chunk)
+            self.grounding = Grounding()
+
+        def _observe(self, event: bytes) -> bool:
+            if self.usage_marker not in event and any(m in event for m in GROUNDING_MARKERS):
+                # grounding in an event without usage (the others are read by stream_usage)
+                data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
+                try:
+                    obj = json.loads(data)
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict):
+                    self.grounding.note(obj)
+                    if self.grounding.meta is not None:  # the usage came first: carry the grounding to it
+                        self.usage = self.grounding.beside(self.grounding.meta)
+            return super()._observe(event)
 
         def _texts_of(self, obj: dict[str, Any]) -> None:
             for cand in obj.get("candidates") or ():
@@ -274,6 +342,25 @@ class Gemini(Provider):
             obj[config_key] = config
         return path, json.dumps(obj).encode()
 
+    def searches(self, body: Mapping[str, Any]) -> int:
+        """Grounding with Google Search, billed per request or per search (:data:`SEARCH_TOOLS`): -1,
+        an unbounded count — Gemini 3 bills each search query the model runs and no field caps
+        them, so the estimator bounds them by the output bound; a model the price table bills per
+        grounded prompt (Gemini 2.x) is held one fee instead. A tool that grounds an answer without
+        web searches (:data:`OTHER_GROUNDING`) is held one fee, what a grounded prompt is charged."""
+        tools = field(body, "tools")
+        if not isinstance(tools, list):
+            return 0
+        found = 0
+        for tool in tools:
+            if not isinstance(tool, Mapping):
+                continue
+            if any(tool.get(k) is not None for k in SEARCH_TOOLS):
+                return -1
+            if any(tool.get(k) is not None for k in OTHER_GROUNDING):
+                found = 1
+        return found
+
     def meter(self, withhold: bool = False) -> StreamMeter:
         return meter_class()(self.name, withhold)
 
@@ -343,8 +430,11 @@ class Gemini(Provider):
         """Each event's ``usageMetadata`` is cumulative: keep the last; the one whose candidate has
         a ``finishReason`` is final (a stream cut before it is charged input + output seen)."""
         meta = obj.get("usageMetadata")
+        grounding = getattr(meter, "grounding", None)
+        if isinstance(grounding, Grounding):
+            grounding.note(obj)
         if isinstance(meta, dict):
-            meter.usage = {"usageMetadata": meta}
+            meter.usage = grounding.beside(meta) if isinstance(grounding, Grounding) else {"usageMetadata": meta}
             cands = obj.get("candidates")
             if isinstance(cands, list) and any(isinstance(c, dict) and c.get("finishReason") for c in cands):
                 meter.complete = True
