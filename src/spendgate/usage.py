@@ -4,7 +4,8 @@ OpenAI chat/completions/embeddings report ``prompt_tokens`` (cached reads *inclu
 ``completion_tokens`` (reasoning included); the Responses API ``input_tokens`` / ``output_tokens``
 with the same inclusions; Anthropic ``input_tokens`` *excluding* cache reads and writes, which
 come separately (split into 5-minute and 1-hour writes when ``cache_creation`` is present);
-Gemini ``usageMetadata`` counts thoughts apart from candidates; Bedrock's Converse ``inputTokens``
+Gemini ``usageMetadata`` counts thoughts apart from candidates (its grounding searches are read
+from ``candidates[].groundingMetadata`` beside it); Bedrock's Converse ``inputTokens``
 excludes ``cacheReadInputTokens`` and ``cacheWriteInputTokens``. All become one :class:`Usage`.
 
 Usage is read strictly. Every count the reader uses must be a non-negative integer, the input and

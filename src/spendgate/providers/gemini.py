@@ -34,6 +34,15 @@ it is positive (Gemini 2.5 and 3 models are seen to count thoughts inside ``maxO
 adding the budget is the upward side of the two readings of the docs), times ``candidateCount``;
 without ``maxOutputTokens``, the model's maximum output from the price table.
 
+**Grounding with Google Search** (a ``googleSearch`` / ``googleSearchRetrieval`` tool, either
+spelling) is billed apart from tokens: once per grounded prompt on Gemini 1.x/2.x ($35 per 1,000),
+per search query the model runs on Gemini 3 ($14 per 1,000), which no request field caps. The
+price row says which (``web_search_per``); :meth:`Gemini.searches` returns an unbounded count and
+the estimator holds one fee for a per-prompt model, else one query per
+:data:`~spendgate.estimate.TOKENS_PER_SEARCH` tokens of the output bound. Capture reads
+``candidates[].groundingMetadata`` (:func:`spendgate.usage.grounding`), in a stream from whichever
+events carry it (:class:`Grounding`).
+
 Usage is ``usageMetadata`` (:func:`spendgate.usage.read_usage`); a stream's events each carry the
 cumulative counts so far, and the one with a ``finishReason`` is final. Errors are
 ``{"error": {"code", "message", "status"}}``, which ``google-genai`` raises as ``errors.ClientError``
