@@ -285,6 +285,7 @@ def _litellm_rate(entry: dict[str, Any], key: str, suffix: str = "") -> Any:
 def _litellm_row(key: str, entry: dict[str, Any]) -> dict[str, Any] | str:
     """A table row for a LiteLLM entry, or why it is left out."""
     rates = {}
+    zero: list[str] = []
     for name, field in _LITELLM_RATES.items():
         r = _litellm_rate(entry, field)
         if r is None or name == "output_reasoning":
@@ -292,9 +293,14 @@ def _litellm_row(key: str, entry: dict[str, Any]) -> dict[str, Any] | str:
         if Decimal(_base(r)) == 0:
             if name == "output" and entry.get("mode") == "embedding":
                 continue  # an embedding has no output tokens; its $0 output is no price at all
+            if name not in ("input", "output"):
+                # a $0 cache-read or audio rate beside priced text (gemini-robotics-er-1.5-preview):
+                # left out, so those tokens cost what a text token does, never nothing
+                zero.append(name)
+                continue
             return f"{entry.get('mode')}: {field} is $0 (a free tier is not a price)"
         rates[name] = r
-    note: list[str] = []
+    note: list[str] = [f"{', '.join(zero)} listed at $0 by LiteLLM: charged at the text rate"] if zero else []
     rates = _complete(rates, note)
     if "input" not in rates or "output" not in rates:
         return f"{entry.get('mode')}: not priced per token"

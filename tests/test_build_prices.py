@@ -62,3 +62,18 @@ def test_the_report_names_litellm_fields_the_table_has_no_rate_for(build: Module
     assert any("search_context_cost_per_query" in x for x in lines)
     assert any("code_interpreter_cost_per_session" in x for x in lines)
     assert not any("output_cost_per_image_token" in x or "input_cost_per_token" in x for x in lines)
+
+
+def test_a_zero_secondary_rate_is_left_out_not_the_model(build: ModuleType) -> None:
+    """LiteLLM lists gemini-robotics-er-1.5-preview's cache reads at $0 beside priced text: the row is
+    kept without that rate (cache reads then cost the input rate, never nothing); a $0 input or
+    output price still leaves the whole row out."""
+    entry = {"input_cost_per_token": 3e-07, "output_cost_per_token": 2.5e-06, "cache_read_input_token_cost": 0,
+             "input_cost_per_audio_token": 1e-06, "litellm_provider": "vertex_ai-language-models", "mode": "chat",
+             "max_output_tokens": 65535}
+    row = build._litellm_row("gemini-robotics-er-1.5-preview", entry)
+    assert isinstance(row, dict)
+    assert row["prices"][0]["rates"] == {"input": "0.3", "output": "2.5", "input_audio": "1"}
+    assert "cache_read listed at $0" in row["note"] and row["max_output"] == 65_536
+    free = build._litellm_row("gemini-exp-1114", {**entry, "input_cost_per_token": 0})
+    assert isinstance(free, str) and "$0" in free
