@@ -296,3 +296,25 @@ def test_a_malformed_query_list_is_charged_the_worst_case_never_as_no_search(gro
     g.servers.settled()
     [ev] = [e for e in g.servers.store.events(0) if e.decision_id == did and e.kind in SPEND_KINDS]
     assert ev.estimated and ev.cost == held
+
+
+# -- spendgate.wrap(genai.Client): the same charge in-process -------------------------------------
+
+def test_wrap_charges_grounding_in_json_and_stream(grounded: Any) -> None:
+    import spendgate
+    from spendgate.sdk import _runtime
+
+    g = grounded()
+    spendgate.configure(store="memory://", policy=default_policy())
+    try:
+        port = g.servers.proxy.config.upstreams["gemini"].rsplit(":", 1)[1]
+        c = spendgate.wrap(genai.Client(api_key="AIza-sdk", http_options=types.HttpOptions(
+            base_url=f"http://127.0.0.1:{port}", headers={"x-mock-queries": json.dumps(QUERIES)})))
+        _KEPT.append(c)
+        c.models.generate_content(model=FLASH3, contents="Who won euro 2024?", config=CONFIG)
+        list(c.models.generate_content_stream(model=FLASH25, contents="Who won euro 2024?", config=CONFIG))
+        costs = [e.cost for e in _runtime.engine().ledger.events(0) if e.kind in SPEND_KINDS]
+        assert costs == [tokens_cost(FLASH3_IN, FLASH3_OUT) + DISTINCT * nanos(PER_QUERY),
+                         tokens_cost(FLASH25_IN, FLASH25_OUT) + nanos(PER_PROMPT)]
+    finally:
+        spendgate.configure(store="memory://", policy=default_policy())
