@@ -134,16 +134,26 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid`` and of its live children (spendgate serve's audit writer process)."""
-    total = 0.0
+    """CPU time of ``pid`` and of every live process under it (spendgate serve's audit writer; the
+    workers of ``serve --workers`` and their audit writers)."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if stat.parent.name == str(pid) or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        me = int(stat.parent.name)
+        parent[me], ticks[me] = int(fields[1]), int(fields[11]) + int(fields[12])
+
+    def under(p: int) -> bool:
+        while p > 1:
+            if p == pid:
+                return True
+            p = parent.get(p, 0)
+        return False
+
+    return sum(t for p, t in ticks.items() if under(p)) / os.sysconf("SC_CLK_TCK")
 
 
 def throughput(url: str, proc: subprocess.Popen[bytes], path: str, body: dict[str, Any], n: int,
@@ -183,6 +193,9 @@ def main() -> None:
                     help="also run spendgate from another checkout (its root or its src/ directory, e.g. a "
                          "`git worktree` of the previous release) in the same alternating blocks, and print "
                          "what this build adds or saves against it")
+    ap.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="also run `spendgate serve --workers N` and compare its throughput at c=32 with one "
+                         "worker's")
     ap.add_argument("--role", choices=("upstream", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -222,6 +235,14 @@ def main() -> None:
                                        "--store", f"sqlite:///{tmp}/bench-baseline.db"],
                                       env={**env, "PYTHONPATH": str(src)}, stderr=subprocess.DEVNULL))
         ports.append(base_port)
+    if args.workers:
+        workers_port = free_port()
+        store = args.store or f"sqlite:///{tmp}/bench-workers.db"
+        procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port",
+                                       str(workers_port), "--workers", str(args.workers), "--store", store],
+                                      env=env, stderr=subprocess.DEVNULL))
+        ports.append(workers_port)
+        workers_i = len(procs) - 1
     rule_cases = ("loaded", "applying") if args.runtime_rules else ()
     for case in rule_cases:
         rules_port = free_port()
@@ -288,6 +309,13 @@ def main() -> None:
             rps, cpu = throughput(paths[f"rules {case}"], procs[len(procs) - len(rule_cases) + i], path, body, n)
             print(f"the same with {args.runtime_rules} run-time budgets {case}: {rps:,.0f} requests/s, "
                   f"proxy CPU {cpu:,.0f} µs per request")
+        if args.workers:
+            url = f"http://127.0.0.1:{ports[workers_i]}"
+            asyncio.run(drive({"warm": url}, path, body, 400, 32))  # every worker's connections and caches
+            one, one_cpu = throughput(paths["spendgate"], procs[2], path, body, n, 32)
+            many, many_cpu = throughput(url, procs[workers_i], path, body, n, 32)
+            print(f"at c=32: one worker {one:,.0f} requests/s ({one_cpu:,.0f} µs CPU per request); --workers "
+                  f"{args.workers} {many:,.0f} requests/s ({many_cpu:,.0f} µs), {many / one:.2f}×")
         if args.sustain:  # a store's costs that grow with its size (WAL, indexes) show only over time
             for name, proc in (("bare passthrough", procs[1]), ("spendgate", procs[2])):
                 rps, cpu = throughput(paths[name], proc, path, body, args.sustain)
