@@ -193,6 +193,8 @@ def main() -> None:
                     help="also run spendgate from another checkout (its root or its src/ directory, e.g. a "
                          "`git worktree` of the previous release) in the same alternating blocks, and print "
                          "what this build adds or saves against it")
+    ap.add_argument("--also-store", metavar="URL",
+                    help="also run this build on another store (e.g. redis://…?leases=on) in the same blocks")
     ap.add_argument("--workers", type=int, default=0, metavar="N",
                     help="also run `spendgate serve --workers N` and compare its throughput at c=32 with one "
                          "worker's")
@@ -205,70 +207,56 @@ def main() -> None:
     if args.role == "bare":
         return serve_bare(args.port, args.upstream)
 
-    up_port, bare_port, sg_port = free_port(), free_port(), free_port()
+    up_port, bare_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     tmp = tempfile.mkdtemp()
     env = {**os.environ, "SPENDGATE_OPENAI_BASE_URL": upstream, "SPENDGATE_ANTHROPIC_BASE_URL": upstream,
            "SPENDGATE_GEMINI_BASE_URL": upstream, "HOME": tmp}
-    procs = [
-        subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)]),
-        subprocess.Popen([sys.executable, __file__, "--role", "bare", "--port", str(bare_port), "--upstream",
-                          upstream]),
-        subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(sg_port),
-                          "--store", args.store or f"sqlite:///{tmp}/bench.db"], env=env, stderr=subprocess.DEVNULL),
-    ]
-    ports = [up_port, bare_port, sg_port]
+    procs = [subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)]),
+             subprocess.Popen([sys.executable, __file__, "--role", "bare", "--port", str(bare_port), "--upstream",
+                               upstream])]
+    #: every spendgate server of the run: label -> (its process, its URL); "spendgate" is the build under
+    #: test on --store, the others are measured in the same alternating blocks and compared with it
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+
+    def serve(label: str, store: str, *extra: str, src: str | None = None) -> None:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(port),
+                                 "--store", store, *extra], stderr=subprocess.DEVNULL,
+                                env={**env, "PYTHONPATH": src} if src else env)
+        procs.append(proc)
+        servers[label] = (proc, f"http://127.0.0.1:{port}")
+
+    serve("spendgate", args.store or f"sqlite:///{tmp}/bench.db")
     if args.audit_off:
-        off_port = free_port()
         Path(tmp, "audit-off.toml").write_text("[audit]\nenabled = false\n")
-        procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(off_port),
-                                       "--config", f"{tmp}/audit-off.toml", "--store",
-                                       f"sqlite:///{tmp}/bench-off.db"], env=env, stderr=subprocess.DEVNULL))
-        ports.append(off_port)
+        serve("audit off", f"sqlite:///{tmp}/bench-off.db", "--config", f"{tmp}/audit-off.toml")
+    if args.also_store:
+        serve("also-store", args.also_store)
     if args.baseline:
         src = Path(args.baseline).resolve()
         src = src / "src" if (src / "src" / "spendgate").is_dir() else src
         if not (src / "spendgate").is_dir():
             ap.error(f"--baseline {args.baseline}: no spendgate package there (give a checkout's root or its src/)")
-        base_port = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(base_port),
-                                       "--store", f"sqlite:///{tmp}/bench-baseline.db"],
-                                      env={**env, "PYTHONPATH": str(src)}, stderr=subprocess.DEVNULL))
-        ports.append(base_port)
-    if args.workers:
-        workers_port = free_port()
-        store = args.store or f"sqlite:///{tmp}/bench-workers.db"
-        procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port",
-                                       str(workers_port), "--workers", str(args.workers), "--store", store],
-                                      env=env, stderr=subprocess.DEVNULL))
-        ports.append(workers_port)
-        workers_i = len(procs) - 1
-    rule_cases = ("loaded", "applying") if args.runtime_rules else ()
-    for case in rule_cases:
-        rules_port = free_port()
+        serve("baseline", f"sqlite:///{tmp}/bench-baseline.db", src=str(src))
+    for case in ("loaded", "applying") if args.runtime_rules else ():
         rules_store = f"sqlite:///{tmp}/bench-rules-{case}.db"
         add_runtime_rules(rules_store, args.runtime_rules, applying=case == "applying")
-        procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port",
-                                       str(rules_port), "--store", rules_store], env=env,
-                                      stderr=subprocess.DEVNULL))
-        ports.append(rules_port)
+        serve(f"{args.runtime_rules} rules {case}", rules_store)
+    others = [label for label in servers if label != "spendgate"]
+    if args.workers:  # throughput only: not in the latency blocks
+        serve(f"--workers {args.workers}", args.store or f"sqlite:///{tmp}/bench-workers.db", "--workers",
+              str(args.workers))
     try:
-        for p in ports:
-            wait_listening(p)
+        wait_listening(up_port)
+        wait_listening(bare_port)
+        for _, url in servers.values():
+            wait_listening(int(url.rsplit(":", 1)[1]))
         paths = {"direct": upstream, "bare passthrough": f"http://127.0.0.1:{bare_port}",
-                 "spendgate": f"http://127.0.0.1:{sg_port}"}
-        if args.audit_off:
-            paths["audit off"] = f"http://127.0.0.1:{ports[3]}"
-        if args.baseline:
-            base_i = 3 + bool(args.audit_off)
-            paths["baseline"] = f"http://127.0.0.1:{ports[base_i]}"
-        for i, case in enumerate(rule_cases):
-            paths[f"rules {case}"] = f"http://127.0.0.1:{ports[len(ports) - len(rule_cases) + i]}"
+                 **{label: servers[label][1] for label in ("spendgate", *others)}}
         print(f"{'case':34} {'c':>2} {'direct p50/p99 µs':>18} {'bare p50/p99':>16} {'spendgate p50/p99':>18} "
               f"{'added vs direct p50/p99':>24} {'vs bare p50':>12}"
-              + (f" {'audit off p50/p99':>18} {'audit adds p50/p99':>19}" if args.audit_off else "")
-              + (f" {'baseline p50':>13} {'this build adds':>16}" if args.baseline else "")
-              + "".join(f" {f'{args.runtime_rules} rules {c} p50':>22} {'adds':>6}" for c in rule_cases))
+              + "".join(f" {label + ' p50':>{max(14, len(label) + 4)}} {'adds':>6}" for label in others))
         for name, (path, body) in CASES.items():
             for stream in (False, True):
                 for c in (1, 8):
@@ -279,45 +267,29 @@ def main() -> None:
                     b50, b99 = pct(res["bare passthrough"], .5), pct(res["bare passthrough"], .99)
                     s50, s99 = pct(res["spendgate"], .5), pct(res["spendgate"], .99)
                     label = f"{name}{' stream' if stream else ''}"
-                    off = ""
-                    if args.audit_off:
-                        o50, o99 = pct(res["audit off"], .5), pct(res["audit off"], .99)
-                        off = f" {o50:8.0f}/{o99:<9.0f} {s50 - o50:9.0f}/{s99 - o99:<9.0f}"
-                    if args.baseline:
-                        o50 = pct(res["baseline"], .5)
-                        off += f" {o50:13.0f} {s50 - o50:16.0f}"
-                    for case in rule_cases:
-                        r50 = pct(res[f"rules {case}"], .5)
-                        off += f" {r50:22.0f} {r50 - s50:6.0f}"
+                    row = "".join(f" {pct(res[o], .5):{max(14, len(o) + 4)}.0f} {pct(res[o], .5) - s50:6.0f}"
+                                  for o in others)
                     print(f"{label:34} {c:2d} {d50:8.0f}/{d99:<9.0f} {b50:7.0f}/{b99:<8.0f} {s50:8.0f}/{s99:<9.0f} "
-                          f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{off}")
+                          f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{row}")
         path, body = CASES["openai chat"]
         n = args.n * 2
-        rps, cpu = throughput(paths["spendgate"], procs[2], path, body, n)
-        print(f"\nthroughput through spendgate at c=16: {rps:,.0f} requests/s "
-              f"(including this load generator on the same {os.cpu_count()} cores); "
-              f"proxy CPU {cpu:,.0f} µs per request")
+        print(f"\nthroughput at c=16 (this load generator shares the same {os.cpu_count()} cores):")
         rps, cpu = throughput(paths["bare passthrough"], procs[1], path, body, n)
-        print(f"the bare passthrough (the floor): {rps:,.0f} requests/s, CPU {cpu:,.0f} µs per request")
-        if args.audit_off:
-            rps, cpu = throughput(paths["audit off"], procs[3], path, body, n)
-            print(f"the same with the audit log off: {rps:,.0f} requests/s, proxy CPU {cpu:,.0f} µs per request")
-        if args.baseline:
-            rps, cpu = throughput(paths["baseline"], procs[base_i], path, body, n)
-            print(f"the baseline ({args.baseline}): {rps:,.0f} requests/s, proxy CPU {cpu:,.0f} µs per request")
-        for i, case in enumerate(rule_cases):
-            rps, cpu = throughput(paths[f"rules {case}"], procs[len(procs) - len(rule_cases) + i], path, body, n)
-            print(f"the same with {args.runtime_rules} run-time budgets {case}: {rps:,.0f} requests/s, "
-                  f"proxy CPU {cpu:,.0f} µs per request")
+        print(f"  {'bare passthrough (the floor)':32} {rps:7,.0f} requests/s, CPU {cpu:6,.0f} µs per request")
+        for label in ("spendgate", *others):
+            proc, url = servers[label]
+            rps, cpu = throughput(url, proc, path, body, n)
+            print(f"  {label:32} {rps:7,.0f} requests/s, CPU {cpu:6,.0f} µs per request (the server's "
+                  "processes and their audit writers)")
         if args.workers:
-            url = f"http://127.0.0.1:{ports[workers_i]}"
+            proc, url = servers[f"--workers {args.workers}"]
             asyncio.run(drive({"warm": url}, path, body, 400, 32))  # every worker's connections and caches
-            one, one_cpu = throughput(paths["spendgate"], procs[2], path, body, n, 32)
-            many, many_cpu = throughput(url, procs[workers_i], path, body, n, 32)
+            one, one_cpu = throughput(paths["spendgate"], servers["spendgate"][0], path, body, n, 32)
+            many, many_cpu = throughput(url, proc, path, body, n, 32)
             print(f"at c=32: one worker {one:,.0f} requests/s ({one_cpu:,.0f} µs CPU per request); --workers "
                   f"{args.workers} {many:,.0f} requests/s ({many_cpu:,.0f} µs), {many / one:.2f}×")
         if args.sustain:  # a store's costs that grow with its size (WAL, indexes) show only over time
-            for name, proc in (("bare passthrough", procs[1]), ("spendgate", procs[2])):
+            for name, proc in (("bare passthrough", procs[1]), ("spendgate", servers["spendgate"][0])):
                 rps, cpu = throughput(paths[name], proc, path, body, args.sustain)
                 print(f"sustained, {args.sustain:,} requests at c=16 through {name}: {rps:,.0f} "
                       f"requests/s, CPU {cpu:,.0f} µs per request")
