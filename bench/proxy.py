@@ -1,6 +1,6 @@
 """Proxy overhead: added latency against a direct call and against a bare passthrough, and throughput.
 
-    .venv/bin/python bench/proxy.py [--n 2000] [--audit-off]
+    .venv/bin/python bench/proxy.py [--n 2000] [--audit-off] [--baseline DIR] [--also-store URL] [--workers N]
 
 Starts three processes on loopback — the fake upstream, a bare aiohttp passthrough (a pooled
 aiohttp client relaying bytes, no guard), and ``spendgate serve`` on the embedded defaults (SQLite
@@ -9,8 +9,12 @@ client. Prints one table: p50/p99 latency per path and the overhead the proxy ad
 1 and 8, streaming and not, OpenAI, Anthropic and Gemini shapes; then requests/s through spendgate at
 concurrency 16 and its CPU time per request. Targets: SPEC §11.
 
-``--audit-off`` adds a fourth process, the same build with ``[audit] enabled = false``, measured in
-the same alternating blocks: the last column is what the signed audit log adds to the p50.
+Each option adds a server measured in the same alternating blocks, a column of its p50 and what it
+adds over the build under test: ``--audit-off`` the same build with ``[audit] enabled = false``;
+``--also-store URL`` the same build on another store (``redis://…?leases=on`` beside SQLite);
+``--baseline DIR`` another checkout (a ``git worktree`` of the previous release) — before and after
+in one run, on a machine whose speed drifts between runs. ``--workers N`` compares the throughput of
+``serve --workers N`` with one worker's at c=32.
 """
 
 from __future__ import annotations
