@@ -165,21 +165,29 @@ def test_boto3_over_https_signs_with_virtual_credentials_and_sends_a_bearer_toke
                              config=Config(retries={"max_attempts": 1}))
         with pytest.raises(Exception, match="Bearer authorization requires an HTTPS endpoint"):
             plain.converse(modelId=MODEL, messages=MESSAGES, inferenceConfig={"maxTokens": 500})
-        # … and sends it over HTTPS, where spendgate answers in AWS's shape: it takes SigV4 virtual
-        # credentials only, so the bearer request is refused and nothing is forwarded or charged
+        # … and sends it over HTTPS, where spendgate takes a spendgate key as the bearer token: served
+        # and charged as that key, re-signed upstream with the proxy's own AWS credentials
         bearer = boto3.client("bedrock-runtime", endpoint_url=endpoint, region_name="us-east-1", verify=str(cert),
                               config=Config(retries={"max_attempts": 1}))
+        out = bearer.converse(modelId=MODEL, messages=MESSAGES, inferenceConfig={"maxTokens": 500})
+        assert out["output"]["message"]["content"][0]["text"] == "hello"
+        # a bearer token that is no spendgate key is refused in AWS's shape, nothing forwarded or charged
+        monkeypatch.setenv(bedrock.BEARER_ENV, "ABSKnot-a-spendgate-key")
+        stranger = boto3.client("bedrock-runtime", endpoint_url=endpoint, region_name="us-east-1", verify=str(cert),
+                                config=Config(retries={"max_attempts": 1}))
         with pytest.raises(ClientError) as refused:
-            bearer.converse(modelId=MODEL, messages=MESSAGES, inferenceConfig={"maxTokens": 500})
+            stranger.converse(modelId=MODEL, messages=MESSAGES, inferenceConfig={"maxTokens": 500})
         err: Any = refused.value.response
         assert err["ResponseMetadata"]["HTTPStatusCode"] == 403
-        assert "AWS4-HMAC-SHA256" in err["Error"]["Message"]
+        assert "not a spendgate key" in err["Error"]["Message"]
         s.stop()
     finally:
         s.kill()
     store = ledger.open(url)
     try:
-        assert [e.cost for e in store.events(0) if e.kind in SPEND_KINDS] == [expected_cost(PriceTable.bundled())]
+        spent = [e for e in store.events(0) if e.kind in SPEND_KINDS]
+        assert [e.cost for e in spent] == [expected_cost(PriceTable.bundled())] * 2  # SigV4, then the bearer token
+        assert len({e.dims["key"] for e in spent}) == 1 and spent[0].dims["key"].startswith(vkey.id)  # one key
     finally:
         store.close()
 

@@ -438,15 +438,24 @@ class Bedrock(Provider):
 
     def authenticate(self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes, store: Ledger,
                      now: float) -> tuple[VirtualKey, str]:
-        """The virtual key whose AWS credentials signed this request, and its access key id.
-        PermissionError: no signature, an access key id spendgate did not issue, a bad signature or
-        a stale date. LookupError: spendgate has no upstream credentials to sign the call with."""
+        """The virtual key whose AWS credentials signed this request, and its access key id — or,
+        for a Bedrock API key sent as a bearer token (botocore sends one over HTTPS only: ``serve
+        --tls-cert``), the spendgate key it is, and that key's id. PermissionError: no signature, an
+        access key id or key spendgate did not issue, a bad signature or a stale date. LookupError:
+        spendgate has no upstream credentials to sign the call with."""
         from spendgate import keys
 
         getall = getattr(headers, "getall", None)
         if getall is not None and any(len(getall(h, ())) > 1 for h in ("authorization", "x-amz-date")):
             raise PermissionError("the request carries more than one Authorization or X-Amz-Date header")
         auth = headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            token = auth[7:].strip()
+            vkey = keys.lookup(store, token, now=now) if token.startswith("sg-") else None
+            if vkey is None:
+                raise PermissionError("the bearer token is not a spendgate key: send a key from spendgate keys "
+                                      "create as AWS_BEARER_TOKEN_BEDROCK, or sign with its AWS credentials (--aws)")
+            return vkey, vkey.id
         m = _AUTH.match(auth.strip())
         if m is None:
             raise PermissionError("the request is not signed with spendgate's AWS credentials (AWS4-HMAC-SHA256); "
