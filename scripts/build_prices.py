@@ -470,6 +470,8 @@ def build(litellm_json: Path | None) -> tuple[dict[str, Any], list[str]]:
             per_unit.extend({"id": mid, "match": {"equals": mid}, "unit": "image", "prices": dict(prices),
                              "source": DOCUMENTED_PER_IMAGE_SOURCE, "since": "2023-11-06"}
                             for mid, prices in DOCUMENTED_PER_IMAGE.items() if mid not in known)
+            for alias in _dated_unit_aliases(per_unit, litellm):
+                report.append(f"litellm openai/{alias}: a snapshot of a per-unit model at its price, matched to it")
         providers.append({
             "id": TABLE_IDS.get(p.id, p.id),
             "name": p.name,
@@ -504,6 +506,27 @@ def build(litellm_json: Path | None) -> tuple[dict[str, Any], list[str]]:
             if _grounding_per_prompt(prov["id"], row["id"]):
                 row["web_search_per"] = "prompt"
     return table, report
+
+
+def _dated_unit_aliases(per_unit: list[dict[str, Any]], litellm: dict[str, Any]) -> list[str]:
+    """LiteLLM's snapshots of an OpenAI model priced per character (``tts-1-1106``, ``tts-1-hd-1106``:
+    the base id and a 4-digit ``MMDD`` suffix, which the resolver does not strip) at the same price as
+    the base row: added to that row's match. A snapshot at another price is left out, never priced
+    as its base."""
+    added = []
+    for row in per_unit:
+        if row["unit"] != "character" or set(row["prices"]) != {""}:
+            continue
+        for key, entry in litellm.items():
+            if not isinstance(entry, dict) or entry.get("litellm_provider") != "openai":
+                continue
+            m = re.fullmatch(re.escape(row["id"]) + r"-\d{4}", key)
+            cost = entry.get("input_cost_per_character")
+            if m is None or not isinstance(cost, int | float) or Decimal(str(cost)) != Decimal(row["prices"][""]):
+                continue
+            row["match"] = {"or": [*row["match"].get("or", [row["match"]]), {"equals": key}]}
+            added.append(key)
+    return added
 
 
 #: Gemini 1.x and 2.x models: Google bills Grounding with Google Search once per grounded prompt

@@ -77,3 +77,16 @@ def test_a_zero_secondary_rate_is_left_out_not_the_model(build: ModuleType) -> N
     assert "cache_read listed at $0" in row["note"] and row["max_output"] == 65_536
     free = build._litellm_row("gemini-exp-1114", {**entry, "input_cost_per_token": 0})
     assert isinstance(free, str) and "$0" in free
+
+
+def test_a_per_character_snapshot_at_its_base_price_is_matched_to_the_base_row(build: ModuleType) -> None:
+    rows = [{"id": "tts-1", "match": {"equals": "tts-1"}, "unit": "character", "prices": {"": "0.000015"}},
+            {"id": "tts-1-hd", "match": {"equals": "tts-1-hd"}, "unit": "character", "prices": {"": "0.00003"}}]
+    litellm = {"tts-1-1106": {"litellm_provider": "openai", "mode": "audio_speech",
+                              "input_cost_per_character": 1.5e-05},
+               "tts-1-hd-1106": {"litellm_provider": "openai", "mode": "audio_speech",
+                                 "input_cost_per_character": 6e-05},  # another price: never priced as its base
+               "azure/tts-1-0101": {"litellm_provider": "azure", "input_cost_per_character": 1.5e-05}}
+    assert build._dated_unit_aliases(rows, litellm) == ["tts-1-1106"]
+    assert rows[0]["match"] == {"or": [{"equals": "tts-1"}, {"equals": "tts-1-1106"}]}
+    assert rows[1]["match"] == {"equals": "tts-1-hd"}
