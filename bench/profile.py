@@ -162,7 +162,7 @@ def run(args: argparse.Namespace, profiled: bool) -> tuple[tuple[float, float], 
            "SPENDGATE_ANTHROPIC_BASE_URL": upstream, "SPENDGATE_GEMINI_BASE_URL": upstream}
     prof = tmp / "serve.prof" if profiled else None
     serve = [sys.executable, *(["-c", PROFILED_SERVE, str(prof)] if prof else ["-m", "spendgate.cli.main"]),
-             "serve", "--port", str(sg_port), "--store", args.store or f"sqlite:///{tmp}/profile.db"]
+             "serve", "--port", str(sg_port), "--workers", "1", "--store", args.store or f"sqlite:///{tmp}/profile.db"]
     procs = [start([sys.executable, bench.__file__, "--role", "upstream", "--port", str(up_port)], env),
              start(serve, env)]
     try:

@@ -225,8 +225,10 @@ def main() -> None:
 
     def serve(label: str, store: str, *extra: str, src: str | None = None) -> None:
         port = free_port()
+        # one worker unless asked (the default is one per core); a baseline checkout may predate --workers
+        one = [] if src or "--workers" in extra else ["--workers", "1"]
         proc = subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(port),
-                                 "--store", store, *extra], stderr=subprocess.DEVNULL,
+                                 "--store", store, *one, *extra], stderr=subprocess.DEVNULL,
                                 env={**env, "PYTHONPATH": src} if src else env)
         procs.append(proc)
         servers[label] = (proc, f"http://127.0.0.1:{port}")

@@ -188,7 +188,7 @@ def main() -> int:
     procs = [
         subprocess.Popen([sys.executable, str(HERE / "proxy.py"), "--role", "upstream", "--port", str(up_port)]),
         subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(sg_port),
-                          "--store", f"sqlite:///{db}", "--config", str(tmp / "policy.toml")],
+                          "--workers", "1", "--store", f"sqlite:///{db}", "--config", str(tmp / "policy.toml")],
                          env=env, stderr=subprocess.DEVNULL),
     ]
     try:

@@ -52,8 +52,10 @@ def store(backend_url: str) -> Iterator[Ledger]:
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Never read or write the developer's real ~/.spendgate."""
+    """Never read or write the developer's real ~/.spendgate; one server process per `spendgate
+    serve` a test starts, unless it asks for workers (the default is one per core)."""
     monkeypatch.setenv("SPENDGATE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPENDGATE_WORKERS", "1")
     for var in ("SPENDGATE_STORE", "SPENDGATE_CONFIG"):
         monkeypatch.delenv(var, raising=False)
 

@@ -488,3 +488,24 @@ def test_workers_stop_by_themselves_when_the_parent_is_killed(tmp_path: Path, up
         assert _refused(s.port)
     finally:
         s.kill()
+
+
+@pytest.mark.parametrize(("store", "expect_auto"), [("sqlite", True), ("memory", False)])
+def test_serve_without_a_count_runs_one_worker_per_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        store: str, expect_auto: bool) -> None:
+    from spendgate.proxy.workers import default_workers
+
+    monkeypatch.delenv("SPENDGATE_WORKERS")
+    url = f"sqlite:///{tmp_path / 's.db'}" if store == "sqlite" else "memory://"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(free_port()),
+                             "--store", url], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        banner = proc.stderr.readline()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    n = default_workers() if expect_auto else 1
+    assert "guarding" in banner
+    assert (f"; {n} workers)" in banner) if n > 1 else ("workers" not in banner), banner

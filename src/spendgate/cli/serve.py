@@ -29,9 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls = _tls(args)  # read before any worker starts: a bad file is one line, here
     shared = not ctx.store_url.startswith("memory:")
     workers = args.workers if args.workers is not None else _env_workers()
-    if workers is None:
-        workers = DEFAULT_WORKERS
-    elif workers == AUTO:  # a memory:// store lives in one process: auto is one there
+    if workers is None or workers == AUTO:  # a memory:// store lives in one process: one there
         workers = _auto() if shared else 1
     if workers > 1 and not shared:
         raise ConfigError(f"--workers {workers}: the store {ctx.store_url} lives in one process's memory, so "
@@ -60,9 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return Supervisor(workers, listener, flags, announce).run()
 
 
-#: how many processes ``serve`` runs without --workers or SPENDGATE_WORKERS
-DEFAULT_WORKERS = 1
-#: ``--workers auto``: one per core available (a memory:// store: one)
+#: ``--workers auto``, the default: one per core available (a memory:// store: one)
 AUTO = 0
 
 
@@ -281,7 +277,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                     help="seconds to wait for an upstream's next bytes (default: the policy's upstream_timeout_s, 600)")
     sv.add_argument("--workers", type=_count, metavar="N",
                     help="server processes on the one port, or auto: one per core available (default: env "
-                         "SPENDGATE_WORKERS, else 1; a memory:// store has 1)")
+                         "SPENDGATE_WORKERS, else auto; a memory:// store has 1)")
     sv.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
     sv.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key (unencrypted)")
     sv.set_defaults(func=cmd_serve)
