@@ -124,3 +124,76 @@ def test_health_endpoint_follows_the_store(tmp_path: Path, upstream: Servers) ->
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _burst(ports: list[int], n: int, concurrency: int) -> list[int]:
+    async def run() -> list[int]:
+        gate = asyncio.Semaphore(concurrency)
+        async with aiohttp.ClientSession() as client:
+            async def one(i: int) -> int:
+                async with gate, client.post(f"http://127.0.0.1:{ports[i % len(ports)]}/v1/chat/completions",
+                                             json=BODY, headers={"Authorization": "Bearer sk-r"}) as r:
+                    await r.read()
+                    return r.status
+            return list(await asyncio.gather(*(one(i) for i in range(n))))
+    return asyncio.run(run())
+
+
+def _evalsha_calls(redis_url: str) -> int:
+    import redis
+
+    stats = redis.Redis.from_url(redis_url.split("?")[0]).info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_leases_take_redis_off_the_path_far_from_the_limit_and_charge_exactly(
+        tmp_path: Path, redis_server: RedisServer, upstream: Servers) -> None:
+    worst = upstream.engine.estimator.estimate("openai", "/v1/chat/completions", BODY).cost_nanos
+    policy = _policy(tmp_path, Decimal(worst * 100_000) / 10**9)  # far from its limit all along
+    url = f"{redis_server.url}?prefix={uuid.uuid4().hex[:12]}&leases=on"
+    procs = [start_serve(tmp_path / f"h{i}", upstream.upstream_port, "--store", url, "--config", str(policy))
+             for i in range(2)]
+    try:
+        _burst([p for _, p in procs], 40, 8)  # the first slices are claimed
+        before = _evalsha_calls(url)
+        codes = _burst([p for _, p in procs], 600, 8)
+        trips = _evalsha_calls(url) - before
+        assert codes == [200] * 600
+        assert trips / 600 <= 0.05, f"{trips} ledger round trips for 600 requests"
+    finally:
+        for proc, _ in procs:
+            proc.terminate()  # a graceful stop writes back what waits and hands the slices back
+            proc.wait(timeout=30)
+    store = ledger.open(url)
+    try:
+        captures = [e for e in store.events(0) if e.kind == "capture"]
+        assert len(captures) == 640 and {e.cost for e in captures} == {worst}  # the fake bills the worst case
+        [state] = [s for s in store.states(store.known_buckets(), now=captures[-1].ts) if s.limit is not None]
+        assert (state.spent, state.held) == (640 * worst, 0)
+    finally:
+        store.close()
+
+
+def test_leases_near_the_limit_never_admit_more_than_fits(tmp_path: Path, redis_server: RedisServer,
+                                                         upstream: Servers) -> None:
+    worst = upstream.engine.estimator.estimate("openai", "/v1/chat/completions", BODY).cost_nanos
+    n_fit = 13
+    policy = _policy(tmp_path, Decimal(worst * n_fit + worst // 2) / 10**9)
+    url = f"{redis_server.url}?prefix={uuid.uuid4().hex[:12]}&leases=on"
+    procs = [start_serve(tmp_path / f"h{i}", upstream.upstream_port, "--store", url, "--config", str(policy))
+             for i in range(2)]
+    try:
+        codes = _burst([p for _, p in procs], 64, 64)
+        admitted = codes.count(200)
+        assert codes.count(402) == 64 - admitted and 1 <= admitted <= n_fit
+        assert upstream.mock.reached("/v1/chat/completions") == admitted
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+    store = ledger.open(url)
+    try:
+        [state] = [s for s in store.states(store.known_buckets(), now=1e10) if s.limit is not None]
+        assert state.spent == admitted * worst <= state.limit and state.held == 0
+    finally:
+        store.close()

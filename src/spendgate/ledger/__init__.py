@@ -50,8 +50,10 @@ def _sqlite(url: str, create: bool) -> Ledger:
 
 
 def _redis(url: str, create: bool) -> Ledger:
+    from spendgate.ledger.lease import lease_settings
     from spendgate.ledger.redis import RedisLedger
 
+    lease_settings(url)  # a bad ?leases= / lease_s option fails here, at start, not at the first request
     return RedisLedger(url)
 
 

@@ -207,10 +207,15 @@ class Proxy:
     async def _start(self, _: web.Application) -> None:
         preload()  # the vocabularies load before the first request, not during it
         if self.store.networked and self.engine.aledger is None:
+            from spendgate.ledger.lease import LeasedLedger, lease_settings
             from spendgate.ledger.redis import AsyncRedisLedger
 
-            # the request path talks to a networked store through its asyncio client, on this loop
-            self.engine.aledger = AsyncRedisLedger(self.store.url)
+            # the request path talks to a networked store through its asyncio client, on this loop;
+            # with ?leases=on, through slices of each bucket held in it (ledger/lease.py)
+            exact = AsyncRedisLedger(self.store.url)
+            leases = lease_settings(self.store.url)
+            self.engine.aledger = exact if leases is None else LeasedLedger(self.store.url, exact=exact,
+                                                                             settings=leases)
         elif self.engine.aledger is None:  # a local store: captures committed in groups
             self.engine.aledger = GroupCommit(self.store)
         self.client = aiohttp.ClientSession(
