@@ -122,3 +122,21 @@ def test_anthropic_web_search_without_max_uses_is_held_at_the_output_bound() -> 
     for e in (bare, capped, unbounded):  # the tokens' worst case, plus every search at the fee
         tokens = worst_case_nanos(e.price.price, e.input_tokens, e.output_tokens, e.shape.cache_write)
         assert e.cost_nanos == tokens + e.searches * fee
+
+
+def test_a_stream_cut_short_is_charged_the_searches_it_may_have_run() -> None:
+    """Before: a stream cut short was charged its input and the output seen, and no search fee,
+    though the provider bills the searches it ran before the cut."""
+    from spendgate.engine import Engine
+    from spendgate.ledger import open as open_store
+    from spendgate.request import Identity, Request
+
+    engine = Engine(default_policy(), open_store("memory://"))
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 1000, "messages": [{"role": "user", "content": "news?"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]}
+    d = engine.decide(Request("anthropic", "/v1/messages", body, Identity(key="k")))
+    assert d.allowed and d.estimate is not None and d.estimate.searches == 3
+    charge = engine.charge_unknown(d, output_seen=40)
+    est = d.estimate
+    tokens = worst_case_nanos(est.price.price, est.input_tokens, 40, est.shape.cache_write)
+    assert charge.cost_nanos == tokens + 3 * nanos(SEARCH) <= est.cost_nanos

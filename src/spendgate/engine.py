@@ -984,6 +984,8 @@ class Engine:
         if output_seen is None:
             return (yield from self._settle(decision, est.cost_nanos, est.tokens, None, now))
         cost = worst_case_nanos(est.price.price, est.input_tokens, output_seen, est.shape.cache_write)
+        if est.searches:  # searches it may have run before the cut are billed: at the most it allowed
+            cost += usage_nanos(est.price.price, Usage(web_searches=est.searches))
         return (yield from self._settle(decision, cost, est.input_tokens + output_seen, None, now))
 
     def _release(self, decision: Decision, now: float | None) -> Generator[LedgerCall, Any, bool]:
