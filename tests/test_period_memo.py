@@ -25,3 +25,17 @@ def test_the_remembered_period_is_the_period(period: str, zone: str, times: list
     for now in instants:
         label, _, reset = w._period(now, tz)
         assert w.period_of(now, tz) == (label, reset)
+
+
+def test_the_price_tables_date_is_remembered_until_the_next_local_midnight_and_no_longer() -> None:
+    import datetime as dt
+    import time
+
+    from spendgate.pricing import table
+
+    table._DAY[:] = [(dt.date(2001, 1, 1), time.time() + 3600)]  # "midnight" still an hour away
+    assert table._today() == dt.date(2001, 1, 1)
+    table._DAY[:] = [(dt.date(2001, 1, 1), time.time() - 0.001)]  # midnight just passed
+    assert table._today() == dt.date.today()
+    day, nxt = table._DAY[0]
+    assert day == dt.date.today() and nxt == dt.datetime.combine(day + dt.timedelta(days=1), dt.time()).timestamp()

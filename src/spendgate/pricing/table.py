@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -47,6 +48,23 @@ FALLBACK_MAX_OUTPUT = 128_000
 STALE_AFTER_DAYS = 120
 _IMPORTED_ON = re.compile(r"^imported .* on (\d{4}-\d{2}-\d{2})")
 
+
+
+#: (the local date, the epoch second the next one starts): asked for on every request's pricing
+_DAY: list[tuple[dt.date, float]] = []
+
+
+def _today() -> dt.date:
+    """The local date, worked out once a day: ``date.today()`` reads the time zone each call (a
+    stat of /etc/localtime), and every request's price asks for it. Exact at midnight: the cache ends
+    at the next local midnight, so a price dated tomorrow applies from its first second."""
+    now = time.time()
+    if _DAY and now < _DAY[0][1]:
+        return _DAY[0][0]
+    day = dt.date.today()
+    nxt = dt.datetime.combine(day + dt.timedelta(days=1), dt.time()).timestamp()  # local midnight
+    _DAY[:] = [(day, nxt)]
+    return day
 
 @dataclass(frozen=True, slots=True)
 class Rate:
@@ -207,7 +225,7 @@ class ModelPrice:
         ctx = {k: v for k, v in context.items() if v not in STANDARD.get(k, ())}
         if not ctx:
             return self
-        today = day or dt.date.today().isoformat()
+        today = day or _today().isoformat()
         overrides: dict[str, Rate] = {}
         labels = []
         for v in self.in_force(today):
@@ -433,7 +451,7 @@ class PriceTable:
     def resolve(self, model: str, provider: str | None = None,
                 today: dt.date | None = None) -> Resolution | None:
         """Find ``model``'s price; ``provider`` (from the route) is searched first."""
-        day = (today or dt.date.today()).isoformat()
+        day = (today or _today()).isoformat()
         key = (model, provider, day)
         if key in self._cache:
             return self._cache[key]
@@ -496,7 +514,7 @@ class PriceTable:
         "Dearest" orders by output rate, then input rate, at their highest tier: an unknown model
         is assumed to cost what the most expensive known one does.
         """
-        day = (today or dt.date.today()).isoformat()
+        day = (today or _today()).isoformat()
         provs = [provider] if provider in self.entries else list(self.entries)
         best: ModelPrice | None = None
         for prov in provs:
@@ -523,7 +541,7 @@ class PriceTable:
                     yield f"{prov}/{row.model}"
 
     def age_days(self, today: dt.date | None = None) -> int:
-        return ((today or dt.date.today()) - dt.date.fromisoformat(self.built)).days
+        return ((today or _today()) - dt.date.fromisoformat(self.built)).days
 
     def price_date(self, price: ModelPrice) -> str:
         """When ``price`` was last checked: its import date, or the bundled table's build date."""
@@ -533,7 +551,7 @@ class PriceTable:
     def stale_note(self, price: ModelPrice, today: dt.date | None = None) -> str | None:
         """A note for a decision priced at ``price`` when that price is older than the threshold."""
         checked = self.price_date(price)
-        age = ((today or dt.date.today()) - dt.date.fromisoformat(checked)).days
+        age = ((today or _today()) - dt.date.fromisoformat(checked)).days
         if age > STALE_AFTER_DAYS:
             return (f"the price of {price.provider}/{price.model} was last checked {age} days ago ({checked}); "
                     "import a current table with `spendgate prices update --from FILE`")
