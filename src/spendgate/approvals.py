@@ -311,6 +311,8 @@ class RecentRefusals:
         self._seen: dict[str, tuple[float, Any]] = {}
 
     def get(self, ident: str, body: bytes, now: float) -> Any:
+        if not self._seen:  # the usual request: nothing refused lately, no body to hash
+            return None
         key = once_key(ident, body)
         hit = self._seen.get(key)
         if hit is None or hit[0] <= now:
