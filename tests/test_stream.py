@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spendgate.estimate.tokens import encoding
 from spendgate.wire.stream import StreamMeter
@@ -76,3 +80,29 @@ def test_usage_is_read_from_a_body_without_parsing_its_text() -> None:
     assert usage_from_body(json.dumps(gemini).encode()) == {"usageMetadata": gemini["usageMetadata"]}
     assert usage_from_body(b'{"id": "x"}') == {"id": "x"}, "no usage: the body itself (charged worst case)"
     assert usage_from_body(b"not json") is None
+
+
+def _events_by_the_old_rule(raw: bytes) -> tuple[list[bytes], bytes]:
+    """The events a stream holds, cut as the meter always cut them: at whichever separator comes
+    first, one at a time (the reference for the one-scan cut)."""
+    seps, events = (b"\r\n\r\n", b"\n\n"), []
+    while True:
+        cut = min(((i, len(s)) for s in seps if (i := raw.find(s)) >= 0), default=None)
+        if cut is None:
+            return events, raw
+        end = cut[0] + cut[1]
+        events.append(raw[:end])
+        raw = raw[end:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.sampled_from([b"data: {\"x\":1}", b"\n", b"\r\n", b"\r", b"\n\n", b"\r\n\r\n", b"event: e",
+                                       b"data: [DONE]", b"data: \xc3\xa9"]), max_size=40),
+       cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_events_are_cut_where_they_always_were_however_the_bytes_arrive(parts: list[bytes], cuts: list[int]) -> None:
+    raw = b"".join(parts)
+    bounds = sorted({c for c in cuts if c <= len(raw)} | {0, len(raw)})
+    m = StreamMeter("openai")
+    relayed = b"".join(m.feed(raw[a:b]) for a, b in itertools.pairwise(bounds))
+    events, rest = _events_by_the_old_rule(raw)
+    assert relayed == b"".join(events) and m.flush() == rest

@@ -8,6 +8,7 @@ text seen so far is kept so a stream cut short can be charged for what it produc
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from spendgate import fastjson, providers
@@ -16,6 +17,8 @@ from spendgate.pricing.cost import Usage
 from spendgate.usage import UnreadableUsage, read_usage
 
 _SEP = (b"\r\n\r\n", b"\n\n")
+#: either separator, wherever it comes first: one scan of the buffer per chunk
+_SEP_RX = re.compile(b"|".join(re.escape(s) for s in _SEP))
 
 
 class StreamMeter:
@@ -34,16 +37,14 @@ class StreamMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take upstream bytes; return the complete events to relay now (partial ones wait)."""
-        self._buf += chunk
+        buf = self._buf + chunk if self._buf else chunk
         out = []
-        while True:
-            cut = min(((i, len(s)) for s in _SEP if (i := self._buf.find(s)) >= 0), default=None)
-            if cut is None:
-                break
-            end = cut[0] + cut[1]
-            event, self._buf = self._buf[:end], self._buf[end:]
+        start = 0
+        for sep in _SEP_RX.finditer(buf):  # each event ends at the earliest separator after the last
+            event, start = buf[start:sep.end()], sep.end()
             if self._observe(event):
                 out.append(event)
+        self._buf = buf[start:]
         return b"".join(out)
 
     def flush(self) -> bytes:
