@@ -36,7 +36,7 @@ from spendgate.policy import default_policy
 from spendgate.report import SPEND_KINDS
 from tests.conftest import store_url
 from tests.harness import Servers, free_port, start_serve
-from tests.test_audit_alerts_serve import Receiver
+from tests.test_audit_alerts_serve import Receiver, _alert_policy
 
 # o1-pro: $150 in / $600 out per Mtok. Billed 10 in + 2,000 out: $1.2015 a call, to the nano-dollar
 BILLED = {"prompt_tokens": 10, "completion_tokens": 2000, "total_tokens": 2010}
@@ -284,27 +284,12 @@ def test_sigterm_stops_both_workers_gracefully_and_loses_no_capture(tmp_path: Pa
         store.close()
 
 
-ALERTS = """
-defaults = false
-
-[[budget]]
-name = "user-day"
-usd = 6
-window = "day"
-per = "user"
-alert_at = [0.5, 0.8, 1.0]
-
-[alerts]
-webhooks = ["{hook}"]
-"""
-
-
 def test_exactly_one_worker_sends_each_alert(tmp_path: Path, upstream: Servers) -> None:
     rx = Receiver(free_port())
     rx.start()
     url = f"sqlite:///{tmp_path / 'spend.db'}"
     s = Workers(tmp_path, upstream.upstream_port, "--store", url, "--config",
-                str(_policy(tmp_path, ALERTS.format(hook=rx.url))))
+                str(_policy(tmp_path, _alert_policy(rx.url))))
     try:
         answers = asyncio.run(_burst(s.port, 8))
         assert Counter(code for code, _ in answers)[200] == 4  # $6 holds four $1.21 worst cases

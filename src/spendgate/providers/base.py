@@ -277,3 +277,13 @@ class Provider:
     def is_tool_result(self, item: Mapping[str, Any]) -> bool:
         """A ``user`` message that carries tool results rather than a person's turn."""
         return False
+
+
+def model_into_path(path: str, params: Mapping[str, str], obj: dict[str, Any]) -> str:
+    """Take ``model`` out of an edited body whose API carries it only in the path (``{model}`` in
+    the route), and put a downgrade's model into the path instead: ``path`` as it is to be sent."""
+    model = obj.pop("model", None)
+    sent = params.get("model")
+    if isinstance(model, str) and sent and model != sent:
+        return path.replace(f"/models/{sent}:", f"/models/{model.removeprefix('models/')}:", 1)
+    return path

@@ -63,7 +63,7 @@ from spendgate.errors import BadRequest
 from spendgate.estimate import images
 from spendgate.estimate.shape import TokenShape, dumps, optional_int
 from spendgate.estimate.tally import Tally, tally
-from spendgate.providers.base import Parser, Provider
+from spendgate.providers.base import Parser, Provider, model_into_path
 
 if TYPE_CHECKING:
     from spendgate.wire.stream import StreamMeter
@@ -330,10 +330,7 @@ class Gemini(Provider):
         if not edited:
             return path, body
         obj = json.loads(body)
-        model = obj.pop("model", None)
-        sent = params.get("model")
-        if isinstance(model, str) and sent and model != sent:
-            path = path.replace(f"/models/{sent}:", f"/models/{model.removeprefix('models/')}:", 1)
+        path = model_into_path(path, params, obj)
         bound = obj.pop(CLAMP_FIELD, None)
         if isinstance(bound, int):
             config_key = key_of(obj, "generationConfig")

@@ -41,7 +41,7 @@ from typing import Any
 
 from spendgate.estimate import anthropic as counting
 from spendgate.providers.anthropic import Anthropic
-from spendgate.providers.base import Parser, Provider
+from spendgate.providers.base import Parser, Provider, model_into_path
 from spendgate.providers.gemini import CLAMP_FIELD, Gemini, generate
 
 #: the API versions Vertex serves (google-genai calls ``v1beta1`` by default, anthropic's ``v1``)
@@ -142,10 +142,7 @@ class VertexAnthropic(Anthropic):
         if not edited:
             return path, body
         obj = json.loads(body)
-        model = obj.pop("model", None)
-        sent = params.get("model")
-        if isinstance(model, str) and sent and model != sent:
-            path = path.replace(f"/models/{sent}:", f"/models/{model}:", 1)
+        path = model_into_path(path, params, obj)
         return path, json.dumps(obj).encode()
 
     def apply_key(self, headers: dict[str, str], key: str) -> dict[str, str]:
