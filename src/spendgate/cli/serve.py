@@ -46,16 +46,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ups = ", ".join(f"{k} -> {v}" for k, v in ProxyConfig.from_policy(ctx.policy).upstreams.items())
 
     def announce() -> None:
-        print(f"spendgate: guarding {_scheme(tls)}://{args.host}:{listener.port} (store {ctx.store_url}; policy "
-              f"{ctx.policy.source}; upstreams {ups}; admin API {'on' if token else 'off'}; {workers} workers)",
-              file=sys.stderr, flush=True)
-        stale = ctx.prices.stale_warning()
-        if stale:
-            print(f"spendgate: warning: {stale}", file=sys.stderr, flush=True)
+        _banner(f"{_scheme(tls)}://{args.host}:{listener.port}", ctx, ups, token, f"; {workers} workers")
 
     flags = {k: v for k, v in vars(args).items() if k != "func" and _plain(v)}
     flags["port"] = listener.port
     return Supervisor(workers, listener, flags, announce).run()
+
+
+def _banner(address: str, ctx: Context, ups: str, token: str | None, workers: str = "") -> None:
+    """"guarding …" (what tests and people wait for), then a stale price table's warning."""
+    print(f"spendgate: guarding {address} (store {ctx.store_url}; policy {ctx.policy.source}; upstreams {ups}; "
+          f"admin API {'on' if token else 'off'}{workers})", file=sys.stderr, flush=True)
+    stale = ctx.prices.stale_warning()
+    if stale:
+        print(f"spendgate: warning: {stale}", file=sys.stderr, flush=True)
 
 
 #: ``--workers auto``, the default: one per core available (a memory:// store: one)
@@ -118,12 +122,7 @@ def _serve(args: argparse.Namespace, ctx: Context, tls: ssl.SSLContext | None, *
         if ready is not None:  # a worker: the parent prints the banner, then asks for the policy's lines
             ready()
             return
-        print(f"spendgate: guarding {_scheme(tls)}://{args.host}:{args.port} (store {ctx.store_url}; policy "
-              f"{ctx.policy.source}; upstreams {ups}; admin API {'on' if token else 'off'})",
-              file=sys.stderr, flush=True)
-        stale = ctx.prices.stale_warning()
-        if stale:
-            print(f"spendgate: warning: {stale}", file=sys.stderr, flush=True)
+        _banner(f"{_scheme(tls)}://{args.host}:{args.port}", ctx, ups, token)
         live.announce()  # the policy in force (hash, version), said after the banner
 
     where: dict[str, Any] = {"sock": socks} if socks is not None else {"host": args.host, "port": args.port}
