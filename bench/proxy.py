@@ -171,6 +171,26 @@ def throughput(url: str, proc: subprocess.Popen[bytes], path: str, body: dict[st
     return n / wall, (cpu_seconds(proc.pid) - before) / n * 1e6
 
 
+def throughputs(targets: dict[str, tuple[str, subprocess.Popen[bytes]]], path: str, body: dict[str, Any], n: int,
+                concurrency: int = 16, rounds: int = ROUNDS) -> dict[str, tuple[float, float]]:
+    """:func:`throughput` of every target, ``n`` requests each, measured in ``rounds`` blocks whose
+    order rotates: the one measured first in a run otherwise gets the machine's better moments (a
+    server against itself measured ~10 % apart)."""
+    wall = dict.fromkeys(targets, 0.0)
+    cpu = dict.fromkeys(targets, 0.0)
+    names = list(targets)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            url, proc = targets[name]
+            before = cpu_seconds(proc.pid)
+            t = time.perf_counter()
+            asyncio.run(drive({"x": url}, path, body, n // rounds, concurrency))
+            wall[name] += time.perf_counter() - t
+            cpu[name] += cpu_seconds(proc.pid) - before
+    done = n // rounds * rounds
+    return {name: (done / wall[name], cpu[name] / done * 1e6) for name in names}
+
+
 def wait_listening(port: int, deadline: float = 30.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -226,7 +246,8 @@ def main() -> None:
     def serve(label: str, store: str, *extra: str, src: str | None = None) -> None:
         port = free_port()
         # one worker unless asked (the default is one per core); a baseline checkout may predate --workers
-        one = [] if src or "--workers" in extra else ["--workers", "1"]
+        knows = not src or "--workers" in Path(src, "spendgate", "cli", "serve.py").read_text()
+        one = ["--workers", "1"] if knows and "--workers" not in extra else []
         proc = subprocess.Popen([sys.executable, "-m", "spendgate.cli.main", "serve", "--port", str(port),
                                  "--store", store, *one, *extra], stderr=subprocess.DEVNULL,
                                 env={**env, "PYTHONPATH": src} if src else env)
@@ -279,19 +300,19 @@ def main() -> None:
                           f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{row}")
         path, body = CASES["openai chat"]
         n = args.n * 2
-        print(f"\nthroughput at c=16 (this load generator shares the same {os.cpu_count()} cores):")
-        rps, cpu = throughput(paths["bare passthrough"], procs[1], path, body, n)
-        print(f"  {'bare passthrough (the floor)':32} {rps:7,.0f} requests/s, CPU {cpu:6,.0f} µs per request")
-        for label in ("spendgate", *others):
-            proc, url = servers[label]
-            rps, cpu = throughput(url, proc, path, body, n)
-            print(f"  {label:32} {rps:7,.0f} requests/s, CPU {cpu:6,.0f} µs per request (the server's "
-                  "processes and their audit writers)")
+        print(f"\nthroughput at c=16, in rotating blocks (this load generator shares the same {os.cpu_count()} "
+              "cores; CPU: each server's processes and their audit writers):")
+        tput = throughputs({"bare passthrough (the floor)": (paths["bare passthrough"], procs[1]),
+                            **{label: (servers[label][1], servers[label][0]) for label in ("spendgate", *others)}},
+                           path, body, n)
+        for label, (rps, cpu) in tput.items():
+            print(f"  {label:32} {rps:7,.0f} requests/s, CPU {cpu:6,.0f} µs per request")
         if args.workers:
             proc, url = servers[f"--workers {args.workers}"]
             asyncio.run(drive({"warm": url}, path, body, 400, 32))  # every worker's connections and caches
-            one, one_cpu = throughput(paths["spendgate"], servers["spendgate"][0], path, body, n, 32)
-            many, many_cpu = throughput(url, proc, path, body, n, 32)
+            at32 = throughputs({"one": (paths["spendgate"], servers["spendgate"][0]), "many": (url, proc)},
+                               path, body, n, 32)
+            (one, one_cpu), (many, many_cpu) = at32["one"], at32["many"]
             print(f"at c=32: one worker {one:,.0f} requests/s ({one_cpu:,.0f} µs CPU per request); --workers "
                   f"{args.workers} {many:,.0f} requests/s ({many_cpu:,.0f} µs), {many / one:.2f}×")
         if args.sustain:  # a store's costs that grow with its size (WAL, indexes) show only over time
