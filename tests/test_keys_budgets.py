@@ -13,7 +13,7 @@ from typing import Any
 import openai
 import pytest
 
-from spendgate import keys
+from spendgate import keys, ledger
 from spendgate.buckets import rule_buckets
 from spendgate.cli.main import main
 from spendgate.engine import Approval, Engine
@@ -420,6 +420,13 @@ def test_keys_list_shows_the_aws_access_key_id_of_an_aws_key_and_never_its_secre
     [bob_row] = [r for r in rows if r.split()[0] == bob["id"]]
     assert ana_row.split()[1:3] == ["ana", akid] and akid not in bob_row
     assert secret not in table
+    # revoking the key takes its AWS credentials out of the store with it
+    assert main(["keys", "revoke", ana["id"], "--store", url]) == 0
+    store = ledger.open(url)
+    try:
+        assert store.records(keys.AWS_RECORD, now=1e10) == []
+    finally:
+        store.close()
 
 
 # -- the spend routes ------------------------------------------------------------------------------

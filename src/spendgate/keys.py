@@ -279,10 +279,14 @@ def rotate(store: Ledger, key_id: str, *, now: float | None = None) -> tuple[str
 
 
 def revoke(store: Ledger, key_id: str) -> bool:
+    """Revoke the key and every AWS credential made for it (a revoked key's secrets must not stay in
+    the store: they could sign nothing, but a credential is not kept past its use)."""
     found = _find(store, key_id)
     if found is None:
         return False
     store.delete_record(RECORD, found[0])
+    for access_key_id in aws_access_key_ids(store, now=time.time()).get(key_id, ()):
+        store.delete_record(AWS_RECORD, access_key_id)
     return True
 
 
