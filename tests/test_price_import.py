@@ -132,7 +132,7 @@ def test_a_second_import_keeps_the_first(tmp_path: Path, capsys: pytest.CaptureF
 def test_prices_show_lists_the_variants(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "prices", "show", "gpt-5")
     assert code == 0 and "service_tier=priority" in out and "service_tier=flex" in out
-    assert "processing=batch" in out and "web_search_k" in out and "per 1,000 requests" in out
+    assert "processing=batch" in out and "web_search_k" in out and "per 1,000 searches" in out
     code, out, _ = run(capsys, "prices", "show", "claude-opus-4-8", "--json")
     doc = json.loads(out)
     fast = [v for v in doc["variants"] if v["when"] == {"speed": "fast"}]

@@ -9,11 +9,14 @@ from typing import Any
 from spendgate import ledger
 from spendgate.cli.context import Context
 from spendgate.cli.output import WARN, emit_json, say, table, usd, working
-from spendgate.pricing.table import FEE_RATES, UNIT_LABELS, ModelPrice, Rate, UnitPrice
+from spendgate.pricing.table import FEE_RATES, PER_PROMPT, PER_SEARCH, UNIT_LABELS, ModelPrice, Rate, UnitPrice
+
+#: what a per-request fee counts, by rate name (a web search fee by how the model bills it)
+_FEE_UNITS = {"web_search_k": {PER_SEARCH: "per 1,000 searches", PER_PROMPT: "per 1,000 grounded prompts"}}
 
 
-def _rate_cells(name: str, rate: Rate) -> tuple[str, str, str]:
-    unit = "per 1,000 requests" if name in FEE_RATES else "per Mtok"
+def _rate_cells(name: str, rate: Rate, search_per: str = PER_SEARCH) -> tuple[str, str, str]:
+    unit = _FEE_UNITS.get(name, {}).get(search_per, "per 1,000 requests") if name in FEE_RATES else "per Mtok"
     tiers = ", ".join(f"{usd(p)} above {s:,} tokens" for s, p in rate.tiers)
     return name, f"{usd(rate.base)} {unit}", tiers
 
@@ -89,7 +92,7 @@ def cmd_prices_show(args: argparse.Namespace) -> int:
         emit_json(doc)
         return 0
     print(f"{args.model} -> {p.provider}/{p.model} ({res.how})")
-    table(("rate", "USD", "tiers"), [_rate_cells(n, r) for n, r in p.rates().items()])
+    table(("rate", "USD", "tiers"), [_rate_cells(n, r, p.web_search_per) for n, r in p.rates().items()])
     if p.variants:
         print("variants (a request or response naming one is priced at its rates; the rest stay standard):")
         table(("when", "rates (USD per Mtok)", "since"), _variant_rows(p))
