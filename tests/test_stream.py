@@ -106,3 +106,12 @@ def test_events_are_cut_where_they_always_were_however_the_bytes_arrive(parts: l
     relayed = b"".join(m.feed(raw[a:b]) for a, b in itertools.pairwise(bounds))
     events, rest = _events_by_the_old_rule(raw)
     assert relayed == b"".join(events) and m.flush() == rest
+
+
+def test_an_absurd_but_well_formed_usage_count_is_read_as_the_integer_it_is() -> None:
+    """A count past 64 bits is charged as billed (README: usage read strictly): read exactly, never
+    turned into a float the strict reader would call unreadable."""
+    m = StreamMeter("openai")
+    usage = {"prompt_tokens": 2**70, "completion_tokens": 3}
+    m.feed(sse({"choices": [], "usage": usage}, "[DONE]"))
+    assert m.complete and m.usage == usage and isinstance(m.usage["prompt_tokens"], int)

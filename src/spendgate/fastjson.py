@@ -1,15 +1,16 @@
-"""JSON on the request path, through orjson (a C parser and writer, several times the standard
-library's speed), accepting exactly what :mod:`json` accepts.
+"""JSON written on the request path through orjson (C, several times the standard library's speed),
+read back by the standard library as the same values.
 
-Every request parses its body and a response, and writes two events (stored, and piped to the audit
-writer); with the standard library that was a tenth of spendgate's own CPU per request. orjson is
-stricter than :mod:`json` in two ways that matter at a boundary — it refuses integers beyond 64 bits
-and the ``NaN``/``Infinity`` literals — so a document it refuses is parsed again by :mod:`json`:
-a body the upstream would take is never refused for the library's sake, and one :mod:`json`
-refuses is refused as before.
+Every request writes two events (stored with its hold or charge, and piped to the audit writer) and
+a hold's lines; with :func:`json.dumps` that was a tenth of spendgate's own CPU per request.
+Writing only: orjson *reads* an integer past 64 bits as a float, which would turn an absurd but
+well-formed usage count into an unreadable one, so documents are parsed with :mod:`json`.
 
-Writing: compact, UTF-8 (non-ASCII characters as themselves, not ``\\uXXXX`` escapes: the same
-values when read back, a few bytes shorter). Keys must be strings, as in every document spendgate writes.
+Compact, UTF-8 (non-ASCII characters as themselves, not ``\\uXXXX`` escapes: the same values when
+read back, a few bytes shorter). What orjson cannot write (an integer past 64 bits, a string with a
+lone surrogate, a non-string key) is written by :mod:`json`, ASCII-escaped, so nothing is lost. A
+non-finite float would be written as ``null``: the documents written here hold integers, text and
+clock readings only.
 """
 
 from __future__ import annotations
@@ -20,26 +21,9 @@ from typing import Any
 import orjson
 
 
-def loads(raw: str | bytes | bytearray) -> Any:
-    """Parse ``raw``; raises :class:`json.JSONDecodeError` (a :class:`ValueError`) as :func:`json.loads` does."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
-
-
 def dumps(obj: Any) -> str:
-    """``obj`` as compact JSON text; what orjson cannot write (integers beyond 64 bits, strings with a
-    lone surrogate, non-string keys) as :mod:`json` writes it."""
+    """``obj`` as compact JSON text (see the module docstring for what :mod:`json` writes instead)."""
     try:
         return orjson.dumps(obj).decode()
     except TypeError:  # ASCII-escaped: a lone surrogate in a string is written as \udXXX, never lost
         return json.dumps(obj, separators=(",", ":"))
-
-
-def dumpb(obj: Any) -> bytes:
-    """:func:`dumps` as UTF-8 bytes (what goes on a wire or a pipe)."""
-    try:
-        return orjson.dumps(obj)
-    except TypeError:
-        return json.dumps(obj, separators=(",", ":")).encode()

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -151,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for raw in sys.stdin.buffer:
             try:
-                doc, policy_hash, digest = fastjson.loads(raw)
+                doc, policy_hash, digest = json.loads(raw)
                 audit.add(event_of_doc(doc), policy_hash, digest)
             except (ValueError, TypeError, KeyError) as exc:  # a bug in the server, never a reason to stop logging
                 log.error("audit chain %s: an unreadable event line was skipped (%s)", args.chain, exc)

@@ -15,6 +15,7 @@ Amounts are integers: nano-dollars for ``usd`` buckets, tokens for ``tokens`` bu
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from abc import ABC, abstractmethod
@@ -176,7 +177,7 @@ class Event:
     def from_json(cls, raw: str) -> Event:
         """Read a row written by :meth:`to_json`, by this version or an earlier one (rows from before
         ``rule``, ``bucket`` and ``amounts`` lack them: they read as a plain charge)."""
-        return event_of_doc(fastjson.loads(raw))
+        return event_of_doc(json.loads(raw))
 
 
 def event_of_doc(doc: Mapping[str, Any]) -> Event:
@@ -200,7 +201,7 @@ class HoldRequest:
 
 @dataclass(frozen=True, slots=True)
 class Capture:
-    """One :meth:`Ledger.capture`'s arguments, for :meth:`Ledger.capture_many`."""
+    """One :meth:`Ledger.capture`'s arguments, for :meth:`Ledger.commit`."""
 
     hold_id: str
     actual: Mapping[str, int]
@@ -317,12 +318,6 @@ class Ledger(ABC):
                 event: Event | None = None) -> bool:
         """Replace a hold by the actual amounts (by unit); False if the hold is gone (expired).
         ``event``, when given, is logged atomically with the charge."""
-
-    def capture_many(self, captures: Sequence[Capture]) -> list[bool]:
-        """:meth:`capture` for each of ``captures``, in order; what each returned. A backend that
-        can commit them together (one transaction) does, so a busy server writes once for many
-        finished requests; the outcome of each is the one :meth:`capture` alone would have had."""
-        return self.commit((), captures)[1]
 
     def commit(self, holds: Sequence[HoldRequest], captures: Sequence[Capture]
                ) -> tuple[list[Authorization], list[bool]]:
@@ -747,5 +742,5 @@ def serialize_hold(hold: _Hold) -> tuple[str, str | None]:
 
 
 def deserialize_hold(hold_id: str, expires_at: float, lines: str, event: str | None) -> _Hold:
-    parsed = [Line(Bucket(k, lim, win, unit), amt) for k, lim, win, unit, amt in fastjson.loads(lines)]
+    parsed = [Line(Bucket(k, lim, win, unit), amt) for k, lim, win, unit, amt in json.loads(lines)]
     return _Hold(hold_id, expires_at, parsed, Event.from_json(event) if event else None)

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 from multidict import MultiDict
 
-from spendgate import approvals, fastjson, providers
+from spendgate import approvals, providers
 from spendgate import ledger as ledger_mod
 from spendgate.engine import Approval, Decision, Engine, approve_command
 from spendgate.errors import BadRequest, ConfigError, StoreError, UnpricedModel
@@ -339,10 +339,7 @@ class Proxy:
         except StoreError as exc:
             return _store_failed(provider, exc)
         if dry:
-            await self.engine.arelease(d, now=now)
-            return web.json_response({"spendgate": d.to_dict(), "allowed": d.allowed,
-                                      "message": d.message or (d.estimate.describe() if d.estimate else ""),
-                                      "edits": {}}, headers={"X-Spendgate-Decision": d.id})
+            return await self._dry_answer(d, now)
         if not d.allowed:
             try:
                 return await self._store_io(self._refuse, request, provider, route, raw, d, ident, who, now, raw,
@@ -377,7 +374,7 @@ class Proxy:
             return got
         request, raw = got
         try:
-            body = fastjson.loads(raw)
+            body = json.loads(raw)
         except ValueError as exc:
             return error_response(provider, 400, f"spendgate: the request body is not valid JSON ({exc})")
         except RecursionError:
@@ -397,6 +394,14 @@ class Proxy:
             path, _ = spec.upstream(request.path, request.match_info, raw, False)
             return await self._forward_plain(request, provider, creds, raw, None, path=path)
         return await self._decide_and_forward(request, provider, route, raw, body, creds, ident)
+
+    async def _dry_answer(self, d: Decision, now: float) -> web.Response:
+        """A dry run's answer (``X-Spendgate-Estimate: 1``): the decision as things stand, its hold
+        released, nothing sent upstream."""
+        await self.engine.arelease(d, now=now)
+        return web.json_response({"spendgate": d.to_dict(), "allowed": d.allowed,
+                                  "message": d.message or (d.estimate.describe() if d.estimate else ""),
+                                  "edits": dict(d.edits)}, headers={"X-Spendgate-Decision": d.id})
 
     async def _read(self, request: web.Request, provider: str, spec: providers.Provider
                     ) -> tuple[web.Request, bytes] | web.StreamResponse:
@@ -492,10 +497,7 @@ class Proxy:
         except StoreError as exc:
             return _store_failed(provider, exc)
         if dry:
-            await self.engine.arelease(d, now=now)
-            return web.json_response({"spendgate": d.to_dict(), "allowed": d.allowed,
-                                      "message": d.message or (d.estimate.describe() if d.estimate else ""),
-                                      "edits": dict(d.edits)}, headers={"X-Spendgate-Decision": d.id})
+            return await self._dry_answer(d, now)
         if not d.allowed:
             try:
                 return await self._store_io(self._refuse, request, provider, route, send, d, ident, who, now, raw,

@@ -7,11 +7,12 @@ text seen so far is kept so a stream cut short can be charged for what it produc
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
 
-from spendgate import fastjson, providers
+from spendgate import providers
 from spendgate.estimate.tokens import counter
 from spendgate.pricing.cost import Usage
 from spendgate.usage import UnreadableUsage, read_usage
@@ -65,7 +66,7 @@ class StreamMeter:
             self._unread.append(data)
             return True
         try:
-            obj = fastjson.loads(data)
+            obj = json.loads(data)
         except ValueError:
             return True
         if not isinstance(obj, dict):
@@ -109,7 +110,7 @@ class StreamMeter:
         by the same upward factor as the input estimates of a provider whose counts are scaled."""
         for data in self._unread:
             try:
-                obj = fastjson.loads(data)
+                obj = json.loads(data)
             except ValueError:
                 continue
             if isinstance(obj, dict):
