@@ -24,12 +24,9 @@ inline, as the store's own calls (they are rare).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping, Sequence
 
 from spendgate.ledger.base import Authorization, Bucket, Capture, Event, HoldRequest, Ledger, Line
-
-log = logging.getLogger("spendgate.ledger.group")
 
 #: how long the first capture of a batch waits for others (seconds)
 WINDOW_S = 0.005
