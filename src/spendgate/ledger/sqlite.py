@@ -16,6 +16,16 @@ WAL near that size at any write rate.
 A store whose file is deleted or replaced while in use is noticed (:meth:`SQLiteLedger._verify`):
 SQLite would go on writing into the unlinked file, answering every request, and the spend would be
 gone at the next start.
+
+The buckets a request falls under are read from a *mirror* (:class:`_Known`): each bucket's live
+slots, held amount and grants as this connection last read or wrote them. Every transaction starts
+by reading ``PRAGMA data_version``, which changes exactly when another connection (another process,
+``spendgate budgets`` …) has committed since; then the mirror is dropped and read again. So a
+bucket's state is read from the file once, not on every request, while two processes on one file
+stay exact: inside ``BEGIN IMMEDIATE`` nobody else can commit, and a changed version means the
+mirror is not trusted. A transaction that rolls back drops the mirror too (it may have been updated
+ahead of the commit). The earliest hold expiry is kept the same way, so the expiry scan runs only
+when a hold can have expired.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from time import monotonic
 from typing import Any
@@ -96,6 +107,12 @@ CREATE TABLE IF NOT EXISTS audit(chain TEXT NOT NULL, seq INTEGER NOT NULL, body
 CREATE TABLE IF NOT EXISTS audit_checkpoints(chain TEXT NOT NULL, n INTEGER NOT NULL, body TEXT NOT NULL,
                                              PRIMARY KEY(chain, n)) WITHOUT ROWID;
 """
+# one bucket's rows, for the mirror: its slots from a floor on (0), its held amount (1), its grants (2)
+_LOAD = """
+SELECT 0, slot, amount FROM slots WHERE bucket = ?1 AND slot >= ?2
+UNION ALL SELECT 1, held, 0 FROM buckets WHERE key = ?1
+UNION ALL SELECT 2, amount, until FROM grants WHERE bucket = ?1
+"""
 _ALERT_COLS = "key, created, body, status, attempts, next_at, error, sent_at, done"
 
 # a bucket may be pruned (see Bucket.ended): nothing held, no hold, no grant live after the cutoff
@@ -126,6 +143,27 @@ def path_of(url: str) -> Path:
     if not rest:
         raise StoreError(f"{url!r} names no file")
     return Path(rest).expanduser()
+
+
+@dataclass(slots=True)
+class _Known:
+    """One bucket's rows as the file holds them (see the module's doc): every slot from ``floor`` on,
+    what is held on it, every grant (spent, run out or not: ``until`` is compared when asked)."""
+
+    floor: int
+    slots: dict[int, int]
+    held: int
+    grants: list[tuple[int, float]]
+
+    def state(self, bucket: Bucket, first: int) -> tuple[int, int | None]:
+        """(spent, oldest live slot) from ``first`` (>= ``floor``) on; older slots are dropped."""
+        if first > self.floor:
+            self.floor = first
+            for slot in [s for s in self.slots if s < first]:
+                del self.slots[slot]
+        if not self.slots:
+            return 0, None
+        return sum(self.slots.values()), min(self.slots)
 
 
 class SQLiteLedger(TransactionalLedger):
@@ -161,6 +199,11 @@ class SQLiteLedger(TransactionalLedger):
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the SQLite store at {self.path}: {exc}") from exc
         self._lock = threading.Lock()
+        #: the mirror (module doc): valid while ``PRAGMA data_version`` reads ``_version``
+        self._known: dict[str, _Known] = {}
+        self._version: int | None = None
+        #: no hold expires before this (a lower bound; -inf: unknown, scan)
+        self._next_expiry = float("-inf")
         self._pruned: dict[str, int] = {}
         self._lost: str | None = None
         self._verify_at = monotonic() + VERIFY_EVERY_S
@@ -201,6 +244,7 @@ class SQLiteLedger(TransactionalLedger):
             raise
 
     def _rollback(self) -> None:
+        self._drop_mirror()
         if self._db.in_transaction:  # (SQLite rolls back by itself after some errors)
             self._db.execute("ROLLBACK")
 
@@ -287,6 +331,10 @@ class SQLiteLedger(TransactionalLedger):
             except sqlite3.Error as exc:
                 raise StoreError(f"SQLite store {self.path}: {exc}") from exc
             try:
+                version = self._db.execute("PRAGMA data_version").fetchone()[0]
+                if version != self._version:  # another connection committed: read the file again
+                    self._drop_mirror()
+                    self._version = version
                 yield
                 self._db.execute("COMMIT")
                 self._commits += 1
@@ -303,19 +351,35 @@ class SQLiteLedger(TransactionalLedger):
     def _transaction(self) -> AbstractContextManager[None]:
         return self._txn()
 
+    # -- the mirror (module doc) ------------------------------------------------------------------
+
+    def _drop_mirror(self) -> None:
+        self._known.clear()
+        self._version = None
+        self._next_expiry = float("-inf")
+
+    def _known_of(self, bucket: Bucket, first: int) -> _Known:
+        k = self._known.get(bucket.key)
+        if k is None or first < k.floor:  # (a clock set back asks for slots never read)
+            k = _Known(first, {}, 0, [])
+            for part, a, b in self._db.execute(_LOAD, (bucket.key, first)):
+                if part == 0:
+                    k.slots[int(a)] = int(b)
+                elif part == 1:
+                    k.held = int(a or 0)
+                else:
+                    k.grants.append((int(a), float(b)))
+            self._known[bucket.key] = k
+        return k
+
     def _state(self, bucket: Bucket, now: float) -> BucketState:
-        """All of a bucket's state in one statement (the request path runs this for every bucket)."""
+        """A bucket's state from the mirror, read from the file on first sight (one statement)."""
         first = bucket.first_live_slot(now)
-        spent, oldest, held, granted = self._db.execute(
-            "SELECT (SELECT COALESCE(SUM(amount), 0) FROM slots WHERE bucket=?1 AND slot>=?2),"
-            " (SELECT MIN(slot) FROM slots WHERE bucket=?1 AND slot>=?2),"
-            " (SELECT held FROM buckets WHERE key=?1),"
-            " (SELECT COALESCE(SUM(amount), 0) FROM grants WHERE bucket=?1 AND until>?3)",
-            (bucket.key, first, now),
-        ).fetchone()
+        k = self._known_of(bucket, first)
+        spent, oldest = k.state(bucket, first)
+        granted = sum(a for a, until in k.grants if until > now) if k.grants else 0
         frees_at = (oldest + 1) * bucket.slot_s + bucket.window_s if bucket.window_s and oldest is not None else None
-        return BucketState(bucket.key, bucket.unit, bucket.limit, int(spent), int(held or 0), int(granted),
-                           frees_at)
+        return BucketState(bucket.key, bucket.unit, bucket.limit, spent, k.held, granted, frees_at)
 
     def _held(self, key: str) -> int:
         row = self._db.execute("SELECT held FROM buckets WHERE key=?", (key,)).fetchone()
@@ -327,6 +391,11 @@ class SQLiteLedger(TransactionalLedger):
                          (hold.hold_id, hold.expires_at, lines, event))
         self._db.executemany(_UPSERT_BUCKET, [(b.key, b.limit, b.window_s, b.unit, b.ends_at, ln.amount, 1)
                                               for ln in hold.lines for b in (ln.bucket,)])
+        for ln in hold.lines:
+            if (k := self._known.get(ln.bucket.key)) is not None:
+                k.held += ln.amount
+        if hold.expires_at < self._next_expiry:
+            self._next_expiry = hold.expires_at
 
     def _pop_hold(self, hold_id: str, *, event: bool = True) -> _Hold | None:
         row = self._db.execute("DELETE FROM holds WHERE id=? RETURNING expires_at, lines"
@@ -336,21 +405,35 @@ class SQLiteLedger(TransactionalLedger):
         hold = deserialize_hold(hold_id, row[0], row[1], row[2] if event else None)
         self._db.executemany("UPDATE buckets SET held = held - ?, holds = holds - 1 WHERE key=?",
                              [(ln.amount, ln.bucket.key) for ln in hold.lines])
+        for ln in hold.lines:
+            if (k := self._known.get(ln.bucket.key)) is not None:
+                k.held -= ln.amount
         return hold
 
     def _stale_holds(self, now: float) -> Iterator[str]:
+        if now < self._next_expiry:  # no hold in the file expires before then
+            return iter(())
         rows = self._db.execute("SELECT id FROM holds WHERE expires_at<=?", (now,)).fetchall()
+        # the caller pops these; the next expiry is the earliest of the rest
+        nxt = self._db.execute("SELECT MIN(expires_at) FROM holds WHERE expires_at>?", (now,)).fetchone()[0]
+        self._next_expiry = float("inf") if nxt is None else float(nxt)
         return (r[0] for r in rows)
 
     def _charge(self, bucket: Bucket, amount: int, now: float) -> None:
         self._db.execute(
             "INSERT INTO slots(bucket, slot, amount) VALUES (?,?,?) "
             "ON CONFLICT(bucket, slot) DO UPDATE SET amount = amount + excluded.amount",
-            (bucket.key, bucket.slot_of(now), amount),
+            (bucket.key, slot := bucket.slot_of(now), amount),
         )
+        if (k := self._known.get(bucket.key)) is not None:
+            if slot >= k.floor:
+                k.slots[slot] = k.slots.get(slot, 0) + amount
+            else:  # a clock set back: read it again when asked
+                del self._known[bucket.key]
         if bucket.window_s:
             first = bucket.first_live_slot(now)
             if self._pruned.get(bucket.key, -1) < first:  # once per slot period, not per charge
+                # (the mirror keeps no slot below its floor, which the next state moves up to first)
                 self._db.execute("DELETE FROM slots WHERE bucket=? AND slot<?", (bucket.key, first))
                 if len(self._pruned) >= PRUNED_MEMO_MAX:  # a memo: forgetting costs one more DELETE
                     self._pruned.clear()
@@ -358,16 +441,20 @@ class SQLiteLedger(TransactionalLedger):
 
     def _add_grant(self, key: str, amount: int, until: float) -> None:
         self._db.execute("INSERT INTO grants(bucket, amount, until) VALUES (?,?,?)", (key, amount, until))
+        if (k := self._known.get(key)) is not None:
+            k.grants.append((amount, until))
 
     def _forget(self, key: str) -> None:
         for table in ("slots", "grants"):
             self._db.execute(f"DELETE FROM {table} WHERE bucket=?", (key,))
         self._db.execute("DELETE FROM buckets WHERE key=?", (key,))
         self._pruned.pop(key, None)
+        self._known.pop(key, None)
 
     def _ended_buckets(self, after: str, cutoff: float, n: int) -> tuple[list[str], str | None]:
         if not after:  # once a sweep: grants that ran out (of buckets that stay, too)
             self._db.execute("DELETE FROM grants WHERE until <= ?", (cutoff,))
+            self._known.clear()
         rows = self._db.execute(_ENDED, (cutoff, after, n)).fetchall()
         return [k for k, ended in rows if ended], rows[-1][0] if len(rows) == n else None
 
