@@ -222,6 +222,9 @@ class Proxy:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.config.upstream_timeout_s),
             auto_decompress=False,
+            # one pool serves every caller: an upstream's Set-Cookie to one must never ride along on
+            # another's request (and a jar costs every request a cookie filter)
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         if self.live is not None:  # the store's run-time budgets apply before the first request
             self.live.on_change.append(self._forget_refusals)
