@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
@@ -615,8 +616,7 @@ class Proxy:
     # -- forwarding ---------------------------------------------------------------------------
 
     def _upstream_headers(self, request: web.Request, provider: str, creds: Credentials | None) -> dict[str, str]:
-        headers = {k: v for k, v in request.headers.items()
-                   if (low := k.lower()) not in HOP_BY_HOP and not low.startswith("x-spendgate-")}
+        headers = {k: v for k, v in request.headers.items() if _to_upstream(k)}
         headers["Accept-Encoding"] = "identity"  # usage must be readable; a compressed body is not
         if creds is not None and creds.virtual is not None and creds.forward:
             headers = providers.get(provider).apply_key(headers, creds.forward)
@@ -833,7 +833,7 @@ class Proxy:
                 await resp.write(out)
 
     def _reply_headers(self, upstream: Mapping[str, str], d: Decision | None) -> dict[str, str]:
-        out = {k: v for k, v in upstream.items() if k.lower() not in HOP_BY_HOP}
+        out = {k: v for k, v in upstream.items() if _to_client(k)}
         if d is not None and d.estimate is not None:
             out["X-Spendgate-Decision"] = d.id
             out["X-Spendgate-Estimate-Usd"] = str(nanos_to_usd(d.estimate.cost_nanos))
@@ -853,6 +853,19 @@ class Proxy:
         seen = meter.output_tokens(self.engine.estimator.anthropic_factor) if meter is not None else None
         await self.engine.acharge_unknown(d, seen)
 
+
+# a header name's fate, worked out once per spelling (a few dozen names recur on every request)
+@lru_cache(maxsize=1024)
+def _to_upstream(name: str) -> bool:
+    """Whether a client's header goes on to the upstream: not hop-by-hop, not spendgate's own."""
+    low = name.lower()
+    return low not in HOP_BY_HOP and not low.startswith("x-spendgate-")
+
+
+@lru_cache(maxsize=1024)
+def _to_client(name: str) -> bool:
+    """Whether an upstream's header goes back to the client: not hop-by-hop."""
+    return name.lower() not in HOP_BY_HOP
 
 def build(policy: Policy, store_url: str, admin_token: str | None = None,
           upstream_timeout_s: float | None = None, prices: PriceTable | None = None,
