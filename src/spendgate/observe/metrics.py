@@ -2,9 +2,12 @@
 
 Two kinds of numbers, read two ways:
 
-- **Counters** are kept in memory by an engine observer (:meth:`Metrics.observe`): a few dict
-  updates under a lock on the request path, never a store call. They count what *this process*
-  decided and charged since it started (``rate()`` and ``increase()`` handle restarts). Money is
+- **Counters** are kept in memory by an engine observer (:meth:`Metrics.observe`): on the request
+  path a few dictionary lookups that find each series' slot (remembered from the first time its
+  label values were seen) and ``v[slot] += n`` on plain integers — no label formatting, no lock on
+  the event loop's thread, never a store call; the ``prometheus_client`` families are built from
+  those integers only when ``/metrics`` is scraped (:meth:`Metrics.collect`). They count what
+  *this process* decided and charged since it started (``rate()`` and ``increase()`` handle restarts). Money is
   summed in integer nano-dollars and exposed twice: ``spendgate_spend_usd_total`` (dollars as a
   float, the nano-dollar sum / 1e9, for dashboards) and ``spendgate_spend_nanodollars_total`` (the
   exact integer, to check against the ledger).
@@ -16,9 +19,9 @@ Two kinds of numbers, read two ways:
 
 With ``spendgate serve --workers N`` a scrape reaches one worker of N, so the counters are kept
 where every worker can read them: each worker writes its own into a file of a directory the parent
-made (:func:`share_counters`, :class:`CounterFile`: in-place writes of 64-bit integers into a
-memory map, a few hundred nanoseconds each), and the worker answering a scrape sums every file,
-those of workers that died included, so a counter never goes back. Money stays integer
+made (:func:`share_counters`, :class:`CounterFile`: the slots are 64-bit integers of a memory map,
+so counting is the same ``v[slot] += n`` straight into the file), and the worker answering a scrape
+sums every file, those of workers that died included, so a counter never goes back. Money stays integer
 nano-dollars; latency sums are kept in integer nanoseconds.
 
 Label cardinality is bounded whatever clients send:
@@ -61,6 +64,7 @@ from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
+from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -105,29 +109,60 @@ _ARRIVED: ContextVar[float | None] = ContextVar("spendgate_arrived", default=Non
 
 
 class _Labels:
-    """The values one label has taken: the first ``cap`` distinct ones, then ``"(other)"``."""
+    """The values one label has taken: the first ``cap`` distinct ones, then ``"(other)"``. A value
+    once mapped keeps its mapping (the set only grows, up to ``cap``), which is what lets a counter
+    table remember a raw value's slot. Safe from any thread: a new value is weighed under a lock."""
 
     def __init__(self, cap: int = MAX_LABEL_VALUES) -> None:
         self.cap = cap
         self.seen: set[str] = set()
+        self._lock = threading.Lock()
 
     def __call__(self, value: str) -> str:
         if value in self.seen:
             return value
-        if len(self.seen) < self.cap:
-            self.seen.add(value)
-            return value
+        with self._lock:
+            if value in self.seen or len(self.seen) < self.cap:
+                self.seen.add(value)
+                return value
         return OTHER
 
 
+class _Table:
+    """One writer's counters as slots: :attr:`v` holds at ``index[key]`` the value of ``key`` (a
+    counter's name and label values), so counting into a known counter is ``v[i] += n``. This one
+    is a list (this process counts alone); :class:`CounterFile` is the same over a shared file.
+
+    Only its writer changes it; :meth:`items` reads it from any thread."""
+
+    def __init__(self) -> None:
+        self.index: dict[tuple[str, ...], int] = {}
+        self.v: list[int] = []
+
+    def slot(self, key: tuple[str, ...]) -> int:
+        at = self.index.get(key)
+        if at is None:
+            self.v.append(0)  # the value before the key: a reader that sees the key sees its value
+            at = self.index[key] = len(self.v) - 1
+        return at
+
+    def items(self) -> list[tuple[tuple[str, ...], int]]:
+        index = dict(self.index)  # the index before the values (see slot)
+        v = list(self.v)
+        return [(key, v[at]) for key, at in index.items()]
+
+
 class CounterFile:
-    """One process's counters in a file other processes read: ``key -> int64``.
+    """One writer's counters in a file other processes read: ``key -> int64``, a :class:`_Table`
+    whose values are the file's.
 
     The layout is prometheus_client's multiprocess file with integers instead of doubles (exact
-    nano-dollars): 8 bytes holding the bytes used, then records of a 4-byte key length, the key
-    (UTF-8 JSON) padded to 8 bytes and the 8-byte value. A key's record is written before the used
-    length grows to include it, and a value is one aligned 8-byte store, so a reader sees each
-    counter at some value it had. Only the owning process writes (under :class:`Metrics`' lock)."""
+    nano-dollars), in the host's byte order (only processes of this host read it): 8 bytes holding
+    the bytes used, then records of a 4-byte key length, the key (UTF-8 JSON) padded to 8 bytes and
+    the 8-byte value. A key's record is written before the used length grows to include it, and a
+    value is one aligned 8-byte store, so a reader sees each counter at some value it had. :attr:`v`
+    is the memory map seen as 64-bit integers: ``v[slot(key)] += n`` counts straight into the file
+    (a map that grows is a new ``v``: take it after :meth:`slot`). Only its writer writes."""
 
     INITIAL = 64 * 1024
 
@@ -136,52 +171,61 @@ class CounterFile:
         self._f = open(path, "w+b")  # noqa: SIM115 - open for the life of the process
         self._f.truncate(self.INITIAL)
         self._map = mmap.mmap(self._f.fileno(), self.INITIAL)
-        self._used = 8
-        struct.pack_into("<Q", self._map, 0, self._used)
-        self._offsets: dict[tuple[str, ...], int] = {}
+        self.v = memoryview(self._map).cast("q")
+        self.v[0] = 8
+        self.index: dict[tuple[str, ...], int] = {}
 
-    def set(self, key: tuple[str, ...], value: int) -> None:
-        """``key`` (a counter's name and label values) is ``value`` now: a dict lookup and one
-        8-byte store once the key has its record."""
-        at = self._offsets.get(key)
+    def slot(self, key: tuple[str, ...]) -> int:
+        """Where ``key``'s value is in :attr:`v` (its record is added the first time)."""
+        at = self.index.get(key)
         if at is None:
             at = self._add(key)
-        _PACK_INTO(self._map, at, value)
+        return at
+
+    def set(self, key: tuple[str, ...], value: int) -> None:
+        """``key`` (a counter's name and label values) is ``value`` now."""
+        at = self.slot(key)
+        self.v[at] = value
 
     def _add(self, key: tuple[str, ...]) -> int:
         raw = _key(*key).encode()
         padded = raw + b" " * (-(4 + len(raw)) % 8)
         size = 4 + len(padded) + 8
-        if self._used + size > len(self._map):
-            grown = max(len(self._map) * 2, self._used + size)
-            self._f.truncate(grown)
+        used = self.v[0]
+        if used + size > len(self._map):
+            grown = max(len(self._map) * 2, used + size)
+            self.v.release()  # a map with a view on it cannot close
             self._map.close()
+            self._f.truncate(grown)
             self._map = mmap.mmap(self._f.fileno(), grown)
-        struct.pack_into(f"<I{len(padded)}sq", self._map, self._used, len(raw), padded, 0)
-        at = self._used + 4 + len(padded)
-        self._used += size
-        struct.pack_into("<Q", self._map, 0, self._used)
-        self._offsets[key] = at
+            self.v = memoryview(self._map).cast("q")
+        struct.pack_into(f"=I{len(padded)}s", self._map, used, len(raw), padded)
+        at = (used + 4 + len(padded)) // 8
+        self.v[at] = 0
+        self.v[0] = used + size  # the record is whole before a reader may look at it
+        self.index[key] = at
         return at
+
+    def items(self) -> list[tuple[tuple[str, ...], int]]:
+        """Every counter now, read from the file (any thread may)."""
+        return [(tuple(json.loads(key)), n) for key, n in self.read(self.path).items()]
 
     @staticmethod
     def read(path: Path) -> dict[str, int]:
         data = path.read_bytes()
         if len(data) < 8:
             return {}
-        (used,) = struct.unpack_from("<Q", data, 0)
+        (used,) = struct.unpack_from("=Q", data, 0)
         out: dict[str, int] = {}
         pos = 8
         while pos + 4 <= min(used, len(data)):
-            (n,) = struct.unpack_from("<I", data, pos)
+            (n,) = struct.unpack_from("=I", data, pos)
             padded = n + (-(4 + n) % 8)
             key = data[pos + 4:pos + 4 + n].decode()
-            (out[key],) = struct.unpack_from("<q", data, pos + 4 + padded)
+            (out[key],) = struct.unpack_from("=q", data, pos + 4 + padded)
             pos += 4 + padded + 8
         return out
 
-
-_PACK_INTO = struct.Struct("<q").pack_into
 
 #: where the counters are shared (``serve --workers``): (directory, this process's file name)
 _SHARED: tuple[Path, str] | None = None
@@ -199,47 +243,145 @@ def _key(*parts: str) -> str:
 
 
 _INDEX = tuple(str(i) for i in range(len(LATENCY_BOUNDS) + 1))
+#: the token parts' places in :attr:`_Series.parts`, the capture event's amount and the ``type`` label
+_PARTS = tuple((j, part, label) for j, (part, label) in enumerate(_TOKEN_PARTS))
+#: raw label values a table remembers the slots of; beyond, a lookup takes the slow way (and counts all the same)
+_CACHE_MAX = 4 * MAX_LABEL_VALUES
+
+Slots = _Table | CounterFile
+
+
+class _Series:
+    """The slots one (provider, model) counts charges into; a token part's slot is made the first
+    time that part is counted, so a part never seen has no series (as before the slots)."""
+
+    __slots__ = ("input", "model", "output", "parts", "provider", "spend")
+
+    def __init__(self, table: Slots, provider: str, model: str) -> None:
+        self.provider, self.model = provider, model
+        self.spend = table.slot(("spend", provider, model))
+        self.input = table.slot(("tokens", "input", provider, model))
+        self.output = table.slot(("tokens", "output", provider, model))
+        self.parts: list[int | None] = [None] * len(_PARTS)
+
+
+class _Counts:
+    """What one writer counts — the thread that made the :class:`Metrics` (the event loop's), or any
+    other under its lock — with the slots of every label value it has met: a request's counting is
+    a few dictionary lookups and ``v[i] += n``, no label formatting, no lock on the loop's thread."""
+
+    def __init__(self, table: Slots, providers: _Labels, models: _Labels, rules: _Labels,
+                 channels: _Labels) -> None:
+        self.table = table
+        self._providers, self._models, self._rules, self._channels = providers, models, rules, channels
+        self._series: dict[tuple[str, str], _Series] = {}
+        self._decisions: dict[tuple[str, str], int] = {}
+        self._charges: dict[str, int] = {}
+        self._estimated: dict[str, int] = {}
+        self._approvals: dict[str, int] = {}
+        self.decision_s = tuple(table.slot(("decision_s", i)) for i in _INDEX)
+        self.decision_ns = table.slot(("decision_s", "sum_ns"))
+        self.added_s = tuple(table.slot(("added_s", i)) for i in _INDEX)
+        self.added_ns = table.slot(("added_s", "sum_ns"))
+        self.released = table.slot(("released",))
+        for where in ("request", "scrape"):
+            table.slot(("store_errors", where))
+
+    def count(self, event: Event, took: float | None, added: float | None) -> None:
+        """Count one event (``took`` and ``added``: its decision's latencies, when timed)."""
+        kind = event.kind
+        if kind in SPEND_KINDS:
+            s = self._series.get((event.provider, event.model)) or self._new_series(event.provider, event.model)
+            c = self._charges.get(kind)
+            if c is None:
+                c = self._charges[kind] = self.table.slot(("charges", kind))
+            v = self.table.v  # taken after every new slot: a shared map that grows is a new view
+            v[s.spend] += event.cost
+            v[s.input] += event.input_tokens
+            v[s.output] += event.output_tokens
+            v[c] += 1
+            amounts = event.amounts
+            if amounts:  # parts of input and output (a capture's usage)
+                for j, part, label in _PARTS:
+                    n = amounts.get(part)
+                    if n:
+                        at = s.parts[j]
+                        if at is None:
+                            at = s.parts[j] = self.table.slot(("tokens", label, s.provider, s.model))
+                            v = self.table.v
+                        v[at] += n
+            if event.estimated:
+                e = self._estimated.get(kind)
+                if e is None:
+                    e = self._estimated[kind] = self.table.slot(("estimated", kind))
+                    v = self.table.v
+                v[e] += 1
+        elif kind in DECISION_KINDS:
+            d = self._decisions.get((kind, event.rule))
+            if d is None:
+                d = self._remember(self._decisions, (kind, event.rule),
+                                   ("decisions", kind, self._rules(event.rule)))
+            v = self.table.v
+            v[d] += 1
+            if took is not None and 0 <= took < 3600:  # a replayed or simulated clock is no latency
+                v[self.decision_s[bisect_left(LATENCY_BOUNDS, took)]] += 1
+                v[self.decision_ns] += int(took * 1e9 + 0.5)
+            if added is not None:
+                v[self.added_s[bisect_left(LATENCY_BOUNDS, added)]] += 1
+                v[self.added_ns] += int(added * 1e9 + 0.5)
+        elif kind == "approval":
+            channel = event.dims.get("channel", "")
+            a = self._approvals.get(channel)
+            if a is None:
+                a = self._remember(self._approvals, channel, ("approvals", self._channels(channel)))
+            self.table.v[a] += 1
+        elif kind == "released":
+            self.table.v[self.released] += 1
+
+    def add(self, key: tuple[str, ...], n: int) -> None:
+        """``key``'s counter += ``n`` (a rare counter: no slot remembered)."""
+        at = self.table.slot(key)
+        self.table.v[at] += n
+
+    def _new_series(self, provider: str, model: str) -> _Series:
+        capped = (self._providers(provider), self._models(model))
+        s = self._series.get(capped) or _Series(self.table, *capped)
+        for key in {capped, (provider, model)}:
+            if len(self._series) < _CACHE_MAX:
+                self._series[key] = s
+        return s
+
+    def _remember(self, cache: dict[Any, int], raw: Any, key: tuple[str, ...]) -> int:
+        at = self.table.slot(key)
+        if len(cache) < _CACHE_MAX:
+            cache[raw] = at
+        return at
 
 
 class _Histogram:
-    """Counts per bucket and a sum: what one ``observe`` costs is a bisect and two additions."""
+    """A latency histogram's counts per bucket and sum, kept by every writer in the slots
+    ``(name, bucket index)`` and ``(name, "sum_ns")`` (integer nanoseconds)."""
 
-    def __init__(self, bounds: Sequence[float] = LATENCY_BOUNDS, name: str = "",
-                 shared: CounterFile | None = None) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
+    def __init__(self, name: str, metrics: Metrics, bounds: Sequence[float] = LATENCY_BOUNDS) -> None:
         self.name = name
-        self.shared = shared
+        self.bounds = tuple(bounds)
+        self._metrics = metrics
 
-    def observe(self, value: float) -> None:
-        i = bisect_left(self.bounds, value)
-        self.counts[i] += 1
-        self.sum += value
-        if self.shared is not None:
-            self.shared.set((self.name, _INDEX[i]), self.counts[i])
-            self.shared.set((self.name, "sum_ns"), round(self.sum * 1e9))
+    @property
+    def sum(self) -> float:
+        """This process's sum, in seconds."""
+        key = (self.name, "sum_ns")
+        return sum(c.table.v[c.table.slot(key)] for c in self._metrics.writers()) / 1e9
 
-    def family(self, name: str, doc: str, totals: Mapping[str, int] | None = None) -> HistogramMetricFamily:
-        counts, total = self.counts, self.sum
-        if totals is not None:  # every worker's, from their files
-            counts = [totals.get(_key(self.name, str(i)), 0) for i in range(len(self.counts))]
-            total = totals.get(_key(self.name, "sum_ns"), 0) / 1e9
+    def family(self, name: str, doc: str, counts: Mapping[tuple[str, ...], int]) -> HistogramMetricFamily:
         cumulative, buckets = 0, []
-        for bound, n in zip(self.bounds, counts, strict=False):
-            cumulative += n
+        for bound, i in zip(self.bounds, _INDEX, strict=False):
+            cumulative += counts.get((self.name, i), 0)
             buckets.append((repr(float(bound)), float(cumulative)))
-        buckets.append(("+Inf", float(cumulative + counts[-1])))
-        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
-
-
-def _tables(totals: Mapping[str, int]) -> dict[str, dict[Any, int]]:
-    """Summed shared files by counter: name -> labels -> value (a single label alone, not a tuple)."""
-    out: dict[str, dict[Any, int]] = {}
-    for raw, n in totals.items():
-        name, *labels = json.loads(raw)
-        out.setdefault(name, {})[labels[0] if len(labels) == 1 else tuple(labels)] = n
-    return out
+        cumulative += counts.get((self.name, _INDEX[-1]), 0)
+        buckets.append(("+Inf", float(cumulative)))
+        return HistogramMetricFamily(name, doc, buckets=buckets,
+                                     sum_value=counts.get((self.name, "sum_ns"), 0) / 1e9)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -256,30 +398,31 @@ class Metrics:
     """The counters one server keeps and the gauges it reads from ``store`` when scraped.
 
     :meth:`observe` is the engine observer; :meth:`exposition` is blocking (it may read the store)
-    and :meth:`ascrape` runs it on a worker thread."""
+    and :meth:`ascrape` runs it on a worker thread.
+
+    Counting is split by thread so the request path takes no lock: the thread that made this object
+    (the server's event loop) counts into its own table unlocked; any other thread (a networked
+    store's refusal on a worker thread, a scrape's store error) counts into a second table under
+    :attr:`_lock`. A scrape sums the tables (or, shared, every file)."""
 
     def __init__(self, store: Ledger, *, top_scopes: int = 20, cache_s: float = CACHE_S) -> None:
         self.store = store
         self.top_scopes = top_scopes
         self.cache_s = cache_s
         self._lock = threading.Lock()
-        self._spend: dict[tuple[str, str], int] = {}
-        self._tokens: dict[tuple[str, str, str], int] = {}
-        self._decisions: dict[tuple[str, str], int] = {}
-        self._charges: dict[str, int] = {}
-        self._estimated: dict[str, int] = {}
-        self._approvals: dict[str, int] = {}
-        self._released = 0
-        self._store_errors: dict[str, int] = {"request": 0, "scrape": 0}
-        #: the directory every worker's counters are in, and this one's file (``serve --workers``)
+        self._owner = threading.get_ident()
+        #: the directory every worker's counters are in, and this one's file name (``serve --workers``)
         self._dir: Path | None = None
-        self._file: CounterFile | None = None
+        self._name = ""
+        table: Slots = _Table()
         if _SHARED is not None:
-            self._dir = _SHARED[0]
-            self._file = CounterFile(_SHARED[0] / f"{_SHARED[1]}.counts")
-        self._decision_s = _Histogram(name="decision_s", shared=self._file)
-        self._added_s = _Histogram(name="added_s", shared=self._file)
-        self._providers, self._models, self._rules, self._channels = _Labels(), _Labels(), _Labels(), _Labels()
+            self._dir, self._name = _SHARED
+            table = CounterFile(self._dir / f"{self._name}.counts")
+        self._labels = (_Labels(), _Labels(), _Labels(), _Labels())  # provider, model, rule, channel
+        self._own = _Counts(table, *self._labels)
+        self._other: _Counts | None = None
+        self._decision_s = _Histogram("decision_s", self)
+        self._added_s = _Histogram("added_s", self)
         self._gauges: list[Metric] = []
         self._gauges_at = -1e18
         self._store_up = 1
@@ -291,65 +434,57 @@ class Metrics:
     # -- the request path ----------------------------------------------------------------------
 
     def observe(self, event: Event, policy_hash: str, raw: bytes | None) -> None:
-        """The engine observer: count one event. O(1), no I/O."""
-        kind = event.kind
-        inc = self._inc
-        if kind in SPEND_KINDS:
-            with self._lock:
-                provider, model = self._providers(event.provider), self._models(event.model)
-                inc(self._spend, "spend", (provider, model), event.cost)
-                inc(self._tokens, "tokens", ("input", provider, model), event.input_tokens)
-                inc(self._tokens, "tokens", ("output", provider, model), event.output_tokens)
-                for part, label in _TOKEN_PARTS:  # parts of input and output (a capture's usage)
-                    n = event.amounts.get(part)
-                    if n:
-                        inc(self._tokens, "tokens", (label, provider, model), n)
-                inc(self._charges, "charges", kind, 1)
-                if event.estimated:
-                    inc(self._estimated, "estimated", kind, 1)
-        elif kind in DECISION_KINDS:
-            arrived = _ARRIVED.get() if kind in TIMED_KINDS else None
-            took = time.time() - event.ts if kind in TIMED_KINDS else -1.0
-            with self._lock:
-                inc(self._decisions, "decisions", (kind, self._rules(event.rule)), 1)
-                if 0 <= took < 3600:  # a replayed or simulated clock is no latency
-                    self._decision_s.observe(took)
-                if arrived is not None:
-                    self._added_s.observe(time.perf_counter() - arrived)
+        """The engine observer: count one event. O(1), no I/O, no lock on the owning thread."""
+        took = added = None
+        if event.kind in TIMED_KINDS:
+            took = time.time() - event.ts
+            arrived = _ARRIVED.get()
             if arrived is not None:  # a request decided twice (approved on retry) is timed once
+                added = time.perf_counter() - arrived
                 _ARRIVED.set(None)
-        elif kind == "approval":
+        if get_ident() == self._owner:
+            self._own.count(event, took, added)
+        else:
             with self._lock:
-                inc(self._approvals, "approvals", self._channels(event.dims.get("channel", "")), 1)
-        elif kind == "released":
-            with self._lock:
-                self._released += 1
-                if self._file is not None:
-                    self._file.set(("released",), self._released)
+                self._others().count(event, took, added)
 
-    def _inc(self, table: dict[Any, int], name: str, key: Any, n: int) -> None:
-        """``table[key] += n``, and the same in this worker's shared file (under the lock)."""
-        value = table.get(key, 0) + n
-        table[key] = value
-        if self._file is not None:
-            self._file.set((name, *key) if isinstance(key, tuple) else (name, key), value)
+    def _others(self) -> _Counts:
+        """The table of threads other than the owner's (under :attr:`_lock`), made when first needed."""
+        if self._other is None:
+            table: Slots = _Table()
+            if self._dir is not None:
+                table = CounterFile(self._dir / f"{self._name}.threads.counts")
+            self._other = _Counts(table, *self._labels)
+        return self._other
+
+    def writers(self) -> list[_Counts]:
+        """Every table this process counts into."""
+        other = self._other
+        return [self._own] if other is None else [self._own, other]
 
     def store_error(self, where: str) -> None:
-        with self._lock:
-            self._inc(self._store_errors, "store_errors", where, 1)
+        if get_ident() == self._owner:
+            self._own.add(("store_errors", where), 1)
+        else:
+            with self._lock:
+                self._others().add(("store_errors", where), 1)
 
-    def _totals(self) -> dict[str, int] | None:
-        """Every worker's counters summed (None: this process alone counts). Blocking."""
+    def _counts(self) -> dict[tuple[str, ...], int]:
+        """Every counter, summed over this process's tables or, shared, every worker's file. Blocking."""
+        totals: dict[tuple[str, ...], int] = {}
         if self._dir is None:
-            return None
-        totals: dict[str, int] = {}
+            for c in self.writers():
+                for key, n in c.table.items():
+                    totals[key] = totals.get(key, 0) + n
+            return totals
         for path in sorted(self._dir.glob("*.counts")):
             try:
                 values = CounterFile.read(path)
             except (OSError, ValueError, struct.error) as exc:  # a file half made by a starting worker
                 log.warning("metrics: %s could not be read: %s", path, exc)
                 continue
-            for key, n in values.items():
+            for raw, n in values.items():
+                key = tuple(json.loads(raw))
                 totals[key] = totals.get(key, 0) + n
         return totals
 
@@ -393,61 +528,50 @@ class Metrics:
     def collect(self) -> Iterator[Metric]:
         """The ``prometheus_client`` collector: the counters as they are now (every worker's, when
         shared), the gauges as last read."""
-        totals = self._totals()
-        with self._lock:
-            spend, tokens, decisions = dict(self._spend), dict(self._tokens), dict(self._decisions)
-            charges, estimated, approved = dict(self._charges), dict(self._estimated), dict(self._approvals)
-            released, errors, up = self._released, dict(self._store_errors), self._store_up
-            decision_s = self._decision_s.family("spendgate_decision_seconds",
-                                                 "Time from taking a request up to its decision, store included.",
-                                                 totals)
-            added_s = self._added_s.family("spendgate_added_latency_seconds",
-                                           "Time the guard adds before a request leaves: arrival to decision.",
-                                           totals)
-        if totals is not None:
-            t = _tables(totals)
-            spend, tokens, decisions = t.get("spend", {}), t.get("tokens", {}), t.get("decisions", {})
-            charges, estimated, approved = t.get("charges", {}), t.get("estimated", {}), t.get("approvals", {})
-            released = totals.get(_key("released"), 0)
-            errors = {"request": 0, "scrape": 0, **t.get("store_errors", {})}
+        counts = self._counts()
+        by_name: dict[str, dict[tuple[str, ...], int]] = {}
+        for (name, *rest), n in counts.items():
+            by_name.setdefault(name, {})[tuple(rest)] = n
+        spend, tokens, decisions = by_name.get("spend", {}), by_name.get("tokens", {}), by_name.get("decisions", {})
         usd = CounterMetricFamily("spendgate_spend_usd", "Dollars charged (captured, unknown outcome, expired "
                                   "holds), by provider and model.", labels=["provider", "model"])
         nanos = CounterMetricFamily("spendgate_spend_nanodollars", "The same charges in integer nano-dollars "
                                     "(exact).", labels=["provider", "model"])
-        for (provider, model), n in sorted(spend.items()):
-            usd.add_metric([provider, model], _usd(n))
-            nanos.add_metric([provider, model], n)
+        for labels, n in sorted(spend.items()):
+            usd.add_metric(list(labels), _usd(n))
+            nanos.add_metric(list(labels), n)
         yield usd
         yield nanos
         tok = CounterMetricFamily("spendgate_tokens", "Tokens charged, by type (OpenTelemetry GenAI "
                                   "gen_ai.token.type: input, output; cache_read and cache_write are parts of "
                                   "input, reasoning of output).", labels=["type", "provider", "model"])
-        for tkey, n in sorted(tokens.items()):
-            tok.add_metric(list(tkey), n)
+        for labels, n in sorted(tokens.items()):
+            tok.add_metric(list(labels), n)
         yield tok
         dec = CounterMetricFamily("spendgate_decisions", "Decisions by outcome and the rule that shaped them "
                                   "(empty: no rule did).", labels=["action", "rule"])
-        for dkey, n in sorted(decisions.items()):
-            dec.add_metric(list(dkey), n)
+        for labels, n in sorted(decisions.items()):
+            dec.add_metric(list(labels), n)
         yield dec
-        yield _by_kind("spendgate_charges", "Charges recorded, by kind (capture, unknown, expired).", charges)
-        yield _by_kind("spendgate_estimated_charges", "Charges whose amount is an estimate (no usage from the "
-                       "provider, or a price spendgate had to guess).", estimated)
-        appr = CounterMetricFamily("spendgate_approvals", "Approvals given, by channel.", labels=["channel"])
-        for channel, n in sorted(approved.items()):
-            appr.add_metric([channel], n)
-        yield appr
+        yield _by_label("spendgate_charges", "Charges recorded, by kind (capture, unknown, expired).", "kind",
+                        by_name.get("charges", {}))
+        yield _by_label("spendgate_estimated_charges", "Charges whose amount is an estimate (no usage from the "
+                        "provider, or a price spendgate had to guess).", "kind", by_name.get("estimated", {}))
+        yield _by_label("spendgate_approvals", "Approvals given, by channel.", "channel",
+                        by_name.get("approvals", {}))
         yield CounterMetricFamily("spendgate_releases", "Holds given back uncharged (the request was not billed).",
-                                  value=released)
-        err = CounterMetricFamily("spendgate_store_errors", "Store failures: requests refused because the store "
-                                  "failed, scrapes that could not read it.", labels=["where"])
-        for where, n in sorted(errors.items()):
-            err.add_metric([where], n)
-        yield err
-        yield GaugeMetricFamily("spendgate_store_up", "1 when the last scrape read the store, else 0.", value=up)
-        yield decision_s
-        yield added_s
+                                  value=counts.get(("released",), 0))
+        yield _by_label("spendgate_store_errors", "Store failures: requests refused because the store failed, "
+                        "scrapes that could not read it.", "where",
+                        {("request",): 0, ("scrape",): 0, **by_name.get("store_errors", {})})
+        yield GaugeMetricFamily("spendgate_store_up", "1 when the last scrape read the store, else 0.",
+                                value=self._store_up)
+        yield self._decision_s.family("spendgate_decision_seconds",
+                                      "Time from taking a request up to its decision, store included.", counts)
+        yield self._added_s.family("spendgate_added_latency_seconds",
+                                   "Time the guard adds before a request leaves: arrival to decision.", counts)
         yield from self._gauges
+
 
     def read_store(self, now: float) -> list[Metric]:
         """The gauges, from the store (blocking; see the module docstring for the aggregation)."""
@@ -504,10 +628,10 @@ def _add_bucket(fams: Mapping[str, GaugeMetricFamily], labels: list[str], limit:
         fams["remaining"].add_metric(labels, _usd(left))
 
 
-def _by_kind(name: str, doc: str, counts: Mapping[str, int]) -> CounterMetricFamily:
-    fam = CounterMetricFamily(name, doc, labels=["kind"])
-    for kind, n in sorted(counts.items()):
-        fam.add_metric([kind], n)
+def _by_label(name: str, doc: str, label: str, counts: Mapping[tuple[str, ...], int]) -> CounterMetricFamily:
+    fam = CounterMetricFamily(name, doc, labels=[label])
+    for labels, n in sorted(counts.items()):
+        fam.add_metric(list(labels), n)
     return fam
 
 
