@@ -31,10 +31,12 @@ from spendgate.events.audit import (
     KINDS,
     canonical,
     checkpoint,
+    entry_body,
     entry_from_event,
     entry_hash,
     rfc3339,
     seal,
+    seal_body,
     seal_text,
 )
 from spendgate.events.signing import AuditKeyError, load_key, parse_public, public_hex
@@ -251,6 +253,65 @@ def test_any_event_becomes_an_entry_that_verifies_and_any_edit_is_caught(
     moved = {**sealed, "chain": "fedcba9876543210"}
     assert not verify([moved], [PUB]).ok
     assert not verify([{**sealed, "extra": "1"}], [PUB]).ok
+
+
+# -- the writer's direct path -------------------------------------------------------------------------
+
+#: any text: controls, U+2028, astral characters and lone surrogates (st.text leaves those out)
+_any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=8)
+_odd_text = st.sampled_from(["", "a", "\ud800", "\U0001f600", "\uff4d", "\u20ac", "\u2028", "\x00", '"', "\\"])
+_wild_text = st.one_of(_any_text, _odd_text)
+_wild_events = st.builds(
+    Event,
+    ts=st.floats(0, 4_102_444_800, allow_nan=False) | st.integers(0, 4_102_444_800),
+    kind=st.sampled_from(sorted(KINDS)) | _wild_text,
+    decision_id=_wild_text,
+    model=_wild_text,
+    provider=_wild_text,
+    cost=st.integers(0, 10**30),
+    input_tokens=st.integers(0, 10**20),
+    output_tokens=st.integers(0, 10**9),
+    estimated=st.booleans(),
+    dims=st.dictionaries(_wild_text, _wild_text | st.integers(-5, 5), max_size=5),
+    rule=_wild_text,
+    bucket=_wild_text,
+    amounts=st.dictionaries(_amount_name | _wild_text, st.integers(0, 10**25), max_size=5),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(event=_wild_events, chain=st.sampled_from(["0123456789abcdef"]) | _wild_text,
+       seq=st.integers(1, 10**6) | st.sampled_from([2**53 - 1, 2**53, -(2**53) + 1, -(2**53)]) | st.booleans(),
+       prev_hash=st.sampled_from([GENESIS]) | _wild_text, policy_hash=st.sampled_from([PH]) | _wild_text | st.none(),
+       request=st.none() | st.binary(max_size=32) | _wild_text)
+def test_the_writers_entry_body_is_byte_for_byte_rfc8785_of_the_entry(
+        event: Event, chain: str, seq: int, prev_hash: str, policy_hash: str, request: bytes | str | None) -> None:
+    """What the writer signs — :func:`entry_body`, written straight from the event — is exactly
+    ``rfc8785.dumps`` of the entry :func:`entry_from_event` makes, for any event (every kind of
+    character, astral keys sorted by UTF-16 code unit, lone surrogates, integers past 2**53, a bool or an unsafe seq, a
+    non-text policy hash), or it fails as that does."""
+    kw: dict[str, Any] = {"chain": chain, "seq": seq, "prev_hash": prev_hash, "policy_hash": policy_hash,
+                          "request": request}
+    try:
+        expected = rfc8785.dumps(entry_from_event(event, **kw))
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            entry_body(event, **kw)
+        return
+    assert entry_body(event, **kw) == expected
+
+
+@pytest.mark.parametrize("i", range(len(DOC["entries"])))
+def test_each_vector_comes_out_of_the_writers_path_exactly(i: int) -> None:
+    v = DOC["entries"][i]
+    request = None if v["request_base64"] is None else base64.b64decode(v["request_base64"])
+    body = entry_body(_event(v["event"]), chain=DOC["chain"], seq=v["seq"], prev_hash=v["prev_hash"],
+                      policy_hash=DOC["policy_hash"], request=request)
+    assert body.decode("utf-8") == v["canonical"]
+    assert audit._entry_text(_event(v["event"]), DOC["chain"], v["seq"], v["prev_hash"], DOC["policy_hash"],
+                             request) is not None, "an ordinary entry is written directly, not the generic way"
+    digest, text = seal_body(body, KEY)
+    assert digest == v["hash"] and json.loads(text) == v["entry"]
 
 
 # -- the key ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spendgate.errors import StoreError
-from spendgate.events.audit import GENESIS, checkpoint, dumps, entry_from_event, seal_text
+from spendgate.events.audit import GENESIS, checkpoint, dumps, entry_body, seal_body
 from spendgate.ledger.base import Event, Ledger
 
 log = logging.getLogger("spendgate.audit")
@@ -157,9 +157,9 @@ class AuditLog:
         for _ in range(n):
             event, policy_hash, request = self._queue.popleft()
             try:
-                entry = entry_from_event(event, chain=self.chain, seq=seq, prev_hash=head, policy_hash=policy_hash,
-                                         request=request)
-                head, text = seal_text(entry, self.key)
+                body = entry_body(event, chain=self.chain, seq=seq, prev_hash=head, policy_hash=policy_hash,
+                                  request=request)
+                head, text = seal_body(body, self.key)
             except Exception:  # an event that cannot be an entry is reported, never allowed to stall the chain
                 log.exception("audit chain %s: cannot log event %s (%s)", self.chain,
                               getattr(event, "decision_id", "?"), getattr(event, "kind", "?"))
