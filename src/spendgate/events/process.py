@@ -28,7 +28,7 @@ import secrets
 import signal
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from spendgate import fastjson
 from spendgate.ledger.base import Event, event_of_doc
@@ -41,6 +41,8 @@ PUMP_EVERY_S = 0.1
 WRITER_NICENESS = 10
 #: the environment variable the child reads its store URL from
 STORE_ENV = "SPENDGATE_AUDIT_STORE"
+#: how much of the pipe the child reads at once: a pump's whole batch in one system call
+READ_BYTES = 1 << 16
 
 
 class AuditChild:
@@ -150,12 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spendgate audit: {exc}", file=sys.stderr)
         return 2
     try:
-        for raw in sys.stdin.buffer:
-            try:
-                doc, policy_hash, digest = json.loads(raw)
-                audit.add(event_of_doc(doc), policy_hash, digest)
-            except (ValueError, TypeError, KeyError) as exc:  # a bug in the server, never a reason to stop logging
-                log.error("audit chain %s: an unreadable event line was skipped (%s)", args.chain, exc)
+        for batch in _batches(sys.stdin.buffer.fileno(), args.chain):
+            for event, policy_hash, digest in batch:
+                audit.add(event, policy_hash, digest)
     finally:
         try:
             audit.close()
@@ -165,6 +164,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             store.close()
     return 0
+
+
+def _batches(fd: int, chain: str) -> Iterator[list[tuple[Event, str, str | None]]]:
+    """The event lines of the pipe ``fd``, parsed, a read's worth at a time, until the pipe's end.
+
+    One read takes a pump's whole batch (line by line, ``sys.stdin`` cost a call per line), and it
+    is decoded once, each line then parsed from text. A line that cannot be read is reported and
+    skipped: a bug in the server is never a reason to stop logging."""
+    tail = b""
+    while True:
+        chunk = os.read(fd, READ_BYTES)
+        if not chunk:
+            break
+        data = tail + chunk if tail else chunk
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        if cut:
+            yield _parse(data[:cut], chain)
+    if tail:  # a last line without its newline
+        yield _parse(tail, chain)
+
+
+def _parse(block: bytes, chain: str) -> list[tuple[Event, str, str | None]]:
+    """The readable lines of ``block`` (cut at ``\\n`` only, as the server writes them: a line's
+    text may hold U+2028 and the like) as (event, policy hash, request digest)."""
+    try:
+        lines: list[str] | list[bytes] = block.decode().split("\n")
+    except UnicodeDecodeError:  # not one line's fault: each line is read (and reported) on its own
+        lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    out = []
+    for raw in lines:
+        try:
+            doc, policy_hash, digest = json.loads(raw)
+            out.append((event_of_doc(doc), policy_hash, digest))
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("audit chain %s: an unreadable event line was skipped (%s)", chain, exc)
+    return out
 
 
 if __name__ == "__main__":
