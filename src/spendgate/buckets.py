@@ -8,8 +8,7 @@ bucket nobody charges.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import lru_cache
 
@@ -81,27 +80,57 @@ class RuleBucket:
     #: when a calendar period ends (epoch seconds), else None
     resets_at: float | None
     window_s: int | None
+    #: the ledger's bucket, enforced and counted only (built once with this, asked for per request)
+    enforced: Bucket = field(init=False, compare=False, repr=False)
+    counted: Bucket = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        enforced = Bucket(self.key, self.limit, self.window_s, self.unit, self.resets_at)  # type: ignore[arg-type]
+        object.__setattr__(self, "enforced", enforced)
+        object.__setattr__(self, "counted", replace(enforced, limit=None))
 
     def bucket(self, enforce: bool = True) -> Bucket:
         """The ledger's bucket; ``enforce`` False counts without refusing (alert and shadow rules)."""
-        return Bucket(self.key, self.limit if enforce else None, self.window_s, self.unit,  # type: ignore[arg-type]
-                      self.resets_at)
+        return self.enforced if enforce else self.counted
 
 
-def rule_buckets(rule: Rule, scope: str, now: float, override: Limit | None = None) -> Iterator[RuleBucket]:
+#: rule_buckets' answers: (id of the rule, scope, override, period) -> (the rule, its buckets); the
+#: engine asks for every windowed rule of every request, and the answer changes once a period
+_MEMO: dict[tuple[int, str, Limit | None, object], tuple[Rule, tuple[RuleBucket, ...]]] = {}
+#: entries kept before the memo starts over (one per rule, scope and period: sessions come and go)
+MEMO_MAX = 8192
+
+
+def rule_buckets(rule: Rule, scope: str, now: float, override: Limit | None = None) -> tuple[RuleBucket, ...]:
     """The buckets ``rule`` counts for ``scope`` (``per=value``) at ``now``, one per unit it limits.
     A ``window = "request"`` rule keeps none: it weighs one call."""
     w = rule.window
     if w.kind == "request":
-        return
-    key, resets, window_s, period = bucket_key(rule.name, scope), None, None, ""
+        return ()
+    if w.kind == "calendar":
+        token: object = w.period_of(now, rule.tz)
+    elif w.kind == "rolling":
+        token = int(now // w.seconds)
+    else:
+        token = None
+    memo_key = (id(rule), scope, override, token)
+    hit = _MEMO.get(memo_key)
+    if hit is not None and hit[0] is rule:
+        return hit[1]
+    key, window_s, period = bucket_key(rule.name, scope), None, ""
+    resets: float | None = None
     if w.kind == "calendar":
         period, resets = w.period_of(now, rule.tz)
         key = bucket_key(rule.name, scope, period)
     elif w.kind == "rolling":
         window_s = w.seconds
-        period = str(int(now // w.seconds))
+        period = str(token)
+    out = []
     for unit in UNITS:
         limit = rule_limit(rule, unit, override)
         if limit is not None:
-            yield RuleBucket(unit, int(limit), unit_key(key, unit), period, resets, window_s)
+            out.append(RuleBucket(unit, int(limit), unit_key(key, unit), period, resets, window_s))
+    if len(_MEMO) >= MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[memo_key] = (rule, tuple(out))
+    return tuple(out)
