@@ -4,8 +4,10 @@ restarts of the writer, and still a chain that verifies when the writer is kille
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import marshal
 import os
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from spendgate import ledger
-from spendgate.events.process import STORE_ENV, AuditChild, _batches, _line
+from spendgate.events.process import STORE_ENV, AuditChild, _batches, _frame, _record
 from spendgate.events.signing import load_key, parse_public, public_hex
 from spendgate.events.verify import verify_store
 from spendgate.ledger import Event
@@ -105,44 +107,69 @@ def test_a_killed_writer_is_started_again_and_the_chain_still_verifies(tmp_path:
     assert _verified(url)
 
 
-def _lines(events: list[Event]) -> bytes:
-    return b"".join(_line(e, "ab" * 32, None) for e in events)
+
+def _frame_of(events: list[Event]) -> bytes:
+    return _frame([(e, "ab" * 32, None) for e in events], "c")
 
 
-def test_lines_cut_anywhere_by_the_pipes_reads_come_out_whole_and_a_bad_line_is_skipped(
+def test_an_event_crosses_the_pipe_exactly_and_one_marshal_cannot_write_is_left_out(
         caplog: pytest.LogCaptureFixture) -> None:
-    """The writer reads the pipe a chunk at a time: a line (and a UTF-8 character) split between
-    two reads is read whole, a line is cut at "\\n" only (U+2028 inside a line is text), and a line
-    that is not an event — bad JSON, bad UTF-8, the wrong shape — is reported and skipped."""
-    odd = Event(1_800_000_000.5, "allow", "d-\u2028-é-\U0001f600", "m", "p", 0, dims={"user": "\u2029"})
-    good = [_event(0), odd, _event(2), _event(3)]
-    first, second = _lines(good[:2]), _lines(good[2:])
-    mid = first.index("é".encode()) + 1  # inside the two bytes of é
-    pieces = [first[:mid], first[mid:] + b"not json\n" + b'{"kind": "allow"}\n' + b"\xff\xfe\n" + second[:7],
-              second[7:-1]]  # the last line has no newline: the pipe's end ends it
+    """Every field comes out as it went in: an integer past 64 bits, a float to the bit, a lone
+    surrogate, non-default everything — and the request's digest, never the body."""
+    odd = Event(1_800_000_000.1234567, "capture", "d-\ud800-\U0001f600", "m\u2028", "p", 2**70, 2**64 + 1, 7, True,
+                {"user": "\udfff", "n": "1"}, "r", "b", {"estimate_usd": 2**80, "x_tokens": 3})
+    bad = Event(1.0, "allow", "d-bad", "m", "p", 0, dims={"user": object()})  # type: ignore[dict-item]
+    with caplog.at_level(logging.ERROR, logger="spendgate.audit"):
+        frame = _frame([(odd, "ab" * 32, b'{"model": "m"}'), (bad, "ab" * 32, None), (_event(1), "cd" * 32, None)],
+                       "c")
+    assert "event 'd-bad' cannot be handed to the writer" in caplog.text
+    r, w = os.pipe()
+    os.write(w, frame)
+    os.close(w)
+    got = [item for batch in _batches(r, "c") for item in batch]
+    os.close(r)
+    digest = hashlib.sha256(b'{"model": "m"}').hexdigest()
+    assert got == [(odd, "ab" * 32, digest), (_event(1), "cd" * 32, None)]
+    assert got[0][0].ts.hex() == odd.ts.hex()
+
+
+def test_frames_cut_anywhere_by_the_pipes_reads_come_out_whole_and_a_bad_one_is_skipped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The writer reads the pipe a chunk at a time: a frame whose header or body is split between
+    reads is read whole; a frame that is not marshal, an event of the wrong shape, and a last
+    frame the pipe's end cuts short are reported and skipped, and reading goes on."""
+    garbage = b"\xff\x00not marshal"
+    wrong = marshal.dumps([("too", "short"), (*_record(_event(4), "ab" * 32, None),)])
+    good1, good2 = _frame_of([_event(0), _event(1)]), _frame_of([_event(2), _event(3)])
+    stream = (good1 + len(garbage).to_bytes(4, "big") + garbage + len(wrong).to_bytes(4, "big") + wrong + good2
+              + _frame_of([_event(5)])[:-3])
+    cuts = [2, len(good1) + 1, len(good1) + 9, len(stream) - len(good2) - 10]
     r, w = os.pipe()
     got: list[tuple[Event, str, str | None]] = []
     with caplog.at_level(logging.ERROR, logger="spendgate.audit"):
         batches = _batches(r, "c")
-        os.write(w, pieces[0])  # no complete line yet: the first read yields nothing
-        os.write(w, pieces[1])
+        os.write(w, stream[:cuts[0]])  # inside the first header: the first read yields nothing whole
+        os.write(w, stream[cuts[0]:cuts[1]])
         got += next(batches)
-        os.write(w, pieces[2])
+        for a, b in zip(cuts[1:], [*cuts[2:], len(stream)], strict=True):
+            os.write(w, stream[a:b])
         os.close(w)
         got += [item for batch in batches for item in batch]
     os.close(r)
-    assert [g[0] for g in got] == good and {g[1] for g in got} == {"ab" * 32}
-    assert caplog.text.count("an unreadable event line was skipped") == 3
+    assert [g[0].decision_id for g in got] == ["d-0", "d-1", "d-4", "d-2", "d-3"]
+    assert "an unreadable batch of events was skipped" in caplog.text
+    assert "an unreadable event was skipped" in caplog.text
+    assert "the server's last batch was cut short" in caplog.text
 
 
-def test_the_writer_process_stores_only_the_readable_lines(tmp_path: Path) -> None:
+def test_the_writer_process_stores_what_it_can_read_and_the_chain_verifies(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'spend.db'}"
     env = {**os.environ, STORE_ENV: url}
-    data = _lines([_event(0)]) + b"[1, 2\n" + _lines([_event(1)]) + b"\n" + _lines([_event(2)])[:-1]
+    data = _frame_of([_event(0)]) + (3).to_bytes(4, "big") + b"bad" + _frame_of([_event(1), _event(2)])
     done = subprocess.run([sys.executable, "-m", "spendgate.events.process", "--chain", "0123456789abcdef",
                            "--checkpoint-entries", "2", "--checkpoint-seconds", "60"],
                           input=data, env=env, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.decode().count("an unreadable event line was skipped") == 2  # the bad one, the empty one
+    assert "an unreadable batch of events was skipped" in done.stderr.decode()
     assert _ids(url, "0123456789abcdef") == ["d-0", "d-1", "d-2"]
     assert _verified(url)
