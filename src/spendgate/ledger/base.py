@@ -505,8 +505,7 @@ class TransactionalLedger(Ledger):
         hold = self._pop_hold(hold_id, event=False)
         if hold is None:
             return False
-        for line in hold.lines:
-            self._charge(line.bucket, actual.get(line.bucket.unit, line.amount), now)
+        self._charge([(line.bucket, actual.get(line.bucket.unit, line.amount)) for line in hold.lines], now)
         if event is not None:
             self._add_event(event)
         return True
@@ -671,7 +670,8 @@ class TransactionalLedger(Ledger):
     def _stale_holds(self, now: float) -> Iterator[str]: ...
 
     @abstractmethod
-    def _charge(self, bucket: Bucket, amount: int, now: float) -> None: ...
+    def _charge(self, charges: Sequence[tuple[Bucket, int]], now: float) -> None:
+        """Add each amount to its bucket's spend at ``now`` (one call for all of a hold's lines)."""
 
     @abstractmethod
     def _add_grant(self, key: str, amount: int, until: float) -> None: ...
@@ -714,8 +714,8 @@ class TransactionalLedger(Ledger):
             if hold is None:
                 continue
             charged: dict[str, int] = {}
+            self._charge([(line.bucket, line.amount) for line in hold.lines], now)
             for line in hold.lines:
-                self._charge(line.bucket, line.amount, now)
                 charged[line.bucket.unit] = max(charged.get(line.bucket.unit, 0), line.amount)
             ev = None
             if hold.event is not None:

@@ -91,10 +91,11 @@ class MemoryLedger(TransactionalLedger):
     def _stale_holds(self, now: float) -> Iterator[str]:
         return (h.hold_id for h in self._holds.values() if h.expires_at <= now)
 
-    def _charge(self, bucket: Bucket, amount: int, now: float) -> None:
-        slots = self._slots[bucket.key]
-        slot = bucket.slot_of(now)
-        slots[slot] = slots.get(slot, 0) + amount
+    def _charge(self, charges: Sequence[tuple[Bucket, int]], now: float) -> None:
+        for bucket, amount in charges:
+            slots = self._slots[bucket.key]
+            slot = bucket.slot_of(now)
+            slots[slot] = slots.get(slot, 0) + amount
 
     def _add_grant(self, key: str, amount: int, until: float) -> None:
         self._grants[key].append((amount, until))

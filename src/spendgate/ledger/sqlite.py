@@ -74,6 +74,8 @@ CHECKPOINT_BUSY_MS = 20
 VERIFY_EVERY_S = 0.5
 #: entries of the per-bucket "slots already pruned" memo before it is dropped (memory stays bounded)
 PRUNED_MEMO_MAX = 10_000
+#: holds remembered by the connection that placed them (then forgotten all at once)
+MINE_MAX = 100_000
 #: 1: held amounts and hold counts on ``buckets``; 2: the alert outbox and the audit log (new tables,
 #: which ``_SCHEMA`` creates in an older file as in a new one)
 SCHEMA_VERSION = 2
@@ -205,6 +207,8 @@ class SQLiteLedger(TransactionalLedger):
         #: no hold expires before this (a lower bound; -inf: unknown, scan)
         self._next_expiry = float("-inf")
         self._pruned: dict[str, int] = {}
+        #: holds this connection placed and has not yet taken back: a capture need not parse its row
+        self._mine: dict[str, _Hold] = {}
         self._lost: str | None = None
         self._verify_at = monotonic() + VERIFY_EVERY_S
         self._stop = threading.Event()
@@ -389,6 +393,9 @@ class SQLiteLedger(TransactionalLedger):
         lines, event = serialize_hold(hold)
         self._db.execute("INSERT INTO holds(id, expires_at, lines, event) VALUES (?,?,?,?)",
                          (hold.hold_id, hold.expires_at, lines, event))
+        if len(self._mine) >= MINE_MAX:  # (a memo: a hold forgotten here is read back from its row)
+            self._mine.clear()
+        self._mine[hold.hold_id] = hold
         self._db.executemany(_UPSERT_BUCKET, [(b.key, b.limit, b.window_s, b.unit, b.ends_at, ln.amount, 1)
                                               for ln in hold.lines for b in (ln.bucket,)])
         for ln in hold.lines:
@@ -398,11 +405,18 @@ class SQLiteLedger(TransactionalLedger):
             self._next_expiry = hold.expires_at
 
     def _pop_hold(self, hold_id: str, *, event: bool = True) -> _Hold | None:
-        row = self._db.execute("DELETE FROM holds WHERE id=? RETURNING expires_at, lines"
-                               + (", event" if event else ""), (hold_id,)).fetchone()
-        if row is None:
-            return None
-        hold = deserialize_hold(hold_id, row[0], row[1], row[2] if event else None)
+        hold = self._mine.pop(hold_id, None)
+        if hold is not None and not event:
+            # placed by this connection: its lines are known; the row decides whether it is still there
+            # (another process may have expired it, or the transaction that placed it rolled back)
+            if self._db.execute("DELETE FROM holds WHERE id=?", (hold_id,)).rowcount != 1:
+                return None
+        else:
+            row = self._db.execute("DELETE FROM holds WHERE id=? RETURNING expires_at, lines"
+                                   + (", event" if event else ""), (hold_id,)).fetchone()
+            if row is None:
+                return None
+            hold = deserialize_hold(hold_id, row[0], row[1], row[2] if event else None)
         self._db.executemany("UPDATE buckets SET held = held - ?, holds = holds - 1 WHERE key=?",
                              [(ln.amount, ln.bucket.key) for ln in hold.lines])
         for ln in hold.lines:
@@ -419,25 +433,24 @@ class SQLiteLedger(TransactionalLedger):
         self._next_expiry = float("inf") if nxt is None else float(nxt)
         return (r[0] for r in rows)
 
-    def _charge(self, bucket: Bucket, amount: int, now: float) -> None:
-        self._db.execute(
-            "INSERT INTO slots(bucket, slot, amount) VALUES (?,?,?) "
-            "ON CONFLICT(bucket, slot) DO UPDATE SET amount = amount + excluded.amount",
-            (bucket.key, slot := bucket.slot_of(now), amount),
-        )
-        if (k := self._known.get(bucket.key)) is not None:
-            if slot >= k.floor:
-                k.slots[slot] = k.slots.get(slot, 0) + amount
-            else:  # a clock set back: read it again when asked
-                del self._known[bucket.key]
-        if bucket.window_s:
-            first = bucket.first_live_slot(now)
-            if self._pruned.get(bucket.key, -1) < first:  # once per slot period, not per charge
-                # (the mirror keeps no slot below its floor, which the next state moves up to first)
-                self._db.execute("DELETE FROM slots WHERE bucket=? AND slot<?", (bucket.key, first))
-                if len(self._pruned) >= PRUNED_MEMO_MAX:  # a memo: forgetting costs one more DELETE
-                    self._pruned.clear()
-                self._pruned[bucket.key] = first
+    def _charge(self, charges: Sequence[tuple[Bucket, int]], now: float) -> None:
+        rows = [(bucket.key, bucket.slot_of(now), amount) for bucket, amount in charges]
+        self._db.executemany("INSERT INTO slots(bucket, slot, amount) VALUES (?,?,?) "
+                             "ON CONFLICT(bucket, slot) DO UPDATE SET amount = amount + excluded.amount", rows)
+        for (bucket, _), (key, slot, amount) in zip(charges, rows, strict=True):
+            if (k := self._known.get(key)) is not None:
+                if slot >= k.floor:
+                    k.slots[slot] = k.slots.get(slot, 0) + amount
+                else:  # a clock set back: read it again when asked
+                    del self._known[key]
+            if bucket.window_s:
+                first = bucket.first_live_slot(now)
+                if self._pruned.get(key, -1) < first:  # once per slot period, not per charge
+                    # (the mirror keeps no slot below its floor, which the next state moves up to first)
+                    self._db.execute("DELETE FROM slots WHERE bucket=? AND slot<?", (key, first))
+                    if len(self._pruned) >= PRUNED_MEMO_MAX:  # a memo: forgetting costs one more DELETE
+                        self._pruned.clear()
+                    self._pruned[key] = first
 
     def _add_grant(self, key: str, amount: int, until: float) -> None:
         self._db.execute("INSERT INTO grants(bucket, amount, until) VALUES (?,?,?)", (key, amount, until))
