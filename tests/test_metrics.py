@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.error
@@ -405,3 +406,98 @@ def test_workers_counters_are_summed_from_their_files_exactly_and_never_go_back(
     nanos = _value(counters(workers[0]), "spendgate_spend_nanodollars_total", provider="openai", model="gpt-4o")
     assert nanos == 5 * 10**15 + 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w1.counts", "w2.counts", "w3.counts"]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_events_counted_on_other_threads_add_up_exactly_with_the_event_loops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool) -> None:
+    """The thread that made the Metrics counts without a lock; events from other threads (a
+    networked store's refusal on a worker thread, a scrape's store error) count into a table of
+    their own. Interleaved as finely as the interpreter allows, no count is lost, and with
+    ``serve --workers`` another worker's scrape sums both files."""
+    from spendgate.observe import metrics as metrics_mod
+
+    if shared:
+        monkeypatch.setattr(metrics_mod, "_SHARED", (tmp_path, "w1"))
+    m = Metrics(ledger.open("memory://"))
+    if shared:
+        monkeypatch.setattr(metrics_mod, "_SHARED", (tmp_path, "w2"))
+        other_worker = Metrics(ledger.open("memory://"))
+    n, cost, models = 20_000, 10**9 + 7, 200
+    start = threading.Barrier(2)
+
+    def count(tag: str) -> None:
+        """n events: a decision, a charge to one of ``models`` models of its own (each new model
+        makes new series while the other thread makes its own), a refusal, in turn."""
+        events = [Event(time.time(), "allow", "d", "gpt-4o", "openai", 0),
+                  *(Event(time.time(), "capture", "c", f"{tag}-{i}", "openai", cost, 11, 13,
+                          amounts={"reasoning_tokens": 5}) for i in range(models)),
+                  Event(time.time(), "block", "b", "gpt-4o", "openai", 0, rule="user-day")]
+        start.wait()
+        for i in range(n):
+            m.observe(events[1 + i // 3 % models] if i % 3 == 1 else events[i % 3 and -1], "", None)
+        m.store_error("request")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: a lost update would show
+    try:
+        other = threading.Thread(target=count, args=("b",))
+        other.start()
+        count("a")
+        other.join()
+    finally:
+        sys.setswitchinterval(interval)
+    per_model = Counter(i // 3 % models for i in range(1, n, 3))
+    for scraper in [m, other_worker] if shared else [m]:
+        samples = _samples(scraper.exposition().decode())
+        for tag in ("a", "b"):
+            for i in range(models):
+                labels = {"provider": "openai", "model": f"{tag}-{i}"}
+                assert _value(samples, "spendgate_spend_nanodollars_total", **labels) == per_model[i] * cost
+                assert _value(samples, "spendgate_tokens_total", type="reasoning", **labels) == per_model[i] * 5
+        captures = 2 * len(range(1, n, 3))
+        assert sum(x.value for x in samples["spendgate_spend_nanodollars_total"]) == captures * cost
+        assert _value(samples, "spendgate_charges_total", kind="capture") == captures
+        assert _value(samples, "spendgate_decisions_total", action="allow", rule="") == 2 * len(range(0, n, 3))
+        assert _value(samples, "spendgate_decisions_total", action="block", rule="user-day") == \
+            2 * len(range(2, n, 3))
+        assert _value(samples, "spendgate_decision_seconds_count") == 2 * (len(range(0, n, 3)) + len(range(2, n, 3)))
+        assert _value(samples, "spendgate_store_errors_total", where="request") == 2
+    if shared:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["w1.counts", "w1.threads.counts", "w2.counts"]
+
+
+def test_counts_past_the_remembered_label_values_and_a_growing_shared_file_stay_exact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More distinct models than a table remembers slots for, enough series to grow a worker's
+    counter file past its first map, and charges again into the first series after it grew: the
+    shared counts equal one process's, the label cap holds, and a token part never charged has no
+    series."""
+    from spendgate.observe import metrics as metrics_mod
+
+    models = [f"model-{i}" for i in range(3 * MAX_LABEL_VALUES)] + ["gpt-4o"]
+    events = [Event(time.time(), "capture", f"c{i}", model, "openai", 1_000 + i, 10, 20,
+                    amounts={"cache_read_tokens": 3} if i % 2 else {})
+              for i, model in enumerate(models * 2)]
+    alone = Metrics(ledger.open("memory://"))
+    monkeypatch.setattr(metrics_mod, "_SHARED", (tmp_path, "w1"))
+    worker = Metrics(ledger.open("memory://"))
+    monkeypatch.setattr(metrics_mod, "_SHARED", None)
+    for event in events:
+        alone.observe(event, "", None)
+        worker.observe(event, "", None)
+    assert (tmp_path / "w1.counts").stat().st_size > 64 * 1024  # the map grew
+    samples = _samples(alone.exposition().decode())
+    assert _samples(worker.exposition().decode()) == samples
+    spend = samples["spendgate_spend_nanodollars_total"]
+    assert len(spend) == MAX_LABEL_VALUES + 1
+    assert sum(x.value for x in spend) == sum(e.cost for e in events)
+    beyond = [e for e in events if e.model not in {f"model-{i}" for i in range(MAX_LABEL_VALUES)}]
+    assert _value(samples, "spendgate_spend_nanodollars_total", provider="openai", model=OTHER) == \
+        sum(e.cost for e in beyond)
+    assert _value(samples, "spendgate_tokens_total", type="cache_read", provider="openai", model=OTHER) == \
+        3 * sum(1 for e in beyond if e.amounts)
+    assert _value(samples, "spendgate_tokens_total", type="input", provider="openai", model="model-0") == 20
+    assert _value(samples, "spendgate_tokens_total", type="output", provider="openai", model="model-1") == 40
+    assert {s.labels["type"] for s in samples["spendgate_tokens_total"]} == {"input", "output", "cache_read"}
+    assert _value(samples, "spendgate_charges_total", kind="capture") == len(events)

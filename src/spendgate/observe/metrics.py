@@ -65,6 +65,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from threading import get_ident
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -104,8 +105,8 @@ LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 #: input); ``cache_read`` and ``cache_write`` are parts of ``input``, ``reasoning`` of ``output``.
 _TOKEN_PARTS = (("cache_read_tokens", "cache_read"), ("cache_write_tokens", "cache_write"),
                 ("reasoning_tokens", "reasoning"))
-#: when the request being handled arrived (perf_counter), set by the middleware for its task
-_ARRIVED: ContextVar[float | None] = ContextVar("spendgate_arrived", default=None)
+#: when the request being handled arrived (perf_counter_ns), set by the middleware for its task
+_ARRIVED: ContextVar[int | None] = ContextVar("spendgate_arrived", default=None)
 
 
 class _Labels:
@@ -243,6 +244,8 @@ def _key(*parts: str) -> str:
 
 
 _INDEX = tuple(str(i) for i in range(len(LATENCY_BOUNDS) + 1))
+#: the latency buckets' bounds in integer nanoseconds, what the request path measures in
+_BOUNDS_NS = tuple(round(b * 1e9) for b in LATENCY_BOUNDS)
 #: the token parts' places in :attr:`_Series.parts`, the capture event's amount and the ``type`` label
 _PARTS = tuple((j, part, label) for j, (part, label) in enumerate(_TOKEN_PARTS))
 #: raw label values a table remembers the slots of; beyond, a lookup takes the slow way (and counts all the same)
@@ -273,12 +276,14 @@ class _Counts:
     def __init__(self, table: Slots, providers: _Labels, models: _Labels, rules: _Labels,
                  channels: _Labels) -> None:
         self.table = table
-        self._providers, self._models, self._rules, self._channels = providers, models, rules, channels
-        self._series: dict[tuple[str, str], _Series] = {}
-        self._decisions: dict[tuple[str, str], int] = {}
-        self._charges: dict[str, int] = {}
-        self._estimated: dict[str, int] = {}
-        self._approvals: dict[str, int] = {}
+        self._providers, self._models = providers, models
+        #: slots by raw label values (what the event carries), filled on first sight
+        self.series: dict[tuple[str, str], _Series] = {}
+        self.decisions: dict[tuple[str, str], int] = {}
+        self.charges: dict[str, int] = {}
+        self.estimated: dict[str, int] = {}
+        self.approvals: dict[str, int] = {}
+        #: the histograms' bucket slots (by bucket index) and their sums' (integer nanoseconds)
         self.decision_s = tuple(table.slot(("decision_s", i)) for i in _INDEX)
         self.decision_ns = table.slot(("decision_s", "sum_ns"))
         self.added_s = tuple(table.slot(("added_s", i)) for i in _INDEX)
@@ -287,71 +292,22 @@ class _Counts:
         for where in ("request", "scrape"):
             table.slot(("store_errors", where))
 
-    def count(self, event: Event, took: float | None, added: float | None) -> None:
-        """Count one event (``took`` and ``added``: its decision's latencies, when timed)."""
-        kind = event.kind
-        if kind in SPEND_KINDS:
-            s = self._series.get((event.provider, event.model)) or self._new_series(event.provider, event.model)
-            c = self._charges.get(kind)
-            if c is None:
-                c = self._charges[kind] = self.table.slot(("charges", kind))
-            v = self.table.v  # taken after every new slot: a shared map that grows is a new view
-            v[s.spend] += event.cost
-            v[s.input] += event.input_tokens
-            v[s.output] += event.output_tokens
-            v[c] += 1
-            amounts = event.amounts
-            if amounts:  # parts of input and output (a capture's usage)
-                for j, part, label in _PARTS:
-                    n = amounts.get(part)
-                    if n:
-                        at = s.parts[j]
-                        if at is None:
-                            at = s.parts[j] = self.table.slot(("tokens", label, s.provider, s.model))
-                            v = self.table.v
-                        v[at] += n
-            if event.estimated:
-                e = self._estimated.get(kind)
-                if e is None:
-                    e = self._estimated[kind] = self.table.slot(("estimated", kind))
-                    v = self.table.v
-                v[e] += 1
-        elif kind in DECISION_KINDS:
-            d = self._decisions.get((kind, event.rule))
-            if d is None:
-                d = self._remember(self._decisions, (kind, event.rule),
-                                   ("decisions", kind, self._rules(event.rule)))
-            v = self.table.v
-            v[d] += 1
-            if took is not None and 0 <= took < 3600:  # a replayed or simulated clock is no latency
-                v[self.decision_s[bisect_left(LATENCY_BOUNDS, took)]] += 1
-                v[self.decision_ns] += int(took * 1e9 + 0.5)
-            if added is not None:
-                v[self.added_s[bisect_left(LATENCY_BOUNDS, added)]] += 1
-                v[self.added_ns] += int(added * 1e9 + 0.5)
-        elif kind == "approval":
-            channel = event.dims.get("channel", "")
-            a = self._approvals.get(channel)
-            if a is None:
-                a = self._remember(self._approvals, channel, ("approvals", self._channels(channel)))
-            self.table.v[a] += 1
-        elif kind == "released":
-            self.table.v[self.released] += 1
-
     def add(self, key: tuple[str, ...], n: int) -> None:
         """``key``'s counter += ``n`` (a rare counter: no slot remembered)."""
         at = self.table.slot(key)
         self.table.v[at] += n
 
-    def _new_series(self, provider: str, model: str) -> _Series:
+    def new_series(self, provider: str, model: str) -> _Series:
+        """The slots of a (provider, model) met for the first time (or past :data:`_CACHE_MAX`)."""
         capped = (self._providers(provider), self._models(model))
-        s = self._series.get(capped) or _Series(self.table, *capped)
+        s = self.series.get(capped) or _Series(self.table, *capped)
         for key in {capped, (provider, model)}:
-            if len(self._series) < _CACHE_MAX:
-                self._series[key] = s
+            if len(self.series) < _CACHE_MAX:
+                self.series[key] = s
         return s
 
-    def _remember(self, cache: dict[Any, int], raw: Any, key: tuple[str, ...]) -> int:
+    def remember(self, cache: dict[Any, int], raw: Any, key: tuple[str, ...]) -> int:
+        """``key``'s slot, remembered as ``cache[raw]`` (while the cache is under :data:`_CACHE_MAX`)."""
         at = self.table.slot(key)
         if len(cache) < _CACHE_MAX:
             cache[raw] = at
@@ -419,6 +375,7 @@ class Metrics:
             self._dir, self._name = _SHARED
             table = CounterFile(self._dir / f"{self._name}.counts")
         self._labels = (_Labels(), _Labels(), _Labels(), _Labels())  # provider, model, rule, channel
+        self._rules, self._channels = self._labels[2], self._labels[3]
         self._own = _Counts(table, *self._labels)
         self._other: _Counts | None = None
         self._decision_s = _Histogram("decision_s", self)
@@ -433,20 +390,70 @@ class Metrics:
 
     # -- the request path ----------------------------------------------------------------------
 
-    def observe(self, event: Event, policy_hash: str, raw: bytes | None) -> None:
-        """The engine observer: count one event. O(1), no I/O, no lock on the owning thread."""
-        took = added = None
-        if event.kind in TIMED_KINDS:
-            took = time.time() - event.ts
-            arrived = _ARRIVED.get()
-            if arrived is not None:  # a request decided twice (approved on retry) is timed once
-                added = time.perf_counter() - arrived
-                _ARRIVED.set(None)
-        if get_ident() == self._owner:
-            self._own.count(event, took, added)
+    def observe(self, event: Event, policy_hash: str, raw: bytes | None, _into: _Counts | None = None) -> None:
+        """The engine observer: count one event. O(1), no I/O, no lock on the owning thread; written
+        out in one function, as it runs for every event (another thread's event comes back in with
+        ``_into``, its table, under the lock)."""
+        if _into is None:
+            if get_ident() != self._owner:
+                with self._lock:
+                    self.observe(event, policy_hash, raw, self._others())
+                return
+            c = self._own
         else:
-            with self._lock:
-                self._others().count(event, took, added)
+            c = _into
+        kind = event.kind
+        if kind in SPEND_KINDS:
+            s = c.series.get((event.provider, event.model)) or c.new_series(event.provider, event.model)
+            at = c.charges.get(kind)
+            if at is None:
+                at = c.remember(c.charges, kind, ("charges", kind))
+            v = c.table.v  # taken after any new slot: a shared map that grows is a new view
+            v[s.spend] += event.cost
+            v[s.input] += event.input_tokens
+            v[s.output] += event.output_tokens
+            v[at] += 1
+            amounts = event.amounts
+            if amounts:  # parts of input and output (a capture's usage)
+                for j, part, label in _PARTS:
+                    n = amounts.get(part)
+                    if n:
+                        at = s.parts[j]
+                        if at is None:
+                            at = s.parts[j] = c.table.slot(("tokens", label, s.provider, s.model))
+                            v = c.table.v
+                        v[at] += n
+            if event.estimated:
+                at = c.estimated.get(kind)
+                if at is None:
+                    at = c.remember(c.estimated, kind, ("estimated", kind))
+                    v = c.table.v
+                v[at] += 1
+        elif kind in DECISION_KINDS:
+            at = c.decisions.get((kind, event.rule))
+            if at is None:
+                at = c.remember(c.decisions, (kind, event.rule), ("decisions", kind, self._rules(event.rule)))
+            v = c.table.v
+            v[at] += 1
+            if kind in TIMED_KINDS:
+                took = int((time.time() - event.ts) * 1e9)
+                if 0 <= took < 3600 * 10**9:  # a replayed or simulated clock is no latency
+                    v[c.decision_s[bisect_left(_BOUNDS_NS, took)]] += 1
+                    v[c.decision_ns] += took
+                arrived = _ARRIVED.get()
+                if arrived is not None:  # a request decided twice (approved on retry) is timed once
+                    added = perf_counter_ns() - arrived
+                    v[c.added_s[bisect_left(_BOUNDS_NS, added)]] += 1
+                    v[c.added_ns] += added
+                    _ARRIVED.set(None)
+        elif kind == "approval":
+            channel = event.dims.get("channel", "")
+            at = c.approvals.get(channel)
+            if at is None:
+                at = c.remember(c.approvals, channel, ("approvals", self._channels(channel)))
+            c.table.v[at] += 1
+        elif kind == "released":
+            c.table.v[c.released] += 1
 
     def _others(self) -> _Counts:
         """The table of threads other than the owner's (under :attr:`_lock`), made when first needed."""
@@ -493,7 +500,7 @@ class Metrics:
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """Stamp the request's arrival for the added-latency histogram, and count the requests the
         store failed (the proxy's 503 ``spendgate_store_error`` answer)."""
-        token = _ARRIVED.set(time.perf_counter())
+        token = _ARRIVED.set(perf_counter_ns())
         try:
             response = await handler(request)
         finally:
