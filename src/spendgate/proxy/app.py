@@ -40,7 +40,7 @@ from spendgate.policy import Policy
 from spendgate.pricing.table import PriceTable
 from spendgate.proxy import admin, me, ui
 from spendgate.proxy.envelope import error_response, sse_error
-from spendgate.proxy.identity import Credentials, credentials, identity, virtual_credentials
+from spendgate.proxy.identity import Credentials, credentials, identity, is_virtual, virtual_credentials
 from spendgate.request import Identity, Request
 from spendgate.usage import usage_from_body
 from spendgate.wire.edits import outgoing
@@ -161,6 +161,8 @@ class Proxy:
         self.recent = approvals.RecentRefusals()
         self.client: aiohttp.ClientSession | None = None
         self._settling: set[asyncio.Task[None]] = set()
+        #: captures run after the reply has left (a local store, leases) rather than before it
+        self._settle_after = not self.store.networked
         self._background: list[asyncio.Task[None]] = []
         self._sender: AlertSender | None = None
         self._sending: asyncio.Task[None] | None = None
@@ -217,6 +219,8 @@ class Proxy:
             leases = lease_settings(self.store.url)
             self.engine.aledger = exact if leases is None else LeasedLedger(self.store.url, exact=exact,
                                                                              settings=leases)
+            # a leased bucket's capture settles into its slice in memory: no round trip to wait for
+            self._settle_after = leases is not None
         elif self.engine.aledger is None:  # a local store: captures committed in groups
             self.engine.aledger = GroupCommit(self.store)
         self.client = aiohttp.ClientSession(
@@ -432,8 +436,11 @@ class Proxy:
                 vkey, cred_id = await self._store_io(spec.authenticate, request.method, request.raw_path,
                                                      request.headers, raw, self.store, time.time())
                 creds = virtual_credentials(vkey, cred_id, None)
-            else:
+            elif self.store.networked and is_virtual(spec, request.headers):
+                # a virtual key is looked up in the store: on a thread, off this loop
                 creds = await self._store_io(credentials, provider, request.headers, self.store)
+            else:  # a provider key (or none) needs no store call: no thread hop for it
+                creds = credentials(provider, request.headers, self.store)
             ident = identity(provider, request.headers, body, creds,
                              trust_client_capability=self.engine.policy.trust_client_capability)
         except PermissionError as exc:
@@ -674,14 +681,15 @@ class Proxy:
         return found if found is not None else _base(providers.get(provider).default_base_url)
 
     async def _settle(self, work: Coroutine[Any, Any, None]) -> None:
-        """Charge a finished call. With a local store this runs just after the reply leaves, so the
-        client is not kept waiting for it; until then the hold (the worst case) still counts, so the
-        ledger can only over-count in the meantime, never under-count. A networked store's round
-        trip is awaited before the reply."""
-        if self.store.networked:
-            await work
-        else:
+        """Charge a finished call. With a local store, or budget leases, this runs just after the
+        reply leaves, so the client is not kept waiting for it; until then the hold (the worst case)
+        still counts, so the ledger can only over-count in the meantime, never under-count. A
+        networked store's round trip is awaited before the reply (so captures waiting on a slow
+        store never pile up behind replies already sent)."""
+        if self._settle_after:
             self._settle_later(work)
+        else:
+            await work
 
     async def _finish_stream(self, d: Decision, meter: StreamMeter) -> None:
         if meter.complete:

@@ -72,6 +72,13 @@ def credentials(provider: str, headers: Mapping[str, str], store: Ledger) -> Cre
     return Credentials(hash_key(raw), raw)
 
 
+def is_virtual(spec: providers.Provider, headers: Mapping[str, str]) -> bool:
+    """Whether the request's credential is a spendgate key (looked up in the store) rather than a
+    provider's (hashed, no store call)."""
+    raw = spec.api_key(headers)
+    return raw is not None and raw.startswith("sg-")
+
+
 def virtual_credentials(vkey: keys.VirtualKey, secret: str, forward: str | None) -> Credentials:
     """A looked-up virtual key's credentials: counted as the key, not as this secret's hash."""
     return Credentials(vkey.counted_as or hash_key(secret), forward, vkey)
