@@ -89,7 +89,130 @@ def _at_most(part: int, whole: int, field: str, whole_field: str) -> int:
 def read_usage(payload: Mapping[str, Any] | None) -> Usage:
     """The :class:`Usage` of a response body or of its bare ``usage`` object.
 
-    Raises :class:`UnreadableUsage` when there is none or it is not a set of non-negative integers."""
+    Raises :class:`UnreadableUsage` when there is none or it is not a set of non-negative integers.
+
+    The usual shapes (OpenAI chat and Responses, Anthropic), parsed JSON with every count in
+    order, are read by :func:`_read_plain` without building a field name per count; anything it
+    does not accept as it stands — a bad count, another shape, a mapping that is not a dict — is
+    read by :func:`_read_strict`, the definition, which names what is wrong. Both give the same
+    :class:`Usage` wherever the first gives one (``tests/test_usage_fast.py``)."""
+    if type(payload) is dict and "usageMetadata" not in payload:
+        if "usage" in payload:
+            u, outer = payload["usage"], payload
+        else:
+            u, outer = payload, None
+        if type(u) is dict:
+            plain = _read_plain(u, outer)
+            if plain is not None:
+                return plain
+    return _read_strict(payload)
+
+
+def _nonneg(*counts: Any) -> bool:
+    """Every one of ``counts`` is a non-negative int (not a bool)."""
+    for v in counts:
+        if type(v) is not int or v < 0:
+            break
+    else:
+        return True
+    return False
+
+
+def _read_plain(u: dict[str, Any], outer: dict[str, Any] | None) -> Usage | None:
+    """:func:`_read_strict` for a ``usage`` dict of a usual shape whose counts are all in order;
+    None for anything else (the strict reader then reads it or says what is wrong)."""
+    if "inputTokens" in u or "outputTokens" in u:
+        return None
+    if "prompt_tokens" in u or "completion_tokens" in u:
+        inp, out, total = u.get("prompt_tokens", MISSING), u.get("completion_tokens", MISSING), u.get("total_tokens", 0)
+        if not _nonneg(inp, out, total):
+            return None  # an embedding's usage has no output count: the strict reader checks its total
+        usage = _plain_openai(u, outer, inp, out, u.get("prompt_tokens_details"), u.get("completion_tokens_details"))
+    elif "input_tokens" in u or "output_tokens" in u:
+        if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u or "cache_creation" in u \
+                or "server_tool_use" in u or not any(k in u for k in _DETAILS):
+            usage = _plain_anthropic(u, outer)
+        else:
+            inp, out, total = u.get("input_tokens", MISSING), u.get("output_tokens", MISSING), u.get("total_tokens", 0)
+            d = u.get("input_tokens_details")
+            if not _nonneg(inp, out, total) or (d is not None and (type(d) is not dict or "text_tokens" in d)):
+                return None  # the Images API's usage reads its output as image tokens: the strict reader
+            ind = u.get("input_token_details", d)
+            outd = u.get("output_token_details") if "output_token_details" in u else u.get("output_tokens_details")
+            usage = _plain_openai(u, outer, inp, out, ind, outd)
+    else:
+        return None
+    if usage is None:
+        return None
+    return _with_unknown(usage, u, "usage")
+
+
+def _plain_openai(u: dict[str, Any], outer: dict[str, Any] | None, inp: int, out: int, d: Any, o: Any) -> Usage | None:
+    """:func:`_openai` over details that are dicts (or absent) of counts in order, else None."""
+    if d is None:
+        cached = write = audio = image = c_audio = c_image = 0
+    elif type(d) is dict:
+        cached, write = d.get("cached_tokens", 0), d.get("cache_write_tokens", 0)
+        audio, image = d.get("audio_tokens", 0), d.get("image_tokens", 0)
+        cd = d.get("cached_tokens_details")
+        if cd is None:
+            c_audio = c_image = 0
+        elif type(cd) is dict:
+            c_audio, c_image = cd.get("audio_tokens", 0), cd.get("image_tokens", 0)
+        else:
+            return None
+        if not _nonneg(cached, write, audio, image, c_audio, c_image) or c_audio > audio or c_image > image \
+                or c_audio + c_image > cached or cached > inp:
+            return None
+    else:
+        return None
+    text = inp - cached - write - (audio - c_audio) - (image - c_image)
+    if text < 0:
+        return None
+    if o is None:
+        reasoning = o_audio = o_image = 0
+    elif type(o) is dict:
+        reasoning, o_audio, o_image = o.get("reasoning_tokens", 0), o.get("audio_tokens", 0), o.get("image_tokens", 0)
+        if not _nonneg(reasoning, o_audio, o_image) or reasoning > out or reasoning + o_audio + o_image > out:
+            return None
+    else:
+        return None
+    return Usage(input=text, cache_read=cached - c_audio - c_image, cache_write_5m=write, output=out,
+                 reasoning=reasoning, input_audio=audio - c_audio, cache_audio_read=c_audio,
+                 input_image=image - c_image, cache_image_read=c_image, output_audio=o_audio,
+                 output_image=o_image, web_searches=_calls(u, outer), tier=_tier(u, outer))
+
+
+def _plain_anthropic(u: dict[str, Any], outer: dict[str, Any] | None) -> Usage | None:
+    """:func:`_anthropic` over counts in order and dict (or absent) breakdowns, else None."""
+    inp, out = u.get("input_tokens", MISSING), u.get("output_tokens", MISSING)
+    read, written = u.get("cache_read_input_tokens", 0), u.get("cache_creation_input_tokens", 0)
+    split = u.get("cache_creation")
+    if split is None:
+        w5 = w1 = 0
+    elif type(split) is dict:
+        w5, w1 = split.get("ephemeral_5m_input_tokens", 0), split.get("ephemeral_1h_input_tokens", 0)
+    else:
+        return None
+    tools = u.get("server_tool_use")
+    if tools is None:
+        searches = 0
+    elif type(tools) is dict:
+        searches = tools.get("web_search_requests", 0)
+    else:
+        return None
+    if not _nonneg(inp, out, read, written, w5, w1, searches):
+        return None
+    w5 += max(written - w5 - w1, 0)  # writes the split leaves out are charged at the 5-minute rate
+    tier = _tier(u, outer)
+    processing = "batch" if tier == "batch" else None
+    return Usage(input=inp, cache_read=read, cache_write_5m=w5, cache_write_1h=w1, output=out,
+                 web_searches=searches, tier=None if processing else tier,
+                 speed=_tier(u, outer, "speed"), processing=processing)
+
+
+def _read_strict(payload: Mapping[str, Any] | None) -> Usage:
+    """:func:`read_usage` by definition: every count checked and named as it is read."""
     if not isinstance(payload, Mapping):
         raise UnreadableUsage("usage", MISSING)
     if "usageMetadata" in payload:
@@ -210,6 +333,7 @@ _IN = {"prompt_tokens_details": "prompt_tokens", "input_tokens_details": "input_
        "input_token_details": "input_tokens"}
 _OUT = {"completion_tokens_details": "completion_tokens", "output_tokens_details": "output_tokens",
         "output_token_details": "output_tokens"}
+_DETAILS = (*_IN, *_OUT)
 
 
 def _chat(u: Mapping[str, Any], w: str, payload: Mapping[str, Any] | None = None) -> Usage:
