@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import date
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,6 +17,7 @@ from spendgate.errors import BadRequest, UnpricedModel
 from spendgate.estimate import anthropic
 from spendgate.estimate.shape import TokenShape
 from spendgate.money import fmt_usd, usd_to_nanos
+from spendgate.pricing import table as _table
 from spendgate.pricing.cost import Usage, usage_nanos, worst_case_nanos
 from spendgate.pricing.table import PER_PROMPT, ModelPrice, PriceTable, Rate, Resolution
 
@@ -111,6 +113,8 @@ class Estimator:
             (p.name, route): parser for p in self._providers.values()
             for route, parser in p.parsers(anthropic_factor if p.scaled_counts else None).items()}
         self._warned: set[str] = set()
+        #: (model, provider) -> (table, provider spec, day, unpriced policy, resolution): see :meth:`resolve`
+        self._resolved: dict[tuple[str, str], tuple[PriceTable, Provider | None, date, str, Resolution]] = {}
 
     def _spec(self, provider: str) -> Provider | None:
         """The provider called ``provider``: a built-in one, or one configured (``[upstreams.NAME]``)
@@ -162,7 +166,25 @@ class Estimator:
         return spec.variant(body, self.openai_auto_tier)
 
     def resolve(self, model: str, provider: str) -> Resolution:
+        """``model``'s price on ``provider``'s route, or the dearest model's when it has none.
+
+        The answer depends only on the model, the provider's configuration, the table, the day and
+        the ``unpriced`` policy: it is worked out once per model and day and remembered for as long
+        as the table and the provider are the same objects (a reloaded table is asked again)."""
         spec = self._spec(provider)
+        day = _table._today()  # the day the table's own lookups price at
+        key = (model, provider)
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] is self.prices and hit[1] is spec and hit[2] == day \
+                and hit[3] == self.unpriced:
+            return hit[4]
+        found = self._resolve(model, provider, spec)
+        if len(self._resolved) >= 4096:  # model names are the client's: bounded
+            self._resolved.clear()
+        self._resolved[key] = (self.prices, spec, day, self.unpriced, found)
+        return found
+
+    def _resolve(self, model: str, provider: str, spec: Provider | None) -> Resolution:
         table = self._table_provider(provider)
         if spec is not None and spec.is_free_model(model):
             return free_resolution(model, table)
