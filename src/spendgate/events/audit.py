@@ -179,8 +179,8 @@ def entry_body(event: Event, *, chain: str, seq: int, prev_hash: str, policy_has
     walk it and then copies it without ``hash``/``sig``; here the fields are known, so the canonical
     text is one format of escaped strings in JCS key order, about a third of the cost. Anything this
     path does not cover — a lone surrogate, a value of an unexpected type, any error — goes the
-    generic way, which writes the same bytes or raises what it always raised. A property test holds the two to the same
-    bytes as ``rfc8785.dumps`` of the entry."""
+    generic way, which writes the same bytes or raises what it always raised. A property test holds
+    the two to the same bytes as ``rfc8785.dumps`` of the entry."""
     try:
         text = _entry_text(event, chain, seq, prev_hash, policy_hash, request)
         if text is not None:
@@ -193,27 +193,37 @@ def entry_body(event: Event, *, chain: str, seq: int, prev_hash: str, policy_has
 
 def _entry_text(event: Event, chain: str, seq: int, prev_hash: str, policy_hash: str,
                 request: bytes | str | None) -> str | None:
-    """The canonical text of the entry's body, or None when it is not one :func:`entry_body` covers."""
+    """The canonical text of the entry's body, or None when it is not one :func:`entry_body` covers.
+
+    Text goes in as it is, not through :func:`_text`: a lone surrogate (all ``_text`` changes) makes
+    the caller's ``encode`` fail, and that entry goes the generic way."""
     if not (type(chain) is str and type(prev_hash) is str and type(policy_hash) is str and type(seq) is int
             and -_SAFE_INT < seq < _SAFE_INT):
         return None
-    amounts = _str_object(_amounts(event))
-    dims = _str_object({_text(str(k)): _text(str(v)) for k, v in event.dims.items()})
     request_hash = _request_hash(event, request)
-    if request_hash is not None and type(request_hash) is not str:
+    if request_hash is None:
+        rh = "null"
+    elif type(request_hash) is str:
+        rh = _quote(request_hash)
+    else:
         return None
-    return (f'{{"amounts":{amounts},"bucket":{_opt(_text(event.bucket))},"chain":{_quote(chain)},'
-            f'"decision_id":{_quote(_text(event.decision_id))},"dims":{dims},'
-            f'"estimated":{"true" if event.estimated else "false"},"kind":{_quote(_text(event.kind))},'
-            f'"model":{_opt(_text(event.model))},"policy_hash":{_quote(policy_hash)},'
-            f'"prev_hash":{_quote(prev_hash)},"provider":{_opt(_text(event.provider))},'
-            f'"request_hash":{"null" if request_hash is None else _quote(request_hash)},'
-            f'"rule":{_opt(_text(event.rule))},"seq":{seq},"ts":{_quote(rfc3339(event.ts))}}}')
+    q = _quote
+    dims = _str_object({str(k): str(v) for k, v in event.dims.items()})
+    return (f'{{"amounts":{_str_object(_amounts(event))},"bucket":{_opt(event.bucket)},"chain":{q(chain)},'
+            f'"decision_id":{q(event.decision_id)},"dims":{dims},'
+            f'"estimated":{"true" if event.estimated else "false"},"kind":{q(event.kind)},'
+            f'"model":{_opt(event.model)},"policy_hash":{q(policy_hash)},"prev_hash":{q(prev_hash)},'
+            f'"provider":{_opt(event.provider)},"request_hash":{rh},"rule":{_opt(event.rule)},"seq":{seq},'
+            f'"ts":"{rfc3339(event.ts)}"}}')
 
 
 def _opt(value: str) -> str:
-    """An optional text field: "" is null (as in :func:`entry_from_event`)."""
-    return _quote(value) if value else "null"
+    """An optional text field: "" is null (as in :func:`entry_from_event`); anything but text raises."""
+    if value:
+        return _quote(value)
+    if type(value) is str:
+        return "null"
+    raise TypeError(f"expected text, got {type(value).__name__}")
 
 
 def _str_object(doc: dict[str, str]) -> str:

@@ -25,7 +25,6 @@ is started again on the same chain, which it continues from the stored head.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -37,9 +36,12 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spendgate.ledger.base import Event
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("spendgate.audit")
 #: how often the server hands its queued events to the child, and the child stores them (measured:
@@ -78,6 +80,8 @@ class AuditChild:
         self._queue.append((event, policy_hash, request))
 
     async def start(self) -> None:
+        import asyncio  # here, not at the top: the writer process imports this module and never needs it
+
         # the store URL may carry a password: it goes in the environment, never on a command line
         env = {**os.environ, STORE_ENV: self.store_url}
         self._proc = await asyncio.create_subprocess_exec(
@@ -87,6 +91,8 @@ class AuditChild:
 
     async def run(self) -> None:
         """Pump every :data:`PUMP_EVERY_S` until cancelled."""
+        import asyncio
+
         while True:
             await asyncio.sleep(PUMP_EVERY_S)
             try:
