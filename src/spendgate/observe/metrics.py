@@ -251,12 +251,13 @@ _PARTS = tuple((j, part, label) for j, (part, label) in enumerate(_TOKEN_PARTS))
 #: raw label values a table remembers the slots of; beyond, a lookup takes the slow way (and counts all the same)
 _CACHE_MAX = 4 * MAX_LABEL_VALUES
 
+#: where one writer's counters are: in this process alone, or in a file every worker reads
 Slots = _Table | CounterFile
 
 
 class _Series:
     """The slots one (provider, model) counts charges into; a token part's slot is made the first
-    time that part is counted, so a part never seen has no series (as before the slots)."""
+    time that part is counted, so a part never charged has no series."""
 
     __slots__ = ("input", "model", "output", "parts", "provider", "spend")
 
@@ -273,8 +274,7 @@ class _Counts:
     other under its lock — with the slots of every label value it has met: a request's counting is
     a few dictionary lookups and ``v[i] += n``, no label formatting, no lock on the loop's thread."""
 
-    def __init__(self, table: Slots, providers: _Labels, models: _Labels, rules: _Labels,
-                 channels: _Labels) -> None:
+    def __init__(self, table: Slots, providers: _Labels, models: _Labels) -> None:
         self.table = table
         self._providers, self._models = providers, models
         #: slots by raw label values (what the event carries), filled on first sight
@@ -326,8 +326,8 @@ class _Histogram:
     @property
     def sum(self) -> float:
         """This process's sum, in seconds."""
-        key = (self.name, "sum_ns")
-        return sum(c.table.v[c.table.slot(key)] for c in self._metrics.writers()) / 1e9
+        key = (self.name, "sum_ns")  # every writer's table has its slot from the start
+        return sum(c.table.v[c.table.index[key]] for c in self._metrics.writers()) / 1e9
 
     def family(self, name: str, doc: str, counts: Mapping[tuple[str, ...], int]) -> HistogramMetricFamily:
         cumulative, buckets = 0, []
@@ -376,7 +376,7 @@ class Metrics:
             table = CounterFile(self._dir / f"{self._name}.counts")
         self._labels = (_Labels(), _Labels(), _Labels(), _Labels())  # provider, model, rule, channel
         self._rules, self._channels = self._labels[2], self._labels[3]
-        self._own = _Counts(table, *self._labels)
+        self._own = _Counts(table, *self._labels[:2])
         self._other: _Counts | None = None
         self._decision_s = _Histogram("decision_s", self)
         self._added_s = _Histogram("added_s", self)
@@ -461,7 +461,7 @@ class Metrics:
             table: Slots = _Table()
             if self._dir is not None:
                 table = CounterFile(self._dir / f"{self._name}.threads.counts")
-            self._other = _Counts(table, *self._labels)
+            self._other = _Counts(table, *self._labels[:2])
         return self._other
 
     def writers(self) -> list[_Counts]:
