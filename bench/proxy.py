@@ -1,6 +1,7 @@
 """Proxy overhead: added latency against a direct call and against a bare passthrough, and throughput.
 
     .venv/bin/python bench/proxy.py [--n 2000] [--audit-off] [--baseline DIR] [--also-store URL] [--workers N]
+                                    [--load python|wrk]
 
 Starts three processes on loopback — the fake upstream, a bare aiohttp passthrough (a pooled
 aiohttp client relaying bytes, no guard), and ``spendgate serve`` on the embedded defaults (SQLite
@@ -15,6 +16,13 @@ adds over the build under test: ``--audit-off`` the same build with ``[audit] en
 ``--baseline DIR`` another checkout (a ``git worktree`` of the previous release) — before and after
 in one run, on a machine whose speed drifts between runs. ``--workers N`` compares the throughput of
 ``serve --workers N`` with one worker's at c=32.
+
+Throughput is driven by this process's aiohttp client, or with ``--load wrk`` by ``wrk`` (Debian's
+``wrk`` package: a C load generator, one thread), which takes a small fraction of the CPU the Python
+client does — on a 2-core machine the load generator shares the cores with the servers it measures,
+so a costly one caps what ``--workers 2`` can show. The fake upstream and the bare passthrough run
+on uvloop, as ``spendgate serve`` does: the passthrough is the floor on the same event loop, so the
+difference between the two is the guard alone.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,7 +74,7 @@ def serve_upstream(port: int) -> None:
             body = await request.read()
             return json.loads(body), ""
 
-    web.run_app(Quiet().app(), host="127.0.0.1", port=port, print=None, access_log=None)
+    web.run_app(Quiet().app(), host="127.0.0.1", port=port, print=None, access_log=None, loop=_loop())
 
 
 def serve_bare(port: int, upstream: str) -> None:
@@ -94,7 +104,15 @@ def serve_bare(port: int, upstream: str) -> None:
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
     app.router.add_post("/{tail:.*}", relay)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, loop=_loop())
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    """The event loop ``spendgate serve`` runs on (uvloop where installed), for the helpers too."""
+    from spendgate.cli.serve import fast_loop
+
+    loop: asyncio.AbstractEventLoop = fast_loop()
+    return loop
 
 
 # -- the load ----------------------------------------------------------------------------------
@@ -130,6 +148,30 @@ async def drive(bases: dict[str, str], path: str, body: dict[str, Any], n: int,
                 await asyncio.gather(*(worker(name, max(1, n // ROUNDS // concurrency), True)
                                        for _ in range(concurrency)))
     return lat
+
+
+def drive_wrk(url: str, path: str, body: dict[str, Any], seconds: int, concurrency: int) -> tuple[int, float]:
+    """``wrk`` posting ``body`` to ``url + path`` for ``seconds`` over ``concurrency`` connections:
+    (requests answered, seconds taken). Any answer but a 2xx, or a socket error, stops the run."""
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench", "x-api-key": "sk-bench",
+               "anthropic-version": "2023-06-01", "x-goog-api-key": "sk-bench"}
+    lines = ['wrk.method = "POST"', f"wrk.body = [==[{json.dumps(body)}]==]"]
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", f.name, url + path],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if bad:
+        raise RuntimeError(f"wrk against {url}{path}: {bad.group(0)}\n{out}")
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b", out)
+    if m is None:
+        raise RuntimeError(f"wrk printed no request count:\n{out}")
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(3)]
+    return int(m.group(1)), float(m.group(2)) * scale
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -172,23 +214,29 @@ def throughput(url: str, proc: subprocess.Popen[bytes], path: str, body: dict[st
 
 
 def throughputs(targets: dict[str, tuple[str, subprocess.Popen[bytes]]], path: str, body: dict[str, Any], n: int,
-                concurrency: int = 16, rounds: int = ROUNDS) -> dict[str, tuple[float, float]]:
-    """:func:`throughput` of every target, ``n`` requests each, measured in ``rounds`` blocks whose
-    order rotates: the one measured first in a run otherwise gets the machine's better moments (a
-    server against itself measured ~10 % apart)."""
+                concurrency: int = 16, rounds: int = ROUNDS, load: str = "python",
+                seconds: int = 2) -> dict[str, tuple[float, float]]:
+    """:func:`throughput` of every target — ``n`` requests each, or with ``load="wrk"`` ``seconds``
+    of wrk per block — measured in ``rounds`` blocks whose order rotates: the one measured first in
+    a run otherwise gets the machine's better moments (a server against itself measured ~10 % apart)."""
     wall = dict.fromkeys(targets, 0.0)
     cpu = dict.fromkeys(targets, 0.0)
+    done = dict.fromkeys(targets, 0)
     names = list(targets)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             url, proc = targets[name]
             before = cpu_seconds(proc.pid)
-            t = time.perf_counter()
-            asyncio.run(drive({"x": url}, path, body, n // rounds, concurrency))
-            wall[name] += time.perf_counter() - t
+            if load == "wrk":
+                count, took = drive_wrk(url, path, body, seconds, concurrency)
+            else:
+                t = time.perf_counter()
+                asyncio.run(drive({"x": url}, path, body, n // rounds, concurrency))
+                count, took = n // rounds, time.perf_counter() - t
+            wall[name] += took
+            done[name] += count
             cpu[name] += cpu_seconds(proc.pid) - before
-    done = n // rounds * rounds
-    return {name: (done / wall[name], cpu[name] / done * 1e6) for name in names}
+    return {name: (done[name] / wall[name], cpu[name] / done[name] * 1e6) for name in names}
 
 
 def wait_listening(port: int, deadline: float = 30.0) -> None:
@@ -222,6 +270,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, metavar="N",
                     help="also run `spendgate serve --workers N` and compare its throughput at c=32 with one "
                          "worker's")
+    ap.add_argument("--load", choices=("python", "wrk"), default="python",
+                    help="what drives the throughput measurements: this process's aiohttp client, or wrk "
+                         "(Debian's wrk package; far less CPU on the cores the servers share)")
     ap.add_argument("--role", choices=("upstream", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -230,6 +281,8 @@ def main() -> None:
         return serve_upstream(args.port)
     if args.role == "bare":
         return serve_bare(args.port, args.upstream)
+    if args.load == "wrk" and shutil.which("wrk") is None:
+        ap.error("--load wrk: no wrk on PATH (apt-get install wrk)")
 
     up_port, bare_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}"
@@ -300,18 +353,19 @@ def main() -> None:
                           f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{row}")
         path, body = CASES["openai chat"]
         n = args.n * 2
-        print(f"\nthroughput at c=16, in rotating blocks (this load generator shares the same {os.cpu_count()} "
+        gen = "wrk" if args.load == "wrk" else "this process's aiohttp client"
+        print(f"\nthroughput at c=16, in rotating blocks (load: {gen}, on the same {os.cpu_count()} "
               "cores; CPU: each server's processes and their audit writers):")
         tput = throughputs({"bare passthrough (the floor)": (paths["bare passthrough"], procs[1]),
                             **{label: (servers[label][1], servers[label][0]) for label in ("spendgate", *others)}},
-                           path, body, n)
+                           path, body, n, load=args.load)
         for label, (rps, cpu) in tput.items():
             print(f"  {label:32} {rps:7,.0f} requests/s, CPU {cpu:6,.0f} µs per request")
         if args.workers:
             proc, url = servers[f"--workers {args.workers}"]
             asyncio.run(drive({"warm": url}, path, body, 400, 32))  # every worker's connections and caches
             at32 = throughputs({"one": (paths["spendgate"], servers["spendgate"][0]), "many": (url, proc)},
-                               path, body, n, 32)
+                               path, body, n, 32, load=args.load)
             (one, one_cpu), (many, many_cpu) = at32["one"], at32["many"]
             print(f"at c=32: one worker {one:,.0f} requests/s ({one_cpu:,.0f} µs CPU per request); --workers "
                   f"{args.workers} {many:,.0f} requests/s ({many_cpu:,.0f} µs), {many / one:.2f}×")

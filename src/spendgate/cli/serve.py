@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace, ctx: Context, tls: ssl.SSLContext | None, *
     ups = ", ".join(f"{k} -> {v}" for k, v in proxy.config.upstreams.items())
     listening = False
     app = proxy.app()
-    loop = _fast_loop()
+    loop = fast_loop()
     if role is not None:
         from spendgate.proxy.workers import watch_parent
 
@@ -244,7 +244,7 @@ class _Repeats(logging.Filter):
 REPEAT_AFTER_S = 600.0
 
 
-def _fast_loop() -> Any:
+def fast_loop() -> Any:
     """uvloop where it is installed (Linux, macOS): it roughly halves the event loop's share of
     each proxied request; the standard loop elsewhere."""
     try:
