@@ -105,8 +105,9 @@ LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 #: input); ``cache_read`` and ``cache_write`` are parts of ``input``, ``reasoning`` of ``output``.
 _TOKEN_PARTS = (("cache_read_tokens", "cache_read"), ("cache_write_tokens", "cache_write"),
                 ("reasoning_tokens", "reasoning"))
-#: when the request being handled arrived (perf_counter_ns), set by the middleware for its task
-_ARRIVED: ContextVar[int | None] = ContextVar("spendgate_arrived", default=None)
+#: when the request being handled arrived (``[perf_counter_ns]``, ``[0]`` once its decision is timed),
+#: set by the middleware for its task
+_ARRIVED: ContextVar[list[int] | None] = ContextVar("spendgate_arrived", default=None)
 
 
 class _Labels:
@@ -246,8 +247,8 @@ def _key(*parts: str) -> str:
 _INDEX = tuple(str(i) for i in range(len(LATENCY_BOUNDS) + 1))
 #: the latency buckets' bounds in integer nanoseconds, what the request path measures in
 _BOUNDS_NS = tuple(round(b * 1e9) for b in LATENCY_BOUNDS)
-#: the token parts' places in :attr:`_Series.parts`, the capture event's amount and the ``type`` label
-_PARTS = tuple((j, part, label) for j, (part, label) in enumerate(_TOKEN_PARTS))
+#: a token part's place in :attr:`_Series.parts` (and in :data:`_TOKEN_PARTS`), by the capture event's amount
+_PART_INDEX = {part: j for j, (part, _) in enumerate(_TOKEN_PARTS)}
 #: raw label values a table remembers the slots of; beyond, a lookup takes the slow way (and counts all the same)
 _CACHE_MAX = 4 * MAX_LABEL_VALUES
 
@@ -256,17 +257,18 @@ Slots = _Table | CounterFile
 
 
 class _Series:
-    """The slots one (provider, model) counts charges into; a token part's slot is made the first
-    time that part is counted, so a part never charged has no series."""
+    """The slots a charge of one kind to one (provider, model) counts into; a token part's slot is
+    made the first time that part is counted, so a part never charged has no series."""
 
-    __slots__ = ("input", "model", "output", "parts", "provider", "spend")
+    __slots__ = ("charges", "input", "model", "output", "parts", "provider", "spend")
 
-    def __init__(self, table: Slots, provider: str, model: str) -> None:
+    def __init__(self, table: Slots, kind: str, provider: str, model: str) -> None:
         self.provider, self.model = provider, model
         self.spend = table.slot(("spend", provider, model))
         self.input = table.slot(("tokens", "input", provider, model))
         self.output = table.slot(("tokens", "output", provider, model))
-        self.parts: list[int | None] = [None] * len(_PARTS)
+        self.charges = table.slot(("charges", kind))
+        self.parts: list[int | None] = [None] * len(_TOKEN_PARTS)
 
 
 class _Counts:
@@ -278,9 +280,8 @@ class _Counts:
         self.table = table
         self._providers, self._models = providers, models
         #: slots by raw label values (what the event carries), filled on first sight
-        self.series: dict[tuple[str, str], _Series] = {}
+        self.series: dict[tuple[str, str, str], _Series] = {}
         self.decisions: dict[tuple[str, str], int] = {}
-        self.charges: dict[str, int] = {}
         self.estimated: dict[str, int] = {}
         self.approvals: dict[str, int] = {}
         #: the histograms' bucket slots (by bucket index) and their sums' (integer nanoseconds)
@@ -297,11 +298,11 @@ class _Counts:
         at = self.table.slot(key)
         self.table.v[at] += n
 
-    def new_series(self, provider: str, model: str) -> _Series:
-        """The slots of a (provider, model) met for the first time (or past :data:`_CACHE_MAX`)."""
-        capped = (self._providers(provider), self._models(model))
+    def new_series(self, kind: str, provider: str, model: str) -> _Series:
+        """The slots of a (kind, provider, model) met for the first time (or past :data:`_CACHE_MAX`)."""
+        capped = (kind, self._providers(provider), self._models(model))
         s = self.series.get(capped) or _Series(self.table, *capped)
-        for key in {capped, (provider, model)}:
+        for key in {capped, (kind, provider, model)}:
             if len(self.series) < _CACHE_MAX:
                 self.series[key] = s
         return s
@@ -404,23 +405,21 @@ class Metrics:
             c = _into
         kind = event.kind
         if kind in SPEND_KINDS:
-            s = c.series.get((event.provider, event.model)) or c.new_series(event.provider, event.model)
-            at = c.charges.get(kind)
-            if at is None:
-                at = c.remember(c.charges, kind, ("charges", kind))
+            s = c.series.get((kind, event.provider, event.model)) or \
+                c.new_series(kind, event.provider, event.model)
             v = c.table.v  # taken after any new slot: a shared map that grows is a new view
             v[s.spend] += event.cost
             v[s.input] += event.input_tokens
             v[s.output] += event.output_tokens
-            v[at] += 1
+            v[s.charges] += 1
             amounts = event.amounts
-            if amounts:  # parts of input and output (a capture's usage)
-                for j, part, label in _PARTS:
-                    n = amounts.get(part)
-                    if n:
+            if amounts:  # parts of input and output (a capture's usage; zeros are left out)
+                for part, n in amounts.items():
+                    if part in _PART_INDEX and n:
+                        j = _PART_INDEX[part]
                         at = s.parts[j]
                         if at is None:
-                            at = s.parts[j] = c.table.slot(("tokens", label, s.provider, s.model))
+                            at = s.parts[j] = c.table.slot(("tokens", _TOKEN_PARTS[j][1], s.provider, s.model))
                             v = c.table.v
                         v[at] += n
             if event.estimated:
@@ -441,11 +440,11 @@ class Metrics:
                     v[c.decision_s[bisect_left(_BOUNDS_NS, took)]] += 1
                     v[c.decision_ns] += took
                 arrived = _ARRIVED.get()
-                if arrived is not None:  # a request decided twice (approved on retry) is timed once
-                    added = perf_counter_ns() - arrived
+                if arrived and arrived[0]:  # a request decided twice (approved on retry) is timed once
+                    added = perf_counter_ns() - arrived[0]
+                    arrived[0] = 0
                     v[c.added_s[bisect_left(_BOUNDS_NS, added)]] += 1
                     v[c.added_ns] += added
-                    _ARRIVED.set(None)
         elif kind == "approval":
             channel = event.dims.get("channel", "")
             at = c.approvals.get(channel)
@@ -500,7 +499,7 @@ class Metrics:
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """Stamp the request's arrival for the added-latency histogram, and count the requests the
         store failed (the proxy's 503 ``spendgate_store_error`` answer)."""
-        token = _ARRIVED.set(perf_counter_ns())
+        token = _ARRIVED.set([perf_counter_ns()])
         try:
             response = await handler(request)
         finally:
