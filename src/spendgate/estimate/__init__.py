@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from spendgate.errors import BadRequest, UnpricedModel
 from spendgate.estimate import anthropic
-from spendgate.estimate.shape import TokenShape
+from spendgate.estimate.shape import TokenShape, is_map
 from spendgate.money import fmt_usd, usd_to_nanos
 from spendgate.pricing import table as _table
 from spendgate.pricing.cost import Usage, usage_nanos, worst_case_nanos
@@ -153,7 +153,7 @@ class Estimator:
             parser = self._parsers.get((provider, route))
         if parser is None:
             raise BadRequest(f"{provider} route {route} cannot be priced")
-        if not isinstance(body, Mapping):
+        if not is_map(body):
             raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
         return parser(body)
 
@@ -161,7 +161,7 @@ class Estimator:
         """The price variant a request body asks for (a service tier, a speed), as its provider
         reads it; a tier left to the provider is :attr:`openai_auto_tier`."""
         spec = self._spec(provider)
-        if not isinstance(body, Mapping) or spec is None:
+        if not is_map(body) or spec is None:
             return {}
         return spec.variant(body, self.openai_auto_tier)
 
@@ -210,7 +210,7 @@ class Estimator:
         """The most web searches a request allows before send, as its provider bounds them (a
         search it leaves unbounded is charged on capture from the usage)."""
         spec = self._spec(provider)
-        if not isinstance(body, Mapping) or spec is None:
+        if not is_map(body) or spec is None:
             return 0
         return spec.searches(body)
 
@@ -304,7 +304,7 @@ class Estimator:
             return est
         # an OpenAI-compatible router's fallbacks (OpenRouter's "models"): the upstream may serve any
         # of them, so the request is held at the dearest — a free first choice never prices the rest
-        fallbacks = body.get("models") if isinstance(body, Mapping) else None
+        fallbacks = body.get("models") if is_map(body) else None
         if not isinstance(fallbacks, list):
             return est
         for m in fallbacks:

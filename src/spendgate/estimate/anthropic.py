@@ -14,12 +14,12 @@ and error.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from spendgate.errors import BadRequest
 from spendgate.estimate import images
-from spendgate.estimate.shape import TokenShape, dumps, optional_int, require_list, require_model
+from spendgate.estimate.shape import TokenShape, dumps, is_map, optional_int, require_list, require_model
 from spendgate.estimate.tally import Tally, tally
 
 #: Claude tokens per o200k token, biased upward (README: "Anthropic input estimates").
@@ -38,7 +38,7 @@ def _block_tokens(t: Tally, block: Any) -> None:
     if isinstance(block, str):
         t.text(block)
         return
-    if not isinstance(block, Mapping):
+    if not is_map(block):
         raise BadRequest(f"a content block must be an object, got {type(block).__name__}")
     kind = block.get("type")
     if kind == "text":
@@ -46,12 +46,12 @@ def _block_tokens(t: Tally, block: Any) -> None:
     elif kind == "image":
         src = block.get("source")
         size = None
-        if isinstance(src, Mapping) and src.get("type") == "base64" and isinstance(src.get("data"), str):
+        if is_map(src) and src.get("type") == "base64" and isinstance(src.get("data"), str):
             size = images.size_of_data_url(f"data:{src.get('media_type', 'image')};base64,{src['data'][:65536]}")
         t.fixed += images.anthropic_tokens(*size) if size else IMAGE_WORST
     elif kind == "document":
         src = block.get("source")
-        if not isinstance(src, Mapping):
+        if not is_map(src):
             t.text(dumps(block))
         elif src.get("type") == "base64" and isinstance(src.get("data"), str):
             t.fixed += math.ceil(len(src["data"]) * 3 / 4 / PDF_BYTES_PER_TOKEN)
@@ -84,20 +84,31 @@ def _content_tokens(t: Tally, content: Any) -> None:
 
 
 def _cache_ttl(node: Any) -> str | None:
-    """The longest prompt-cache TTL any ``cache_control`` mark in the request asks for."""
+    """The longest prompt-cache TTL any ``cache_control`` mark in the request asks for.
+
+    Every object and list of the body is visited (dicts and lists by type first: see
+    :func:`~spendgate.estimate.shape.is_map`); strings and numbers, most of a body, are passed over."""
     found: str | None = None
     stack = [node]
     while stack:
         cur = stack.pop()
-        if isinstance(cur, Mapping):
+        if type(cur) is list:
+            items: Iterable[Any] = cur
+        elif is_map(cur):
             cc = cur.get("cache_control")
-            if isinstance(cc, Mapping):
+            if is_map(cc):
                 if cc.get("ttl") == "1h":
                     return "1h"
                 found = "5m"
-            stack.extend(v for v in cur.values() if isinstance(v, list | Mapping))
+            items = cur.values()
         elif isinstance(cur, list):
-            stack.extend(v for v in cur if isinstance(v, list | Mapping))
+            items = cur
+        else:
+            continue
+        for v in items:
+            kind = type(v)
+            if kind is dict or kind is list or (kind is not str and isinstance(v, list | Mapping)):
+                stack.append(v)
     return found
 
 
@@ -107,7 +118,7 @@ def messages(body: Mapping[str, Any], factor: float = DEFAULT_FACTOR) -> TokenSh
     msgs = require_list(body, "messages")
     _content_tokens(t, body.get("system"))
     for msg in msgs:
-        if not isinstance(msg, Mapping):
+        if not is_map(msg):
             raise BadRequest(f"each message must be an object, got {type(msg).__name__}")
         _content_tokens(t, msg.get("content"))
         t.fixed += PER_MESSAGE

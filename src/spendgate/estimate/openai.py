@@ -17,7 +17,7 @@ from typing import Any
 
 from spendgate.errors import BadRequest
 from spendgate.estimate import images, schemas
-from spendgate.estimate.shape import TokenShape, dumps, optional_int, require_list, require_model
+from spendgate.estimate.shape import TokenShape, dumps, is_map, optional_int, require_list, require_model
 from spendgate.estimate.tokens import TokenCounter, counter, encoding_for_model
 
 PER_MESSAGE = 3
@@ -37,8 +37,8 @@ def _image_tokens(model: str, part: Mapping[str, Any]) -> int:
     """OpenAI's documented tiling for an inline image whose size can be read; the largest tiling
     otherwise (a URL is not fetched)."""
     spec = part.get("image_url")
-    detail = spec.get("detail") if isinstance(spec, Mapping) else part.get("detail")
-    url = spec.get("url") if isinstance(spec, Mapping) else spec
+    detail = spec.get("detail") if is_map(spec) else part.get("detail")
+    url = spec.get("url") if is_map(spec) else spec
     size = images.size_of_data_url(url) if isinstance(url, str) else None
     base, per_tile, worst = (2833, 5667, IMAGE_WORST_4O_MINI) if "gpt-4o-mini" in model else (85, 170, IMAGE_WORST)
     if detail == "low":
@@ -58,7 +58,7 @@ def _content_tokens(tc: TokenCounter, model: str, content: Any) -> int:
         for part in content:
             if isinstance(part, str):
                 total += tc.count(part)
-            elif not isinstance(part, Mapping):
+            elif not is_map(part):
                 raise BadRequest(f"a content part must be an object, got {type(part).__name__}")
             elif isinstance(part.get("text"), str):
                 total += tc.count(part["text"])
@@ -78,21 +78,21 @@ def _schema_tokens(tc: TokenCounter, params: Any, text: str | None = None) -> in
 def _function_tools(tc: TokenCounter, tools: list[Any], func_init: int) -> int:
     total = 0
     for tool in tools:
-        fn = tool.get("function") if isinstance(tool, Mapping) else None
-        if not isinstance(fn, Mapping) or tool.get("type", "function") != "function":
+        fn = tool.get("function") if is_map(tool) else None
+        if not is_map(fn) or tool.get("type", "function") != "function":
             total += tc.count(dumps(tool))
             continue
         desc = str(fn.get("description") or "").removesuffix(".")
         head = func_init + tc.count(f"{fn.get('name', '')}:{desc}")
         params = fn.get("parameters")
-        props = params.get("properties") if isinstance(params, Mapping) else None
-        if not isinstance(props, Mapping):
+        props = params.get("properties") if is_map(params) else None
+        if not is_map(props):
             props = {}
         body = 0
         if props:
             body += PROP_INIT
             for key, prop in props.items():
-                prop = prop if isinstance(prop, Mapping) else {}
+                prop = prop if is_map(prop) else {}
                 body += PROP_KEY
                 if isinstance(prop.get("enum"), list):
                     body += ENUM_INIT
@@ -103,7 +103,7 @@ def _function_tools(tc: TokenCounter, tools: list[Any], func_init: int) -> int:
                 nested = {k: v for k, v in prop.items() if k in ("properties", "items", "anyOf", "oneOf")}
                 if nested:  # beyond the cookbook's flat formula: count nested schemas as JSON
                     body += tc.count(dumps(nested))
-        text = dumps(params) if isinstance(params, Mapping) else ""
+        text = dumps(params) if is_map(params) else ""
         if schemas.is_composite(text):
             # $ref / $defs / allOf / anyOf / oneOf: the cookbook's flat formula sees only the top
             # level; the provider renders what the references point to
@@ -115,7 +115,7 @@ def _function_tools(tc: TokenCounter, tools: list[Any], func_init: int) -> int:
 def _responses_tools(tc: TokenCounter, tools: Any) -> int:
     total = 0
     for tool in tools or ():
-        if isinstance(tool, Mapping) and tool.get("type") == "function":
+        if is_map(tool) and tool.get("type") == "function":
             desc = str(tool.get("description") or "")
             total += FUNC_INIT_O200K + tc.count(f"{tool.get('name', '')}:{desc}")
             total += _schema_tokens(tc, tool.get("parameters") or {})
@@ -127,7 +127,7 @@ def _responses_tools(tc: TokenCounter, tools: Any) -> int:
 def _messages_tokens(tc: TokenCounter, model: str, messages: list[Any]) -> int:
     total = REPLY_PRIMING
     for msg in messages:
-        if not isinstance(msg, Mapping):
+        if not is_map(msg):
             raise BadRequest(f"each message must be an object, got {type(msg).__name__}")
         total += PER_MESSAGE + tc.count(str(msg.get("role", "")))
         total += _content_tokens(tc, model, msg.get("content"))
@@ -148,10 +148,10 @@ def _audio_tokens(tc: TokenCounter, messages: list[Any]) -> int:
     characters, so this bounds the audio tokens many times over."""
     total = 0
     for msg in messages:
-        content = msg.get("content") if isinstance(msg, Mapping) else None
+        content = msg.get("content") if is_map(msg) else None
         if isinstance(content, list):
             total += sum(tc.count(dumps(part)) for part in content
-                         if isinstance(part, Mapping) and part.get("type") == "input_audio")
+                         if is_map(part) and part.get("type") == "input_audio")
     return total
 
 
@@ -167,7 +167,7 @@ def chat(body: Mapping[str, Any]) -> TokenShape:
     if body.get("functions") is not None:
         legacy = [{"type": "function", "function": f} for f in require_list(body, "functions")]
         n_in += _function_tools(tc, legacy, FUNC_INIT_CL100K)
-    if isinstance(body.get("response_format"), Mapping):
+    if is_map(body.get("response_format")):
         n_in += _format_tokens(tc, body["response_format"])
     return TokenShape(
         model=model,
@@ -189,9 +189,9 @@ def _format_tokens(tc: TokenCounter, fmt: Mapping[str, Any]) -> int:
         return tc.count(text)
     # chat nests the schema under ``json_schema``; Responses' ``text.format`` holds it directly
     nested = fmt.get("json_schema")
-    inner: Mapping[str, Any] = nested if isinstance(nested, Mapping) else fmt
+    inner: Mapping[str, Any] = nested if is_map(nested) else fmt
     schema = inner.get("schema")
-    if not isinstance(schema, Mapping):
+    if not is_map(schema):
         return tc.count(text)
     rest = tc.count(dumps({k: v for k, v in fmt.items() if k != "json_schema"}))
     if inner is not fmt:
@@ -208,7 +208,7 @@ def _response_items_tokens(tc: TokenCounter, model: str, items: Any) -> int:
         raise BadRequest(f"`input` must be a string or a list, got {type(items).__name__}")
     total = REPLY_PRIMING
     for item in items:
-        if not isinstance(item, Mapping):
+        if not is_map(item):
             raise BadRequest(f"each `input` item must be an object, got {type(item).__name__}")
         kind = item.get("type", "message")
         if kind == "message" or "role" in item:
@@ -221,7 +221,7 @@ def _response_items_tokens(tc: TokenCounter, model: str, items: Any) -> int:
             total += PER_MESSAGE + (tc.count(out) if isinstance(out, str) else tc.count(dumps(out)))
         elif kind == "reasoning":
             total += sum(tc.count(str(s.get("text", ""))) for s in item.get("summary") or ()
-                         if isinstance(s, Mapping))
+                         if is_map(s))
         else:
             total += tc.count(dumps(item))
     return total
@@ -234,9 +234,9 @@ def responses(body: Mapping[str, Any]) -> TokenShape:
     if isinstance(body.get("instructions"), str):
         n_in += PER_MESSAGE + tc.count(body["instructions"])
     n_in += _responses_tools(tc, body.get("tools"))
-    if isinstance(body.get("text"), Mapping) and isinstance(body["text"].get("format"), Mapping):
+    if is_map(body.get("text")) and is_map(body["text"].get("format")):
         n_in += _format_tokens(tc, body["text"]["format"])
-    elif isinstance(body.get("text"), Mapping) and body["text"].get("format"):
+    elif is_map(body.get("text")) and body["text"].get("format"):
         n_in += tc.count(dumps(body["text"]["format"]))
     return TokenShape(
         model=model,

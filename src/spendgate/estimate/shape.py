@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from spendgate.errors import BadRequest
 
@@ -40,6 +40,13 @@ class TokenShape:
     #: the output bound is set by what the request asks for (an image's size and quality), not by a
     #: token count the body carries: no clamp can lower it
     fixed_output: bool = False
+
+
+def is_map(value: Any) -> TypeGuard[Mapping[str, Any]]:
+    """``value`` is an object: a request body is parsed JSON, whose objects are dicts — checked
+    first, by type, since the ``Mapping`` ABC's instance check costs several times as much and a
+    body is walked object by object. Any other mapping (the SDK's callers may pass their own) still is one."""
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 def require_model(body: Mapping[str, Any]) -> str:

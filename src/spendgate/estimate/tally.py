@@ -6,12 +6,11 @@ larger (:mod:`spendgate.estimate.schemas`). Shared by the providers that estimat
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 from spendgate.estimate import schemas
 from spendgate.estimate.scripts import Floors
-from spendgate.estimate.shape import dumps
+from spendgate.estimate.shape import dumps, is_map
 from spendgate.estimate.tokens import TokenCounter, counter
 
 
@@ -45,8 +44,8 @@ class Tally:
             return
         inlined = 0.0
         for tool in tools if isinstance(tools, list) else [tools]:
-            schema = tool.get("input_schema") if isinstance(tool, Mapping) else None
-            if isinstance(schema, Mapping):
+            schema = tool.get("input_schema") if is_map(tool) else None
+            if is_map(schema):
                 rest = {k: v for k, v in tool.items() if k != "input_schema"}
                 inlined += self.bound(dumps(rest)) + schemas.bound(schema, self.bound)
             else:

@@ -74,14 +74,28 @@ def encoding(name: str) -> tiktoken.Encoding:
     return _loaded[name]
 
 
+_ENCODING_OF: dict[str, str] = {}
+
+
 def encoding_for_model(model: str) -> str:
-    """cl100k for the GPT-3.5/GPT-4 generation, o200k for everything newer (and unknown)."""
-    m = model.lower().rsplit("/", 1)[-1]
-    if m.startswith(("gpt-3.5", "gpt-35", "text-embedding-3", "text-embedding-ada")) or (
-        m.startswith("gpt-4") and not m.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5"))
-    ):
-        return "cl100k_base"
-    return "o200k_base"
+    """cl100k for the GPT-3.5/GPT-4 generation, o200k for everything newer (and unknown).
+    Remembered per model id (every request asks; a few thousand ids at most are kept)."""
+    enc = _ENCODING_OF.get(model)
+    if enc is None:
+        m = model.lower().rsplit("/", 1)[-1]
+        if m.startswith(("gpt-3.5", "gpt-35", "text-embedding-3", "text-embedding-ada")) or (
+            m.startswith("gpt-4") and not m.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5"))
+        ):
+            enc = "cl100k_base"
+        else:
+            enc = "o200k_base"
+        if len(_ENCODING_OF) < 4096:
+            _ENCODING_OF[model] = enc
+    return enc
+
+
+#: Texts under 16 characters whose counts a counter keeps (about 10 MB at most).
+_SHORT_ENTRIES = 65_536
 
 
 class TokenCounter:
@@ -95,6 +109,7 @@ class TokenCounter:
     def __init__(self, encoding_name: str, max_chars: int = 64_000_000, _enc: tiktoken.Encoding | None = None) -> None:
         self._enc = _enc or encoding(encoding_name)
         self._cache: dict[str, int] = {}
+        self._short: dict[str, int] = {}
         self._chars = 0
         self._max_chars = max_chars
         self._lock = threading.Lock()
@@ -105,8 +120,14 @@ class TokenCounter:
 
     def count(self, text: str) -> int:
         if len(text) < 16:
-            # short strings: encoding is cheaper than the bookkeeping
-            return len(self._enc.encode_ordinary(text)) if text else 0
+            # short strings (roles, names, ids): a plain dict of their counts, without the
+            # bookkeeping of the size-bounded cache below, bounded by its number of entries
+            n = self._short.get(text)
+            if n is None:
+                n = len(self._enc.encode_ordinary(text)) if text else 0
+                if len(self._short) < _SHORT_ENTRIES:
+                    self._short[text] = n
+            return n
         n = self._cache.get(text)
         if n is not None:
             return n

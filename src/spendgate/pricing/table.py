@@ -221,11 +221,30 @@ class ModelPrice:
         """These prices for a request whose ``service_tier`` / ``speed`` / ``processing`` are
         ``context``: every in-force variant whose ``when`` the context satisfies overrides the
         rates it names (first listed wins, as in genai-prices). Rates a variant does not name stay
-        standard. A context that matches no variant gets the standard price."""
+        standard. A context that matches no variant gets the standard price.
+
+        The same context on the same day gets the same price object (:data:`_AT_VARIANT`), so what
+        is worked out per price (:mod:`spendgate.pricing.cost`'s integer rates) is worked out once
+        per variant, not on every request that asks for one."""
         ctx = {k: v for k, v in context.items() if v not in STANDARD.get(k, ())}
         if not ctx:
             return self
         today = day or _today().isoformat()
+        try:
+            key = (id(self), tuple(sorted(ctx.items())), today)
+            hit = _AT_VARIANT.get(key)
+        except TypeError:  # a value that cannot key a dict: worked out, not remembered
+            return self._at_variant(ctx, today)
+        if hit is not None and hit[0] is self:
+            return hit[1]
+        found = self._at_variant(ctx, today)
+        if len(_AT_VARIANT) >= 4096:
+            _AT_VARIANT.clear()
+        _AT_VARIANT[key] = (self, found)
+        return found
+
+    def _at_variant(self, ctx: Mapping[str, str], today: str) -> ModelPrice:
+        """:meth:`at_variant` for a context of non-standard values, on ``today``."""
         overrides: dict[str, Rate] = {}
         labels = []
         for v in self.in_force(today):
@@ -247,6 +266,10 @@ class ModelPrice:
                 best = cand
         return best
 
+
+#: (id(price), sorted context, day) -> (the price, its variant's price): the price is held so its
+#: id stays its own; a request at ``service_tier=priority`` is priced at one object, not a new one each time
+_AT_VARIANT: dict[tuple[int, tuple[tuple[str, str], ...], str], tuple[ModelPrice, ModelPrice]] = {}
 
 #: ``web_search_per`` values: a fee per search the model runs, or one per request it grounds
 PER_SEARCH, PER_PROMPT = "search", "prompt"
