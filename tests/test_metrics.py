@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -501,3 +502,23 @@ def test_counts_past_the_remembered_label_values_and_a_growing_shared_file_stay_
     assert _value(samples, "spendgate_tokens_total", type="output", provider="openai", model="model-1") == 40
     assert {s.labels["type"] for s in samples["spendgate_tokens_total"]} == {"input", "output", "cache_read"}
     assert _value(samples, "spendgate_charges_total", kind="capture") == len(events)
+
+
+def test_a_real_server_counts_the_requests_its_lost_store_refused(tmp_path: Path, upstream: Servers) -> None:
+    """``spendgate_store_errors_total{where="request"}`` on a real ``serve``: a request the store
+    could not take is answered 503 and counted once; the provider's own answers are not."""
+    (tmp_path / "store").mkdir()
+    s = Serve(tmp_path, upstream, f"sqlite:///{tmp_path / 'store' / 'spend.db'}", POLICY)
+    try:
+        assert s.ask("gpt-4o-mini", MINI_BILLED, "alice", max_tokens=500) == 200
+        shutil.rmtree(tmp_path / "store")
+        assert _get(f"{s.base}/spendgate/health")[0] == 503  # the server notices its store is gone
+        assert s.ask("gpt-4o-mini", MINI_BILLED, "alice", max_tokens=500) == 503
+        status, text = _get(f"{s.base}/metrics")
+    finally:
+        s.stop()
+    assert status == 200, text
+    samples = _samples(text)
+    assert _value(samples, "spendgate_store_errors_total", where="request") == 1
+    assert _value(samples, "spendgate_decisions_total", action="allow", rule="") == 1
+    assert _value(samples, "spendgate_added_latency_seconds_count") == 1
