@@ -7,10 +7,10 @@ Two kinds of numbers, read two ways:
   label values were seen) and ``v[slot] += n`` on plain integers — no label formatting, no lock on
   the event loop's thread, never a store call; the ``prometheus_client`` families are built from
   those integers only when ``/metrics`` is scraped (:meth:`Metrics.collect`). They count what
-  *this process* decided and charged since it started (``rate()`` and ``increase()`` handle restarts). Money is
-  summed in integer nano-dollars and exposed twice: ``spendgate_spend_usd_total`` (dollars as a
-  float, the nano-dollar sum / 1e9, for dashboards) and ``spendgate_spend_nanodollars_total`` (the
-  exact integer, to check against the ledger).
+  *this process* decided and charged since it started (``rate()`` and ``increase()`` handle
+  restarts). Money is summed in integer nano-dollars and exposed twice:
+  ``spendgate_spend_usd_total`` (dollars as a float, the nano-dollar sum / 1e9, for dashboards)
+  and ``spendgate_spend_nanodollars_total`` (the exact integer, to check against the ledger).
 - **Gauges** of every budget bucket (limit, spent, held, remaining) and of what waits (held
   requests, unsent alerts) are read from the store when scraped — on a worker thread, never on the
   event loop — in batches of :data:`STATES_BATCH` buckets, so requests interleave with a large
@@ -21,8 +21,8 @@ With ``spendgate serve --workers N`` a scrape reaches one worker of N, so the co
 where every worker can read them: each worker writes its own into a file of a directory the parent
 made (:func:`share_counters`, :class:`CounterFile`: the slots are 64-bit integers of a memory map,
 so counting is the same ``v[slot] += n`` straight into the file), and the worker answering a scrape
-sums every file, those of workers that died included, so a counter never goes back. Money stays integer
-nano-dollars; latency sums are kept in integer nanoseconds.
+sums every file, those of workers that died included, so a counter never goes back. Money stays
+integer nano-dollars; latency sums are kept in integer nanoseconds.
 
 Label cardinality is bounded whatever clients send:
 
