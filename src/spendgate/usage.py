@@ -279,8 +279,11 @@ def _detail(u: Mapping[str, Any], part: str, key: str, w: str) -> int:
 
 def _tier(u: Mapping[str, Any], payload: Mapping[str, Any] | None, key: str = "service_tier") -> str | None:
     """The tier the provider says it served: in the usage (Anthropic) or beside it (OpenAI)."""
-    for where in (u, payload or {}):
-        v = where.get(key)
+    v = u.get(key)
+    if isinstance(v, str) and v:
+        return v
+    if payload:
+        v = payload.get(key)
         if isinstance(v, str) and v:
             return v
     return None

@@ -43,6 +43,13 @@ def free_resolution(model: str, table_provider: str) -> Resolution:
                       "free")
 
 
+def _table_of(provider: str, spec: Provider | None) -> str:
+    """The price table's provider ``provider``'s models are looked up under: its own name, or a
+    configured upstream's ``prices``."""
+    return spec.price_providers[0] if spec is not None and spec.strict_prices and spec.price_providers \
+        else provider
+
+
 @dataclass(slots=True)
 class Estimate:
     """The priced worst case of one request."""
@@ -63,10 +70,11 @@ class Estimate:
     searches: int = 0
     #: False when ``searches`` was derived from the output bound (the request named no bound)
     searches_named: bool = True
+    #: the model the request names (``shape.model``): set once, read by every step of a decision
+    model: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def model(self) -> str:
-        return self.shape.model
+    def __post_init__(self) -> None:
+        self.model = self.shape.model
 
     @property
     def input_tokens(self) -> int:
@@ -133,9 +141,7 @@ class Estimator:
     def _table_provider(self, provider: str) -> str:
         """The price table's provider ``provider``'s models are looked up under: its own name, or
         a configured upstream's ``prices``."""
-        spec = self._spec(provider)
-        return spec.price_providers[0] if spec is not None and spec.strict_prices and spec.price_providers \
-            else provider
+        return _table_of(provider, self._spec(provider))
 
     def is_free(self, provider: str, route: str) -> bool:
         """A route that costs nothing (a token count, a model list): passed through unpriced."""
@@ -171,7 +177,10 @@ class Estimator:
         The answer depends only on the model, the provider's configuration, the table, the day and
         the ``unpriced`` policy: it is worked out once per model and day and remembered for as long
         as the table and the provider are the same objects (a reloaded table is asked again)."""
-        spec = self._spec(provider)
+        return self._resolution(model, provider, self._spec(provider))
+
+    def _resolution(self, model: str, provider: str, spec: Provider | None) -> Resolution:
+        """:meth:`resolve` with the provider's spec already looked up."""
         day = _table._today()  # the day the table's own lookups price at
         key = (model, provider)
         hit = self._resolved.get(key)
@@ -185,7 +194,7 @@ class Estimator:
         return found
 
     def _resolve(self, model: str, provider: str, spec: Provider | None) -> Resolution:
-        table = self._table_provider(provider)
+        table = _table_of(provider, spec)
         if spec is not None and spec.is_free_model(model):
             return free_resolution(model, table)
         found = self.prices.resolve(model, table)
@@ -250,25 +259,29 @@ class Estimator:
 
     def price(self, provider: str, route: str, shape: TokenShape,
               variant: Mapping[str, str] | None = None, searches: int = 0) -> Estimate:
+        return self._price(provider, route, shape, variant, searches, self._spec(provider))
+
+    def _price(self, provider: str, route: str, shape: TokenShape, variant: Mapping[str, str] | None,
+               searches: int, spec: Provider | None) -> Estimate:
+        """:meth:`price` with the provider's spec already looked up."""
         if shape.per_unit is not None:
             unit_priced = self.per_unit(provider, route, shape)
             if unit_priced is not None:
                 return unit_priced
-        res = self.resolve(shape.model, provider)
+        res = self._resolution(shape.model, provider, spec)
         at = res.price.at_variant(variant) if variant else res.price
         requested = shape.requested_output
         if requested is None and shape.api_default_output is not None:
             bound, why = shape.api_default_output, "API default"
         elif requested is None and res.how == "dearest":
             # an unknown model may write as much as any model of its provider, not only the dearest
-            bound = self.prices.largest_output(self._table_provider(provider))
+            bound = self.prices.largest_output(_table_of(provider, spec))
             why = "largest maximum output of the provider"
         else:
             bound, why = res.price.output_bound(shape.input_tokens, requested)
             if requested is not None and shape.output_why:
                 why = shape.output_why
         out = bound * max(shape.choices, 1)
-        spec = self._spec(provider)
         if shape.cache_write is None and spec is not None and spec.writes_cache_itself \
                 and res.price.cache_write is not None:
             # a provider that writes the prompt cache by itself and bills the write (OpenAI's
@@ -296,10 +309,16 @@ class Estimator:
         return Estimate(provider, route, shape, res, out, why, cost, dict(variant or {}), searches, named)
 
     def estimate(self, provider: str, route: str, body: Any) -> Estimate:
-        shape, variant, searches = self.shape(provider, route, body), self.variant(provider, body), \
-            self.searches(provider, body)
-        est = self.price(provider, route, shape, variant, searches)
+        """:meth:`shape`, :meth:`variant` and :meth:`searches` of ``body``, priced (:meth:`price`),
+        with the provider looked up once for all of them."""
         spec = self._spec(provider)
+        shape = self.shape(provider, route, body)  # refuses a body that is not an object
+        if spec is None:
+            variant: dict[str, str] = {}
+            searches = 0
+        else:
+            variant, searches = spec.variant(body, self.openai_auto_tier), spec.searches(body)
+        est = self._price(provider, route, shape, variant, searches, spec)
         if spec is None or not spec.strict_prices:
             return est
         # an OpenAI-compatible router's fallbacks (OpenRouter's "models"): the upstream may serve any
@@ -309,7 +328,7 @@ class Estimator:
             return est
         for m in fallbacks:
             if isinstance(m, str) and m and m != shape.model:
-                other = self.price(provider, route, replace(shape, model=m), variant, searches)
+                other = self._price(provider, route, replace(shape, model=m), variant, searches, spec)
                 if other.cost_nanos > est.cost_nanos:
                     est = replace(other, shape=shape)
         return est

@@ -38,7 +38,7 @@ def _block_tokens(t: Tally, block: Any) -> None:
     if isinstance(block, str):
         t.text(block)
         return
-    if not is_map(block):
+    if type(block) is not dict and not is_map(block):
         raise BadRequest(f"a content block must be an object, got {type(block).__name__}")
     kind = block.get("type")
     if kind == "text":
@@ -94,7 +94,7 @@ def _cache_ttl(node: Any) -> str | None:
         cur = stack.pop()
         if type(cur) is list:
             items: Iterable[Any] = cur
-        elif is_map(cur):
+        elif type(cur) is dict or is_map(cur):
             cc = cur.get("cache_control")
             if is_map(cc):
                 if cc.get("ttl") == "1h":
@@ -118,7 +118,7 @@ def messages(body: Mapping[str, Any], factor: float = DEFAULT_FACTOR) -> TokenSh
     msgs = require_list(body, "messages")
     _content_tokens(t, body.get("system"))
     for msg in msgs:
-        if not is_map(msg):
+        if type(msg) is not dict and not is_map(msg):
             raise BadRequest(f"each message must be an object, got {type(msg).__name__}")
         _content_tokens(t, msg.get("content"))
         t.fixed += PER_MESSAGE

@@ -58,7 +58,7 @@ def _content_tokens(tc: TokenCounter, model: str, content: Any) -> int:
         for part in content:
             if isinstance(part, str):
                 total += tc.count(part)
-            elif not is_map(part):
+            elif type(part) is not dict and not is_map(part):
                 raise BadRequest(f"a content part must be an object, got {type(part).__name__}")
             elif isinstance(part.get("text"), str):
                 total += tc.count(part["text"])
@@ -127,7 +127,7 @@ def _responses_tools(tc: TokenCounter, tools: Any) -> int:
 def _messages_tokens(tc: TokenCounter, model: str, messages: list[Any]) -> int:
     total = REPLY_PRIMING
     for msg in messages:
-        if not is_map(msg):
+        if type(msg) is not dict and not is_map(msg):
             raise BadRequest(f"each message must be an object, got {type(msg).__name__}")
         total += PER_MESSAGE + tc.count(str(msg.get("role", "")))
         total += _content_tokens(tc, model, msg.get("content"))
@@ -148,10 +148,10 @@ def _audio_tokens(tc: TokenCounter, messages: list[Any]) -> int:
     characters, so this bounds the audio tokens many times over."""
     total = 0
     for msg in messages:
-        content = msg.get("content") if is_map(msg) else None
+        content = msg.get("content") if type(msg) is dict or is_map(msg) else None
         if isinstance(content, list):
             total += sum(tc.count(dumps(part)) for part in content
-                         if is_map(part) and part.get("type") == "input_audio")
+                         if (type(part) is dict or is_map(part)) and part.get("type") == "input_audio")
     return total
 
 

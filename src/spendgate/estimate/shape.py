@@ -45,7 +45,8 @@ class TokenShape:
 def is_map(value: Any) -> TypeGuard[Mapping[str, Any]]:
     """``value`` is an object: a request body is parsed JSON, whose objects are dicts — checked
     first, by type, since the ``Mapping`` ABC's instance check costs several times as much and a
-    body is walked object by object. Any other mapping (the SDK's callers may pass their own) still is one."""
+    body is walked object by object (its loops test ``type(x) is dict`` inline before calling this).
+    Any other mapping (the SDK's callers may pass their own) still is one."""
     return type(value) is dict or isinstance(value, Mapping)
 
 

@@ -62,8 +62,14 @@ class Usage:
 
     def served(self) -> dict[str, str]:
         """The price-variant context the provider reported serving (empty: it did not say)."""
-        out = {"service_tier": self.tier, "speed": self.speed, "processing": self.processing}
-        return {k: v for k, v in out.items() if v is not None}
+        out = {}
+        if self.tier is not None:
+            out["service_tier"] = self.tier
+        if self.speed is not None:
+            out["speed"] = self.speed
+        if self.processing is not None:
+            out["processing"] = self.processing
+        return out
 
     def counts(self) -> dict[str, Any]:
         names = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output", "reasoning",
