@@ -183,3 +183,72 @@ def test_any_one_value_replaced_reads_as_the_strict_definition() -> None:
         node[path[-1]] = value
         for payload in (usage, {"usage": usage, "service_tier": "flex"}):
             assert outcome(read_usage, payload) == outcome(_read_strict, payload), (shape, path, value)
+
+
+# -- the usage of a response body, found without parsing it all ---------------------------------
+
+def _reference_usage_from_body(data: bytes) -> Any:
+    """``usage_from_body`` as it was: the tier's key counted, then found again."""
+    import json
+
+    decoder = json.JSONDecoder()
+
+    def value_of(key: bytes) -> Any:
+        at = data.find(key)
+        if at < 0:
+            return None
+        try:
+            return decoder.raw_decode(data[at + len(key):at + len(key) + 200].decode(errors="replace").lstrip())[0]
+        except ValueError:
+            return None
+
+    for key, wrap in ((b'"usage":', "usage"), (b'"usageMetadata":', "usageMetadata")):
+        at = data.rfind(key)
+        if at < 0:
+            continue
+        try:
+            value, _ = decoder.raw_decode(data[at + len(key):].decode().lstrip())
+        except (UnicodeDecodeError, ValueError):
+            break
+        if isinstance(value, dict):
+            if wrap == "usageMetadata" and (b'"groundingMetadata"' in data or b'"grounding_metadata"' in data):
+                break
+            if data.count(b'"service_tier":') > 1:
+                break
+            found: dict[str, Any] = {wrap: value}
+            tier = value_of(b'"service_tier":')
+            if isinstance(tier, str):
+                found["service_tier"] = tier
+            calls = data.count(b'"web_search_call"')
+            if calls:
+                found["web_search_calls"] = calls
+            return found
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+json_leaf = st.one_of(st.none(), st.integers(0, 99), st.text(max_size=4), st.sampled_from(["default", "flex"]))
+body_parts = st.fixed_dictionaries({}, optional={
+    "id": st.text(max_size=5), "usage": st.one_of(usages, json_leaf), "usageMetadata": st.one_of(chat, json_leaf),
+    "service_tier": st.one_of(tier, json_leaf, st.text(min_size=190, max_size=210)),
+    "output": st.lists(st.fixed_dictionaries({"type": st.sampled_from(["web_search_call", "message"])},
+                                             optional={"service_tier": tier}), max_size=3),
+    "candidates": st.lists(st.fixed_dictionaries({}, optional={"groundingMetadata": st.just({})}), max_size=2),
+})
+
+
+@settings(max_examples=1500, deadline=None)
+@given(body_parts, st.sampled_from([None, ", ", "\n  "]), st.integers(0, 40))
+def test_the_usage_of_a_body_is_found_as_before(body: dict[str, Any], sep: str | None, cut: int) -> None:
+    """Bodies with the tier beside the usage, in it, nested in an output item, twice, too long for
+    its window or absent, and cut short (not JSON at all): found the same as before."""
+    import json
+
+    from spendgate.usage import usage_from_body
+
+    data = json.dumps(body, separators=None if sep is None else (sep, ": ")).encode()
+    for raw in (data, data[:max(len(data) - cut, 0)]):
+        assert usage_from_body(raw) == _reference_usage_from_body(raw)

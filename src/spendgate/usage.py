@@ -247,9 +247,9 @@ def _read_strict(payload: Mapping[str, Any] | None) -> Usage:
 
 
 def _with_unknown(usage: Usage, raw: Mapping[str, Any], where: str) -> Usage:
-    found = _unknown(raw, where)
+    found = _unknown(raw)
     if found:
-        usage.unknown = tuple(found)
+        usage.unknown = tuple(f"{where}.{path}" for path in found)
     return usage
 
 
@@ -325,8 +325,11 @@ def _openai(u: Mapping[str, Any], w: str, inp: int, out: int, in_details: str, o
 
 def _calls(u: Mapping[str, Any], payload: Mapping[str, Any] | None) -> int:
     """OpenAI web search calls, counted from the response's output beside the usage."""
-    for where in (u, payload or {}):
-        v = where.get("web_search_calls")
+    v = u.get("web_search_calls")
+    if type(v) is int and v > 0:
+        return v
+    if payload:
+        v = payload.get("web_search_calls")
         if type(v) is int and v > 0:
             return v
     return 0
@@ -515,27 +518,32 @@ KNOWN = frozenset({
 _BILLABLE = re.compile(r"(?:_tokens|TokenCount|_requests)$")
 
 
-def _unknown(u: Mapping[str, Any], prefix: str, depth: int = 0) -> list[str]:
-    out = []
+def _unknown(u: Mapping[str, Any], depth: int = 0) -> list[str]:
+    """The paths (``prompt_tokens_details.foo_tokens``) of unknown billable-looking counts in ``u``;
+    a path is written only for what is found, which is almost never."""
+    out: list[str] = []
     for k, v in u.items():
         if k in KNOWN:  # the common case, first: a set lookup, no pattern
             continue
         if isinstance(v, dict) and depth < 3:
-            out.extend(_unknown(v, f"{prefix}.{k}", depth + 1))
+            inner = _unknown(v, depth + 1)
+            if inner:
+                out.extend(f"{k}.{path}" for path in inner)
         elif type(v) is int and v > 0 and isinstance(k, str) and _BILLABLE.search(k):
-            out.append(f"{prefix}.{k}")
+            out.append(k)
     return out
 
 
 _DECODER = json.JSONDecoder()
 
 
-def _value_of(data: bytes, key: bytes) -> Any:
-    at = data.find(key)
-    if at < 0:
-        return None
+_TIER_KEY = b'"service_tier":'
+
+
+def _value_at(data: bytes, at: int) -> Any:
+    """The JSON value starting at ``data[at]`` (after any whitespace), if it ends within 200 bytes."""
     try:
-        return _DECODER.raw_decode(data[at + len(key):at + len(key) + 200].decode(errors="replace").lstrip())[0]
+        return _DECODER.raw_decode(data[at:at + 200].decode(errors="replace").lstrip())[0]
     except ValueError:
         return None
 
@@ -559,12 +567,14 @@ def usage_from_body(data: bytes) -> Mapping[str, Any] | None:
         if isinstance(value, dict):
             if wrap == "usageMetadata" and (b'"groundingMetadata"' in data or b'"grounding_metadata"' in data):
                 break  # Gemini grounding: its searches are in the candidates, read from the whole body
-            if data.count(b'"service_tier":') > 1:
-                break  # one is nested (a Responses output item can echo a client's JSON): parse it all
             found: dict[str, Any] = {wrap: value}
-            tier = _value_of(data, b'"service_tier":')  # OpenAI: the tier served, beside the usage
-            if isinstance(tier, str):
-                found["service_tier"] = tier
+            t = data.find(_TIER_KEY)
+            if t >= 0:
+                if data.find(_TIER_KEY, t + len(_TIER_KEY)) >= 0:
+                    break  # one is nested (a Responses output item can echo a client's JSON): parse it all
+                tier = _value_at(data, t + len(_TIER_KEY))  # OpenAI: the tier served, beside the usage
+                if isinstance(tier, str):
+                    found["service_tier"] = tier
             # a Responses output item per web search, each billed per call ("web_search_call"
             # cannot occur unescaped inside a JSON string, so only a type value matches)
             calls = data.count(b'"web_search_call"')
