@@ -495,38 +495,24 @@ class Metrics:
         return totals
 
     @web.middleware
-    def arrival(self, request: web.Request,
-                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Awaitable[web.StreamResponse]:
-        """The server's middleware: stamp the request's arrival for the added-latency histogram and
-        hand the handler's coroutine back as it is. A middleware that awaits the handler is a frame
-        every await of the request resumes through (a streamed reply's many); aiohttp runs each
-        request in a task of its own, so the stamp needs no reset. :meth:`prepared` counts the
-        store's failures."""
-        _ARRIVED.set([perf_counter_ns()])
-        return handler(request)
-
-    async def prepared(self, request: web.Request, response: web.StreamResponse) -> None:
-        """The server's ``on_response_prepare`` receiver: count a response saying the store failed."""
-        self._count_failure(response)
-
-    @web.middleware
     async def middleware(self, request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """:meth:`arrival` and :meth:`prepared` in one middleware that awaits the handler, for an app
-        that cannot register a signal (the server registers those two instead)."""
+        """Stamp the request's arrival for the added-latency histogram, and count the requests the
+        store failed (the proxy's 503 ``spendgate_store_error`` answer).
+
+        Awaiting the handler makes this frame one every await of the request resumes through, about
+        25 ns each; a middleware that only stamps plus an ``on_response_prepare`` receiver for the
+        failures costs about 1.2 µs a request whatever it awaits, which only a reply resumed some
+        60 times would repay."""
         token = _ARRIVED.set([perf_counter_ns()])
         try:
             response = await handler(request)
         finally:
             _ARRIVED.reset(token)
-        self._count_failure(response)
-        return response
-
-    def _count_failure(self, response: web.StreamResponse) -> None:
-        """Count the requests the store failed: the proxy's 503 ``spendgate_store_error`` answer."""
         if response.status == 503 and isinstance(response, web.Response) and isinstance(response.body, bytes) \
                 and b"spendgate_store_error" in response.body:
             self.store_error("request")
+        return response
 
     # -- scraping ------------------------------------------------------------------------------
 
@@ -692,8 +678,7 @@ def metrics_routes(app: web.Application, proxy: Proxy) -> None:
     if metrics is None:
         metrics = Metrics(proxy.store, top_scopes=settings.top_scopes)
         proxy.engine.observers.append(metrics.observe)
-    app.middlewares.append(metrics.arrival)
-    app.on_response_prepare.append(metrics.prepared)
+    app.middlewares.append(metrics.middleware)
     app[METRICS_KEY] = metrics
 
     async def serve_metrics(request: web.Request) -> web.Response:
