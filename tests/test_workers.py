@@ -346,6 +346,30 @@ def test_a_killed_worker_is_reported_and_started_again(tmp_path: Path, upstream:
         s.kill()
 
 
+def test_a_worker_dying_again_and_again_stops_the_server(tmp_path: Path, upstream: Servers) -> None:
+    """Five deaths within a minute are started again; the sixth is a bug, not bad luck: the server
+    stops (exit 1) and says why, rather than restarting a crashing worker forever."""
+    from spendgate.proxy.workers import MAX_RESTARTS
+
+    s = Workers(tmp_path, upstream.upstream_port, "--store", f"sqlite:///{tmp_path / 'spend.db'}",
+                "--config", str(_policy(tmp_path, "defaults = false\n")))
+    try:
+        for _ in range(MAX_RESTARTS):
+            victim = s.workers()[0]
+            os.kill(victim, signal.SIGKILL)
+            assert f"(pid {victim}) was killed by SIGKILL unexpectedly; starting it again" in s.wait_for("unexpectedly")
+            s.wait_for("is serving again")
+        assert len(s.workers()) == 2
+        victim = s.workers()[0]
+        os.kill(victim, signal.SIGKILL)
+        assert s.proc.wait(timeout=60) == 1
+        said = s.said()
+        assert f"(pid {victim}) was killed by SIGKILL; {MAX_RESTARTS + 1} workers died within 60 s, so the server " \
+               "stops instead of starting them again" in said, said
+    finally:
+        s.kill()
+
+
 def test_a_worker_that_cannot_start_stops_the_server_with_its_reason(tmp_path: Path) -> None:
     key = tmp_path / "ops" / "audit.key"  # missing: no worker may run with an unsigned log
     policy = _policy(tmp_path, f'audit_key = "file:{key}"\n')
