@@ -476,7 +476,7 @@ def test_counts_past_the_remembered_label_values_and_a_growing_shared_file_stay_
     series."""
     from spendgate.observe import metrics as metrics_mod
 
-    models = [f"model-{i}" for i in range(3 * MAX_LABEL_VALUES)] + ["gpt-4o"]
+    models = [f"model-{i}" for i in range(metrics_mod._CACHE_MAX + 100)] + ["gpt-4o"]
     events = [Event(time.time(), "capture", f"c{i}", model, "openai", 1_000 + i, 10, 20,
                     amounts={"cache_read_tokens": 3} if i % 2 else {})
               for i, model in enumerate(models * 2)]
@@ -488,6 +488,7 @@ def test_counts_past_the_remembered_label_values_and_a_growing_shared_file_stay_
         alone.observe(event, "", None)
         worker.observe(event, "", None)
     assert (tmp_path / "w1.counts").stat().st_size > 64 * 1024  # the map grew
+    assert len(worker._own.series) == metrics_mod._CACHE_MAX  # later models took the slow way
     samples = _samples(alone.exposition().decode())
     assert _samples(worker.exposition().decode()) == samples
     spend = samples["spendgate_spend_nanodollars_total"]
