@@ -526,6 +526,8 @@ def _unknown(u: Mapping[str, Any], depth: int = 0) -> list[str]:
         if k in KNOWN:  # the common case, first: a set lookup, no pattern
             continue
         if isinstance(v, dict) and depth < 3:
+            if KNOWN.issuperset(v):  # a breakdown of known counts only (the usual): nothing to report
+                continue
             inner = _unknown(v, depth + 1)
             if inner:
                 out.extend(f"{k}.{path}" for path in inner)
