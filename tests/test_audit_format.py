@@ -394,3 +394,14 @@ def test_public_keys_parse_from_64_hex() -> None:
     for bad in ("", "zz" * 32, "ab" * 31, "ab" * 33):
         with pytest.raises(AuditKeyError, match="expected 64 hex digits"):
             parse_public(bad)
+
+
+@given(st.binary(max_size=2048))
+def test_the_writers_signer_signs_exactly_as_the_key_does(data: bytes) -> None:
+    """The writer signs through libsodium; Ed25519 is deterministic, so its signature must be the
+    key's own (OpenSSL's) byte for byte, and verify with the public key."""
+    from spendgate.events.signing import fast_signer
+
+    sig = fast_signer(KEY).sign(data)
+    assert sig == KEY.sign(data)
+    KEY.public_key().verify(sig, data)

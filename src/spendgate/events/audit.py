@@ -22,13 +22,16 @@ import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from json.encoder import encode_basestring as _quote
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spendgate.ledger.base import Event
 from spendgate.money import nanos_to_usd
+
+if TYPE_CHECKING:
+    from spendgate.events.signing import Signer
 
 #: the ``prev_hash`` of a chain's first entry
 GENESIS = "0" * 64
@@ -241,7 +244,7 @@ def _utf16(key: str) -> bytes:
     return key.encode("utf-16-be", "surrogatepass")
 
 
-def seal_body(body: bytes, key: Ed25519PrivateKey) -> tuple[str, str]:
+def seal_body(body: bytes, key: Signer) -> tuple[str, str]:
     """Hash and sign an entry's canonical ``body``: its ``hash`` and the JSON text to store (one
     line) — the canonical body with ``hash`` and ``sig`` appended. That text is not itself canonical
     (the two keys come last), which no reader needs."""
@@ -264,7 +267,7 @@ def seal(entry: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     return doc
 
 
-def checkpoint(chain: str, seq: int, head: str, ts: float, key: Ed25519PrivateKey) -> dict[str, Any]:
+def checkpoint(chain: str, seq: int, head: str, ts: float, key: Signer) -> dict[str, Any]:
     """A signed statement that ``chain`` had ``seq`` entries ending in ``head`` at ``ts`` (epoch s)."""
     doc: dict[str, Any] = {"kind": "checkpoint", "chain": chain, "seq": seq, "head": head, "ts": rfc3339(ts)}
     doc["sig"] = key.sign(canonical(doc)).hex()

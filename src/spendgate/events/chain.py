@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spendgate.errors import StoreError
 from spendgate.events.audit import GENESIS, checkpoint, dumps, entry_body, seal_body
+from spendgate.events.signing import fast_signer
 from spendgate.ledger.base import Event, Ledger
 
 log = logging.getLogger("spendgate.audit")
@@ -49,6 +50,7 @@ class AuditLog:
             raise ValueError("flush_s and checkpoint_seconds must be above 0, checkpoint_entries at least 1")
         self.store = store
         self.key = key
+        self._signer = fast_signer(key)
         self.chain = chain or secrets.token_hex(8)
         self.flush_s = flush_s
         self.checkpoint_entries = checkpoint_entries
@@ -159,7 +161,7 @@ class AuditLog:
             try:
                 body = entry_body(event, chain=self.chain, seq=seq, prev_hash=head, policy_hash=policy_hash,
                                   request=request)
-                head, text = seal_body(body, self.key)
+                head, text = seal_body(body, self._signer)
             except Exception:  # an event that cannot be an entry is reported, never allowed to stall the chain
                 log.exception("audit chain %s: cannot log event %s (%s)", self.chain,
                               getattr(event, "decision_id", "?"), getattr(event, "kind", "?"))
@@ -184,7 +186,7 @@ class AuditLog:
             self._checkpoint()
 
     def _checkpoint(self) -> None:
-        doc = checkpoint(self.chain, self._seq, self._head, time.time(), self.key)
+        doc = checkpoint(self.chain, self._seq, self._head, time.time(), self._signer)
         self.store.put_checkpoint(self.chain, dumps(doc))
         self._cp_seq, self._cp_at = self._seq, self._clock()
         self.checkpoints += 1

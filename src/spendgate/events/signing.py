@@ -14,7 +14,9 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Protocol
 
+import nacl.signing
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -124,3 +126,30 @@ def parse_public(text: str) -> Ed25519PublicKey:
     if len(data) != 32:
         raise AuditKeyError(f"public key {text!r}: expected 64 hex digits (a raw Ed25519 public key)")
     return Ed25519PublicKey.from_public_bytes(data)
+
+
+class Signer(Protocol):
+    """What seals entries: an Ed25519 private key's ``sign`` (64 bytes)."""
+
+    def sign(self, data: bytes, /) -> bytes: ...
+
+
+class _Sodium:
+    """The same key signing through libsodium (PyNaCl): Ed25519 signatures are deterministic, so
+    the bytes are OpenSSL's, in ~20 µs instead of ~31 — and the writer signs two entries a request."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
+        self._key = nacl.signing.SigningKey(seed)
+
+    def sign(self, data: bytes, /) -> bytes:
+        return self._key.sign(data).signature
+
+
+def fast_signer(key: Ed25519PrivateKey) -> Signer:
+    """``key``'s signer for the audit writer's hot loop (see :class:`_Sodium`)."""
+    return _Sodium(key)
+
