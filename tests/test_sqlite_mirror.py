@@ -134,3 +134,4 @@ def test_another_connections_commit_is_seen_at_once(tmp_path: Path) -> None:
     assert [s.held for s in operator.states([b], now=T0)] == [1000]
     proxy.close()
     operator.close()
+

@@ -35,6 +35,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -189,7 +190,7 @@ class SQLiteLedger(TransactionalLedger):
             # it touches to the WAL whole, a request's two commits touch ~17 pages, and the checkpoint copies
             # them back — with 1 KiB instead of 4 KiB pages the proxy spends ~10 % less CPU per request
             self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _into_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=30000")
             # checkpoints run on a background thread, not inside a request's commit (p99)
@@ -583,6 +584,22 @@ class SQLiteLedger(TransactionalLedger):
                 return self._db.execute(query, args).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+
+def _into_wal(db: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Switch the file to WAL (a no-op once it is). Switching takes an exclusive lock, and SQLite
+    answers "database is locked" at once rather than through the busy handler, so processes
+    opening a new store together (``serve --workers``, their audit writers) would fail at random:
+    try again for up to ``wait_s``."""
+    deadline = monotonic() + wait_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _alert(row: tuple[Any, ...]) -> OutboxAlert:
