@@ -1,4 +1,4 @@
-"""Budget leases (ledger/lease.py) on a real redis-server: exact to the nano-dollar, never over a limit
+"""Budget leases (ledger/lease.py) on a real redis-server and on SQLite: exact to the nano-dollar, never over a limit
 across instances and processes, a crashed instance's slices charged as held, few round trips."""
 
 from __future__ import annotations
@@ -32,12 +32,20 @@ def _url(server: RedisServer) -> str:
     return f"{server.url}?prefix={uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture(params=["redis", "sqlite"])
+def lease_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """The same leases on both stores that run them: Redis (a prefix of its own) and a SQLite file."""
+    if request.param == "redis":
+        return _url(request.getfixturevalue("redis_server"))
+    return f"sqlite:///{tmp_path}/leases.db?leases=on"
+
+
 def run(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return asyncio.run(fn())
 
 
-def test_hold_capture_release_are_exact_to_the_nano_dollar(redis_server: RedisServer) -> None:
-    url = _url(redis_server)
+def test_hold_capture_release_are_exact_to_the_nano_dollar(lease_url: str) -> None:
+    url = lease_url
     day, key = Bucket("team-day", 10 * USD), Bucket("key-day", 5 * USD, window_s=86_400)
     store = ledger.open(url)
 
@@ -70,8 +78,8 @@ def test_hold_capture_release_are_exact_to_the_nano_dollar(redis_server: RedisSe
     store.close()
 
 
-def test_a_capture_is_charged_once_and_a_second_capture_of_the_hold_says_so(redis_server: RedisServer) -> None:
-    url = _url(redis_server)
+def test_a_capture_is_charged_once_and_a_second_capture_of_the_hold_says_so(lease_url: str) -> None:
+    url = lease_url
     b = Bucket("b", 100 * USD)
 
     async def go() -> None:
@@ -89,10 +97,10 @@ def test_a_capture_is_charged_once_and_a_second_capture_of_the_hold_says_so(redi
     store.close()
 
 
-def test_near_the_limit_requests_are_decided_exactly_in_redis(redis_server: RedisServer) -> None:
+def test_near_the_limit_requests_are_decided_exactly_in_redis(lease_url: str) -> None:
     """Ten holds of 10 fit a limit of 100; the eleventh is refused, naming the bucket — the slice never
     lets a request through that the per-request ledger would refuse, and refuses none it would take."""
-    url = _url(redis_server)
+    url = lease_url
     b = Bucket("small", 100)
 
     async def go() -> None:
@@ -124,8 +132,8 @@ def test_near_the_limit_requests_are_decided_exactly_in_redis(redis_server: Redi
     store.close()
 
 
-def test_a_slice_stops_below_the_next_alert_mark_and_the_mark_fires_once(redis_server: RedisServer) -> None:
-    url = _url(redis_server)
+def test_a_slice_stops_below_the_next_alert_mark_and_the_mark_fires_once(lease_url: str) -> None:
+    url = lease_url
     b = Bucket("alerting", 1000)
     mark = AlertMark("alerting|day|0.5", '{"type": "threshold"}', at=500)
     store = ledger.open(url)
@@ -147,10 +155,10 @@ def test_a_slice_stops_below_the_next_alert_mark_and_the_mark_fires_once(redis_s
     store.close()
 
 
-def test_a_line_without_its_limit_is_never_leased_past_it(redis_server: RedisServer) -> None:
+def test_a_line_without_its_limit_is_never_leased_past_it(lease_url: str) -> None:
     """An approval's (or a forced request's) line comes without the bucket's limit: it goes to the
     per-request path, which places exactly its hold, never a slice past the limit."""
-    url = _url(redis_server)
+    url = lease_url
     b = Bucket("approved", 100)
 
     async def go() -> None:
@@ -225,8 +233,8 @@ class _Sampler:
         self.store.close()
 
 
-def test_instances_on_one_loop_never_take_a_bucket_past_its_limit(redis_server: RedisServer) -> None:
-    url, limit = _url(redis_server), 3000
+def test_instances_on_one_loop_never_take_a_bucket_past_its_limit(lease_url: str) -> None:
+    url, limit = lease_url, 3000
     b = Bucket("shared", limit)
 
     async def go() -> list[int]:
@@ -242,8 +250,8 @@ def test_instances_on_one_loop_never_take_a_bucket_past_its_limit(redis_server: 
     store.close()
 
 
-def test_two_processes_never_take_a_bucket_past_its_limit(redis_server: RedisServer) -> None:
-    url, limit = _url(redis_server), 4000
+def test_two_processes_never_take_a_bucket_past_its_limit(lease_url: str) -> None:
+    url, limit = lease_url, 4000
     b = Bucket("shared", limit)
     ctx = multiprocessing.get_context("spawn")
     with _Sampler(url, b) as sampler, ctx.Pool(2) as pool:
@@ -278,8 +286,8 @@ asyncio.run(main())
 """
 
 
-def test_a_crashed_instances_slices_expire_and_are_charged_as_held(redis_server: RedisServer) -> None:
-    url = _url(redis_server)
+def test_a_crashed_instances_slices_expire_and_are_charged_as_held(lease_url: str) -> None:
+    url = lease_url
     b = Bucket("crashy", 10**9)
     proc = subprocess.Popen([sys.executable, "-c", CRASHER, url], stdout=subprocess.PIPE, text=True,
                             cwd=os.getcwd())
@@ -340,12 +348,12 @@ def test_far_from_the_limit_a_request_costs_under_005_round_trips(redis_server: 
     store.close()
 
 
-def test_the_engine_decides_and_charges_through_leases(redis_server: RedisServer) -> None:
+def test_the_engine_decides_and_charges_through_leases(lease_url: str) -> None:
     from spendgate.engine import Engine
     from spendgate.policy import default_policy
     from spendgate.request import Identity, Request
 
-    url = _url(redis_server)
+    url = lease_url
     store = ledger.open(url)
     engine = Engine(default_policy(), store)
     req = Request("openai", "/v1/chat/completions",
@@ -431,8 +439,8 @@ def test_a_slice_never_covers_more_holds_than_redis_holds_for_it(ops: list[tuple
         assert s.holds + unsent <= redis_.have, (s.holds, unsent, redis_.have)
 
 
-def test_a_local_hold_past_its_ttl_is_charged_as_held_and_flagged(redis_server: RedisServer) -> None:
-    url = _url(redis_server)
+def test_a_local_hold_past_its_ttl_is_charged_as_held_and_flagged(lease_url: str) -> None:
+    url = lease_url
     b = Bucket("ttl", 10 * USD)
     clock = [time.time()]
 
@@ -457,11 +465,11 @@ def test_a_local_hold_past_its_ttl_is_charged_as_held_and_flagged(redis_server: 
     store.close()
 
 
-def test_an_instance_that_outlived_its_lease_charges_nothing_twice(redis_server: RedisServer) -> None:
+def test_an_instance_that_outlived_its_lease_charges_nothing_twice(lease_url: str) -> None:
     """A stall past the lease's TTL: another process expires the hold and charges every slice in full.
     The stalled instance's holds then read as expired, its waiting captures are not charged again, and
     it leases afresh."""
-    url = _url(redis_server)
+    url = lease_url
     b = Bucket("stalled", 10 * USD)
     store = ledger.open(url)
 
@@ -509,8 +517,8 @@ def test_a_bad_lease_option_is_an_error_naming_it(query: str) -> None:
         lease_settings("redis://127.0.0.1:6379/0" + query)
 
 
-def test_a_request_takes_from_every_slice_or_from_none(redis_server: RedisServer) -> None:
-    url = _url(redis_server)
+def test_a_request_takes_from_every_slice_or_from_none(lease_url: str) -> None:
+    url = lease_url
     wide, narrow = Bucket("wide", 100 * USD), Bucket("narrow", 25)
 
     async def go() -> None:

@@ -44,8 +44,10 @@ def _memory(url: str, create: bool) -> Ledger:
 
 
 def _sqlite(url: str, create: bool) -> Ledger:
+    from spendgate.ledger.lease import lease_settings
     from spendgate.ledger.sqlite import SQLiteLedger
 
+    lease_settings(url)  # a bad ?leases= / lease_s option fails here, at start, not at the first request
     return SQLiteLedger(url, create=create)
 
 

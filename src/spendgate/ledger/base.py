@@ -217,6 +217,31 @@ class ExpiredHold:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseEntry:
+    """One bucket's slice in a budget-lease batch (see :mod:`spendgate.ledger.lease`): the
+    captures made into it so far (cumulative), the local holds it must keep covering (``floor``),
+    the size asked for (``want``), what a waiting request needs (``need``, 0: none) and the
+    bucket's alert marks not yet fired (``[key, body, at]``)."""
+
+    bucket: Bucket
+    total: int
+    floor: int
+    want: int
+    need: int
+    marks: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseReply:
+    """A batch's outcome: ``gone`` (the instance's lease hold had expired: nothing applied), else
+    per entry (slice, spent, held, granted, frees_at); and the holds expired on the way."""
+
+    gone: bool
+    rows: list[tuple[int, int, int, int, float | None]]
+    expired: list[ExpiredHold]
+
+
+@dataclass(frozen=True, slots=True)
 class Swept:
     """What one :meth:`Ledger.sweep` did."""
 

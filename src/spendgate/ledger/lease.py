@@ -1,4 +1,9 @@
-"""Budget leases: Redis off the hot path while a bucket is far from its limit.
+"""Budget leases: the store off the hot path while a bucket is far from its limit.
+
+Written for Redis (``redis://…?leases=on``), where each authorize and capture is a round trip; the
+same leases run on SQLite (``sqlite:///…?leases=on``), where they take the commit before each send
+off the request path. Below, "Redis" stands for either: the batch is one ``EVALSHA`` of
+``lua/lease.lua`` there, one transaction of :meth:`SQLiteLedger.lease_sync` here, same rules.
 
 An instance holds, for each bucket its requests fall under, a *lease*: a slice of the bucket's
 headroom placed in Redis as an ordinary hold (one hold per instance, one line per bucket), so every
@@ -39,8 +44,20 @@ from typing import Any
 import redis
 
 from spendgate.errors import StoreError
-from spendgate.ledger.base import Authorization, Bucket, BucketState, Event, ExpiredHold, Line, new_hold_id
+from spendgate.ledger.base import (
+    Authorization,
+    Bucket,
+    BucketState,
+    Event,
+    ExpiredHold,
+    LeaseEntry,
+    LeaseReply,
+    Line,
+    new_hold_id,
+)
+from spendgate.ledger.group import GroupCommit
 from spendgate.ledger.redis import AsyncRedisLedger, _expired_holds, _meta
+from spendgate.ledger.sqlite import SQLiteLedger
 
 log = logging.getLogger("spendgate.lease")
 #: buckets whose limit is remembered (then forgotten all at once: a bucket forgotten is merely leased
@@ -171,7 +188,7 @@ class Slice:
 
 
 def lease_settings(url: str) -> LeaseSettings | None:
-    """The leases a Redis store URL asks for: ``?leases=on`` (``1``, ``true``, ``yes``) turns them on,
+    """The leases a store URL (Redis or SQLite) asks for: ``?leases=on`` (``1``, ``true``, ``yes``) turns them on,
     ``&lease_s=N`` sizes a slice at N seconds of traffic (default 2); None when they are off (the
     default: every request authorized in Redis). Anything else is an error naming the option."""
     from urllib.parse import parse_qsl, urlsplit
@@ -216,21 +233,71 @@ class LeaseStats:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
+class _RedisBatches:
+    """A batch as one ``EVALSHA`` of ledger.lua with lease.lua spliced in."""
+
+    def __init__(self, exact: AsyncRedisLedger) -> None:
+        self.exact = exact
+        self._script = exact._r.register_script(_lease_lua())
+
+    async def sync(self, now: float, ttl: float, hold_id: str, expect: bool, entries: Sequence[LeaseEntry],
+                   hold_event: str, events: Sequence[tuple[float, str]]) -> LeaseReply:
+        payload = [[e.bucket.key, -1 if e.bucket.limit is None else e.bucket.limit, e.bucket.window_s or 0,
+                    e.bucket.unit, e.bucket.slot_s, _meta(e.bucket), e.total, e.floor, e.want, e.need, e.marks]
+                   for e in entries]
+        flat: list[str] = []
+        for ts, ev in events:
+            flat += [repr(ts), ev]
+        args = ["lease", self.exact._p, repr(now), repr(ttl), hold_id, "1" if expect else "0", _dumps(payload),
+                hold_event, *flat]
+        try:
+            res = await self._script(keys=self.exact._keys, args=args)
+        except (redis.RedisError, OSError) as exc:
+            raise StoreError(f"Redis store {self.exact._name}: {exc}") from exc
+        if res[0] == "gone":
+            return LeaseReply(True, [], _expired_holds(now, res[1:]))
+        rows: list[tuple[int, int, int, int, float | None]] = []
+        for i in range(len(entries)):
+            lease, spent, held, granted, frees = res[1 + 5 * i: 6 + 5 * i]
+            rows.append((int(lease), int(spent), int(held), int(granted), None if float(frees) < 0 else float(frees)))
+        return LeaseReply(False, rows, _expired_holds(now, res[1 + 5 * len(entries):]))
+
+
+class _SQLiteBatches:
+    """A batch as one transaction on the SQLite store the per-request path commits to."""
+
+    def __init__(self, exact: GroupCommit) -> None:
+        assert isinstance(exact.ledger, SQLiteLedger)
+        self.exact = exact
+        self.store = exact.ledger
+
+    async def sync(self, now: float, ttl: float, hold_id: str, expect: bool, entries: Sequence[LeaseEntry],
+                   hold_event: str, events: Sequence[tuple[float, str]]) -> LeaseReply:
+        return self.store.lease_sync(now, ttl, hold_id, expect, entries, hold_event, events)
+
+
 class LeasedLedger:
-    """The engine's :class:`~spendgate.engine.AsyncLedger` over a Redis store, with budget leases.
+    """The engine's :class:`~spendgate.engine.AsyncLedger` over a Redis or SQLite store, with budget
+    leases.
 
     Create it inside the running loop that will use it, and :meth:`close` it there (its slices go
-    back to the buckets). ``exact`` is the per-request path (made from ``url`` when not given).
+    back to the buckets). ``exact`` is the per-request path: an :class:`AsyncRedisLedger`, or a
+    :class:`GroupCommit` over the SQLite store (made from ``url`` when not given).
     """
 
-    def __init__(self, url: str, *, exact: AsyncRedisLedger | None = None,
+    def __init__(self, url: str, *, exact: AsyncRedisLedger | GroupCommit | None = None,
                  settings: LeaseSettings | None = None, clock: Callable[[], float] = time.time) -> None:
         self.url = url
-        self.exact = exact or AsyncRedisLedger(url)
+        self._owned: SQLiteLedger | None = None
+        if exact is None and url.startswith("sqlite:"):
+            self._owned = SQLiteLedger(url)
+            exact = GroupCommit(self._owned)
+        self.exact: AsyncRedisLedger | GroupCommit = exact or AsyncRedisLedger(url)
+        self._batches = _SQLiteBatches(self.exact) if isinstance(self.exact, GroupCommit) \
+            else _RedisBatches(self.exact)
         self.settings = settings or LeaseSettings()
         self.clock = clock
         self.stats = LeaseStats()
-        self._script = self.exact._r.register_script(_lease_lua())
         self._slices: dict[str, Slice] = {}
         self._holds: dict[str, _Local] = {}
         self._gone: set[str] = set()
@@ -349,6 +416,8 @@ class LeasedLedger:
             log.warning("budget leases not handed back on close (they expire in %.0f s): %s",
                         self.settings.ttl, exc)
         await self.exact.close()
+        if self._owned is not None:
+            self._owned.close()
 
     # -- deciding in memory ----------------------------------------------------------------------
 
@@ -527,45 +596,39 @@ class LeasedLedger:
                 want = max(want, s.holds + extra)
                 floor_need = s.holds + extra
             total, floor, want = s.send(want)
-            b = s.bucket
-            entries.append([b.key, -1 if b.limit is None else b.limit, b.window_s or 0, b.unit, b.slot_s, s.meta,
-                            total, floor, want, floor_need, s.marks])
+            entries.append(LeaseEntry(s.bucket, total, floor, want, floor_need, s.marks))
         events, self._events = self._events, []
         self._dirty_since = None
-        flat: list[str] = []
-        for ts, ev in events:
-            flat += [repr(ts), ev]
-        args = ["lease", self.exact._p, repr(now), repr(self.settings.ttl), self._hold_id,
-                "1" if self._expect else "0", _dumps(entries), self._hold_event, *flat]
         self.stats.syncs += 1
         try:
-            res = await self._script(keys=self.exact._keys, args=args)
-        except (redis.RedisError, OSError) as exc:
+            reply = await self._batches.sync(now, self.settings.ttl, self._hold_id, self._expect, entries,
+                                             self._hold_event, events)
+        except StoreError:
             for s in slices:
                 s.failed()
-            self._events = events + self._events  # ZADD of the same event is idempotent: resend
+            # resending an event is harmless in Redis (ZADD of the same member); a failed SQLite
+            # transaction stored none of them
+            self._events = events + self._events
             if events:
                 self._dirty(now)
-            raise StoreError(f"Redis store {self.exact._name}: {exc}") from exc
+            raise
         except BaseException:
             for s in slices:
                 s.failed()
             self._events = events + self._events
             raise
         self._last_sync = now
-        if res[0] == "gone":
+        if reply.gone:
             self._lapsed(slices, now)
-            self._expired += _expired_holds(now, res[1:])
+            self._expired += reply.expired
             return
-        n = 5 * len(slices)
-        for i, s in enumerate(slices):
-            lease, spent, held, granted, frees = res[1 + 5 * i: 6 + 5 * i]
-            s.landed(int(lease))
-            s.state = (int(spent), int(held), int(granted), None if float(frees) < 0 else float(frees))
+        for s, (lease, spent, held, granted, frees) in zip(slices, reply.rows, strict=True):
+            s.landed(lease)
+            s.state = (spent, held, granted, frees)
             if s.lease == 0 and s.holds == 0 and s.captured == s.acked and s.exact_until <= now:
                 del self._slices[s.bucket.key]
         self._expect = any(s.lease > 0 for s in self._slices.values())
-        self._expired += _expired_holds(now, res[1 + n:])
+        self._expired += reply.expired
 
     def _lapsed(self, slices: Sequence[Slice], now: float) -> None:
         """The hold expired (this instance stalled past its TTL): Redis charged every slice in full,

@@ -44,6 +44,7 @@ from pathlib import Path
 from time import monotonic
 from typing import Any
 
+from spendgate import fastjson
 from spendgate.errors import StoreError
 from spendgate.ledger.base import (
     SETTLED_ALERT_STATUSES,
@@ -52,6 +53,8 @@ from spendgate.ledger.base import (
     Bucket,
     BucketState,
     Event,
+    LeaseEntry,
+    LeaseReply,
     OutboxAlert,
     TransactionalLedger,
     _Hold,
@@ -107,6 +110,8 @@ CREATE INDEX IF NOT EXISTS alerts_due ON alerts(status, next_at);
 CREATE INDEX IF NOT EXISTS alerts_created ON alerts(created);
 CREATE TABLE IF NOT EXISTS audit(chain TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
                                  PRIMARY KEY(chain, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases(bucket TEXT NOT NULL, hold TEXT NOT NULL, expires_at REAL NOT NULL,
+                                  PRIMARY KEY(bucket, hold)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit_checkpoints(chain TEXT NOT NULL, n INTEGER NOT NULL, body TEXT NOT NULL,
                                              PRIMARY KEY(chain, n)) WITHOUT ROWID;
 """
@@ -139,10 +144,11 @@ ON CONFLICT(key) DO UPDATE SET lim = excluded.lim, window_s = excluded.window_s,
 
 
 def path_of(url: str) -> Path:
-    """``sqlite:///rel.db`` is relative, ``sqlite:////abs.db`` absolute, ``~`` expanded."""
+    """``sqlite:///rel.db`` is relative, ``sqlite:////abs.db`` absolute, ``~`` expanded; options
+    after ``?`` (``leases=on``) are not part of the path."""
     if not url.startswith("sqlite:///"):
         raise StoreError(f"not a sqlite URL: {url!r} (expected sqlite:///path/to/file.db)")
-    rest = url[len("sqlite:///"):]
+    rest = url[len("sqlite:///"):].split("?", 1)[0]
     if not rest:
         raise StoreError(f"{url!r} names no file")
     return Path(rest).expanduser()
@@ -452,6 +458,88 @@ class SQLiteLedger(TransactionalLedger):
                     if len(self._pruned) >= PRUNED_MEMO_MAX:  # a memo: forgetting costs one more DELETE
                         self._pruned.clear()
                     self._pruned[key] = first
+
+    # -- budget leases (ledger/lease.py): this store's side of a batch ---------------------------
+
+    def lease_sync(self, now: float, ttl: float, hold_id: str, expect: bool, entries: Sequence[LeaseEntry],
+                   hold_event: str, events: Sequence[tuple[float, str]]) -> LeaseReply:
+        """One transaction: renew the instance's lease hold, expire stale holds, charge each slice's
+        new captures, resize each slice, fire the marks reached, log ``events``, write the hold
+        back. The same rules as ``lua/lease.lua`` (its comments say why), on this file's tables:
+        the lease is one ordinary row in ``holds`` (so an instance that stops renewing has every
+        slice charged in full when it expires), ``leases`` lists the lease holds on each bucket,
+        and the cumulative totals already charged are a record beside the hold."""
+        with self._txn():
+            row = self._db.execute("SELECT lines FROM holds WHERE id=?", (hold_id,)).fetchone()
+            if row is not None:  # alive: renewed before expiry runs
+                self._db.execute("UPDATE holds SET expires_at=? WHERE id=?", (now + ttl, hold_id))
+            expired = self._expire_locked(now)
+            if expect and row is None:
+                return LeaseReply(True, [], expired)
+            old = {ln[0]: ln for ln in json.loads(row[0])} if row is not None else {}
+            done = json.loads(self._get_record("lease", hold_id, now) or "{}") if row is not None else {}
+            rows: list[tuple[int, int, int, int, float | None]] = []
+            parts: list[list[Any]] = []
+            totals: dict[str, int] = {}
+            for e in entries:
+                b = e.bucket
+                line = old.pop(b.key, None)
+                have = int(line[4]) if line is not None else 0
+                c = e.total - int(done.get(b.key, 0))
+                if c > 0:
+                    self._charge([(b, c)], now)
+                else:
+                    c = 0
+                keep = max(e.floor, min(e.want, max(have - c, 0)))
+                st = self._state(b, now)
+                others = st.held - have
+                new = keep
+                if e.want > keep:
+                    new = e.want
+                    if b.limit is not None:
+                        self._db.execute("DELETE FROM leases WHERE bucket=? AND expires_at<=?", (b.key, now))
+                        n, mine = self._db.execute("SELECT COUNT(*), COALESCE(SUM(hold = ?), 0) FROM leases "
+                                                   "WHERE bucket=?", (hold_id, b.key)).fetchone()
+                        n = int(n) + (0 if mine else 1)
+                        room = b.limit + st.granted - st.spent - others
+                        new = max(keep, min(e.want, room // (2 * n)))
+                    base = st.spent + others
+                    nxt = min((int(m[2]) for m in e.marks if int(m[2]) > base + keep), default=None)
+                    if nxt is not None and base + new >= nxt:
+                        new = max(keep, nxt - 1 - base)
+                if e.need > 0 and new < e.need:
+                    new = e.floor
+                fire = [AlertMark(m[0], m[1], int(m[2])) for m in e.marks if 0 < int(m[2]) <= st.spent + others + new]
+                if fire:
+                    self._add_alerts(fire, now)
+                if new != have:
+                    grew = 1 if have == 0 else (-1 if new == 0 else 0)
+                    self._db.execute(_UPSERT_BUCKET, (b.key, b.limit, b.window_s, b.unit, b.ends_at, new - have, grew))
+                    if (k := self._known.get(b.key)) is not None:
+                        k.held += new - have
+                if new > 0:
+                    parts.append([b.key, b.limit, b.window_s, b.unit, new])
+                    totals[b.key] = e.total
+                    self._db.execute("INSERT OR REPLACE INTO leases(bucket, hold, expires_at) VALUES (?,?,?)",
+                                     (b.key, hold_id, now + ttl))
+                else:
+                    self._db.execute("DELETE FROM leases WHERE bucket=? AND hold=?", (b.key, hold_id))
+                rows.append((new, st.spent, others + new, st.granted, st.frees_at))
+            for key, line in old.items():  # a line the instance did not name is kept as it is
+                parts.append(line)
+                totals[key] = int(done.get(key, 0))
+            if events:
+                self._db.executemany("INSERT INTO events(ts, body) VALUES (?,?)", events)
+            self._db.execute("DELETE FROM holds WHERE id=?", (hold_id,))
+            self._mine.pop(hold_id, None)
+            if parts:
+                self._db.execute("INSERT INTO holds(id, expires_at, lines, event) VALUES (?,?,?,?)",
+                                 (hold_id, now + ttl, fastjson.dumps(parts), hold_event))
+                self._put_record("lease", hold_id, json.dumps(totals), now + ttl)
+                self._next_expiry = min(self._next_expiry, now + ttl)
+            else:
+                self._delete_record("lease", hold_id)
+            return LeaseReply(False, rows, expired)
 
     def _add_grant(self, key: str, amount: int, until: float) -> None:
         self._db.execute("INSERT INTO grants(bucket, amount, until) VALUES (?,?,?)", (key, amount, until))

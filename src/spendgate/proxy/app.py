@@ -222,7 +222,12 @@ class Proxy:
             # a leased bucket's capture settles into its slice in memory: no round trip to wait for
             self._settle_after = leases is not None
         elif self.engine.aledger is None:  # a local store: captures committed in groups
-            self.engine.aledger = GroupCommit(self.store)
+            from spendgate.ledger.lease import LeasedLedger, lease_settings
+
+            group = GroupCommit(self.store)
+            leases = lease_settings(self.store.url)  # sqlite:///…?leases=on: the commit off the request path
+            self.engine.aledger = group if leases is None else LeasedLedger(self.store.url, exact=group,
+                                                                             settings=leases)
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.config.upstream_timeout_s),
