@@ -17,13 +17,13 @@ import fnmatch
 import json
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar, cast
 
+from spendgate import randomid
 from spendgate.buckets import Limit, RuleBucket, rule_buckets, rule_limit
 from spendgate.buckets import bucket_key as bucket_key
 from spendgate.buckets import tokens_key as tokens_key
@@ -325,7 +325,7 @@ class Engine:
     def _decide(self, request: Request, now: float | None, approval: Approval | None,
                 extra_rules: Sequence[Rule]) -> Generator[LedgerCall, Any, Decision]:
         now = time.time() if now is None else now
-        did = secrets.token_hex(8)
+        did = randomid.token_hex(8)
         if self.estimator.is_free(request.provider, request.route):
             return Decision(did, "allow", True, None, request.body, message="free route")
         policy, extra = self.policy, (*request.identity.rules, *extra_rules)

@@ -16,7 +16,6 @@ Amounts are integers: nano-dollars for ``usd`` buckets, tokens for ``tokens`` bu
 from __future__ import annotations
 
 import json
-import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from spendgate import fastjson
+from spendgate import fastjson, randomid
 from spendgate.errors import StoreError
 
 Unit = Literal["usd", "tokens", "requests"]
@@ -311,7 +310,7 @@ SWEEP_BATCH = 1000
 
 
 def new_hold_id() -> str:
-    return os.urandom(16).hex()
+    return randomid.token_hex(16)
 
 
 class Ledger(ABC):
