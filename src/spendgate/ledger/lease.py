@@ -130,7 +130,11 @@ class Slice:
 
     @property
     def free(self) -> int:
-        return self.capacity - self.holds - (self.captured - self.acked)
+        # (capacity written out: asked twice per line of every request)
+        if self.inflight is None:
+            return self.lease - self.holds - self.captured + self.acked
+        total, want = self.inflight
+        return min(self.lease, want + total - self.acked) - self.holds - self.captured + self.acked
 
     def take(self, amount: int) -> bool:
         if amount > self.free:
