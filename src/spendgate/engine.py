@@ -213,6 +213,10 @@ class Charge:
     spooled: bool = False
 
 
+#: (model, provider, tier) answers remembered by the rule matcher before it starts over
+MATCH_MEMO_MAX = 4096
+
+
 class Engine:
     """Policy + prices + ledger. Thread-safe; one per process is enough."""
 
@@ -251,6 +255,10 @@ class Engine:
             self.estimator = _estimator(self.estimator.prices, policy)
         #: the rules that require a capability (checked before pricing; none in most policies)
         self._gated = tuple(r for r in rules if r.requires_capability is not None)
+        # which rules a (model, provider, tier) falls under, remembered while no rule matches on tags
+        # (then the answer depends on nothing else); a new dict per policy
+        self._matched: dict[tuple[str, str, str], tuple[Rule, ...]] | None = \
+            None if any(r.match.tags for r in rules) else {}
         self._rules, self._usd_limit, self.policy_hash, self.policy = rules, usd_limit, digest, policy
 
     def set_overrides(self, limits: Mapping[tuple[str, str], Limit], pauses: Sequence[Pause]) -> None:
@@ -329,7 +337,8 @@ class Engine:
         if self.estimator.is_free(request.provider, request.route):
             return Decision(did, "allow", True, None, request.body, message="free route")
         policy, extra = self.policy, (*request.identity.rules, *extra_rules)
-        all_rules = (*self._rules, *extra)
+        own, matched = self._rules, self._matched
+        all_rules = (*own, *extra) if extra else own
         # spend that already happened is recorded whatever is paused or required: it cannot be refused
         early = None if request.force else self._before_pricing(request, policy, extra, did, now)
         if early is not None:
@@ -353,8 +362,8 @@ class Engine:
         for _ in range(MAX_REMEDIES):
             # a tool is no model: it is not put in the strict tier meant for unknown models
             tier = TOOL if request.fixed_nanos is not None else policy.tiers.tier_of(est.model)
-            rules = [r for r in all_rules
-                     if r.match.matches(est.model, request.provider, tier, request.identity.tags)]
+            rules = self._matching(all_rules, None if extra else matched, est.model, request.provider, tier,
+                                   request.identity.tags)
             request_trips, alerts = self._request_trips(rules, est, bypass)
             lines, owners = self._lines(rules, request, est, tier, now, bypass, did, marks=not request.dry)
             shadow = [t for t in request_trips if policy.mode_of(t.rule) == "shadow" and t.rule.action != "alert"]
@@ -543,6 +552,20 @@ class Engine:
                 yield ("grant", {"bucket": ln.bucket, "amount": 0, "now": now, "until": now})
         states = tuple(replace(st, limit=ln.bucket.limit) for st, ln in zip(auth.states, lines, strict=True))
         return replace(auth, states=states)
+
+    @staticmethod
+    def _matching(rules: Sequence[Rule], memo: dict[tuple[str, str, str], tuple[Rule, ...]] | None, model: str,
+                  provider: str, tier: str, tags: Mapping[str, str]) -> Sequence[Rule]:
+        """The rules a request falls under; from ``memo`` when given (no rule there matches on tags)."""
+        if memo is None:
+            return [r for r in rules if r.match.matches(model, provider, tier, tags)]
+        key = (model, provider, tier)
+        hit = memo.get(key)
+        if hit is None:
+            if len(memo) >= MATCH_MEMO_MAX:  # (models are the client's to name: the memo stays bounded)
+                memo.clear()
+            hit = memo[key] = tuple(r for r in rules if r.match.matches(model, provider, tier, tags))
+        return hit
 
     def _estimate(self, request: Request, body: Mapping[str, Any]) -> Estimate:
         if request.fixed_nanos is not None:
