@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from spendgate import ledger
+from spendgate.ledger import BucketState
 from spendgate.policy import default_policy
 from tests.harness import Servers, start_serve
 from tests.redis_server import RedisServer
@@ -37,6 +38,16 @@ def _policy(tmp_path: Path, usd: Decimal) -> Path:
     p = tmp_path / "p.toml"
     p.write_text(f'defaults = false\n[[budget]]\nname = "global-day"\nusd = "{usd}"\nwindow = "day"\n')
     return p
+
+
+def limited_state(url: str) -> BucketState:
+    """The one bucket with a limit in the store at ``url``, as it stands once everything settled."""
+    store = ledger.open(url)
+    try:
+        [state] = [s for s in store.states(store.known_buckets(), now=1e10) if s.limit is not None]
+        return state
+    finally:
+        store.close()
 
 
 def _post(port: int) -> tuple[int, dict[str, Any]]:
@@ -70,12 +81,8 @@ def test_two_instances_on_one_redis_admit_exactly_n_of_64(tmp_path: Path, redis_
         for proc, _ in procs:
             proc.terminate()  # with leases, a graceful stop writes back what waits
             proc.wait(timeout=30)
-    store = ledger.open(url)
-    try:
-        [state] = [s for s in store.states(store.known_buckets(), now=1e10) if s.limit is not None]
-        assert state.spent == admitted * worst <= state.limit and state.held == 0
-    finally:
-        store.close()
+    state = limited_state(url)
+    assert state.spent == admitted * worst <= state.limit and state.held == 0
 
 
 def test_redis_down_refuses_clearly_then_resumes_with_nothing_lost(tmp_path: Path, upstream: Servers) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from spendgate import ledger
 from tests.harness import Servers, start_serve
-from tests.test_redis_proxy import BODY, _burst, _policy, upstream
+from tests.test_redis_proxy import BODY, _burst, _policy, limited_state, upstream
 
 __all__ = ["upstream"]  # the fixture, shared with the Redis tests
 
@@ -37,12 +37,8 @@ def test_two_instances_on_one_file_never_pass_the_limit_and_charge_exactly(tmp_p
         assert upstream.mock.reached("/v1/chat/completions") == admitted
     finally:
         _stop(procs)
-    store = ledger.open(url)
-    try:
-        [state] = [s for s in store.states(store.known_buckets(), now=1e10) if s.limit is not None]
-        assert state.spent == admitted * worst <= state.limit and state.held == 0
-    finally:
-        store.close()
+    state = limited_state(url)
+    assert state.spent == admitted * worst <= state.limit and state.held == 0
 
 
 def test_far_from_the_limit_no_request_writes_a_hold_and_every_one_is_charged(tmp_path: Path,
