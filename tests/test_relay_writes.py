@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from spendgate.money import nanos_to_usd
 from spendgate.policy import default_policy
 from spendgate.proxy.app import usd_text
+from spendgate.wire.stream import data_of
 from tests.harness import Servers
 
 CHUNK = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
@@ -160,3 +161,13 @@ def test_a_plain_reply_is_one_write(servers: Servers, writes: list[bytes]) -> No
                  st.sampled_from([10**k + d for k in range(22) for d in (-1, 0, 1)])))
 def test_the_dollar_headers_read_as_the_decimal_figures_they_always_were(nanos: int) -> None:
     assert usd_text(nanos) == str(nanos_to_usd(nanos))
+
+
+_LINE_PARTS = st.sampled_from([b"data:", b"data: ", b"event: message_delta", b'{"usage": {}}', b"[DONE]", b"\n", b"\r",
+                               b"\r\n", b" ", b"\t", b"\x0b", b"\x85", b"id: 7", b":", b"da", b"ta:"])
+
+
+@given(st.lists(_LINE_PARTS, max_size=10).map(b"".join))
+def test_an_events_data_is_read_as_a_client_reads_it(event: bytes) -> None:
+    """The meter's quick read of one- and two-line events gives what splitting every line did."""
+    assert data_of(event) == b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))

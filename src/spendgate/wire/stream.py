@@ -22,6 +22,22 @@ _SEP = (b"\r\n\r\n", b"\n\n")
 _SEP_RX = re.compile(b"|".join(re.escape(s) for s in _SEP))
 
 
+def data_of(event: bytes) -> bytes:
+    """The ``data:`` lines of one event, joined (what a client's SSE parser hands on). An event of
+    one or two ``\n``-ended lines — nearly all of them: ``data: {…}``, or ``event: …`` then ``data:
+    {…}`` — is read without splitting it into a list of lines and a generator over them."""
+    line = event.rstrip(b"\r\n")
+    if b"\r" not in line:
+        nl = line.find(b"\n")
+        if nl < 0:
+            return line[5:].lstrip() if line.startswith(b"data:") else b""
+        if line.find(b"\n", nl + 1) < 0:
+            first, second = line[:nl], line[nl + 1:]
+            if not first.startswith(b"data:"):
+                return second[5:].lstrip() if second.startswith(b"data:") else b""
+    return b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
+
+
 class StreamMeter:
     #: the bytes an event carrying usage contains: only those events are parsed as they pass
     usage_marker = b'"usage"'
@@ -59,7 +75,7 @@ class StreamMeter:
 
         Only events that carry usage are parsed as they pass; the others (the bulk: text deltas)
         are kept raw and read only if the stream is cut short and its output must be counted."""
-        data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
+        data = data_of(event)
         if not data or data == b"[DONE]" or data[:1] != b"{":
             return True
         if self.usage_marker not in data:
