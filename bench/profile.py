@@ -40,7 +40,8 @@ Func = tuple[str, int, str]
 #: (phase, module path fragment, function names or None for the whole module), first match wins
 RULES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("forward", "spendgate/proxy/app.py", frozenset({"_forward_plain", "_upstream_url", "_outgoing_headers"})),
-    ("relay", "spendgate/proxy/app.py", frozenset({"_relay_stream", "_pump", "_reply_headers", "_relay_flat"})),
+    ("relay", "spendgate/proxy/app.py", frozenset({"_relay_stream", "_pump", "_reply_headers", "_relay_flat",
+                                                "usd_text"})),
     ("capture", "spendgate/proxy/app.py", frozenset({"_settle", "_settle_plain", "_finish_stream", "_unknown",
                                                      "_settle_later", "_settled"})),
     ("parse", "spendgate/proxy/app.py", None),
