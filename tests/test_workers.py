@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -483,11 +484,14 @@ def _gone(pid: int) -> bool:
 
 
 def test_workers_stop_by_themselves_when_the_parent_is_killed(tmp_path: Path, upstream: Servers) -> None:
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("spendgate-metrics-*"))
     s = Workers(tmp_path, upstream.upstream_port, "--store", f"sqlite:///{tmp_path / 'spend.db'}",
                 "--config", str(_policy(tmp_path, "defaults = false\n")))
     try:
         pids = s.workers()
         assert len(pids) == 2
+        [counters] = set(tmp.glob("spendgate-metrics-*")) - before  # the parent made it for the workers
         s.proc.kill()  # SIGKILL: the parent passes nothing on
         s.proc.wait(timeout=30)
         deadline = time.monotonic() + 60
@@ -495,6 +499,7 @@ def test_workers_stop_by_themselves_when_the_parent_is_killed(tmp_path: Path, up
             assert time.monotonic() < deadline, [p for p in pids if not _gone(p)]
             time.sleep(0.05)
         assert _refused(s.port)
+        assert not counters.exists(), "the orphaned workers removed the counters' directory"
     finally:
         s.kill()
 

@@ -109,11 +109,12 @@ def _serve(args: argparse.Namespace, ctx: Context, tls: ssl.SSLContext | None, *
     listening = False
     app = proxy.app()
     loop = fast_loop()
+    orphaned: list[bool] = []  # the parent was killed: nobody else will remove the counters' directory
     if role is not None:
         from spendgate.proxy.workers import watch_parent
 
         app.on_response_prepare.append(_worker_header(str(role.index)))
-        watch_parent(loop, live.announce)
+        watch_parent(loop, live.announce, lambda: orphaned.append(True))
 
     def started(_aiohttp_banner: str) -> None:
         """aiohttp calls its ``print`` once every socket is bound: only then is "guarding" true."""
@@ -134,6 +135,11 @@ def _serve(args: argparse.Namespace, ctx: Context, tls: ssl.SSLContext | None, *
             raise
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {os_reason(exc)} "
                           "(is another server on that port? choose one with --port)") from exc
+    finally:
+        if orphaned and role is not None:  # every orphaned worker tries; the last one out succeeds
+            import shutil
+
+            shutil.rmtree(role.metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -384,10 +384,11 @@ def worker_main() -> int:
     return 0
 
 
-def watch_parent(loop: asyncio.AbstractEventLoop, announce: Callable[[], None]) -> None:
+def watch_parent(loop: asyncio.AbstractEventLoop, announce: Callable[[], None],
+                 gone: Callable[[], None] | None = None) -> None:
     """Listen to the parent on stdin: :data:`ANNOUNCE` once the banner is out (what this worker has
     to say about its policy follows the banner, never precedes it), and its end closing when the
-    parent is gone — then stop as SIGTERM does."""
+    parent is gone — then tell ``gone`` and stop as SIGTERM does."""
     pending = bytearray()
 
     def readable() -> None:
@@ -399,6 +400,8 @@ def watch_parent(loop: asyncio.AbstractEventLoop, announce: Callable[[], None]) 
             data = b""
         if not data:
             loop.remove_reader(0)
+            if gone is not None:
+                gone()
             os.kill(os.getpid(), signal.SIGTERM)
             return
         pending.extend(data)
