@@ -345,12 +345,14 @@ class Ledger(ABC):
 
     def commit(self, holds: Sequence[HoldRequest], captures: Sequence[Capture]
                ) -> tuple[list[Authorization], list[bool]]:
-        """:meth:`authorize` for each of ``holds``, in order, then :meth:`capture` for each of
-        ``captures``: what each returned, as if called one by one (each authorization sees the holds
-        placed before it). A backend that can run them in one transaction does: requests that
-        arrive together share one commit."""
+        """:meth:`capture` for each of ``captures``, then :meth:`authorize` for each of ``holds``, in
+        order: what each returned, as if called one by one (each authorization sees what the captures
+        freed and the holds placed before it — a request that finished before these were asked has
+        given its unused worst case back). A backend that can run them in one transaction does:
+        requests that arrive or finish together share one commit."""
+        captured = [self.capture(c.hold_id, c.actual, now=c.now, event=c.event) for c in captures]
         return ([self.authorize(h.lines, now=h.now, ttl=h.ttl, event=h.event, hold_id=h.hold_id) for h in holds],
-                [self.capture(c.hold_id, c.actual, now=c.now, event=c.event) for c in captures])
+                captured)
 
     @abstractmethod
     def release(self, hold_id: str, *, now: float, event: Event | None = None) -> bool:
@@ -522,8 +524,8 @@ class TransactionalLedger(Ledger):
         hold and leaves every captured hold in place (each then charged at its worst case when it
         expires, or spooled by the caller)."""
         with self._transaction():
-            return ([self._authorize_locked(h.lines, h.now, h.ttl, h.event, h.hold_id) for h in holds],
-                    [self._capture_locked(c.hold_id, c.actual, c.now, c.event) for c in captures])
+            captured = [self._capture_locked(c.hold_id, c.actual, c.now, c.event) for c in captures]
+            return [self._authorize_locked(h.lines, h.now, h.ttl, h.event, h.hold_id) for h in holds], captured
 
     def _capture_locked(self, hold_id: str, actual: Mapping[str, int], now: float, event: Event | None) -> bool:
         hold = self._pop_hold(hold_id, event=False)
