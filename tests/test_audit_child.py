@@ -4,22 +4,30 @@ restarts of the writer, and still a chain that verifies when the writer is kille
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
 import marshal
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
 
-from spendgate import ledger
+from spendgate import ledger, providers
+from spendgate.demo.background import BackgroundLoop
+from spendgate.demo.upstream import FakeUpstream
+from spendgate.engine import Engine
 from spendgate.events.process import STORE_ENV, AuditChild, _batches, _frame, _record
 from spendgate.events.signing import load_key, parse_public, public_hex
 from spendgate.events.verify import verify_store
 from spendgate.ledger import Event
+from spendgate.policy import parse
+from spendgate.proxy.app import Proxy, ProxyConfig
 
 
 def _event(i: int) -> Event:
@@ -107,6 +115,64 @@ def test_a_killed_writer_is_started_again_and_the_chain_still_verifies(tmp_path:
     assert _verified(url)
 
 
+def test_the_writer_runs_only_on_cpu_the_server_leaves(tmp_path: Path) -> None:
+    """Linux's SCHED_IDLE: a request arriving on a core the writer is using takes it at once."""
+
+    async def go() -> int:
+        child = _child(f"sqlite:///{tmp_path / 'spend.db'}")
+        await child.start()
+        child.add(_event(0), "ab" * 32)
+        await child.pump()  # the writer has read its first frame, so it is past its start-up
+        assert child._proc is not None
+        policy = os.sched_getscheduler(child._proc.pid)
+        await child.close()
+        return policy
+
+    assert asyncio.run(go()) == os.SCHED_IDLE
+
+
+def test_requests_wait_while_the_writer_is_behind_and_nothing_is_lost(tmp_path: Path) -> None:
+    """A writer that cannot keep up (here: stopped) fills the pipe; the server's queue then grows to
+    its bound, where requests wait; once the writer reads again they go on, and every event is in
+    the chain, in order."""
+    url = f"sqlite:///{tmp_path / 'spend.db'}"
+
+    async def go() -> tuple[str, int]:
+        child = _child(url)
+        child.max_backlog = 100
+        await child.start()
+        assert child._proc is not None
+        os.kill(child._proc.pid, signal.SIGSTOP)
+        n = 0
+        while True:  # until a pump cannot hand its batch over
+            for _ in range(20):
+                big = {"user": f"{n}" + "u" * 2000}  # (each its own text: marshal writes a repeat once)
+                child.add(Event(1.8e9 + n, "allow", f"d-{n}", "m", "openai", 0, dims=big), "ab" * 32)
+                n += 1
+            pumping = asyncio.create_task(child.pump())
+            await asyncio.wait({pumping}, timeout=0.5)
+            if not pumping.done():
+                break
+            assert n < 10_000, "the pipe never filled"
+        assert not child.behind
+        while not child.behind:
+            child.add(Event(1.8e9 + n, "allow", f"d-{n}", "m", "openai", 0), "ab" * 32)
+            n += 1
+        waiting = asyncio.create_task(child.caught_up())
+        await asyncio.wait({waiting}, timeout=0.2)
+        assert not waiting.done(), "a request waits while the writer is behind"
+        os.kill(child._proc.pid, signal.SIGCONT)
+        await pumping  # the writer reads again: the blocked batch is handed over
+        await child.pump()  # the next pump takes the backlog
+        await asyncio.wait_for(waiting, 10)
+        await child.close()
+        return child.chain, n
+
+    chain, n = asyncio.run(go())
+    assert _ids(url, chain) == [f"d-{i}" for i in range(n)]
+    assert _verified(url)
+
+
 
 def _frame_of(events: list[Event]) -> bytes:
     return _frame([(e, "ab" * 32, None) for e in events], "c")
@@ -173,3 +239,53 @@ def test_the_writer_process_stores_what_it_can_read_and_the_chain_verifies(tmp_p
     assert "an unreadable batch of events was skipped" in done.stderr.decode()
     assert _ids(url, "0123456789abcdef") == ["d-0", "d-1", "d-2"]
     assert _verified(url)
+
+
+class _Behind(AuditChild):
+    """A writer the test declares behind, and caught up when it says so."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, None, checkpoint_entries=4, checkpoint_seconds=60.0)
+        self.lagging = True
+        self.caught: asyncio.Event | None = None
+
+    @property
+    def behind(self) -> bool:
+        return self.lagging
+
+    async def caught_up(self) -> None:
+        self.caught = self.caught or asyncio.Event()
+        await self.caught.wait()
+
+
+def test_a_request_through_the_proxy_waits_while_the_writer_is_behind(tmp_path: Path) -> None:
+    """Nothing is decided or sent upstream while the writer is behind; the request then goes on."""
+    url = f"sqlite:///{tmp_path / 'spend.db'}"
+    bg = BackgroundLoop()
+    mock = FakeUpstream()
+    store = ledger.open(url)
+    writer = _Behind(url)
+    up = f"http://127.0.0.1:{bg.serve(mock.app())}"
+    proxy = Proxy(Engine(parse({}), store), ProxyConfig(upstreams={p.name: up for p in providers.all_providers()}),
+                  writer)
+    port = bg.serve(proxy.app())
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test", max_retries=0)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.chat.completions.create, model="gpt-4o-mini", max_tokens=16,
+                               messages=[{"role": "user", "content": "hi"}])
+            done, _ = concurrent.futures.wait([call], timeout=0.5)
+            assert not done and mock.seen == [] and store.events(0) == [], "nothing decided, nothing sent"
+
+            async def catch_up() -> None:
+                writer.lagging = False
+                assert writer.caught is not None
+                writer.caught.set()
+
+            bg.run(catch_up())
+            assert call.result(timeout=30).usage is not None
+        assert len(mock.seen) == 1
+    finally:
+        client.close()
+        bg.close()
+        store.close()

@@ -163,6 +163,8 @@ class Proxy:
         self.audit = audit
         if audit is not None:
             engine.observers.append(audit.add)
+        #: the audit writer process, whose backlog a request waits out (see ``AuditChild.caught_up``)
+        self._writer = audit if isinstance(audit, AuditChild) else None
         self.recent = approvals.RecentRefusals()
         self.client: aiohttp.ClientSession | None = None
         self._settling: set[asyncio.Task[None]] = set()
@@ -332,6 +334,8 @@ class Proxy:
         named by its path under every budget and rule, forwarded byte for byte, and charged exactly
         that amount on a 2xx answer — flagged estimated, as the real cost is unknown — or released
         on an error status."""
+        if self._writer is not None and self._writer.behind:
+            await self._writer.caught_up()
         usd = self.engine.policy.flat_holds.get(request.path)
         if usd is None:  # a reloaded policy dropped it: refused like any route spendgate cannot price
             return await self.unknown(request)
@@ -388,6 +392,8 @@ class Proxy:
         return resp
 
     async def guarded(self, request: web.Request) -> web.StreamResponse:
+        if self._writer is not None and self._writer.behind:
+            await self._writer.caught_up()
         provider, route = self.routes[_route(request)]
         spec = providers.get(provider)
         got = await self._read(request, provider, spec)
