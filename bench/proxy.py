@@ -10,7 +10,7 @@ client. Prints one table: p50/p99 latency per path and the overhead the proxy ad
 1 and 8, streaming and not, OpenAI, Anthropic and Gemini shapes; then requests/s through spendgate at
 concurrency 16 and its CPU time per request. Targets: SPEC §11.
 
-Each option adds a server measured in the same alternating blocks, a column of its p50 and what it
+Each option adds a server measured in the same alternating blocks, a column of its p50/p99 and what it
 adds over the build under test: ``--audit-off`` the same build with ``[audit] enabled = false``;
 ``--also-store URL`` the same build on another store (``redis://…?leases=on`` beside SQLite);
 ``--baseline DIR`` another checkout (a ``git worktree`` of the previous release) — before and after
@@ -336,7 +336,7 @@ def main() -> None:
                  **{label: servers[label][1] for label in ("spendgate", *others)}}
         print(f"{'case':34} {'c':>2} {'direct p50/p99 µs':>18} {'bare p50/p99':>16} {'spendgate p50/p99':>18} "
               f"{'added vs direct p50/p99':>24} {'vs bare p50':>12}"
-              + "".join(f" {label + ' p50':>{max(14, len(label) + 4)}} {'adds':>6}" for label in others))
+              + "".join(f" {label + ' p50/p99':>{max(16, len(label) + 8)}} {'adds':>6}" for label in others))
         for name, (path, body) in CASES.items():
             for stream in (False, True):
                 for c in (1, 8):
@@ -347,8 +347,8 @@ def main() -> None:
                     b50, b99 = pct(res["bare passthrough"], .5), pct(res["bare passthrough"], .99)
                     s50, s99 = pct(res["spendgate"], .5), pct(res["spendgate"], .99)
                     label = f"{name}{' stream' if stream else ''}"
-                    row = "".join(f" {pct(res[o], .5):{max(14, len(o) + 4)}.0f} {pct(res[o], .5) - s50:6.0f}"
-                                  for o in others)
+                    row = "".join(f" {f'{pct(res[o], .5):.0f}/{pct(res[o], .99):.0f}':>{max(16, len(o) + 8)}} "
+                                  f"{pct(res[o], .5) - s50:6.0f}" for o in others)
                     print(f"{label:34} {c:2d} {d50:8.0f}/{d99:<9.0f} {b50:7.0f}/{b99:<8.0f} {s50:8.0f}/{s99:<9.0f} "
                           f"{s50 - d50:11.0f}/{s99 - d99:<12.0f} {s50 - b50:12.0f}{row}")
         path, body = CASES["openai chat"]

@@ -292,7 +292,7 @@ def test_exactly_one_worker_sends_each_alert(tmp_path: Path, upstream: Servers) 
     s = Workers(tmp_path, upstream.upstream_port, "--store", url, "--config",
                 str(_policy(tmp_path, _alert_policy(rx.url))))
     try:
-        answers = asyncio.run(_burst(s.port, 8))
+        answers = asyncio.run(_burst(s.port, 16))  # (16 connections: both workers answer some)
         assert Counter(code for code, _ in answers)[200] == 4  # $6 holds four $1.21 worst cases
         assert {w for _, w in answers} == {"1", "2"}
         docs = rx.wait_for(3)
