@@ -49,6 +49,7 @@ def test_concurrent_captures_commit_once_and_each_caller_hears_its_own_outcome(t
     amounts = [1_000 * (i + 1) for i in range(20)]
     hids = [_hold(store, 5_000_000, f"h{i}") for i in range(20)]
     door = GroupCommit(store, window_s=3600)  # only the batch size or close() commits
+    door._open = 100  # as if many more requests were in flight
 
     async def run() -> list[bool]:
         tasks = [asyncio.create_task(door.capture(h, {"usd": a}, now=NOW + 1,
@@ -68,42 +69,45 @@ def test_concurrent_captures_commit_once_and_each_caller_hears_its_own_outcome(t
     store.close()
 
 
-def test_a_capture_rides_with_the_next_hold_which_sees_it_applied(tmp_path: Path) -> None:
-    """One request at a time: the next request's hold carries the previous capture, one commit per
-    request; the capture is applied first, so the hold finds the unused worst case given back."""
+def test_the_last_request_in_flight_commits_its_capture_without_waiting_for_the_window(tmp_path: Path) -> None:
     store = ledger.open(f"sqlite:///{tmp_path / 's.db'}")
-    door = GroupCommit(store, window_s=3600)  # no timer: only a hold (or close) commits a capture
-    b = Bucket("g", 150)
+    door = GroupCommit(store, window_s=3600)
+    b = Bucket("g", 10**12)
 
-    async def run() -> tuple[bool, bool, bool]:
-        first = await door.authorize([Line(b, 100)], now=NOW, ttl=60)
-        assert first.ok and first.hold_id is not None
-        queued = asyncio.create_task(door.capture(first.hold_id, {"usd": 10}, now=NOW))
-        await asyncio.sleep(0)
-        waiting = not queued.done()
-        second = await door.authorize([Line(b, 100)], now=NOW, ttl=60)  # fits only once 90 came back
-        captured = await queued
-        return waiting, captured, second.ok
+    async def run() -> tuple[list[bool], int]:
+        first, second = await asyncio.gather(*(door.authorize([Line(b, 100)], now=NOW, ttl=60) for _ in range(2)))
+        assert first.hold_id is not None and second.hold_id is not None
+        early = asyncio.create_task(door.capture(first.hold_id, {"usd": 10}, now=NOW))
+        await asyncio.sleep(0.01)  # another request is in flight: the first capture waits for company
+        waiting = int(not early.done())
+        last = await door.capture(second.hold_id, {"usd": 20}, now=NOW)  # nothing else in flight
+        return [await early, last], waiting
 
-    assert asyncio.run(run()) == (True, True, True)
-    assert (door.commits, door.holds, door.captures) == (2, 2, 1)
-    assert [(s.spent, s.held) for s in store.states([b], now=NOW)] == [(10, 100)]
+    assert asyncio.run(run()) == ([True, True], 1)
+    assert (door.commits, door.captures) == (2, 2)
+    assert [(s.spent, s.held) for s in store.states([b], now=NOW)] == [(30, 0)]
     store.close()
 
 
-def test_a_capture_no_request_follows_commits_after_the_window(tmp_path: Path) -> None:
+def test_a_hold_sharing_a_transaction_with_captures_sees_them_applied(tmp_path: Path) -> None:
+    """A capture waiting for company (another request in flight) rides with the next hold, and is
+    applied first: the hold finds the unused worst case given back, as one by one in that order."""
     store = ledger.open(f"sqlite:///{tmp_path / 's.db'}")
-    door = GroupCommit(store, window_s=0.02)
-    b = Bucket("g", 10**12)
+    door = GroupCommit(store, window_s=3600)  # no timer: only a hold (or close) commits the capture
+    b = Bucket("g", 250)
 
-    async def run() -> bool:
-        auth = await door.authorize([Line(b, 100)], now=NOW, ttl=60)
-        assert auth.hold_id is not None
-        return await door.capture(auth.hold_id, {"usd": 30}, now=NOW)  # hangs if nothing commits it
+    async def run() -> tuple[bool, bool, bool]:
+        first, _ = await asyncio.gather(*(door.authorize([Line(b, 100)], now=NOW, ttl=60) for _ in range(2)))
+        assert first.hold_id is not None
+        queued = asyncio.create_task(door.capture(first.hold_id, {"usd": 10}, now=NOW))
+        await asyncio.sleep(0)
+        waiting = not queued.done()
+        third = await door.authorize([Line(b, 100)], now=NOW, ttl=60)  # fits only once 90 came back
+        return waiting, await queued, third.ok
 
-    assert asyncio.run(run()) is True
-    assert (door.commits, door.captures) == (2, 1)
-    assert [(s.spent, s.held) for s in store.states([b], now=NOW)] == [(30, 0)]
+    assert asyncio.run(run()) == (True, True, True)
+    assert (door.commits, door.holds, door.captures) == (2, 3, 1)
+    assert [(s.spent, s.held) for s in store.states([b], now=NOW)] == [(10, 200)]
     store.close()
 
 
@@ -111,6 +115,7 @@ def test_a_full_batch_commits_without_waiting_for_the_window(tmp_path: Path) -> 
     store = ledger.open(f"sqlite:///{tmp_path / 's.db'}")
     hids = [_hold(store, 100, f"h{i}") for i in range(8)]
     door = GroupCommit(store, window_s=3600, max_batch=4)
+    door._open = 100  # many requests in flight (holds placed by others): only a full batch commits early
 
     async def run() -> list[bool]:
         return list(await asyncio.gather(*(door.capture(h, {"usd": 1}, now=NOW) for h in hids)))
